@@ -1,0 +1,58 @@
+# Entrepot: every entry point creates or reuses .venv from requirements.lock first.
+VENV := .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+
+.PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke soak clean
+
+venv:
+	@bash scripts/venv.sh
+
+## Start everything (embedded PostgreSQL + Temporal dev server unless DATABASE_URL / TEMPORAL_ADDRESS are set).
+run: venv
+	$(BIN)/entrepot dev
+
+## The test command: static checks, contracts, then the whole test suite.
+test: venv check
+	$(BIN)/pytest -q tests
+
+check: venv gen-check buf-lint lint
+
+lint: venv
+	$(BIN)/ruff check server domain clients/python tests bench scripts migrations
+	$(BIN)/ruff format --check server domain clients/python tests bench scripts migrations
+	$(BIN)/mypy
+	$(BIN)/lint-imports
+
+## Regenerate generated/python from proto/.
+gen: venv
+	$(PY) scripts/gen_protos.py
+
+## Fail when generated/python is stale.
+gen-check: venv
+	$(PY) scripts/gen_protos.py --check
+
+buf-lint: venv
+	$(BIN)/buf format --diff --exit-code proto
+	$(BIN)/buf lint
+
+## Guard contracts already on main.
+buf-breaking: venv
+	@if git rev-parse --verify -q main >/dev/null && git cat-file -e main:buf.yaml 2>/dev/null; then \
+	  $(BIN)/buf breaking --against '.git#branch=main'; \
+	else echo "buf breaking: no contract on main yet"; fi
+
+test-fast: venv
+	$(BIN)/pytest -q tests/unit
+
+bench: venv
+	$(PY) -m bench.run
+
+bench-smoke: venv
+	$(PY) -m bench.run --smoke
+
+soak: venv
+	ENTREPOT_SOAK=long $(BIN)/pytest -q tests/reliability
+
+clean:
+	rm -rf $(VENV) .entrepot

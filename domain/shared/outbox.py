@@ -1,0 +1,112 @@
+"""Outbox: events written in the same transaction as the change they describe.
+
+Ordering. `id` comes from a sequence, so ids are not commit-ordered: a
+transaction can take id 10, and commit after another took and committed 11.
+Each row therefore records its transaction id (`txid`, xid8). A reader only
+delivers rows whose transaction is older than the oldest transaction still
+running (`pg_snapshot_xmin(pg_current_snapshot())`), in (txid, id) order. No
+transaction that can still commit has a txid below that horizon, so the
+delivered sequence is a stable prefix: resuming after (txid, id) loses
+nothing and repeats nothing, on any replica.
+
+A statement-level trigger sends NOTIFY `entrepot_outbox` on commit, which
+wakes tailing readers (see the migration).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import insert, text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.shared.models import OutboxEvent
+
+NOTIFY_CHANNEL = "entrepot_outbox"
+
+
+@dataclass(frozen=True)
+class Event:
+    topic: str
+    aggregate_type: str
+    aggregate_id: str
+    payload: dict[str, Any]
+    channel: str | None = None
+
+
+async def emit(session: AsyncSession, event: Event) -> None:
+    await emit_many(session, [event])
+
+
+async def emit_many(session: AsyncSession, events: Iterable[Event]) -> None:
+    rows = [
+        {
+            "topic": e.topic,
+            "aggregate_type": e.aggregate_type,
+            "aggregate_id": e.aggregate_id,
+            "channel": e.channel,
+            "payload": e.payload,
+        }
+        for e in events
+    ]
+    if rows:
+        await session.execute(insert(OutboxEvent), rows)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    id: int
+    txid: int
+    topic: str
+    aggregate_type: str
+    aggregate_id: str
+    channel: str | None
+    payload: dict[str, Any]
+    created_at: datetime
+
+
+_READ = text(
+    """
+    SELECT id, txid::text::bigint AS txid, topic, aggregate_type, aggregate_id, channel, payload, created_at
+    FROM platform.outbox
+    WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id)
+      AND txid < pg_snapshot_xmin(pg_current_snapshot())
+      AND topic = ANY(:topics)
+    ORDER BY txid, id
+    LIMIT :limit
+    """
+)
+
+_POSITION = text("SELECT txid::text::bigint FROM platform.outbox WHERE id = :id")
+
+_HEAD = text(
+    """
+    SELECT coalesce(max(id), 0), coalesce(max(txid::text::bigint), 0)
+    FROM platform.outbox WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+    """
+)
+
+
+async def read_after(
+    session: AsyncSession, position: tuple[int, int], topics: Sequence[str], limit: int
+) -> list[StoredEvent]:
+    """Committed events after `position` = (txid, id), in delivery order."""
+    result = await session.execute(
+        _READ, {"txid": position[0], "id": position[1], "topics": list(topics), "limit": limit}
+    )
+    return [StoredEvent(*row) for row in result.all()]
+
+
+async def position_of(session: AsyncSession, event_id: int) -> tuple[int, int] | None:
+    """The (txid, id) position of an event id, or None when it is unknown or purged."""
+    txid = (await session.execute(_POSITION, {"id": event_id})).scalar_one_or_none()
+    return None if txid is None else (int(txid), event_id)
+
+
+async def head_position(session: AsyncSession) -> tuple[int, int]:
+    """A position at or after every event committed so far ("from now on")."""
+    max_id, max_txid = (await session.execute(_HEAD)).one()
+    return (int(max_txid), int(max_id))

@@ -1,0 +1,77 @@
+"""platform: channels, outbox, idempotency keys.
+
+Revision ID: platform_0001
+"""
+
+from __future__ import annotations
+
+from alembic import op
+
+revision = "platform_0001"
+down_revision = None
+branch_labels = ("platform",)
+depends_on = None
+
+
+def upgrade() -> None:
+    op.execute("CREATE SCHEMA IF NOT EXISTS platform")
+    op.execute(
+        """
+        CREATE TABLE platform.channels (
+            slug text PRIMARY KEY,
+            name text NOT NULL,
+            currency text NOT NULL,
+            timezone text NOT NULL,
+            active boolean NOT NULL DEFAULT true,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            updated_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE TABLE platform.outbox (
+            id bigserial PRIMARY KEY,
+            txid xid8 NOT NULL DEFAULT pg_current_xact_id(),
+            topic text NOT NULL,
+            aggregate_type text NOT NULL,
+            aggregate_id text NOT NULL,
+            channel text,
+            payload jsonb NOT NULL,
+            created_at timestamptz NOT NULL DEFAULT now()
+        );
+        CREATE INDEX ix_outbox_txid_id ON platform.outbox (txid, id);
+        CREATE INDEX ix_outbox_topic_txid_id ON platform.outbox (topic, txid, id);
+        CREATE INDEX ix_outbox_created_at ON platform.outbox (created_at);
+
+        -- One NOTIFY per writing statement, delivered at commit (deduplicated
+        -- within a transaction): wakes every tailing reader on every replica.
+        CREATE FUNCTION platform.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            PERFORM pg_notify('entrepot_outbox', '');
+            RETURN NULL;
+        END $$;
+        CREATE TRIGGER outbox_notify AFTER INSERT ON platform.outbox
+            FOR EACH STATEMENT EXECUTE FUNCTION platform.outbox_notify();
+
+        CREATE TABLE platform.idempotency_keys (
+            principal text NOT NULL,
+            request_id text NOT NULL,
+            method text NOT NULL,
+            request_hash bytea NOT NULL,
+            status_code integer,
+            response bytea,
+            created_at timestamptz NOT NULL DEFAULT now(),
+            PRIMARY KEY (principal, request_id)
+        );
+        CREATE INDEX ix_idempotency_keys_created_at ON platform.idempotency_keys (created_at);
+
+        -- Leases for singleton background jobs (expiry sweeper, outbox retention)
+        -- when several replicas run; see domain/shared/leases.py.
+        CREATE TABLE platform.leases (
+            name text PRIMARY KEY,
+            holder text NOT NULL,
+            expires_at timestamptz NOT NULL
+        );
+        """
+    )
+
+
+def downgrade() -> None:
+    op.execute("DROP SCHEMA platform CASCADE")
