@@ -7,7 +7,6 @@ import importlib
 from collections.abc import AsyncIterator, Iterator
 
 import asyncpg
-
 import pytest
 import pytest_asyncio
 from alembic import command

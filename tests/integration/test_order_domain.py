@@ -78,7 +78,7 @@ def make_intent(intent_id: str | None = None, **kw: Any) -> Intent:
 
 
 @pytest.fixture(scope="module")
-async def sessions(order_sessions: async_sessionmaker[AsyncSession]) -> async_sessionmaker[AsyncSession]:
+async def sessions(order_sessions: async_sessionmaker[AsyncSession]) -> async_sessionmaker[AsyncSession]:  # noqa: F811
     async with order_sessions() as s, s.begin():
         for c in (CH, OTHER):
             await s.execute(
@@ -168,7 +168,7 @@ async def test_money_and_lines_are_immutable_in_the_database(
         "UPDATE orders.status_entries SET code = 'x:y' WHERE order_id = :o",
         "DELETE FROM orders.status_entries WHERE order_id = :o",
     ):
-        with pytest.raises(DBAPIError, match="immutable|append-only|not allowed"):
+        with pytest.raises(DBAPIError, match=r"immutable|append-only|not allowed"):
             async with sessions() as s, s.begin():
                 await s.execute(text(sql), {"o": oid})
 
