@@ -369,3 +369,41 @@ async def test_events_are_in_the_outbox(sessions: async_sessionmaker[AsyncSessio
             )
         ).all()
     assert [tuple(x) for x in rows] == [("order.created", "test"), ("order.status_appended", "test")]
+
+
+async def test_tail_resumes_without_loss_or_repeat(
+    sessions: async_sessionmaker[AsyncSession],
+    order_db_url: str,  # noqa: F811
+) -> None:
+    from domain.order.watch import OutboxWaker, tail_order_events
+
+    waker = OutboxWaker(order_db_url)
+    try:
+        got: list[int] = []
+        gen = tail_order_events(sessions, waker, channel="test", topics=[orders.CREATED], heartbeat=0.5)
+        first = asyncio.ensure_future(gen.__anext__())
+        await asyncio.sleep(0.3)  # the watcher has taken its "now" position
+        ids = [(await submit(sessions, make_intent())).order.id for _ in range(3)]
+        await submit(sessions, make_intent(), channel=OTHER)  # another channel: never delivered
+        batch = await asyncio.wait_for(first, 10)
+        got += [e.id for e in batch.events]
+        seen_orders = [e.aggregate_id for e in batch.events]
+        while len(seen_orders) < 3:
+            batch = await asyncio.wait_for(gen.__anext__(), 10)
+            got += [e.id for e in batch.events]
+            seen_orders += [e.aggregate_id for e in batch.events]
+        await gen.aclose()
+        assert seen_orders == ids
+        # Resume after the first event: exactly the other two, then new ones.
+        gen = tail_order_events(
+            sessions, waker, channel="test", topics=[orders.CREATED], after_event_id=got[0]
+        )
+        later = (await submit(sessions, make_intent())).order.id
+        resumed: list[str] = []
+        while len(resumed) < 3:
+            batch = await asyncio.wait_for(gen.__anext__(), 10)
+            resumed += [e.aggregate_id for e in batch.events]
+        await gen.aclose()
+        assert resumed == [*ids[1:], later]
+    finally:
+        await waker.close()
