@@ -46,9 +46,10 @@ class OutboxWaker:
         self._ensure_started()
         return self._event
 
-    async def wait(self, ticket: asyncio.Event, timeout: float) -> None:
+    async def wait(self, ticket: asyncio.Event, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(ticket.wait(), timeout)
+            async with asyncio.timeout(seconds):
+                await ticket.wait()
 
     def _wake(self, *_: Any) -> None:
         old, self._event = self._event, asyncio.Event()
@@ -66,7 +67,7 @@ class OutboxWaker:
                     self._dsn, timeout=5, server_settings={"application_name": "entrepot-listen"}
                 )
                 self._conn = conn
-                conn.add_termination_listener(lambda _c: lost.set())
+                conn.add_termination_listener(lambda _c, lost=lost: lost.set())
                 await conn.add_listener(NOTIFY_CHANNEL, self._wake)
                 # Events committed while we were not listening are found by the
                 # watchers' next read; wake them so it happens now.
