@@ -58,15 +58,16 @@ class DomainInventory:
 
         res = await inventory.reserve(
             session,
-            [inventory.ReserveLine(sku=li.sku, quantity=li.quantity) for li in lines],
+            [inventory.LineRequest(sku=li.sku, quantity=li.quantity) for li in lines],
             reference=reference,
             ttl=None,
             actor=actor,
+            source="order",
         )
         backordered: dict[str, int] = {}
         for line in res.lines:
-            if line.backordered_quantity:
-                backordered[line.sku] = backordered.get(line.sku, 0) + line.backordered_quantity
+            if line.backordered:
+                backordered[line.sku] = backordered.get(line.sku, 0) + line.backordered
         return Reserved(reservation_id=str(res.id), backordered=backordered)
 
     async def fulfil(
@@ -83,15 +84,16 @@ class DomainInventory:
         await inventory.fulfil(
             session,
             reservation_id,
-            [inventory.ReservationQuantity(sku=li.sku, quantity=li.quantity) for li in lines],
+            [inventory.LineQuantity(sku=li.sku, quantity=li.quantity) for li in lines],
             reference=reference,
             actor=actor,
+            source="order",
         )
 
     async def release(self, session: AsyncSession, reservation_id: str, *, reason: str, actor: str) -> None:
         import domain.inventory as inventory
 
-        await inventory.release(session, reservation_id, None, reason=reason, actor=actor)
+        await inventory.release(session, reservation_id, None, reason=reason, actor=actor, source="order")
 
 
 DEFAULT_INVENTORY: InventoryPort = DomainInventory()
