@@ -197,9 +197,11 @@ def summary_pb(s: orders.StatusSummary) -> pb.OrderStatusSummary:
 
 def event_pb(e: StoredEvent) -> pb.OrderEvent:
     out = pb.OrderEvent(
-        event_id=e.id, type=TOPIC_TYPES[e.topic], order_id=str(e.payload.get("order_id", e.aggregate_id))
+        event_id=e.id,
+        type=TOPIC_TYPES[e.topic],
+        order_id=str(e.payload.get("order_id", e.aggregate_id)),
+        time=ts(e.created_at),
     )
-    out.time.CopyFrom(ts(e.created_at))
     if e.topic == orders.CREATED:
         out.state = STATE_TO_PB[orders.State(e.payload["state"])]
     elif e.topic == orders.TRANSITIONED:
