@@ -56,3 +56,13 @@ async def retention(rt: Runtime, holder: str) -> None:
 
 
 JOBS: list[Job] = [retention]
+
+
+async def _refund_reconciler(rt: Runtime, holder: str) -> None:
+    # Imported here: the servicer module imports this one.
+    from server.services.refund import reconciler
+
+    await reconciler(rt, holder)
+
+
+JOBS.append(_refund_reconciler)

@@ -9,8 +9,10 @@ from typing import Any
 from google.protobuf.descriptor import ServiceDescriptor
 
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
+from entrepot.refund.v1 import refund_pb2, refund_pb2_grpc
 from server.runtime import Runtime
 from server.services.channel import ChannelServicer
+from server.services.refund import RefundServicer
 
 
 @dataclass(frozen=True)
@@ -25,5 +27,10 @@ SERVICES: list[ServiceSpec] = [
         channel_pb2.DESCRIPTOR.services_by_name["ChannelService"],
         channel_pb2_grpc.add_ChannelServiceServicer_to_server,
         ChannelServicer,
+    ),
+    ServiceSpec(
+        refund_pb2.DESCRIPTOR.services_by_name["RefundService"],
+        refund_pb2_grpc.add_RefundServiceServicer_to_server,
+        RefundServicer,
     ),
 ]
