@@ -1,15 +1,15 @@
 """Helpers for OrderService on top of the generated `OrderClient` (`Entrepot(...).order`).
 
-    from entrepot_client.order import build_intent, watch_order_events
+from entrepot_client.order import build_intent, watch_order_events
 
-    intent = build_intent("checkout-42", "webshop", "EUR",
-                          lines=[("1", "SKU-A", 2, 1250)], tax_minor=500,
-                          payments=[("psp-1", "card", 3000)])
-    resp = await ep.order.submit_order_intent(
-        order_pb2.SubmitOrderIntentRequest(intent=intent, reserve_inventory=True, request_id="checkout-42"))
+intent = build_intent("checkout-42", "webshop", "EUR",
+                      lines=[("1", "SKU-A", 2, 1250)], tax_minor=500,
+                      payments=[("psp-1", "card", 3000)])
+resp = await ep.order.submit_order_intent(
+    order_pb2.SubmitOrderIntentRequest(intent=intent, reserve_inventory=True, request_id="checkout-42"))
 
-    async for event in watch_order_events(ep.order, after_event_id=last_seen):
-        ...  # reconnects after UNAVAILABLE and resumes from the last event seen
+async for event in watch_order_events(ep.order, after_event_id=last_seen):
+    ...  # reconnects after UNAVAILABLE and resumes from the last event seen
 """
 
 from __future__ import annotations
@@ -89,7 +89,9 @@ async def watch_order_events(
     """Every matching event once, in commit order; survives server restarts."""
     cursor = after_event_id
     while True:
-        request = order_pb2.WatchOrderEventsRequest(after_event_id=cursor, order_id=order_id, types=list(types))
+        request = order_pb2.WatchOrderEventsRequest(
+            after_event_id=cursor, order_id=order_id, types=list(types)
+        )
         try:
             async for response in client.watch_order_events(request):
                 for event in response.events:
