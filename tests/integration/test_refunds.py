@@ -203,7 +203,7 @@ async def test_empty_refund_completes_at_once(
 ) -> None:
     sku = unique("SKU").upper()
     order_id = await make_order(sessions, [("l1", sku, 3, 1000)], [("t1", "card", 3000, unique("r"))])
-    wh = await make_stock(sessions, [sku], 0)
+    wh = await make_stock(sessions, [sku], 2)
     r = await alice.refund.submit_refund_for_approval(
         submit(
             order_id=order_id,
@@ -216,7 +216,7 @@ async def test_empty_refund_completes_at_once(
     assert list(r.tenders) == []
     done = await bob.refund.decide_refund_approval(approve(r.refund_id))
     assert done.state == R.STATE_COMPLETED
-    assert await on_hand(sessions, sku, wh) == 1
+    assert await on_hand(sessions, sku, wh) == 3
     order = await get_order(sessions, order_id)
     assert order.lines[0].refunded_quantity == 1
     assert order.payments[0].refunded.amount_minor == 0
