@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:50051"
     # 0 disables the metrics endpoint.
     metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
     data_dir: Path = Path(".entrepot")
     log_level: str = "INFO"
     access_log: bool = True
