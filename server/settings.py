@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -62,9 +62,8 @@ class Settings(BaseSettings):
     idempotency_retention_hours: int = 72
     outbox_retention_hours: int = 168
 
+    @field_validator("jwt_algorithms", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
+        """Accept "HS256,RS256" from the environment."""
         return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
-
-    def model_post_init(self, _ctx: object) -> None:
-        self.jwt_algorithms = list(self._split(self.jwt_algorithms))  # type: ignore[arg-type]
