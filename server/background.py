@@ -52,8 +52,17 @@ async def _retention_step(rt: Runtime) -> int:
     return n
 
 
+async def _inventory_sweeper(rt: Runtime, holder: str) -> None:
+    from server.services.inventory import expiry_sweeper
+
+    await expiry_sweeper(rt, holder)
+
+
 async def retention(rt: Runtime, holder: str) -> None:
     await run_leased(rt, holder, "retention", 60.0, _retention_step)
 
 
 JOBS: list[Job] = [retention]
+
+# Inventory: releases expired reservation holds.
+JOBS.append(_inventory_sweeper)

@@ -8,9 +8,11 @@ from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
+from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from server.runtime import Runtime
 from server.services.channel import ChannelServicer
+from server.services.inventory import InventoryServicer
 
 
 @dataclass(frozen=True)
@@ -25,5 +27,10 @@ SERVICES: list[ServiceSpec] = [
         channel_pb2.DESCRIPTOR.services_by_name["ChannelService"],
         channel_pb2_grpc.add_ChannelServiceServicer_to_server,
         ChannelServicer,
+    ),
+    ServiceSpec(
+        inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"],
+        inventory_pb2_grpc.add_InventoryServiceServicer_to_server,
+        InventoryServicer,
     ),
 ]
