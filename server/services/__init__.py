@@ -25,7 +25,9 @@ class ServiceSpec:
 
 
 def _spec(module: Any, name: str, grpc_module: Any, make: Callable[[Runtime], Any]) -> ServiceSpec:
-    return ServiceSpec(module.DESCRIPTOR.services_by_name[name], getattr(grpc_module, f"add_{name}Servicer_to_server"), make)
+    return ServiceSpec(
+        module.DESCRIPTOR.services_by_name[name], getattr(grpc_module, f"add_{name}Servicer_to_server"), make
+    )
 
 
 SERVICES: list[ServiceSpec] = [
