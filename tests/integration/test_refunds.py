@@ -355,3 +355,53 @@ async def test_histories_replay_deterministically(
     for history in histories:
         result = await replayer.replay_workflow(history)
         assert result.replay_failure is None
+
+
+async def test_gateway_timeout_after_charging_pays_once(
+    sessions: async_sessionmaker[AsyncSession], alice: Entrepot, bob: Entrepot
+) -> None:
+    ref = unique("card")
+    # The PSP pays, then the answer is lost: the retry must find the payment by its key.
+    await configure(sessions, ref, timeout_after_charge_times=1, timeout_seconds=0.5)
+    order_id = await make_order(
+        sessions, [("l1", unique("SKU").upper(), 1, 1000)], [("t1", "card", 1000, ref)]
+    )
+    r = await alice.refund.submit_refund_for_approval(submit(order_id=order_id, amount=eur(1000)))
+    await bob.refund.decide_refund_approval(approve(r.refund_id))
+    done = await wait_state(bob, r.refund_id)
+    assert done.state == R.STATE_COMPLETED
+    assert done.tenders[0].attempts == 2
+    paid = await psp(sessions, ref)
+    assert len(paid) == 1 and paid[0].psp_refund_id == done.tenders[0].gateway_refund_id
+
+
+async def test_inbox_filters_and_pages(
+    sessions: async_sessionmaker[AsyncSession], alice: Entrepot, bob: Entrepot
+) -> None:
+    order_id = await make_order(
+        sessions, [("l1", unique("SKU").upper(), 1, 1000)], [("t1", "card", 1000, unique("r"))]
+    )
+    made = [
+        (await alice.refund.submit_refund_for_approval(submit(order_id=order_id, amount=eur(100)))).refund_id
+        for _ in range(5)
+    ]
+    await bob.refund.decide_refund_approval(
+        D(refund_id=made[0], decision=D.DECISION_DENY, note="duplicate", request_id=unique("d"))
+    )
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await bob.refund.list_refund_requests(
+            refund_pb2.ListRefundRequestsRequest(
+                order_id=order_id, states=[R.STATE_PENDING_APPROVAL], page_size=2, page_token=token
+            )
+        )
+        seen += [x.refund_id for x in page.refunds]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == list(reversed(made[1:]))  # newest first, the denied one filtered out
+    with pytest.raises(InvalidArgumentError):
+        await bob.refund.list_refund_requests(
+            refund_pb2.ListRefundRequestsRequest(states=[R.STATE_UNSPECIFIED])
+        )
