@@ -265,8 +265,13 @@ async def list_refunds(
         sql += " AND order_id = :order_id"
         params["order_id"] = order_id
     if after is not None:
-        sql += " AND (created_at, id) < (CAST(:after_ts AS timestamptz), CAST(:after_id AS uuid))"
-        params["after_ts"], params["after_id"] = after[0], after[1]
+        sql += " AND (created_at, id) < (:after_ts, :after_id)"
+        try:
+            params["after_ts"], params["after_id"] = datetime.fromisoformat(after[0]), uuid.UUID(after[1])
+        except (ValueError, TypeError, IndexError, KeyError) as exc:
+            raise InvalidArgument(
+                "INVALID_PAGE_TOKEN", "page_token is not a token this service issued"
+            ) from exc
     sql += " ORDER BY created_at DESC, id DESC LIMIT :limit"
     rows = list((await session.execute(text(sql), params)).all())
     more = len(rows) > n
