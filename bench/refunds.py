@@ -1,7 +1,7 @@
 """Refund executions completed per second, next to a minimal one-activity workflow
 on the same Temporal dev server, with the same worker and the same concurrency.
 
-    .venv/bin/python -m bench.refunds                 # short: 40 of each
+    .venv/bin/python -m bench.refunds                 # short: 30 of each, 8 at a time
     .venv/bin/python -m bench.refunds --count 200 --concurrency 32
 
 Each refund is approved with two tenders (two gateway calls through the
@@ -133,7 +133,9 @@ async def run(url: str, count: int, concurrency: int) -> dict[str, Any]:
                 await refunds.start_execution(client, queue, rid, 1)
                 result = await client.get_workflow_handle(refunds.workflow_id(rid, 1)).result()
                 if result != "completed":
-                    raise RuntimeError(f"refund {rid} ended {result}")
+                    async with sessions() as s, s.begin():
+                        faults, _ = await refunds.list_faults(s, channel="bench", refund_id=rid)
+                    raise RuntimeError(f"refund {rid} ended {result}: {faults}")
 
             # Warm-up so the first case does not pay for worker start.
             await timed(min(5, count), concurrency, lambda i: minimal(10_000 + i))
@@ -163,8 +165,8 @@ async def run(url: str, count: int, concurrency: int) -> dict[str, Any]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--count", type=int, default=40)
-    ap.add_argument("--concurrency", type=int, default=16)
+    ap.add_argument("--count", type=int, default=30)
+    ap.add_argument("--concurrency", type=int, default=8)
     args = ap.parse_args()
     url, name = create_database("entrepot_bench_refunds")
     try:

@@ -54,6 +54,11 @@ class RefundActivities:
 
     @activity.defn(name=REFUND_TENDER)
     async def refund_tender(self, step: TenderStep) -> str:
+        # Heartbeats cover the whole step (database and gateway), so only a dead
+        # worker, not a slow database, trips the heartbeat timeout.
+        return await _heartbeating(self._refund_tender(step))
+
+    async def _refund_tender(self, step: TenderStep) -> str:
         begun = await self._tx(lambda s: service.begin_tender_attempt(s, step.refund_id, step.tender_id))
         if begun is None:
             return "already_refunded"
@@ -67,7 +72,7 @@ class RefundActivities:
             amount_minor=tender.amount_minor,
         )
         try:
-            result = await _heartbeating(self.gateway.refund(request))
+            result = await self.gateway.refund(request)
         except GatewayError as err:
             raise ApplicationError(err.message, type=err.error_type, non_retryable=not err.retryable) from err
         await self._tx(

@@ -35,7 +35,7 @@ GATEWAY_RETRY = RetryPolicy(
 GATEWAY_TIMEOUT = timedelta(seconds=60)
 # The activity heartbeats while it waits for the gateway, so a dead worker is
 # noticed in seconds rather than after the whole start-to-close timeout.
-GATEWAY_HEARTBEAT = timedelta(seconds=5)
+GATEWAY_HEARTBEAT = timedelta(seconds=10)
 DB_TIMEOUT = timedelta(seconds=30)
 
 
