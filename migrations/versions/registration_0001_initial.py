@@ -16,8 +16,14 @@ depends_on = "platform_0001"
 
 def upgrade() -> None:
     op.execute("CREATE SCHEMA IF NOT EXISTS registration")
-    op.execute(
-        """
+    # One statement per execute: asyncpg prepares each one, and a prepared
+    # statement holds a single command.
+    for statement in SCHEMA.split(";\n"):
+        if statement.strip():
+            op.execute(statement)
+
+
+SCHEMA = """
         CREATE TABLE registration.forms (
             id text PRIMARY KEY,
             channel text NOT NULL REFERENCES platform.channels (slug),
@@ -215,8 +221,7 @@ def upgrade() -> None:
             result jsonb NOT NULL,
             created_at timestamptz NOT NULL DEFAULT now()
         );
-        """
-    )
+"""
 
 
 def downgrade() -> None:

@@ -126,9 +126,7 @@ def test_visibility_hides_fields_and_hidden_answers_are_ignored() -> None:
 
 def test_required_visible_fields_are_enforced_and_all_violations_reported() -> None:
     form = definition()
-    _, v = validate_answers(
-        form, {"kind": "distributor", "email": "nope", "employees": "5000", "bogus": "x"}
-    )
+    _, v = validate_answers(form, {"kind": "distributor", "email": "nope", "employees": "5000", "bogus": "x"})
     fields = {x.field for x in v.items}
     assert fields == {
         "answers[bogus]",
