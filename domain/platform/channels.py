@@ -126,5 +126,8 @@ async def update_channel(
         row.active = active
     await session.flush()
     await session.refresh(row)
-    await emit(session, Event("channel.updated", "channel", slug, {"slug": slug, "fields": sorted(paths)}, channel=slug))
+    await emit(
+        session,
+        Event("channel.updated", "channel", slug, {"slug": slug, "fields": sorted(paths)}, channel=slug),
+    )
     return _to_channel(row)

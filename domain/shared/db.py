@@ -29,7 +29,9 @@ def async_url(url: str) -> str:
     raise ValueError("DATABASE_URL must be a postgresql:// URL")
 
 
-def make_engine(url: str, *, pool_size: int = 10, max_overflow: int = 10, command_timeout: float = 30.0) -> AsyncEngine:
+def make_engine(
+    url: str, *, pool_size: int = 10, max_overflow: int = 10, command_timeout: float = 30.0
+) -> AsyncEngine:
     return create_async_engine(
         async_url(url),
         pool_size=pool_size,

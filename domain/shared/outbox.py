@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import insert, text
@@ -110,3 +110,20 @@ async def head_position(session: AsyncSession) -> tuple[int, int]:
     """A position at or after every event committed so far ("from now on")."""
     max_id, max_txid = (await session.execute(_HEAD)).one()
     return (int(max_txid), int(max_id))
+
+
+async def purge_older_than(session: AsyncSession, age: timedelta, limit: int = 10_000) -> int:
+    """Delete outbox events older than the retention (watchers resuming from a purged
+    cursor get OUT_OF_RANGE and restart from now)."""
+    result = await session.execute(
+        text(
+            """
+            DELETE FROM platform.outbox WHERE id = ANY(ARRAY(
+                SELECT id FROM platform.outbox
+                WHERE created_at < now() - make_interval(secs => :secs)
+                ORDER BY id LIMIT :limit))
+            """
+        ),
+        {"secs": age.total_seconds(), "limit": limit},
+    )
+    return int(getattr(result, "rowcount", 0) or 0)

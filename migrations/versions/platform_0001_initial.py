@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from migrations.sql import script
+
 revision = "platform_0001"
 down_revision = None
 branch_labels = ("platform",)
@@ -14,9 +16,9 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("CREATE SCHEMA IF NOT EXISTS platform")
-    op.execute(
+    script(
         """
+        CREATE SCHEMA IF NOT EXISTS platform;
         CREATE TABLE platform.channels (
             slug text PRIMARY KEY,
             name text NOT NULL,

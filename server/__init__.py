@@ -1,0 +1,1 @@
+"""Transport layer: gRPC server, interceptors, servicers, CLI, Temporal worker entry."""

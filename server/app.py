@@ -1,0 +1,182 @@
+"""The gRPC application: services, interceptors, health, reflection, limits, graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import uuid
+
+import grpc
+from google.protobuf import message_factory
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from sqlalchemy import text
+
+from domain.platform import channels
+from domain.shared.caller import ChannelRef
+from server import background
+from server.auth import TokenVerifier, policies_for
+from server.interceptors import (
+    AuthInterceptor,
+    ChannelCache,
+    ChannelInterceptor,
+    ErrorInterceptor,
+    ObservabilityInterceptor,
+)
+from server.runtime import Runtime
+from server.services import SERVICES
+from server.settings import Settings
+
+log = logging.getLogger("entrepot.server")
+
+DATABASE_HEALTH = "entrepot.database"
+TEMPORAL_HEALTH = "entrepot.temporal"
+
+
+def server_options(s: Settings) -> list[tuple[str, int]]:
+    opts = [
+        ("grpc.max_receive_message_length", s.max_message_bytes),
+        ("grpc.max_send_message_length", s.max_message_bytes),
+        ("grpc.max_metadata_size", s.max_metadata_bytes),
+        ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+        ("grpc.keepalive_time_ms", s.keepalive_time_ms),
+        ("grpc.keepalive_timeout_ms", s.keepalive_timeout_ms),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.max_connection_idle_ms", s.max_connection_idle_ms),
+        ("grpc.so_reuseport", 0),
+    ]
+    if s.max_connection_age_ms:
+        opts += [
+            ("grpc.max_connection_age_ms", s.max_connection_age_ms),
+            ("grpc.max_connection_age_grace_ms", 30_000),
+        ]
+    return opts
+
+
+class App:
+    def __init__(self, settings: Settings, rt: Runtime | None = None) -> None:
+        self.settings = settings
+        self.rt = rt or Runtime(settings)
+        self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        descriptors = [spec.descriptor for spec in SERVICES]
+        # Default deny: refuses to build when any RPC lacks its permission option.
+        self.policies = policies_for(descriptors)
+        for d in descriptors:
+            for m in d.methods:
+                self.rt.response_types[f"/{d.full_name}/{m.name}"] = message_factory.GetMessageClass(
+                    m.output_type
+                )
+        self.verifier = TokenVerifier(settings)
+        self.channel_cache = ChannelCache(self._load_channel, settings.channel_cache_seconds)
+        self.rt.on_channel_changed = self.channel_cache.invalidate
+        self.health = health.aio.HealthServicer()
+        self.server: grpc.aio.Server | None = None
+        self.port = 0
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    async def _load_channel(self, slug: str) -> ChannelRef:
+        channel = await self.rt.read(lambda s: channels.get_channel(s, slug))
+        return channel.ref()
+
+    async def start(self) -> int:
+        s = self.settings
+        server = grpc.aio.server(
+            interceptors=[
+                ObservabilityInterceptor(self.policies, s.access_log),
+                ErrorInterceptor(self.policies),
+                AuthInterceptor(self.policies, self.verifier),
+                ChannelInterceptor(self.policies, self.channel_cache),
+            ],
+            options=server_options(s),
+            maximum_concurrent_rpcs=s.max_concurrent_rpcs,
+        )
+        names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        for spec in SERVICES:
+            spec.add_to_server(spec.make(self.rt), server)
+            names.append(spec.descriptor.full_name)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        reflection.enable_server_reflection(names, server)
+        self.port = server.add_insecure_port(s.listen)
+        if self.port == 0:
+            raise RuntimeError(f"cannot listen on {s.listen}")
+        await server.start()
+        self.server = server
+        await self._check_health()
+        self._tasks.append(asyncio.create_task(self._health_loop(), name="health"))
+        for job in background.JOBS:
+            self._tasks.append(
+                asyncio.create_task(job(self.rt, self.holder), name=getattr(job, "__name__", "job"))
+            )
+        log.info("serving", extra={"listen": s.listen, "port": self.port})
+        return self.port
+
+    async def _check_health(self) -> None:
+        if self._stopping:
+            return
+        db_ok = False
+        try:
+            async with asyncio.timeout(2.0), self.rt.engine.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+            db_ok = True
+        except Exception as exc:  # any failure means "not reachable"; logged, never swallowed silently
+            log.warning("database health check failed", extra={"error": type(exc).__name__})
+        serving = health_pb2.HealthCheckResponse.SERVING
+        not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+        db_status = serving if db_ok else not_serving
+        await self.health.set(DATABASE_HEALTH, db_status)
+        await self.health.set("", db_status)
+        for spec in SERVICES:
+            await self.health.set(spec.descriptor.full_name, db_status)
+        if self.settings.temporal_address:
+            host, _, port = self.settings.temporal_address.rpartition(":")
+            try:
+                async with asyncio.timeout(2.0):
+                    _, writer = await asyncio.open_connection(host or "127.0.0.1", int(port))
+                    writer.close()
+                await self.health.set(TEMPORAL_HEALTH, serving)
+            except (OSError, TimeoutError, ValueError):
+                await self.health.set(TEMPORAL_HEALTH, not_serving)
+
+    async def _health_loop(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            await self._check_health()
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Graceful: report NOT_SERVING, refuse new calls, let in-flight calls finish, then stop."""
+        if self._stopping:
+            return
+        self._stopping = True
+        await self.health.enter_graceful_shutdown()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self.server is not None:
+            await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        await self.rt.close()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        assert self.server is not None
+        await self.server.wait_for_termination()
+
+
+async def serve(settings: Settings) -> None:
+    app = App(settings)
+    await app.start()
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("signal received: draining")
+    await app.stop()

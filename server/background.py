@@ -1,0 +1,58 @@
+"""Background jobs the server runs next to the RPCs (singletons across replicas via leases).
+
+Modules append their jobs to JOBS: each is `async def job(rt, holder) -> None`
+that loops until cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from domain.platform import idempotency
+from domain.shared import leases, outbox
+from server.runtime import Runtime
+
+log = logging.getLogger("entrepot.background")
+
+Job = Callable[[Runtime, str], Awaitable[None]]
+
+
+async def run_leased(
+    rt: Runtime, holder: str, name: str, every: float, step: Callable[[Runtime], Awaitable[int]]
+) -> None:
+    """Run `step` every `every` seconds while this replica holds lease `name`."""
+    ttl = timedelta(seconds=max(every * 3, 5))
+    while True:
+        try:
+            async with rt.uow() as uow:
+                mine = await leases.try_acquire(uow.session, name, holder, ttl)
+                await uow.commit()
+            if mine:
+                done = await step(rt)
+                if done:
+                    log.info("background step", extra={"job": name, "rows": done})
+        except asyncio.CancelledError:
+            raise
+        except Exception:
+            # A database outage must not kill the loop; it retries on the next tick.
+            log.warning("background job failed; retrying", exc_info=True, extra={"job": name})
+        await asyncio.sleep(every)
+
+
+async def _retention_step(rt: Runtime) -> int:
+    s = rt.settings
+    async with rt.uow() as uow:
+        n = await idempotency.purge_older_than(uow.session, timedelta(hours=s.idempotency_retention_hours))
+        n += await outbox.purge_older_than(uow.session, timedelta(hours=s.outbox_retention_hours))
+        await uow.commit()
+    return n
+
+
+async def retention(rt: Runtime, holder: str) -> None:
+    await run_leased(rt, holder, "retention", 60.0, _retention_step)
+
+
+JOBS: list[Job] = [retention]

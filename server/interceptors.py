@@ -1,0 +1,360 @@
+"""Server interceptors (grpc-interceptor's AsyncServerInterceptor), outermost first:
+observability -> errors -> auth -> channel.
+
+Streaming responses are wrapped as async generators, never awaited whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import asyncpg
+import grpc
+import sqlalchemy.exc
+from grpc_interceptor.server import AsyncServerInterceptor
+
+from domain.shared.caller import ChannelRef
+from domain.shared.errors import DomainError, NotFound
+from server import context as ctx
+from server import metrics
+from server.auth import AuthError, Policy, TokenVerifier
+from server.errors import ReplayedStatus, build_status, status_from_domain, to_grpc_status
+
+log = logging.getLogger("entrepot.rpc")
+access = logging.getLogger("entrepot.access")
+
+Method = Callable[[Any, grpc.aio.ServicerContext], Any]
+
+
+async def abort(context: grpc.aio.ServicerContext, status: Any) -> None:
+    s = to_grpc_status(status)
+    await context.abort(s.code, s.details, s.trailing_metadata)
+
+
+def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in context.invocation_metadata() or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+async def _call(method: Method, request: Any, context: grpc.aio.ServicerContext, streaming: bool) -> Any:
+    result = method(request, context)
+    if streaming:
+        if asyncio.iscoroutine(result):
+            result = await result
+        return result
+    return await result
+
+
+class ObservabilityInterceptor(AsyncServerInterceptor):
+    """Metrics per method (count by code, latency, in flight) and a structured access log."""
+
+    def __init__(self, policies: dict[str, Policy], access_log: bool) -> None:
+        self.policies = policies
+        self.access_log = access_log
+
+    async def intercept(
+        self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        m = metrics.for_method(name)
+        if _streams(self.policies, name):
+            return self._stream(method, request, context, name, m)
+        m.in_flight.inc()
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            return await _call(method, request, context, False)
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            c = context.code()
+            code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            self._done(m, name, start, code, context)
+
+    async def _stream(
+        self,
+        method: Method,
+        request: Any,
+        context: grpc.aio.ServicerContext,
+        name: str,
+        m: metrics.MethodMetrics,
+    ) -> AsyncIterator[Any]:
+        m.in_flight.inc()
+        start = time.perf_counter()
+        code = "OK"
+        try:
+            async for item in await _call(method, request, context, True):
+                yield item
+        except asyncio.CancelledError:
+            code = "CANCELLED"
+            raise
+        except BaseException:
+            c = context.code()
+            code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+            raise
+        finally:
+            self._done(m, name, start, code, context)
+
+    def _done(self, m: metrics.MethodMetrics, name: str, start: float, code: str, context: Any) -> None:
+        elapsed = time.perf_counter() - start
+        m.in_flight.dec()
+        m.latency.observe(elapsed)
+        m.count(code)
+        if self.access_log:
+            caller = ctx._caller.get()
+            access.info(
+                "rpc",
+                extra={
+                    "method": name,
+                    "code": code,
+                    "ms": round(elapsed * 1000, 3),
+                    "sub": caller.subject if caller else None,
+                    "peer": context.peer(),
+                },
+            )
+
+
+def _transient_db_error(exc: BaseException) -> bool:
+    if isinstance(exc, (ConnectionError, OSError, sqlalchemy.exc.TimeoutError, asyncio.TimeoutError)):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    orig = getattr(exc, "orig", None)
+    cause = getattr(orig, "__cause__", None) or orig
+    return isinstance(
+        cause,
+        (
+            asyncpg.exceptions.ConnectionDoesNotExistError,
+            asyncpg.exceptions.CannotConnectNowError,
+            asyncpg.exceptions.AdminShutdownError,
+            asyncpg.exceptions.ConnectionFailureError,
+            asyncpg.exceptions.TooManyConnectionsError,
+            ConnectionError,
+            OSError,
+        ),
+    )
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    orig = getattr(exc, "orig", None)
+    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
+
+
+class ErrorInterceptor(AsyncServerInterceptor):
+    """Domain errors -> status + ErrorInfo (+ BadRequest / PreconditionFailure).
+    Database outages -> UNAVAILABLE. Anything unexpected -> INTERNAL with a
+    correlation id that is also logged with the stack."""
+
+    def __init__(self, policies: dict[str, Policy]) -> None:
+        self.policies = policies
+
+    async def intercept(
+        self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        if _streams(self.policies, name):
+            return self._stream(method, request, context, name)
+        try:
+            return await _call(method, request, context, False)
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await self._handle(exc, context, name)
+
+    async def _stream(
+        self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> AsyncIterator[Any]:
+        try:
+            async for item in await _call(method, request, context, True):
+                yield item
+        except (asyncio.CancelledError, grpc.aio.AbortError):
+            raise
+        except Exception as exc:
+            await self._handle(exc, context, name)
+
+    async def _handle(self, exc: Exception, context: grpc.aio.ServicerContext, name: str) -> None:
+        if isinstance(exc, DomainError):
+            await abort(context, status_from_domain(exc))
+        if isinstance(exc, ReplayedStatus):
+            await abort(context, exc.status)
+        state = _sqlstate(exc)
+        if state in ("40001", "40P01"):
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.ABORTED, "CONCURRENT_UPDATE", "a concurrent update conflicted; retry"
+                ),
+            )
+        if state == "57014":
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, "STATEMENT_TIMEOUT", "the database took too long"
+                ),
+            )
+        if _transient_db_error(exc):
+            log.warning("database unavailable", extra={"method": name, "error": type(exc).__name__})
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE", "the database is unavailable; retry"
+                ),
+            )
+        correlation_id = uuid.uuid4().hex
+        log.error("unexpected error", exc_info=exc, extra={"method": name, "correlation_id": correlation_id})
+        await abort(
+            context,
+            build_status(
+                grpc.StatusCode.INTERNAL,
+                "INTERNAL",
+                f"internal error (correlation id {correlation_id})",
+                {"correlation_id": correlation_id},
+            ),
+        )
+
+
+class AuthInterceptor(AsyncServerInterceptor):
+    """Bearer JWT -> Caller; the method's declared permission must be in the token."""
+
+    def __init__(self, policies: dict[str, Policy], verifier: TokenVerifier) -> None:
+        self.policies = policies
+        self.verifier = verifier
+
+    async def intercept(
+        self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        policy = self.policies.get(name)
+        if policy is None:  # health and reflection: not ours, no token needed
+            return await _call(method, request, context, _streams(self.policies, name))
+        md = _metadata(context)
+        header = md.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token:
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "TOKEN_MISSING",
+                    "authorization: Bearer <jwt> is required",
+                ),
+            )
+        try:
+            caller = self.verifier.verify(token.strip())
+        except AuthError as err:
+            await abort(context, build_status(grpc.StatusCode.UNAUTHENTICATED, err.reason, err.message))
+            raise  # unreachable: abort raises
+        if not caller.has(policy.permission):
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    "PERMISSION_MISSING",
+                    f"this call needs permission {policy.permission!r}",
+                    {"permission": policy.permission},
+                ),
+            )
+        ctx._caller.set(caller)
+        ctx._method.set(name)
+        return await _call(method, request, context, policy.server_streaming)
+
+
+def _streams(policies: dict[str, Policy], name: str) -> bool:
+    policy = policies.get(name)
+    if policy is not None:
+        return policy.server_streaming
+    # Not ours: health's Watch and reflection's ServerReflectionInfo stream.
+    return name.endswith("/Watch") or name.endswith("/ServerReflectionInfo")
+
+
+ChannelLoader = Callable[[str], Awaitable[ChannelRef]]
+
+
+class ChannelCache:
+    """Resolves channel slugs with a short TTL; other replicas see updates within the TTL."""
+
+    def __init__(self, loader: ChannelLoader, ttl: float) -> None:
+        self.loader = loader
+        self.ttl = ttl
+        self._cache: dict[str, tuple[ChannelRef, float]] = {}
+
+    async def get(self, slug: str) -> ChannelRef:
+        hit = self._cache.get(slug)
+        now = time.monotonic()
+        if hit is not None and hit[1] > now:
+            return hit[0]
+        ref = await self.loader(slug)
+        self._cache[slug] = (ref, now + self.ttl)
+        return ref
+
+    def invalidate(self, slug: str) -> None:
+        self._cache.pop(slug, None)
+
+
+class ChannelInterceptor(AsyncServerInterceptor):
+    """`x-channel-slug` must name an active channel the token lists."""
+
+    def __init__(self, policies: dict[str, Policy], channels: ChannelCache) -> None:
+        self.policies = policies
+        self.channels = channels
+
+    async def intercept(
+        self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
+    ) -> Any:
+        policy = self.policies.get(name)
+        if policy is None:
+            return await _call(method, request, context, _streams(self.policies, name))
+        slug = ""
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-channel-slug":
+                slug = str(value)
+                break
+        if slug:
+            caller = ctx.current_caller()
+            if not caller.may_use_channel(slug):
+                await abort(
+                    context,
+                    build_status(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "CHANNEL_NOT_ALLOWED",
+                        f"the token does not allow channel {slug!r}",
+                        {"channel": slug},
+                    ),
+                )
+            try:
+                ref = await self.channels.get(slug)
+            except NotFound as err:
+                await abort(context, status_from_domain(err))
+                raise
+            if not ref.active:
+                await abort(
+                    context,
+                    build_status(
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "CHANNEL_INACTIVE",
+                        f"channel {slug!r} is not active",
+                        {"channel": slug},
+                    ),
+                )
+            ctx._channel.set(ref)
+        elif policy.channel_required:
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "CHANNEL_REQUIRED",
+                    "this call needs the x-channel-slug metadata",
+                    field_violations=[("metadata.x-channel-slug", "required")],
+                ),
+            )
+        else:
+            ctx._channel.set(None)
+        return await _call(method, request, context, policy.server_streaming)

@@ -1,0 +1,47 @@
+"""Prometheus metrics per method, served on their own port."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RPC_TOTAL = Counter("entrepot_rpc_total", "RPCs handled, by method and status code", ["method", "code"])
+RPC_SECONDS = Histogram(
+    "entrepot_rpc_duration_seconds",
+    "RPC latency by method",
+    ["method"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+RPC_IN_FLIGHT = Gauge("entrepot_rpc_in_flight", "RPCs in progress, by method", ["method"])
+
+
+class MethodMetrics:
+    """Label children resolved once per method, not per call."""
+
+    __slots__ = ("_codes", "in_flight", "latency", "method")
+
+    def __init__(self, method: str) -> None:
+        self.method = method
+        self.latency = RPC_SECONDS.labels(method)
+        self.in_flight = RPC_IN_FLIGHT.labels(method)
+        self._codes: dict[str, Counter] = {}
+
+    def count(self, code: str) -> None:
+        child = self._codes.get(code)
+        if child is None:
+            child = self._codes[code] = RPC_TOTAL.labels(self.method, code)
+        child.inc()
+
+
+_by_method: dict[str, MethodMetrics] = {}
+
+
+def for_method(method: str) -> MethodMetrics:
+    m = _by_method.get(method)
+    if m is None:
+        m = _by_method[method] = MethodMetrics(method)
+    return m
+
+
+def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
+    if port:
+        start_http_server(port, addr=host)

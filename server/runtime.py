@@ -1,0 +1,145 @@
+"""Runtime: what every servicer needs (database, idempotent mutations, Temporal)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from google.protobuf.message import Message
+from google.rpc import status_pb2
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
+
+from domain.platform import idempotency
+from domain.shared.db import make_engine, make_session_factory
+from domain.shared.errors import AlreadyExists, DomainError, InvalidArgument, Unavailable
+from domain.shared.uow import UnitOfWork
+from server.context import current_caller, current_method
+from server.errors import ReplayedStatus, status_from_domain
+from server.settings import Settings
+
+log = logging.getLogger("entrepot.runtime")
+
+M = TypeVar("M", bound=Message)
+T = TypeVar("T")
+
+MAX_REQUEST_ID = 128
+
+
+class Runtime:
+    def __init__(self, settings: Settings, engine: AsyncEngine | None = None) -> None:
+        if engine is None:
+            if not settings.database_url:
+                raise ValueError("DATABASE_URL is not set")
+            engine = make_engine(
+                settings.database_url, pool_size=settings.db_pool_size, max_overflow=settings.db_max_overflow
+            )
+        self.settings = settings
+        self.engine = engine
+        self.sessions: async_sessionmaker[AsyncSession] = make_session_factory(engine)
+        self._temporal: Any = None
+        self._temporal_lock = asyncio.Lock()
+        # Filled by the app: response message class per full method name.
+        self.response_types: dict[str, type[Message]] = {}
+        # Set by the app: drops a channel from the interceptor's cache after an update.
+        self.on_channel_changed: Callable[[str], None] = lambda slug: None
+
+    def channel_changed(self, slug: str) -> None:
+        self.on_channel_changed(slug)
+
+    def uow(self) -> UnitOfWork:
+        return UnitOfWork(self.sessions)
+
+    async def read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        async with self.sessions() as session, session.begin():
+            return await fn(session)
+
+    async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:
+        """Run `fn` in one transaction, idempotently by `request.request_id` (AIP-155).
+
+        Same caller + id + request: the first answer again (errors included).
+        Same id, another request: ALREADY_EXISTS / REQUEST_ID_REUSED.
+        """
+        request_id: str = getattr(request, "request_id", "")
+        if not request_id:
+            async with self.uow() as uow:
+                result = await fn(uow)
+                await uow.commit()
+                return result
+        if len(request_id) > MAX_REQUEST_ID:
+            raise InvalidArgument(
+                "INVALID_REQUEST_ID", f"request_id is longer than {MAX_REQUEST_ID} characters"
+            )
+        method = current_method()
+        principal = current_caller().subject
+        digest = hashlib.sha256(
+            method.encode() + b"\0" + request.SerializeToString(deterministic=True)
+        ).digest()
+
+        async with self.uow() as uow:
+            if await idempotency.claim(uow.session, principal, request_id, method, digest):
+                try:
+                    result = await fn(uow)
+                except DomainError as err:
+                    failure = err
+                else:
+                    await idempotency.complete(
+                        uow.session, principal, request_id, 0, result.SerializeToString()
+                    )
+                    await uow.commit()
+                    return result
+            else:
+                stored = await idempotency.get(uow.session, principal, request_id)
+                return self._replay(stored, method, digest)
+
+        # The domain refused: the refusal is the answer for this request_id too.
+        status = status_from_domain(failure)
+        async with self.uow() as uow:
+            if await idempotency.claim(
+                uow.session,
+                principal,
+                request_id,
+                method,
+                digest,
+                status_code=status.code,
+                response=status.SerializeToString(),
+            ):
+                await uow.commit()
+                raise failure
+            stored = await idempotency.get(uow.session, principal, request_id)
+        return self._replay(stored, method, digest)
+
+    def _replay(self, stored: idempotency.StoredResponse, method: str, digest: bytes) -> Any:
+        if stored.request_hash != digest:
+            raise AlreadyExists(
+                "REQUEST_ID_REUSED",
+                "this request_id was already used for a different request",
+                metadata={"method": stored.method},
+            )
+        if stored.status_code:
+            status = status_pb2.Status()
+            status.ParseFromString(stored.response or b"")
+            raise ReplayedStatus(status)
+        response_type = self.response_types[method]
+        message = response_type()
+        message.ParseFromString(stored.response or b"")
+        return message
+
+    async def temporal(self) -> Any:
+        """The Temporal client, connected on first use."""
+        if self._temporal is None:
+            async with self._temporal_lock:
+                if self._temporal is None:
+                    from temporalio.client import Client
+
+                    if not self.settings.temporal_address:
+                        raise Unavailable("TEMPORAL_NOT_CONFIGURED", "TEMPORAL_ADDRESS is not set")
+                    self._temporal = await Client.connect(
+                        self.settings.temporal_address, namespace=self.settings.temporal_namespace
+                    )
+        return self._temporal
+
+    async def close(self) -> None:
+        await self.engine.dispose()

@@ -1,0 +1,67 @@
+"""Configuration from the environment (pydantic-settings). See the README's table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENTREPOT_", extra="ignore", populate_by_name=True)
+
+    database_url: str | None = Field(default=None, validation_alias=_env("DATABASE_URL"))
+    temporal_address: str | None = Field(default=None, validation_alias=_env("TEMPORAL_ADDRESS"))
+    temporal_namespace: str = Field(default="default", validation_alias=_env("TEMPORAL_NAMESPACE"))
+    temporal_task_queue: str = Field(default="entrepot", validation_alias=_env("TEMPORAL_TASK_QUEUE"))
+
+    listen: str = "127.0.0.1:50051"
+    # 0 disables the metrics endpoint.
+    metrics_port: int = 9464
+    data_dir: Path = Path(".entrepot")
+    log_level: str = "INFO"
+    access_log: bool = True
+
+    # Auth: HS256 with a shared secret (dev) and/or RS256 keys from a JWKS file.
+    jwt_issuer: str = "entrepot"
+    jwt_audience: str = "entrepot"
+    jwt_algorithms: Annotated[list[str], NoDecode] = ["HS256", "RS256"]
+    jwt_hs256_secret: SecretStr | None = None
+    jwt_jwks_file: Path | None = None
+    jwt_leeway_seconds: int = 30
+    token_cache_size: int = 10_000
+    # How long a resolved channel is trusted before it is read again (seconds).
+    channel_cache_seconds: float = 2.0
+
+    # Transport limits.
+    max_message_bytes: int = 4 * 1024 * 1024
+    max_metadata_bytes: int = 16 * 1024
+    max_concurrent_streams: int = 100
+    max_concurrent_rpcs: int = 2000
+    keepalive_time_ms: int = 30_000
+    keepalive_timeout_ms: int = 10_000
+    max_connection_idle_ms: int = 300_000
+    max_connection_age_ms: int = 0
+    grace_seconds: float = 10.0
+
+    # Database.
+    db_pool_size: int = 10
+    db_max_overflow: int = 10
+    db_statement_timeout_ms: int = 15_000
+
+    # Retention of idempotency keys and outbox events (hours).
+    idempotency_retention_hours: int = 72
+    outbox_retention_hours: int = 168
+
+    @classmethod
+    def _split(cls, value: object) -> object:
+        return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
+
+    def model_post_init(self, _ctx: object) -> None:
+        self.jwt_algorithms = list(self._split(self.jwt_algorithms))  # type: ignore[arg-type]

@@ -1,0 +1,52 @@
+"""The Temporal worker: every module's workflows and activities on one task queue.
+
+Modules append to WORKFLOWS and ACTIVITY_FACTORIES (a factory takes the
+Runtime and returns the activity callables, usually bound methods of an
+object holding the session factory).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from temporalio.client import Client
+from temporalio.worker import Worker
+
+from server.runtime import Runtime
+from server.settings import Settings
+
+log = logging.getLogger("entrepot.worker")
+
+WORKFLOWS: list[type] = []
+ACTIVITY_FACTORIES: list[Callable[[Runtime], Sequence[Callable[..., Any]]]] = []
+
+
+def build_worker(client: Client, rt: Runtime, task_queue: str) -> Worker | None:
+    """None while no module has registered workflows or activities."""
+    activities = [a for factory in ACTIVITY_FACTORIES for a in factory(rt)]
+    if not WORKFLOWS and not activities:
+        return None
+    return Worker(client, task_queue=task_queue, workflows=WORKFLOWS, activities=activities)
+
+
+async def run_worker(settings: Settings) -> None:
+    rt = Runtime(settings)
+    client = await rt.temporal()
+    worker = build_worker(client, rt, settings.temporal_task_queue)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if worker is None:
+        log.warning("no workflows or activities registered; worker idle")
+        await stop.wait()
+    else:
+        async with worker:
+            log.info("worker running", extra={"task_queue": settings.temporal_task_queue})
+            await stop.wait()
+            log.info("worker draining")
+    await rt.close()
