@@ -8,7 +8,9 @@ workflow id and the step, and verification results are upserts.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
@@ -79,7 +81,7 @@ class RegistrationActivities:
         self.ocr: OcrStrategy = ocr or NoOcr()
         self.verifier: VerificationStrategy = verifier or ManualReview()
 
-    def all(self) -> list[object]:
+    def all(self) -> list[Callable[..., Any]]:
         return [
             self.validate_registration,
             self.create_pending_account,

@@ -778,7 +778,7 @@ async def sign_agreement(
         )
     )
     digest = signature_digest(
-        agreement_code, agreement.version, agreement.body_sha256, method, signature, signer_name
+        agreement_code, agreement.version, agreement.body_sha256, method, signature, signer_name.strip()
     )
     sig_id = new_id("sig")
     row = (

@@ -5,10 +5,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC
 from typing import Any, TypeVar
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
+from temporalio.exceptions import WorkflowAlreadyStartedError
+from temporalio.service import RPCError, RPCStatusCode
 
 from domain.registration import (
     BuiltinESignature,
@@ -29,6 +32,7 @@ from domain.shared.uow import UnitOfWork
 from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
 from server.context import current_caller, current_channel
+from server.runtime import Runtime
 from server.services import registration_convert as cv
 
 log = logging.getLogger("entrepot.registration")
@@ -65,7 +69,7 @@ def mask_paths(request: Any) -> list[str]:
 class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
     def __init__(
         self,
-        rt: Any,
+        rt: Runtime,
         storage: DocumentStorage | None = None,
         esignature: ESignatureProvider | None = None,
     ) -> None:
@@ -85,17 +89,37 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
 
         return await self.rt.mutate(request, run)
 
+    async def _start(self, workflow: Any, arg: Any, workflow_id: str) -> None:
+        """Start a workflow after the commit. The id is derived from the resource, so a
+        retried call (same request_id) that finds it running changes nothing, and one
+        whose first attempt died between commit and start starts it now."""
+        client = await self.rt.temporal()
+        try:
+            await client.start_workflow(
+                workflow, arg, id=workflow_id, task_queue=self.rt.settings.temporal_task_queue
+            )
+        except WorkflowAlreadyStartedError:
+            log.debug("workflow already started", extra={"workflow_id": workflow_id})
+
     async def _start_registration_workflow(self, reg: pb.Registration) -> None:
-        # Started after the commit; a retried SubmitRegistration (same request_id)
-        # starts it again if this process died in between (the id makes it unique).
-        await self.rt.start_workflow(
+        expires_at = reg.expire_time.ToDatetime(tzinfo=UTC).isoformat()
+        await self._start(
             RegistrationWorkflow.run,
-            RegistrationInput(reg.id, reg.expire_time.ToDatetime().isoformat() + "+00:00"),
-            id=submissions.registration_workflow_id(reg.id),
+            RegistrationInput(reg.id, expires_at),
+            submissions.registration_workflow_id(reg.id),
         )
 
     async def _signal(self, registration_id: str, signal: str) -> None:
-        await self.rt.signal_workflow(submissions.registration_workflow_id(registration_id), signal)
+        client = await self.rt.temporal()
+        handle = client.get_workflow_handle(submissions.registration_workflow_id(registration_id))
+        try:
+            await handle.signal(signal)
+        except RPCError as exc:
+            if exc.status != RPCStatusCode.NOT_FOUND:
+                raise
+            # Finished (decided or expired) or not started yet: the workflow reads
+            # the database when it (re)starts, so nothing is lost.
+            log.info("registration workflow not signalled", extra={"registration_id": registration_id})
 
     # -------------------------------------------------------------- forms
 
@@ -433,10 +457,10 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             return cv.document_to_proto(doc)
 
         result: pb.RegistrationDocument = await self._mutate(fingerprint, run)
-        await self.rt.start_workflow(
+        await self._start(
             DocumentVerificationWorkflow.run,
             DocumentVerificationInput(result.id, result.registration_id),
-            id=submissions.verification_workflow_id(result.id),
+            submissions.verification_workflow_id(result.id),
         )
         await self._signal(result.registration_id, REQUIREMENTS_SIGNAL)
         return result

@@ -40,7 +40,7 @@ def from_ts(t: Timestamp) -> datetime | None:
     return t.ToDatetime(tzinfo=UTC)
 
 
-def enum_value(enum: Any, prefix: str, name: str) -> int:
+def enum_value(enum: Any, prefix: str, name: str) -> Any:
     return int(enum.Value(prefix + name.upper())) if name else 0
 
 
@@ -208,7 +208,7 @@ def invitation_to_proto(c: catalog.InvitationCode) -> pb.InvitationCode:
 # ------------------------------------------------------------------ registrations
 
 
-def state_to_proto(state: str) -> int:
+def state_to_proto(state: str) -> Any:
     return enum_value(pb.Registration.State, "STATE_", state)
 
 
