@@ -418,6 +418,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 "UPLOAD_HEADER_REQUIRED", "the first message of an upload must be the header"
             )
         h = first.header
+        cv.check_text(h, "header.")
         if not h.request_id:
             raise InvalidArgument("REQUEST_ID_REQUIRED", "header.request_id is required")
         await self._read(
@@ -539,3 +540,19 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         return pb.ListRegistrationsResponse(
             registrations=[cv.registration_to_proto(r) for r in regs], next_page_token=token
         )
+
+
+def _guard_text(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(self: RegistrationServicer, request: Any, context: Any) -> Any:
+        cv.check_text(request)
+        return await method(self, request, context)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+# Every unary RPC checks its request's text first (the upload checks its header).
+for _name in pb.DESCRIPTOR.services_by_name["RegistrationService"].methods_by_name:
+    if _name != "UploadRegistrationDocument":
+        setattr(RegistrationServicer, _name, _guard_text(getattr(RegistrationServicer, _name)))

@@ -623,6 +623,12 @@ async def test_form_versions_and_validation(admin: Entrepot) -> None:
         "answers[website]",
         "answers[bogus]",
     }
+    with pytest.raises(InvalidArgumentError) as exc_nul:
+        await submit(admin, form, answers=good_answers(company="Ac\x00me", website="https://acme.test"))
+    assert exc_nul.value.reason == "INVALID_TEXT"
+    with pytest.raises(InvalidArgumentError) as exc_state:
+        await admin.registration.list_registrations(pb.ListRegistrationsRequest(states=[99]))  # type: ignore[list-item]
+    assert exc_state.value.reason == "INVALID_STATE_FILTER"
     reg_v2 = await submit(admin, form, answers=good_answers(website="https://acme.test"))
     assert (reg_v1.form_version, reg_v2.form_version) == (1, 2)
     # A hidden field's answer is dropped (vat shows only for distributors).
