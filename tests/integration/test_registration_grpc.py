@@ -24,6 +24,7 @@ from entrepot_client import (
     Entrepot,
     FailedPreconditionError,
     InvalidArgumentError,
+    NotFoundError,
     PermissionDeniedError,
     ResourceExhaustedError,
     UnavailableError,
@@ -679,3 +680,45 @@ async def test_replay_recorded_histories(temporal_env: WorkflowEnvironment) -> N
     # One replayer run for all histories: fails on the first nondeterminism.
     results = await Replayer(workflows=WORKFLOWS).replay_workflows(each(), raise_on_replay_failure=True)
     assert not results.replay_failures
+
+
+async def test_document_type_crud_and_listing(admin: Entrepot, catalog_codes: dict[str, str]) -> None:
+    code = unique("kyc")
+    created = await admin.registration.create_document_type(
+        pb.CreateDocumentTypeRequest(
+            document_type=pb.DocumentType(code=code, name="KYC", requires_number=True, active=True),
+            request_id=rid(),
+        )
+    )
+    assert list(created.allowed_content_types) == ["application/pdf", "image/png", "image/jpeg"]
+    assert created.max_size_bytes == 10 * 1024 * 1024
+    updated = await admin.registration.update_document_type(
+        pb.UpdateDocumentTypeRequest(
+            document_type=pb.DocumentType(code=code, max_size_bytes=2048),
+            update_mask={"paths": ["max_size_bytes"]},
+            request_id=rid(),
+        )
+    )
+    assert updated.max_size_bytes == 2048 and updated.requires_number and updated.name == "KYC"
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await admin.registration.list_document_types(
+            pb.ListDocumentTypesRequest(page_size=1, page_token=token)
+        )
+        seen += [d.code for d in page.document_types]
+        token = page.next_page_token
+        if not token:
+            break
+    assert code in seen and catalog_codes["license"] in seen and len(seen) == len(set(seen))
+    # A type with documents cannot be deleted; an unused one can.
+    reg = await submit(admin, await make_form(admin))
+    await upload_document(admin, reg.id, catalog_codes["license"], "l.pdf", "application/pdf", PDF)
+    with pytest.raises(FailedPreconditionError) as exc:
+        await admin.registration.delete_document_type(
+            pb.DeleteDocumentTypeRequest(code=catalog_codes["license"], request_id=rid())
+        )
+    assert exc.value.reason == "DOCUMENT_TYPE_IN_USE"
+    await admin.registration.delete_document_type(pb.DeleteDocumentTypeRequest(code=code, request_id=rid()))
+    with pytest.raises(NotFoundError):
+        await admin.registration.get_document_type(pb.GetDocumentTypeRequest(code=code))
