@@ -25,6 +25,7 @@ from entrepot_client import (
     InvalidArgumentError,
     NotFoundError,
 )
+from entrepot_client.inventory import shortages
 from tests.conftest import unique
 from tests.inventory_support import check_invariants
 
@@ -319,6 +320,7 @@ async def test_two_lines_of_one_sku_and_failed_request_leaves_nothing(admin: Ent
         await admin.inventory.reserve_stock(req)
     (v,) = err.value.precondition_violations
     assert v.subject == a and "requested 4" in v.description and "available 3" in v.description
+    assert shortages(err.value) == {a: "requested 4, available 3"}
     for sku in (a, b):
         assert (await admin.inventory.get_stock_level(pb.GetStockLevelRequest(sku=sku))).reserved == 0
     listed = await admin.inventory.list_reservations(pb.ListReservationsRequest(reference="order:two-lines"))
