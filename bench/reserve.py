@@ -5,6 +5,7 @@ One command, short by default (a few seconds per case):
     .venv/bin/python -m bench.reserve                # server cases need the gRPC server (see --modes)
     .venv/bin/python -m bench.reserve --seconds 10 --modes pgbench,domain,server
 
+Database: embedded PostgreSQL (project-local) unless ENTREPOT_BENCH_DATABASE_URL is set.
 Cases, each on a fresh database with the same concurrency (64):
   pgbench hot     `UPDATE stock SET reserved = reserved + 1 WHERE id = 1 AND on_hand - reserved >= 1`
   pgbench spread  the same UPDATE on random rows of 10,000
@@ -215,9 +216,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--modes", default="pgbench,domain,server")
     args = ap.parse_args()
-    os.environ.setdefault("TEST_DATABASE_URL", os.environ.get("DATABASE_URL", ""))
-    if not os.environ["TEST_DATABASE_URL"]:
-        del os.environ["TEST_DATABASE_URL"]
+    # Its own PostgreSQL by default (embedded, project-local): 64 pgbench clients
+    # must not eat a shared server's connection budget. ENTREPOT_BENCH_DATABASE_URL
+    # points it at another server.
+    os.environ.pop("TEST_DATABASE_URL", None)
+    if os.environ.get("ENTREPOT_BENCH_DATABASE_URL"):
+        os.environ["TEST_DATABASE_URL"] = os.environ["ENTREPOT_BENCH_DATABASE_URL"]
     modes = set(args.modes.split(","))
     rows: list[dict[str, Any]] = []
 
