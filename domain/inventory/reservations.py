@@ -872,6 +872,44 @@ async def extend(
     return await _load(session, rid, lock=False)
 
 
+async def retarget(
+    session: AsyncSession,
+    reservation_id: str | uuid.UUID,
+    *,
+    reference: str,
+    ttl: timedelta | None = None,
+    actor: str = "",
+) -> Reservation:
+    """Hand an active hold to a new owner (checkout: the cart's hold becomes the
+    order's reservation): new reference, new TTL from now (None = no expiry).
+    The held quantities do not change, so no counter moves."""
+    rid = _parse_id(reservation_id)
+    v = Violations()
+    check_text(v, "reference", reference, 256)
+    if ttl is not None and not timedelta(0) < ttl <= MAX_TTL:
+        v.add("ttl", "must be positive and at most 30 days")
+    v.raise_if_any("the request is invalid")
+    res = await _load(session, rid, lock=True)
+    if res.state != "active":
+        raise FailedPrecondition(
+            "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
+        )
+    if _expired(res, await _now(session)):
+        raise FailedPrecondition(
+            "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
+        )
+    await session.execute(
+        text(
+            """UPDATE inventory.reservations SET reference = :ref, actor = CASE WHEN :actor = '' THEN actor ELSE :actor END,
+               expires_at = CASE WHEN CAST(:us AS bigint) IS NULL THEN NULL
+                                 ELSE now() + CAST(:us AS bigint) * interval '1 microsecond' END,
+               updated_at = now() WHERE id = :id"""
+        ),
+        {"ref": reference, "actor": actor, "us": _ttl_us(ttl), "id": rid},
+    )
+    return await _load(session, rid, lock=False)
+
+
 # ------------------------------------------------------------------ expiry
 
 _EXPIRED = text(
@@ -928,6 +966,9 @@ async def run_sweeper(
         except (DBAPIError, OSError) as exc:
             # The database may be restarting; try again on the next tick.
             log.warning("expiry sweep failed: %s", type(exc).__name__)
+        except Exception:
+            # Anything else is a bug worth a stack trace, but must not stop expiry for good.
+            log.exception("expiry sweep failed")
         if swept < limit:
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -281,6 +281,22 @@ async def test_expired_holds_are_released_by_the_sweeper(sessions, warehouses) -
         await check_invariants(s)
 
 
+async def test_a_cart_hold_becomes_the_order_reservation(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
+    code = await new_item(sessions, {"WH-A": 3})
+    hold = await tx(
+        sessions,
+        lambda s: inv.reserve(s, [LineRequest(code, 2)], reference="cart:9", ttl=timedelta(minutes=5)),
+    )
+    order = await tx(sessions, lambda s: inv.retarget(s, hold.id, reference="order:9"))
+    assert (order.reference, order.expires_at, order.state) == ("order:9", None, "active")
+    assert (await tx(sessions, lambda s: inv.get_stock_level(s, code))).reserved == 2
+    listed, _ = await tx(sessions, lambda s: inv.list_reservations(s, reference="order:9"))
+    assert [r.id for r in listed] == [hold.id]
+    await tx(sessions, lambda s: inv.release(s, hold.id))
+    with pytest.raises(FailedPrecondition):
+        await tx(sessions, lambda s: inv.retarget(s, hold.id, reference="order:10"))
+
+
 async def test_naive_path_never_oversells(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
     code = await new_item(sessions, {"WH-A": 10})
 
