@@ -21,6 +21,9 @@ def seed(target: str, tok: str) -> None:
             )
         )
         for i in range(SKUS):
+            ep.inventory.upsert_inventory_item(
+                inventory_pb2.UpsertInventoryItemRequest(item=inventory_pb2.InventoryItem(sku=f"BENCH-{i}"))
+            )
             ep.inventory.receive_stock(
                 inventory_pb2.ReceiveStockRequest(
                     sku=f"BENCH-{i}",

@@ -6,9 +6,11 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import entrepot.auth.v1.auth_pb2 as auth_v1_auth_pb2
 import entrepot.inventory.v1.inventory_pb2 as inventory_v1_inventory_pb2
+import entrepot.order.v1.order_pb2 as order_v1_order_pb2
 import entrepot.platform.v1.channel_pb2 as platform_v1_channel_pb2
 import entrepot.platform.v1.types_pb2 as platform_v1_types_pb2
 import entrepot.inventory.v1.inventory_pb2_grpc as inventory_v1_inventory_pb2_grpc
+import entrepot.order.v1.order_pb2_grpc as order_v1_order_pb2_grpc
 import entrepot.platform.v1.channel_pb2_grpc as platform_v1_channel_pb2_grpc
 from entrepot_client.base import AsyncServiceClient, Metadata, SyncServiceClient
 
@@ -175,6 +177,90 @@ class InventorySyncClient(SyncServiceClient):
         return self._server_stream("WatchStockChanges", request, timeout, metadata)
 
 
+class OrderClient(AsyncServiceClient):
+    """entrepot.order.v1.OrderService (async)."""
+
+    stub_class = order_v1_order_pb2_grpc.OrderServiceStub
+
+    async def submit_order_intent(self, request: order_v1_order_pb2.SubmitOrderIntentRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.SubmitOrderIntentResponse:
+        return await self._unary("SubmitOrderIntent", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_order(self, request: order_v1_order_pb2.GetOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("GetOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_order_by_external_id(self, request: order_v1_order_pb2.GetOrderByExternalIdRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("GetOrderByExternalId", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_orders(self, request: order_v1_order_pb2.ListOrdersRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrdersResponse:
+        return await self._unary("ListOrders", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def append_order_status(self, request: order_v1_order_pb2.AppendOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return await self._unary("AppendOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def close_order_status(self, request: order_v1_order_pb2.CloseOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return await self._unary("CloseOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_order_status_history(self, request: order_v1_order_pb2.ListOrderStatusHistoryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrderStatusHistoryResponse:
+        return await self._unary("ListOrderStatusHistory", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_order_status_summary(self, request: order_v1_order_pb2.GetOrderStatusSummaryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusSummary:
+        return await self._unary("GetOrderStatusSummary", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def transition_order(self, request: order_v1_order_pb2.TransitionOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("TransitionOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def ship_order_items(self, request: order_v1_order_pb2.ShipOrderItemsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipOrderItemsResponse:
+        return await self._unary("ShipOrderItems", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_shipment_status(self, request: order_v1_order_pb2.GetShipmentStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipmentStatus:
+        return await self._unary("GetShipmentStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def watch_order_events(self, request: order_v1_order_pb2.WatchOrderEventsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> AsyncIterator[order_v1_order_pb2.WatchOrderEventsResponse]:
+        return self._server_stream("WatchOrderEvents", request, timeout, metadata)
+
+
+class OrderSyncClient(SyncServiceClient):
+    """entrepot.order.v1.OrderService (sync)."""
+
+    stub_class = order_v1_order_pb2_grpc.OrderServiceStub
+
+    def submit_order_intent(self, request: order_v1_order_pb2.SubmitOrderIntentRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.SubmitOrderIntentResponse:
+        return self._unary("SubmitOrderIntent", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_order(self, request: order_v1_order_pb2.GetOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("GetOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_order_by_external_id(self, request: order_v1_order_pb2.GetOrderByExternalIdRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("GetOrderByExternalId", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_orders(self, request: order_v1_order_pb2.ListOrdersRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrdersResponse:
+        return self._unary("ListOrders", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def append_order_status(self, request: order_v1_order_pb2.AppendOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return self._unary("AppendOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def close_order_status(self, request: order_v1_order_pb2.CloseOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return self._unary("CloseOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_order_status_history(self, request: order_v1_order_pb2.ListOrderStatusHistoryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrderStatusHistoryResponse:
+        return self._unary("ListOrderStatusHistory", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_order_status_summary(self, request: order_v1_order_pb2.GetOrderStatusSummaryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusSummary:
+        return self._unary("GetOrderStatusSummary", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def transition_order(self, request: order_v1_order_pb2.TransitionOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("TransitionOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def ship_order_items(self, request: order_v1_order_pb2.ShipOrderItemsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipOrderItemsResponse:
+        return self._unary("ShipOrderItems", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_shipment_status(self, request: order_v1_order_pb2.GetShipmentStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipmentStatus:
+        return self._unary("GetShipmentStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def watch_order_events(self, request: order_v1_order_pb2.WatchOrderEventsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> Iterator[order_v1_order_pb2.WatchOrderEventsResponse]:
+        return self._server_stream("WatchOrderEvents", request, timeout, metadata)
+
+
 class ChannelClient(AsyncServiceClient):
     """entrepot.platform.v1.ChannelService (async)."""
 
@@ -216,6 +302,7 @@ class AsyncClients:
 
     def __init__(self, channel: object, metadata: Metadata, timeout: float | None) -> None:
         self.inventory = InventoryClient(channel, metadata, timeout)
+        self.order = OrderClient(channel, metadata, timeout)
         self.channel = ChannelClient(channel, metadata, timeout)
 
 
@@ -224,6 +311,7 @@ class SyncClients:
 
     def __init__(self, channel: object, metadata: Metadata, timeout: float | None) -> None:
         self.inventory = InventorySyncClient(channel, metadata, timeout)
+        self.order = OrderSyncClient(channel, metadata, timeout)
         self.channel = ChannelSyncClient(channel, metadata, timeout)
 
 
@@ -239,6 +327,12 @@ READ_METHODS = [
     ('entrepot.inventory.v1.InventoryService', 'GetReservation'),
     ('entrepot.inventory.v1.InventoryService', 'ListReservations'),
     ('entrepot.inventory.v1.InventoryService', 'GetSyncCursor'),
+    ('entrepot.order.v1.OrderService', 'GetOrder'),
+    ('entrepot.order.v1.OrderService', 'GetOrderByExternalId'),
+    ('entrepot.order.v1.OrderService', 'ListOrders'),
+    ('entrepot.order.v1.OrderService', 'ListOrderStatusHistory'),
+    ('entrepot.order.v1.OrderService', 'GetOrderStatusSummary'),
+    ('entrepot.order.v1.OrderService', 'GetShipmentStatus'),
     ('entrepot.platform.v1.ChannelService', 'GetChannel'),
     ('entrepot.platform.v1.ChannelService', 'ListChannels'),
 ]
