@@ -31,7 +31,7 @@ def db_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 async def sessions(db_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = make_engine(db_url, pool_size=20, max_overflow=60)
+    engine = make_engine(db_url, pool_size=10, max_overflow=10)  # the server may be shared: stay modest
     yield make_session_factory(engine)
     await engine.dispose()
 
