@@ -36,10 +36,18 @@ from domain.inventory.types import (
     ReservationLine,
     is_below_threshold,
 )
-from domain.inventory.validation import check_quantity, check_sku, check_text, check_warehouse_code
+from domain.inventory.validation import (
+    MAX_MINOR,
+    check_quantity,
+    check_sku,
+    check_text,
+    check_warehouse_code,
+    filters_or_raise,
+)
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     PreconditionViolation,
@@ -457,7 +465,7 @@ def _parse_id(raw: str | uuid.UUID) -> uuid.UUID:
         raise InvalidArgument(
             "INVALID_ARGUMENT",
             "reservation id is not a UUID",
-            field_violations=[],
+            field_violations=[FieldViolation("id", "must be a reservation id (UUID)")],
         ) from exc
 
 
@@ -513,6 +521,7 @@ async def list_reservations(
     session: AsyncSession, *, reference: str = "", state: str = "", size: int = 0, token: str = ""
 ) -> tuple[list[Reservation], str]:
     """By reference (exact) and/or state, oldest first, keyset-paginated."""
+    filters_or_raise(reference=reference)
     if state and state not in RESERVATION_STATES:
         raise InvalidArgument("INVALID_ARGUMENT", f"unknown state {state!r}", field_violations=[])
     n = page_size(size)
@@ -647,7 +656,8 @@ async def _consume_lots(
         raise RuntimeError("lot changed under a lock")
     currencies = {u[3] for u in used}
     # One cost per movement; lots of mixed currencies keep their costs in lot_consumptions only.
-    cost = Cost(sum(u[1] * u[2] for u in used), used[0][3]) if len(currencies) == 1 else None
+    total = sum(u[1] * u[2] for u in used)
+    cost = Cost(total, used[0][3]) if len(currencies) == 1 and total <= MAX_MINOR else None
     return cost, used
 
 
@@ -798,6 +808,7 @@ async def release(
     Releasing a reservation that no longer holds anything with lines=None is a
     no-op that returns it (cancel after expiry must not fail)."""
     rid = _parse_id(reservation_id)
+    filters_or_raise(reason=reason)
     res = await _load(session, rid, lock=True)
     if res.state != "active":
         if lines is None:
@@ -825,6 +836,7 @@ async def fulfil(
     """Ship everything still held (lines=None) or some quantities: on_hand and
     reserved both drop; lots are consumed FIFO and the cost is on the ledger."""
     rid = _parse_id(reservation_id)
+    filters_or_raise(reference=reference)
     res = await _load(session, rid, lock=True)
     if res.state != "active":
         raise FailedPrecondition(
