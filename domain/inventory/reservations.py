@@ -125,6 +125,7 @@ _APPLY = text(
          AS d(sku, wh, dh, dr),
          inventory.items i
     WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
+      AND s.sku = ANY(CAST(:skus AS text[]))
       AND s.on_hand + d.dh >= 0 AND s.reserved + d.dr >= 0
       AND (d.dr <= 0 OR s.on_hand - s.reserved >= d.dr
            OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved + d.dr - s.on_hand <= i.max_backorder)))
@@ -212,6 +213,8 @@ _WRITE = text(
         FROM unnest(CAST(:u_sku AS text[]), CAST(:u_wh AS text[]), CAST(:u_dr AS bigint[])) AS d(sku, wh, dr),
              inventory.items i
         WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
+          -- Redundant with the join, but lets the planner use the primary key.
+          AND s.sku = ANY(CAST(:u_sku AS text[]))
           AND (s.on_hand - s.reserved >= d.dr
                OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved + d.dr - s.on_hand <= i.max_backorder)))
         RETURNING s.sku, s.warehouse_code, s.on_hand, s.reserved
