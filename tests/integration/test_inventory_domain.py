@@ -357,6 +357,37 @@ async def test_batcher_grants_exactly_the_stock_and_keeps_idempotency(sessions, 
         await check_invariants(s)
 
 
+async def test_two_batchers_on_separate_engines_never_oversell(sessions, warehouses, db_url) -> None:  # type: ignore[no-untyped-def]
+    # Two "server processes": separate engines (connections) and batchers, one database,
+    # mixed with naive single-call transactions.
+    code = await new_item(sessions, {"WH-A": 7, "WH-B": 3})
+    engines = [make_engine(db_url, pool_size=4, max_overflow=0) for _ in range(2)]
+    batchers = [inv.ReserveBatcher(make_session_factory(e)) for e in engines]
+
+    async def one(i: int) -> bool:
+        try:
+            if i % 5 == 0:
+                await tx(sessions, lambda s: inv.reserve(s, [LineRequest(code, 1)]))
+            else:
+                await batchers[i % 2].submit(inv.reserve_request([LineRequest(code, 1)]))
+            return True
+        except FailedPrecondition:
+            return False
+
+    try:
+        ok = await asyncio.gather(*(one(i) for i in range(200)))
+    finally:
+        for b in batchers:
+            await b.close()
+        for e in engines:
+            await e.dispose()
+    assert sum(ok) == 10
+    stock = await tx(sessions, lambda s: inv.get_stock_level(s, code))
+    assert (stock.on_hand, stock.reserved) == (10, 10)
+    async with sessions() as s:
+        await check_invariants(s)
+
+
 async def test_lists_paginate_and_filter(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
     prefix = f"PG{uuid.uuid4().hex[:6]}-"
     async with sessions() as s, s.begin():
