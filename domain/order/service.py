@@ -603,7 +603,29 @@ async def submit_intent(
         )  # fmt: skip
     elif reserve_inventory:
         await _reserve(session, row, await _lines(session, order_id), actor=actor, inventory=inventory)
-    return SubmitResult(await _load(session, row), created=True)
+    # Everything is known: build the answer without reading the rows back.
+    c = channel.currency
+    order = Order(
+        id=str(order_id),
+        channel=channel.slug,
+        source_system=intent.source_system,
+        intent_id=intent.intent_id,
+        external_order_id=intent.external_order_id,
+        customer_ref=intent.customer_ref,
+        currency=c,
+        state=State.PENDING,
+        lines=tuple(Line(li.line_id, li.sku, li.quantity, li.unit_price, 0, 0) for li in intent.lines),
+        totals=Totals(t.subtotal, t.tax, t.shipping, t.discount, t.grand_total),
+        payments=tuple(
+            Tender(p.tender_id, p.method, p.captured, p.gateway_reference, Money(c, 0)) for p in intent.payments
+        ),
+        submitted_at=row.submitted_at,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        reservation_id=row.reservation_id,
+        blocked=False,
+    )
+    return SubmitResult(order, created=True)
 
 
 async def _existing_intent(
