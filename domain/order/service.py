@@ -359,7 +359,9 @@ async def _append(
     category: str = "",
     payload: dict[str, Any] | None = None,
     recorded_at: datetime | None = None,
+    events_before: Sequence[Event] = (),
 ) -> StatusEntry:
+    """Appends an entry and its event; `events_before` go into the same outbox insert (one round trip)."""
     module = code.split(":", 1)[0]
     row = (
         await session.execute(
@@ -381,13 +383,14 @@ async def _append(
     await emit_many(
         session,
         [
+            *events_before,
             Event(
                 STATUS_APPENDED,
                 "order",
                 str(order.id),
                 {"order_id": str(order.id), "entry": entry_payload(entry)},
                 order.channel,
-            )
+            ),
         ],
     )
     return entry
@@ -451,9 +454,14 @@ def _sum_by_sku(items: Sequence[tuple[str, int]]) -> list[StockLine]:
 
 
 async def _reserve(
-    session: AsyncSession, row: OrderRow, lines: list[OrderLineRow], *, actor: str, inventory: InventoryPort
+    session: AsyncSession,
+    row: OrderRow,
+    wanted: list[tuple[str, int]],
+    *,
+    actor: str,
+    inventory: InventoryPort,
 ) -> None:
-    demand = _sum_by_sku([(li.sku, li.quantity - li.shipped_quantity) for li in lines])
+    demand = _sum_by_sku(wanted)
     res = await inventory.reserve(session, demand, reference=f"order:{row.id}", actor=actor)
     await _update_order(session, row, reservation_id=res.reservation_id)
     payload: dict[str, Any] = {
@@ -570,17 +578,12 @@ async def submit_intent(
                 for i, p in enumerate(intent.payments)
             ],
         )
-    await emit_many(
-        session,
-        [
-            Event(
-                CREATED,
-                "order",
-                str(order_id),
-                {"order_id": str(order_id), "state": State.PENDING.value},
-                channel.slug,
-            )
-        ],
+    created = Event(
+        CREATED,
+        "order",
+        str(order_id),
+        {"order_id": str(order_id), "state": State.PENDING.value},
+        channel.slug,
     )
     await _append(
         session,
@@ -595,6 +598,7 @@ async def submit_intent(
             "grand_total_minor": t.grand_total.amount_minor,
             "currency": channel.currency,
         },
+        events_before=[created],
     )
     if reservation_id:
         await _append(
@@ -602,7 +606,8 @@ async def submit_intent(
             payload={"reservation_id": reservation_id, "adopted": True},
         )  # fmt: skip
     elif reserve_inventory:
-        await _reserve(session, row, await _lines(session, order_id), actor=actor, inventory=inventory)
+        wanted = [(li.sku, li.quantity) for li in intent.lines]
+        await _reserve(session, row, wanted, actor=actor, inventory=inventory)
     # Everything is known: build the answer without reading the rows back.
     c = channel.currency
     order = Order(
@@ -617,7 +622,8 @@ async def submit_intent(
         lines=tuple(Line(li.line_id, li.sku, li.quantity, li.unit_price, 0, 0) for li in intent.lines),
         totals=Totals(t.subtotal, t.tax, t.shipping, t.discount, t.grand_total),
         payments=tuple(
-            Tender(p.tender_id, p.method, p.captured, p.gateway_reference, Money(c, 0)) for p in intent.payments
+            Tender(p.tender_id, p.method, p.captured, p.gateway_reference, Money(c, 0))
+            for p in intent.payments
         ),
         submitted_at=row.submitted_at,
         created_at=row.created_at,
@@ -942,7 +948,8 @@ async def transition(
         )
         return await _load(session, row)
     if target is State.PROCESSING and row.reservation_id is None:
-        await _reserve(session, row, await _lines(session, row.id), actor=actor, inventory=inventory)
+        wanted = [(li.sku, li.quantity - li.shipped_quantity) for li in await _lines(session, row.id)]
+        await _reserve(session, row, wanted, actor=actor, inventory=inventory)
     if target is State.CANCELLED and row.reservation_id is not None:
         await inventory.release(
             session, row.reservation_id, reason=f"order {order_id} cancelled", actor=actor
