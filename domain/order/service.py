@@ -363,7 +363,9 @@ async def _append(
 ) -> StatusEntry:
     """Appends an entry and its event; `events_before` go into the same outbox insert (one round trip)."""
     module = code.split(":", 1)[0]
-    row = (
+    payload = payload or {}
+    # Core insert returning plain columns: no ORM object for a write-once row.
+    written = (
         await session.execute(
             insert(StatusEntryRow)
             .values(
@@ -372,14 +374,28 @@ async def _append(
                 module=module,
                 category=category,
                 severity=severity.value,
-                payload=payload or {},
+                payload=payload,
                 recorded_at=recorded_at or func.now(),
                 written_by=written_by,
             )
-            .returning(StatusEntryRow)
+            .returning(StatusEntryRow.id, StatusEntryRow.recorded_at, StatusEntryRow.created_at)
         )
-    ).scalar_one()
-    entry = _entry(row)
+    ).one()
+    entry = StatusEntry(
+        id=written.id,
+        order_id=str(order.id),
+        code=code,
+        module=module,
+        category=category,
+        severity=severity,
+        payload=payload,
+        recorded_at=written.recorded_at,
+        written_by=written_by,
+        created_at=written.created_at,
+        closed_at=None,
+        closed_by=None,
+        close_note=None,
+    )
     await emit_many(
         session,
         [
