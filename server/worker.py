@@ -16,6 +16,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from domain import registration
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -30,6 +31,10 @@ from server.services.refund import activities as refund_activities  # noqa: E402
 
 WORKFLOWS.append(RefundExecutionWorkflow)
 ACTIVITY_FACTORIES.append(refund_activities)
+
+# registration
+WORKFLOWS += registration.WORKFLOWS
+ACTIVITY_FACTORIES.append(lambda rt: registration.RegistrationActivities(rt.sessions).all())
 
 
 def build_worker(client: Client, rt: Runtime, task_queue: str) -> Worker | None:
