@@ -103,7 +103,8 @@ class RefundServiceServicer:
 
     def DecideRefundApproval(self, request, context):
         """Approves or denies a PENDING_APPROVAL request. The requester may never
-        approve their own request (PERMISSION_DENIED, SELF_APPROVAL_FORBIDDEN).
+        approve their own request (PERMISSION_DENIED, SELF_APPROVAL_FORBIDDEN);
+        denying it (withdrawing it) is allowed.
         A request is decided once: a second decision is FAILED_PRECONDITION,
         REFUND_ALREADY_DECIDED. Approval starts execution.
         """
