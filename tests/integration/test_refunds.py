@@ -196,6 +196,11 @@ async def test_self_approval_refused_and_permission_needed(
         await requester_only.refund.decide_refund_approval(approve(r.refund_id))
     still = await carol.refund.get_refund(refund_pb2.GetRefundRequest(refund_id=r.refund_id))
     assert still.state == R.STATE_PENDING_APPROVAL
+    # Withdrawing one's own request is fine.
+    withdrawn = await carol.refund.decide_refund_approval(
+        D(refund_id=r.refund_id, decision=D.DECISION_DENY, note="entered twice", request_id=unique("d"))
+    )
+    assert withdrawn.state == R.STATE_DENIED and withdrawn.decided_by == "carol"
 
 
 async def test_empty_refund_completes_at_once(
