@@ -27,3 +27,15 @@ SERVICES: list[ServiceSpec] = [
         ChannelServicer,
     ),
 ]
+
+# CartService (carts): appended on its own so merges stay trivial.
+from entrepot.cart.v1 import cart_pb2, cart_pb2_grpc  # noqa: E402
+from server.services.cart import CartServicer  # noqa: E402
+
+SERVICES.append(
+    ServiceSpec(
+        cart_pb2.DESCRIPTOR.services_by_name["CartService"],
+        cart_pb2_grpc.add_CartServiceServicer_to_server,
+        CartServicer,
+    )
+)
