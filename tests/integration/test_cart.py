@@ -1,0 +1,637 @@
+"""CartService from a client's side: real gRPC server, real PostgreSQL.
+
+Stock is set up through domain.inventory (the InventoryService servicer is
+another engineer's work in progress); everything about carts goes through gRPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import zoneinfo
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from google.protobuf import duration_pb2
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+import domain.cart as carts
+import domain.inventory as inventory
+import domain.order as order
+from domain.shared.caller import ChannelRef
+from domain.shared.errors import FailedPrecondition
+from domain.shared.money import Money
+from entrepot.cart.v1 import cart_pb2 as pb
+from entrepot.platform.v1 import channel_pb2, types_pb2
+from entrepot_client import (
+    AbortedError,
+    AlreadyExistsError,
+    Entrepot,
+    FailedPreconditionError,
+    InvalidArgumentError,
+    NotFoundError,
+    PermissionDeniedError,
+)
+from tests.conftest import unique
+from tests.inventory_support import check_invariants
+
+Sessions = async_sessionmaker[AsyncSession]
+
+
+def eur(amount: int) -> types_pb2.Money:
+    return types_pb2.Money(currency_code="EUR", amount_minor=amount)
+
+
+def line(sku: str, quantity: int, price: int = 1000) -> pb.CartLine:
+    return pb.CartLine(sku=sku, quantity=quantity, unit_price=eur(price))
+
+
+async def stock(sessions: Sessions, sku: str, on_hand: int, **policy: Any) -> None:
+    """An item with `on_hand` units in a warehouse of its own."""
+    async with sessions() as s, s.begin():
+        code = unique("WH")
+        await inventory.create_warehouse(s, code=code, name=code, address={}, contact={})
+        await inventory.upsert_item(s, sku=sku, **policy)
+        if on_hand:
+            await inventory.set_stock(s, sku=sku, warehouse_code=code, quantity=on_hand, reason="test")
+
+
+async def levels(sessions: Sessions, sku: str) -> tuple[int, int]:
+    async with sessions() as s, s.begin():
+        lv = await inventory.get_stock_level(s, sku)
+        return lv.on_hand, lv.reserved
+
+
+async def scalar(sessions: Sessions, sql: str, **params: Any) -> Any:
+    async with sessions() as s, s.begin():
+        return (await s.execute(text(sql), params)).scalar_one()
+
+
+async def new_cart(ep: Entrepot, *lines: pb.CartLine, customer: str = "", approval: bool = False) -> pb.Cart:
+    return await ep.cart.create_cart(
+        pb.CreateCartRequest(
+            cart=pb.Cart(
+                customer_ref=customer or unique("cust"), lines=list(lines), approval_required=approval
+            )
+        )
+    )
+
+
+# ------------------------------------------------------------------ lines, versions, totals
+
+
+async def test_lines_totals_and_versions(admin: Entrepot) -> None:
+    sku_a, sku_b = unique("A"), unique("B")
+    cart = await new_cart(admin, line(sku_a, 3, 333))
+    assert cart.version == 1 and cart.state == pb.Cart.STATE_ACTIVE
+    assert cart.subtotal == eur(999) and cart.item_count == 3
+    assert cart.hold.state == pb.StockHold.STATE_NONE
+
+    cart = await admin.cart.add_cart_line(
+        pb.AddCartLineRequest(cart_id=cart.id, version=cart.version, line=line(sku_b, 2, 1))
+    )
+    assert cart.version == 2 and [x.line_id for x in cart.lines] == ["ln-1", "ln-2"]
+    assert cart.subtotal == eur(1001)
+
+    cart = await admin.cart.update_cart_line(
+        pb.UpdateCartLineRequest(
+            cart_id=cart.id,
+            version=cart.version,
+            line=pb.CartLine(line_id="ln-1", quantity=10),
+            update_mask={"paths": ["quantity"]},
+        )
+    )
+    assert cart.lines[0].quantity == 10 and cart.lines[0].unit_price == eur(333)
+    assert cart.lines[0].line_total == eur(3330) and cart.subtotal == eur(3332)
+
+    cart = await admin.cart.remove_cart_line(
+        pb.RemoveCartLineRequest(cart_id=cart.id, version=cart.version, line_id="ln-2")
+    )
+    assert cart.version == 4 and [x.sku for x in cart.lines] == [sku_a]
+    got = await admin.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
+    assert got == cart
+
+    with pytest.raises(AlreadyExistsError) as dup:
+        await admin.cart.add_cart_line(
+            pb.AddCartLineRequest(cart_id=cart.id, version=cart.version, line=line(sku_a, 1))
+        )
+    assert dup.value.reason == "CART_LINE_EXISTS" and dup.value.metadata["line_id"] == "ln-1"
+
+
+async def test_bad_lines_report_every_field(admin: Entrepot) -> None:
+    with pytest.raises(InvalidArgumentError) as exc:
+        await admin.cart.create_cart(
+            pb.CreateCartRequest(
+                cart=pb.Cart(
+                    customer_ref="",
+                    lines=[
+                        pb.CartLine(sku=" x", quantity=0, unit_price=types_pb2.Money(currency_code="USD")),
+                        line("SAME", 1),
+                        line("SAME", 1),
+                    ],
+                )
+            )
+        )
+    fields = {v.field for v in exc.value.field_violations}
+    assert fields == {
+        "cart.customer_ref",
+        "cart.lines[0].sku",
+        "cart.lines[0].quantity",
+        "cart.lines[0].unit_price.currency_code",
+        "cart.lines[2].sku",
+    }
+
+
+async def test_two_clients_same_version_one_wins_one_aborted(
+    client_factory: Callable[..., Entrepot],
+) -> None:
+    alice, bob = client_factory(sub="alice"), client_factory(sub="bob")
+    cart = await new_cart(alice, line(unique("S"), 1))
+    results = await asyncio.gather(
+        *(
+            c.cart.update_cart_line(
+                pb.UpdateCartLineRequest(
+                    cart_id=cart.id,
+                    version=cart.version,
+                    line=pb.CartLine(line_id="ln-1", quantity=q),
+                    update_mask={"paths": ["quantity"]},
+                )
+            )  # fmt: skip
+            for c, q in ((alice, 5), (bob, 7))
+        ),
+        return_exceptions=True,
+    )
+    won = [r for r in results if isinstance(r, pb.Cart)]
+    lost = [r for r in results if isinstance(r, AbortedError)]
+    assert len(won) == 1 and len(lost) == 1, results
+    assert lost[0].reason == "CART_VERSION_MISMATCH" and lost[0].metadata["current_version"] == "2"
+    final = await alice.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
+    assert final.version == 2 and final.lines[0].quantity == won[0].lines[0].quantity
+
+
+async def test_cart_of_another_channel_is_not_found(
+    admin: Entrepot, client_factory: Callable[..., Entrepot]
+) -> None:
+    slug = unique("ch")
+    await admin.channel.create_channel(
+        channel_pb2.CreateChannelRequest(channel=channel_pb2.Channel(slug=slug, name=slug, currency="EUR"))
+    )
+    cart = await new_cart(admin, line(unique("S"), 1))
+    other = client_factory(channel=slug)
+    with pytest.raises(NotFoundError) as exc:
+        await other.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
+    assert exc.value.reason == "CART_NOT_FOUND"
+
+
+# ------------------------------------------------------------------ holds
+
+
+async def test_hold_follows_lines_and_expiry_is_reported(admin: Entrepot, sessions: Sessions) -> None:
+    sku = unique("H")
+    await stock(sessions, sku, 10)
+    cart = await new_cart(admin, line(sku, 3))
+    cart = await admin.cart.hold_cart_stock(
+        pb.HoldCartStockRequest(cart_id=cart.id, version=cart.version, ttl=duration_pb2.Duration(seconds=60))
+    )
+    assert cart.hold.state == pb.StockHold.STATE_HELD and cart.hold.ttl.seconds == 60
+    assert await levels(sessions, sku) == (10, 3)
+
+    cart = await admin.cart.update_cart_line(
+        pb.UpdateCartLineRequest(cart_id=cart.id, version=cart.version, line=pb.CartLine(line_id="ln-1", quantity=5),
+                                 update_mask={"paths": ["quantity"]})
+    )  # fmt: skip
+    assert cart.hold.state == pb.StockHold.STATE_HELD
+    assert await levels(sessions, sku) == (10, 5)
+
+    # Short stock: the edit is refused whole; the hold and the line stay as they were.
+    with pytest.raises(FailedPreconditionError) as exc:
+        await admin.cart.update_cart_line(
+            pb.UpdateCartLineRequest(cart_id=cart.id, version=cart.version,
+                                     line=pb.CartLine(line_id="ln-1", quantity=11), update_mask={"paths": ["quantity"]})
+        )  # fmt: skip
+    assert exc.value.reason == "INSUFFICIENT_STOCK"
+    assert [v.subject for v in exc.value.precondition_violations] == [sku]
+    same = await admin.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
+    assert same == cart and await levels(sessions, sku) == (10, 5)
+
+    # A short hold runs out: the cart says so, and once inventory's sweeper ran, nothing is held.
+    cart = await admin.cart.hold_cart_stock(
+        pb.HoldCartStockRequest(
+            cart_id=cart.id, version=cart.version, ttl=duration_pb2.Duration(nanos=300_000_000)
+        )
+    )
+    await asyncio.sleep(0.6)
+    got = await admin.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
+    assert got.hold.state == pb.StockHold.STATE_EXPIRED
+    async with sessions() as s, s.begin():
+        await inventory.sweep_expired(s)
+    got = await admin.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
+    assert got.hold.state == pb.StockHold.STATE_EXPIRED
+    assert await levels(sessions, sku) == (10, 0)
+
+    # Editing after expiry does not silently re-reserve; HoldCartStock renews.
+    cart = await admin.cart.remove_cart_line(
+        pb.RemoveCartLineRequest(cart_id=cart.id, version=got.version, line_id="ln-1")
+    )
+    assert await levels(sessions, sku) == (10, 0) and cart.hold.state == pb.StockHold.STATE_EXPIRED
+    async with sessions() as s, s.begin():
+        await check_invariants(s)
+
+
+async def test_release_hold(admin: Entrepot, sessions: Sessions) -> None:
+    sku = unique("R")
+    await stock(sessions, sku, 4)
+    cart = await new_cart(admin, line(sku, 4))
+    cart = await admin.cart.hold_cart_stock(pb.HoldCartStockRequest(cart_id=cart.id, version=cart.version))
+    assert cart.hold.ttl.seconds == 15 * 60 and await levels(sessions, sku) == (4, 4)
+    cart = await admin.cart.release_cart_hold(
+        pb.ReleaseCartHoldRequest(cart_id=cart.id, version=cart.version)
+    )
+    assert cart.hold.state == pb.StockHold.STATE_NONE and await levels(sessions, sku) == (4, 0)
+
+
+# ------------------------------------------------------------------ checkout
+
+
+async def test_checkout_turns_the_hold_into_the_order_reservation(
+    admin: Entrepot, sessions: Sessions
+) -> None:
+    sku = unique("C")
+    await stock(sessions, sku, 5)
+    cart = await new_cart(admin, line(sku, 2, 1250), customer="acme")
+    cart = await admin.cart.hold_cart_stock(pb.HoldCartStockRequest(cart_id=cart.id, version=cart.version))
+    hold_id = cart.hold.reservation_id
+    req = pb.CheckoutCartRequest(
+        cart_id=cart.id, version=cart.version, tax=eur(500), shipping=eur(100), request_id=unique("rid"),
+        payments=[pb.CheckoutPayment(tender_id="t1", method="card", captured=eur(3100))],
+    )  # fmt: skip
+    first, again = await asyncio.gather(admin.cart.checkout_cart(req), admin.cart.checkout_cart(req))
+    assert first == again, "same request_id: the same answer"
+    assert first.cart.state == pb.Cart.STATE_CONVERTED and first.cart.order_id == first.order_id
+    assert first.reservation_id != hold_id
+    assert await levels(sessions, sku) == (5, 2)
+    async with sessions() as s, s.begin():
+        o = await order.get_order(s, first.order_id, channel="test")
+        assert o.source_system == "cart" and o.intent_id == cart.id and o.customer_ref == "acme"
+        assert o.totals.grand_total.amount_minor == 3100 and o.reservation_id == first.reservation_id
+        res = await inventory.get_reservation(s, first.reservation_id)
+        assert res.state == "active" and res.expires_at is None, "an order's stock never expires"
+        assert (await inventory.get_reservation(s, hold_id)).state == "released"
+        await check_invariants(s)
+
+    with pytest.raises(AbortedError):  # a new request with the old version
+        await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    with pytest.raises(FailedPreconditionError) as exc:
+        await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=first.cart.version))
+    assert exc.value.reason == "CART_CONVERTED"
+
+
+async def test_fifty_carts_race_for_the_last_ten_units(
+    client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    sku, other = unique("LAST"), unique("PLENTY")
+    await stock(sessions, sku, 10)
+    await stock(sessions, other, 1000)
+    clients = [client_factory(sub=f"shopper-{i % 8}") for i in range(8)]
+    created = await asyncio.gather(
+        *(new_cart(clients[i % 8], line(other, 2), line(sku, 1)) for i in range(50))
+    )
+    # A few carts hold stock first (holds count as reserved): the race is the same.
+    held = []
+    for c in created[:5]:
+        held.append(
+            await clients[0].cart.hold_cart_stock(pb.HoldCartStockRequest(cart_id=c.id, version=c.version))
+        )
+    carts_now = held + list(created[5:])
+    results = await asyncio.gather(
+        *(
+            clients[i % 8].cart.checkout_cart(
+                pb.CheckoutCartRequest(cart_id=c.id, version=c.version, request_id=unique("co"))
+            )
+            for i, c in enumerate(carts_now)
+        ),
+        return_exceptions=True,
+    )
+    ok = [r for r in results if isinstance(r, pb.CheckoutCartResponse)]
+    short = [r for r in results if isinstance(r, FailedPreconditionError)]
+    assert len(ok) == 10 and len(short) == 40, [
+        r for r in results if not isinstance(r, pb.CheckoutCartResponse)
+    ][:3]
+    for err in short:
+        assert err.reason == "INSUFFICIENT_STOCK"
+        assert [(v.type, v.subject) for v in err.precondition_violations] == [("INSUFFICIENT_STOCK", sku)]
+    # The held carts had their units already: all five got through.
+    assert {c.id for c in held} <= {r.cart.id for r in ok}
+
+    assert await levels(sessions, sku) == (10, 10)
+    assert await levels(sessions, other) == (1000, 20)
+    ids = [c.id for c in carts_now]
+    assert await scalar(sessions, "SELECT count(*) FROM orders.orders WHERE source_system = 'cart' "
+                        "AND intent_id = ANY(:ids)", ids=ids) == 10  # fmt: skip
+    assert await scalar(sessions, "SELECT count(*) FROM carts.carts WHERE state = 'converted' "
+                        "AND id = ANY(CAST(:ids AS uuid[]))", ids=ids) == 10  # fmt: skip
+    # No leaked holds: the only open reservations of these carts are the 10 orders'.
+    refs = [f"cart:{i}" for i in ids]
+    assert await scalar(sessions, "SELECT count(*) FROM inventory.reservations WHERE state = 'active' "
+                        "AND reference = ANY(:refs)", refs=refs) == 10  # fmt: skip
+    async with sessions() as s, s.begin():
+        await check_invariants(s)
+    # Losers are untouched and still at their version.
+    loser = next(c for c in carts_now if c.id not in {r.cart.id for r in ok})
+    got = await clients[0].cart.get_cart(pb.GetCartRequest(cart_id=loser.id))
+    assert got.version == loser.version and got.state == pb.Cart.STATE_ACTIVE
+
+
+async def test_checkout_failing_after_reserving_leaves_nothing_reserved(
+    admin: Entrepot, sessions: Sessions
+) -> None:
+    """medusa#13625: the order step fails after the stock was reserved; all of it rolls back."""
+    sku = unique("RB")
+    await stock(sessions, sku, 5)
+    taken = unique("EXT")
+    first = await new_cart(admin, line(sku, 1))
+    await admin.cart.checkout_cart(
+        pb.CheckoutCartRequest(cart_id=first.id, version=first.version, external_order_id=taken)
+    )
+    cart = await new_cart(admin, line(sku, 2))
+    cart = await admin.cart.hold_cart_stock(pb.HoldCartStockRequest(cart_id=cart.id, version=cart.version))
+    assert await levels(sessions, sku) == (5, 3)
+    ledger_before = await scalar(sessions, "SELECT count(*) FROM inventory.ledger WHERE sku = :s", s=sku)
+
+    with pytest.raises(AlreadyExistsError) as exc:  # the order module refuses after the reservation
+        await admin.cart.checkout_cart(
+            pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version, external_order_id=taken)
+        )
+    assert exc.value.reason == "EXTERNAL_ORDER_ID_TAKEN"
+    assert await levels(sessions, sku) == (5, 3)
+    assert (
+        await scalar(sessions, "SELECT count(*) FROM inventory.ledger WHERE sku = :s", s=sku) == ledger_before
+    )
+    assert await scalar(sessions, "SELECT count(*) FROM inventory.reservations WHERE state = 'active' "
+                        "AND reference = :r", r=f"cart:{cart.id}") == 1  # fmt: skip
+    same = await admin.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
+    assert same == cart and same.hold.state == pb.StockHold.STATE_HELD
+    async with sessions() as s, s.begin():
+        await check_invariants(s)
+
+    done = await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert done.cart.state == pb.Cart.STATE_CONVERTED and await levels(sessions, sku) == (5, 3)
+
+
+# ------------------------------------------------------------------ purchase limits
+
+
+async def test_limits_checked_when_lines_change(admin: Entrepot) -> None:
+    sku = unique("L")
+    limit = await admin.cart.set_purchase_limit(
+        pb.SetPurchaseLimitRequest(
+            limit=pb.PurchaseLimit(sku=sku, min_quantity=2, order_multiple=2, max_per_order=6)
+        )
+    )
+    assert limit.channel == "test" and limit.max_per_order == 6
+    assert await admin.cart.get_purchase_limit(pb.GetPurchaseLimitRequest(sku=sku)) == limit
+    with pytest.raises(FailedPreconditionError) as exc:
+        await new_cart(admin, line(sku, 1))
+    assert exc.value.reason == "PURCHASE_LIMIT_EXCEEDED"
+    assert {v.type for v in exc.value.precondition_violations} == {"MIN_QUANTITY", "ORDER_MULTIPLE"}
+    cart = await new_cart(admin, line(sku, 4))
+    with pytest.raises(FailedPreconditionError) as exc:
+        await admin.cart.update_cart_line(
+            pb.UpdateCartLineRequest(cart_id=cart.id, version=cart.version,
+                                     line=pb.CartLine(line_id="ln-1", quantity=8), update_mask={"paths": ["quantity"]})
+        )  # fmt: skip
+    assert [(v.type, v.subject) for v in exc.value.precondition_violations] == [("MAX_PER_ORDER", sku)]
+
+
+async def test_thirty_day_limit_across_orders_in_the_channel_time_zone(
+    admin: Entrepot, client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    slug, tz = unique("kiri"), "Pacific/Kiritimati"  # UTC+14: local days differ from UTC days
+    await admin.channel.create_channel(
+        channel_pb2.CreateChannelRequest(
+            channel=channel_pb2.Channel(slug=slug, name=slug, currency="EUR", timezone=tz)
+        )
+    )
+    ep = client_factory(channel=slug)
+    sku = unique("LIM")
+    await stock(sessions, sku, 100)
+    await ep.cart.set_purchase_limit(
+        pb.SetPurchaseLimitRequest(limit=pb.PurchaseLimit(sku=sku, max_per_customer=5))
+    )
+
+    async def buy(q: int) -> pb.CheckoutCartResponse:
+        cart = await new_cart(ep, line(sku, q), customer="cust-1")
+        return await ep.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+
+    first = await buy(3)
+    with pytest.raises(FailedPreconditionError) as exc:  # refused as soon as the line is there
+        await new_cart(ep, line(sku, 3), customer="cust-1")
+    assert [v.type for v in exc.value.precondition_violations] == ["MAX_PER_CUSTOMER"]
+    await new_cart(ep, line(sku, 3), customer="cust-2")  # another customer has their own allowance
+    await buy(2)
+    with pytest.raises(FailedPreconditionError):
+        await buy(1)
+
+    # Move the first order (3 units) to just before / just after the window's
+    # start: local midnight in Kiritimati 29 days before today.
+    now = await scalar(sessions, "SELECT now()")
+    start = carts.window_start(now, tz)
+    assert start.astimezone(zoneinfo.ZoneInfo(tz)).hour == 0
+
+    async def move_first_to(when: Any) -> None:
+        async with sessions() as s, s.begin():
+            await s.execute(text("UPDATE carts.purchases SET purchased_at = :t WHERE order_id = :o"),
+                            {"t": when, "o": first.order_id})  # fmt: skip
+
+    await move_first_to(start + timedelta(minutes=1))
+    with pytest.raises(FailedPreconditionError):  # still inside: 3 + 2 bought
+        await buy(1)
+    await move_first_to(start - timedelta(minutes=1))
+    done = await buy(3)  # outside: only the 2 count now
+    assert done.cart.state == pb.Cart.STATE_CONVERTED
+
+
+async def test_limit_checkout_is_safe_under_concurrency(
+    client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    sku = unique("CC")
+    await stock(sessions, sku, 100)
+    ep = client_factory()
+    await ep.cart.set_purchase_limit(
+        pb.SetPurchaseLimitRequest(limit=pb.PurchaseLimit(sku=sku, max_per_customer=3))
+    )
+    made = [await new_cart(ep, line(sku, 1), customer="greedy") for _ in range(10)]
+    results = await asyncio.gather(
+        *(ep.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=c.id, version=c.version)) for c in made),
+        return_exceptions=True,
+    )
+    ok = [r for r in results if isinstance(r, pb.CheckoutCartResponse)]
+    refused = [r for r in results if isinstance(r, FailedPreconditionError)]
+    assert len(ok) == 3 and len(refused) == 7
+    assert all(r.reason == "PURCHASE_LIMIT_EXCEEDED" for r in refused)
+    assert await levels(sessions, sku) == (100, 3)
+
+
+async def test_refunded_quantities_are_credited_back(app: Any, sessions: Sessions) -> None:
+    """Through the port the refund module will implement (domain level)."""
+    sku = unique("RF")
+    channel = ChannelRef("test", "EUR", "Europe/Paris")
+
+    class Refunded:
+        async def refunded_quantities(
+            self, session: Any, *, channel: str, customer_ref: str, skus: Any, since: Any
+        ) -> dict[str, int]:
+            return {sku: 2} if customer_ref == "refunded" else {}
+
+    async with sessions() as s, s.begin():
+        await carts.set_purchase_limit(
+            s, channel=channel, limit=carts.Limit(sku, max_per_customer=3), actor="t"
+        )
+    for cust in ("refunded", "plain"):
+        async with sessions() as s, s.begin():
+            await s.execute(
+                text("INSERT INTO carts.carts (id, channel, customer_ref, currency, created_by) "
+                     "VALUES (gen_random_uuid(), 'test', :c, 'EUR', 't')"), {"c": cust},
+            )  # fmt: skip
+            cid = (
+                await s.execute(
+                    text("SELECT id FROM carts.carts WHERE customer_ref = :c LIMIT 1"), {"c": cust}
+                )
+            ).scalar_one()
+            await s.execute(
+                text("INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id) "
+                     "VALUES ('test', :c, :s, 3, :cid, 'o')"), {"c": cust, "s": sku, "cid": cid},
+            )  # fmt: skip
+    async with sessions() as s, s.begin():
+        cart = await carts.create_cart(
+            s, channel=channel, customer_ref="refunded", approval_required=False,
+            lines=[carts.LineDraft(sku, 2, Money("EUR", 1))],
+            actor="t", refunds=Refunded(),
+        )  # fmt: skip
+        assert cart.item_count == 2
+    async with sessions() as s, s.begin():
+        with pytest.raises(FailedPrecondition):
+            await carts.create_cart(
+                s, channel=channel, customer_ref="plain", approval_required=False,
+                lines=[carts.LineDraft(sku, 1, Money("EUR", 1))], actor="t", refunds=Refunded(),
+            )  # fmt: skip
+
+
+# ------------------------------------------------------------------ B2B approval
+
+
+async def test_approval_four_eyes_and_lock(
+    client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    sku = unique("AP")
+    await stock(sessions, sku, 10)
+    buyer = client_factory(
+        sub="buyer", permissions=["cart.write", "cart.read", "cart.approve", "cart.checkout"]
+    )
+    manager = client_factory(sub="manager", permissions=["cart.approve", "cart.read"])
+    clerk = client_factory(sub="clerk", permissions=["cart.write", "cart.read"])
+    cart = await new_cart(buyer, line(sku, 3), approval=True)
+    with pytest.raises(FailedPreconditionError) as exc:
+        await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert exc.value.reason == "APPROVAL_REQUIRED"
+
+    cart = await buyer.cart.submit_cart_for_approval(
+        pb.SubmitCartForApprovalRequest(cart_id=cart.id, version=cart.version, note="for Q4")
+    )
+    assert cart.state == pb.Cart.STATE_PENDING_APPROVAL and cart.approval.submitted_by == "buyer"
+    with pytest.raises(FailedPreconditionError) as exc:
+        await buyer.cart.add_cart_line(
+            pb.AddCartLineRequest(cart_id=cart.id, version=cart.version, line=line(unique("X"), 1))
+        )
+    assert exc.value.reason == "CART_LOCKED"
+
+    with pytest.raises(PermissionDeniedError) as denied:
+        await buyer.cart.decide_cart_approval(
+            pb.DecideCartApprovalRequest(
+                cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_APPROVE
+            )
+        )
+    assert denied.value.reason == "SELF_APPROVAL_FORBIDDEN"
+    with pytest.raises(PermissionDeniedError):  # no cart.approve permission
+        await clerk.cart.decide_cart_approval(
+            pb.DecideCartApprovalRequest(
+                cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_APPROVE
+            )
+        )
+    with pytest.raises(InvalidArgumentError):  # a rejection needs a reason
+        await manager.cart.decide_cart_approval(
+            pb.DecideCartApprovalRequest(
+                cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_REJECT
+            )
+        )
+    rejected = await manager.cart.decide_cart_approval(
+        pb.DecideCartApprovalRequest(cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_REJECT,
+                                     reason="too many")
+    )  # fmt: skip
+    assert rejected.state == pb.Cart.STATE_REJECTED and rejected.approval.reason == "too many"
+    # A rejected cart is editable again, and goes back to ACTIVE.
+    cart = await buyer.cart.update_cart_line(
+        pb.UpdateCartLineRequest(cart_id=cart.id, version=rejected.version, line=pb.CartLine(line_id="ln-1", quantity=2),
+                                 update_mask={"paths": ["quantity"]})
+    )  # fmt: skip
+    assert cart.state == pb.Cart.STATE_ACTIVE
+    cart = await buyer.cart.submit_cart_for_approval(
+        pb.SubmitCartForApprovalRequest(cart_id=cart.id, version=cart.version)
+    )
+    cart = await manager.cart.decide_cart_approval(
+        pb.DecideCartApprovalRequest(
+            cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_APPROVE
+        )
+    )
+    assert cart.state == pb.Cart.STATE_APPROVED and cart.approval.decided_by == "manager"
+    done = await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert done.cart.state == pb.Cart.STATE_CONVERTED
+
+
+async def test_approval_with_short_stock_blocks(
+    client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    sku, ok_sku = unique("SH"), unique("OK")
+    await stock(sessions, sku, 1)
+    await stock(sessions, ok_sku, 10)
+    buyer, manager = client_factory(sub="buyer2"), client_factory(sub="manager2")
+    cart = await new_cart(buyer, line(sku, 3), line(ok_sku, 1), approval=True)
+    cart = await buyer.cart.submit_cart_for_approval(
+        pb.SubmitCartForApprovalRequest(cart_id=cart.id, version=cart.version)
+    )
+    cart = await manager.cart.decide_cart_approval(
+        pb.DecideCartApprovalRequest(
+            cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_APPROVE
+        )
+    )
+    assert cart.state == pb.Cart.STATE_APPROVED_BLOCKED_INVENTORY
+    assert [s.sku for s in cart.approval.shortages] == [sku]
+    assert await levels(sessions, sku) == (1, 0), "the stock check reserves nothing"
+    with pytest.raises(FailedPreconditionError) as exc:
+        await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert exc.value.reason == "INSUFFICIENT_STOCK"
+    async with sessions() as s, s.begin():
+        lv = await inventory.get_stock_level(s, sku)
+        await inventory.adjust_stock(
+            s, sku=sku, warehouse_code=lv.levels[0].warehouse_code, delta=5, reason="receipt"
+        )
+    done = await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert done.cart.state == pb.Cart.STATE_CONVERTED and await levels(sessions, sku) == (6, 3)
+
+
+async def test_list_carts_pages_by_customer(admin: Entrepot) -> None:
+    cust = unique("lc")
+    made = {(await new_cart(admin, line(unique("S"), 1), customer=cust)).id for _ in range(5)}
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await admin.cart.list_carts(
+            pb.ListCartsRequest(customer_ref=cust, page_size=2, page_token=token)
+        )
+        seen += [c.id for c in page.carts]
+        token = page.next_page_token
+        if not token:
+            break
+    assert set(seen) == made and len(seen) == 5
