@@ -49,6 +49,8 @@ class Settings(BaseSettings):
     max_connection_idle_ms: int = 300_000
     max_connection_age_ms: int = 0
     grace_seconds: float = 10.0
+    # Between reporting NOT_SERVING and refusing new calls, so load balancers notice first.
+    shutdown_delay_seconds: float = 1.0
 
     # Database.
     db_pool_size: int = 10

@@ -40,6 +40,18 @@ class OutboxWaker:
         self._event = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conn: Any = None
+        self._watchers = 0
+
+    def acquire(self) -> None:
+        """A watcher starts: LISTEN runs while at least one watcher is active."""
+        self._watchers += 1
+        self._ensure_started()
+
+    async def release(self) -> None:
+        self._watchers -= 1
+        if self._watchers <= 0:
+            self._watchers = 0
+            await self.close()
 
     def ticket(self) -> asyncio.Event:
         """Take before reading; waiting on it then cannot miss a NOTIFY that came in between."""
@@ -143,6 +155,30 @@ async def tail_order_events(
     async with sessions() as s:
         position = await start_position(s, after_event_id)
     cursor = position[1]
+    waker.acquire()
+    inner = _tail(
+        sessions, waker, position, cursor, channel, order_id, topics, batch_size, poll_interval, heartbeat
+    )
+    try:
+        async with contextlib.aclosing(inner):
+            async for batch in inner:
+                yield batch
+    finally:
+        await waker.release()
+
+
+async def _tail(
+    sessions: async_sessionmaker[AsyncSession],
+    waker: OutboxWaker,
+    position: tuple[int, int],
+    cursor: int,
+    channel: str,
+    order_id: str,
+    topics: Sequence[str],
+    batch_size: int,
+    poll_interval: float,
+    heartbeat: float,
+) -> AsyncIterator[Batch]:
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     while True:

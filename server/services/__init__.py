@@ -8,9 +8,11 @@ from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
+from entrepot.order.v1 import order_pb2, order_pb2_grpc
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from server.runtime import Runtime
 from server.services.channel import ChannelServicer
+from server.services.order import OrderServicer
 
 
 @dataclass(frozen=True)
@@ -25,6 +27,11 @@ SERVICES: list[ServiceSpec] = [
         channel_pb2.DESCRIPTOR.services_by_name["ChannelService"],
         channel_pb2_grpc.add_ChannelServiceServicer_to_server,
         ChannelServicer,
+    ),
+    ServiceSpec(
+        order_pb2.DESCRIPTOR.services_by_name["OrderService"],
+        order_pb2_grpc.add_OrderServiceServicer_to_server,
+        OrderServicer,
     ),
 ]
 

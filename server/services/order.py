@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
 
 import grpc
 
@@ -14,6 +13,7 @@ from domain.shared.uow import UnitOfWork
 from entrepot.order.v1 import order_pb2 as pb
 from entrepot.order.v1 import order_pb2_grpc
 from server.context import current_caller, current_channel
+from server.runtime import Runtime
 from server.services.order_convert import (
     EVENT_TOPICS,
     STATE_FROM_PB,
@@ -30,18 +30,15 @@ from server.services.order_convert import (
 
 
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
-    def __init__(self, rt: Any) -> None:
+    def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self._waker: OutboxWaker | None = None
 
     def _outbox_waker(self) -> OutboxWaker:
         if self._waker is None:
-            self._waker = OutboxWaker(self.rt.settings.database_url)
+            # One LISTEN connection per server process, shared by every watcher.
+            self._waker = OutboxWaker(self.rt.settings.database_url or "")
         return self._waker
-
-    async def close(self) -> None:
-        if self._waker is not None:
-            await self._waker.close()
 
     async def SubmitOrderIntent(
         self, request: pb.SubmitOrderIntentRequest, context: grpc.aio.ServicerContext
@@ -59,7 +56,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             )
             return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
 
-        return await self.rt.mutate(request, run)  # type: ignore[no-any-return]
+        return await self.rt.mutate(request, run)
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.Order:
         slug = current_channel().slug
@@ -108,7 +105,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             )
             return entry_pb(e)
 
-        return await self.rt.mutate(request, run)  # type: ignore[no-any-return]
+        return await self.rt.mutate(request, run)
 
     async def CloseOrderStatus(
         self, request: pb.CloseOrderStatusRequest, context: grpc.aio.ServicerContext
@@ -121,7 +118,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             )
             return entry_pb(e)
 
-        return await self.rt.mutate(request, run)  # type: ignore[no-any-return]
+        return await self.rt.mutate(request, run)
 
     async def ListOrderStatusHistory(
         self, request: pb.ListOrderStatusHistoryRequest, context: grpc.aio.ServicerContext
@@ -176,7 +173,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             )
             return order_pb(o)
 
-        return await self.rt.mutate(request, run)  # type: ignore[no-any-return]
+        return await self.rt.mutate(request, run)
 
     async def ShipOrderItems(
         self, request: pb.ShipOrderItemsRequest, context: grpc.aio.ServicerContext
@@ -196,7 +193,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             )
             return pb.ShipOrderItemsResponse(order=order_pb(o), shipment=shipment_pb(shipment))
 
-        return await self.rt.mutate(request, run)  # type: ignore[no-any-return]
+        return await self.rt.mutate(request, run)
 
     async def GetShipmentStatus(
         self, request: pb.GetShipmentStatusRequest, context: grpc.aio.ServicerContext
