@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
 from datetime import timedelta
 
 from domain.platform import idempotency
@@ -17,7 +18,7 @@ from server.runtime import Runtime
 
 log = logging.getLogger("entrepot.background")
 
-Job = Callable[[Runtime, str], Awaitable[None]]
+Job = Callable[[Runtime, str], Coroutine[Any, Any, None]]
 
 
 async def run_leased(
@@ -51,8 +52,17 @@ async def _retention_step(rt: Runtime) -> int:
     return n
 
 
+async def _inventory_sweeper(rt: Runtime, holder: str) -> None:
+    from server.services.inventory import expiry_sweeper
+
+    await expiry_sweeper(rt, holder)
+
+
 async def retention(rt: Runtime, holder: str) -> None:
     await run_leased(rt, holder, "retention", 60.0, _retention_step)
 
 
 JOBS: list[Job] = [retention]
+
+# Inventory: releases expired reservation holds.
+JOBS.append(_inventory_sweeper)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:50051"
     # 0 disables the metrics endpoint.
     metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
     data_dir: Path = Path(".entrepot")
     log_level: str = "INFO"
     access_log: bool = True
@@ -61,9 +62,15 @@ class Settings(BaseSettings):
     idempotency_retention_hours: int = 72
     outbox_retention_hours: int = 168
 
+    # Inventory: group commit for ReserveStock (false = one transaction per call),
+    # an optional collection window, batches in flight, expiry sweep period.
+    reserve_batching: bool = True
+    reserve_batch_window_ms: float = 0.0
+    reserve_batch_inflight: int = 2
+    reservation_sweep_seconds: float = 1.0
+
+    @field_validator("jwt_algorithms", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
+        """Accept "HS256,RS256" from the environment."""
         return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
-
-    def model_post_init(self, _ctx: object) -> None:
-        self.jwt_algorithms = list(self._split(self.jwt_algorithms))  # type: ignore[arg-type]

@@ -3,40 +3,18 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
-from unittest.mock import patch
 
-from alembic import command
-from alembic.config import Config
-from alembic.operations import Operations
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
-from sqlalchemy.util import await_only
 
+import migrations
 from tests.pg import create_database
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def migrate(url: str) -> None:
-    cfg = Config()
-    cfg.set_main_option("script_location", str(ROOT / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url)
-    try:
-        command.upgrade(cfg, "heads")
-    except DBAPIError as exc:
-        if "multiple commands" not in str(exc):
-            raise
-        # platform_0001 (main, before the Framework lands) runs several statements per
-        # op.execute, which asyncpg's prepared path refuses: run them unprepared.
-        with patch.object(Operations, "execute", _execute_unprepared):
-            command.upgrade(cfg, "heads")
-
-
-def _execute_unprepared(self: Operations, sql: Any, *args: Any, **kwargs: Any) -> None:
-    raw = self.get_bind().connection.dbapi_connection
-    await_only(raw._connection.execute(str(sql)))  # type: ignore[union-attr]
+    migrations.upgrade(url)
 
 
 def migrated_database(prefix: str = "entrepot_inv") -> tuple[str, str]:

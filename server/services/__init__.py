@@ -8,10 +8,12 @@ from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
+from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
 from entrepot.order.v1 import order_pb2, order_pb2_grpc
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from server.runtime import Runtime
 from server.services.channel import ChannelServicer
+from server.services.inventory import InventoryServicer
 from server.services.order import OrderServicer
 
 
@@ -32,6 +34,11 @@ SERVICES: list[ServiceSpec] = [
         order_pb2.DESCRIPTOR.services_by_name["OrderService"],
         order_pb2_grpc.add_OrderServiceServicer_to_server,
         OrderServicer,
+    ),
+    ServiceSpec(
+        inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"],
+        inventory_pb2_grpc.add_InventoryServiceServicer_to_server,
+        InventoryServicer,
     ),
 ]
 

@@ -28,7 +28,7 @@ def test_a_method_without_permission_option_refuses_startup() -> None:
     svc.method.add(name="Leak", input_type=".x.v1.Req", output_type=".x.v1.Req")
     pool = descriptor_pool.DescriptorPool()
     pool.Add(fd)
-    with pytest.raises(UndeclaredPermission, match="/x.v1.LeakyService/Leak"):
+    with pytest.raises(UndeclaredPermission, match=r"/x\.v1\.LeakyService/Leak"):
         policies_for([pool.FindServiceByName("x.v1.LeakyService")])
 
 

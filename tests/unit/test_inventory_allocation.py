@@ -65,7 +65,14 @@ def test_untracked_always_succeeds_and_explicit_warehouse_rules() -> None:
 
 @pytest.mark.parametrize(
     ("raw", "expected"),
-    [("ABC-1", "ABC-1"), ("CAFE\u0301", "CAF\u00c9"), ("", None), (" a", None), ("a\tb", None), ("x" * 129, None)],
+    [
+        ("ABC-1", "ABC-1"),
+        ("CAFE\u0301", "CAF\u00c9"),
+        ("", None),
+        (" a", None),
+        ("a\tb", None),
+        ("x" * 129, None),
+    ],
 )
 def test_sku_normalisation(raw: str, expected: str | None) -> None:
     assert normalize_sku(raw) == expected
