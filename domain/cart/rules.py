@@ -102,8 +102,23 @@ def check_line(v: Violations, path: str, line: LineDraft, currency: str) -> None
 
 
 def check_customer_ref(v: Violations, path: str, ref: str) -> None:
-    if not ref.strip() or len(ref) > MAX_CUSTOMER_REF or ref != ref.strip():
-        v.add(path, f"must be 1 to {MAX_CUSTOMER_REF} characters without leading or trailing spaces")
+    if not ref.strip() or len(ref) > MAX_CUSTOMER_REF or ref != ref.strip() or not ref.isprintable():
+        v.add(
+            path, f"must be 1 to {MAX_CUSTOMER_REF} printable characters without leading or trailing spaces"
+        )
+
+
+def check_text(v: Violations, path: str, value: str, limit: int = 2000) -> None:
+    """Free text (notes, reasons): bounded, and no NUL (PostgreSQL text cannot hold it)."""
+    if len(value) > limit:
+        v.add(path, f"must be at most {limit} characters")
+    if "\x00" in value:
+        v.add(path, "must not contain NUL characters")
+
+
+def check_line_id(v: Violations, path: str, line_id: str) -> None:
+    if not 1 <= len(line_id) <= 64 or not line_id.isprintable():
+        v.add(path, "is required: the line_id of one of the cart's lines")
 
 
 def check_version(v: Violations, version: int) -> None:

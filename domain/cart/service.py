@@ -45,8 +45,10 @@ from domain.cart.rules import (
     check_limit_values,
     check_limits,
     check_line,
+    check_line_id,
     check_price,
     check_quantity,
+    check_text,
     check_version,
     line_total,
     raise_limit_violations,
@@ -390,9 +392,10 @@ async def get_purchase_limit(session: AsyncSession, *, channel: ChannelRef, sku:
     found = await _limits(session, channel.slug, [_nfc(sku)])
     if not found:
         raise NotFound(
-            "PURCHASE_LIMIT_NOT_FOUND", f"no purchase limit for SKU {sku!r} in channel {channel.slug}",
+            "PURCHASE_LIMIT_NOT_FOUND",
+            f"no purchase limit for SKU {sku!r} in channel {channel.slug}",
             metadata={"sku": sku},
-        )  # fmt: skip
+        )
     return next(iter(found.values()))
 
 
@@ -592,6 +595,10 @@ async def list_carts(
     token: str = "",
 ) -> tuple[list[Cart], str]:
     n = page_size(size)
+    if customer_ref:
+        v = Violations()
+        check_customer_ref(v, "customer_ref", customer_ref)
+        v.raise_if_any("the filter is invalid")
     filters = ["carts", channel.slug, customer_ref, state.value if state else ""]
     after = decode_token(token, filters)
     where = ["channel = :ch"]
@@ -729,8 +736,7 @@ async def update_line(
     v = Violations()
     for p in sorted(paths - set(LINE_UPDATABLE)):
         v.add("update_mask", f"{p!r} cannot be updated (updatable: {', '.join(LINE_UPDATABLE)})")
-    if not line_id:
-        v.add("line.line_id", "is required")
+    check_line_id(v, "line.line_id", line_id)
     if "quantity" in paths:
         check_quantity(v, "line.quantity", quantity)
     if "unit_price" in paths:
@@ -756,9 +762,10 @@ async def update_line(
     )
     if result.one_or_none() is None:
         raise NotFound(
-            "CART_LINE_NOT_FOUND", f"cart {cart_id} has no line {line_id!r}",
+            "CART_LINE_NOT_FOUND",
+            f"cart {cart_id} has no line {line_id!r}",
             metadata={"cart_id": cart_id, "line_id": line_id},
-        )  # fmt: skip
+        )
     return await _after_line_change(
         session,
         row,
@@ -780,6 +787,9 @@ async def remove_line(
     actor: str,
     refunds: RefundedQuantities = NO_REFUNDS,
 ) -> Cart:
+    v = Violations()
+    check_line_id(v, "line_id", line_id)
+    v.raise_if_any("the request is invalid")
     row = await _bump(session, cart_id, version, channel.slug)
     check_editable(cart_id, CartState(row.state))
     result = await session.execute(
@@ -788,9 +798,10 @@ async def remove_line(
     )
     if result.one_or_none() is None:
         raise NotFound(
-            "CART_LINE_NOT_FOUND", f"cart {cart_id} has no line {line_id!r}",
+            "CART_LINE_NOT_FOUND",
+            f"cart {cart_id} has no line {line_id!r}",
             metadata={"cart_id": cart_id, "line_id": line_id},
-        )  # fmt: skip
+        )
     return await _after_line_change(
         session,
         row,
@@ -808,10 +819,9 @@ async def remove_line(
 async def submit_for_approval(
     session: AsyncSession, cart_id: str, version: int, *, channel: ChannelRef, note: str, actor: str
 ) -> Cart:
-    if len(note) > 2000:
-        raise InvalidArgument(
-            "INVALID_ARGUMENT", "note is too long", field_violations=[],
-        )  # fmt: skip
+    v = Violations()
+    check_text(v, "note", note)
+    v.raise_if_any("the request is invalid")
     row = await _bump(session, cart_id, version, channel.slug)
     state = CartState(row.state)
     check_editable(cart_id, state)
@@ -876,8 +886,7 @@ async def decide_approval(
     v = Violations()
     if not approve and not reason.strip():
         v.add("reason", "is required to reject a cart")
-    if len(reason) > 2000:
-        v.add("reason", "must be at most 2000 characters")
+    check_text(v, "reason", reason)
     v.raise_if_any("the decision is invalid")
     row = await _bump(session, cart_id, version, channel.slug)
     if CartState(row.state) is not CartState.PENDING_APPROVAL:
@@ -939,6 +948,12 @@ async def checkout(
     refunds: RefundedQuantities = NO_REFUNDS,
 ) -> CheckoutResult:
     """One transaction: any refusal leaves the cart, its hold and stock as they were."""
+    v = Violations()
+    check_text(v, "external_order_id", external_order_id, 128)
+    for i, p in enumerate(payments):
+        for name in ("tender_id", "method", "gateway_reference"):
+            check_text(v, f"payments[{i}].{name}", getattr(p, name), 256)
+    v.raise_if_any("the checkout request is invalid")
     row = await _bump(session, cart_id, version, channel.slug)
     check_can_checkout(cart_id, CartState(row.state), row.approval_required)
     lines = (await _lines(session, [row.id], {row.id: row.currency}))[row.id]
@@ -991,9 +1006,10 @@ async def checkout(
     if not submitted.created:
         # Only possible if the cart's intent was accepted before; never reuse it silently.
         raise FailedPrecondition(
-            "CART_CONVERTED", f"cart {cart_id} was already turned into order {submitted.order.id}",
+            "CART_CONVERTED",
+            f"cart {cart_id} was already turned into order {submitted.order.id}",
             metadata={"cart_id": cart_id, "order_id": submitted.order.id},
-        )  # fmt: skip
+        )
     order_id = submitted.order.id
     await session.execute(
         text(

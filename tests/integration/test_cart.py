@@ -158,7 +158,7 @@ async def test_two_clients_same_version_one_wins_one_aborted(
                     line=pb.CartLine(line_id="ln-1", quantity=q),
                     update_mask={"paths": ["quantity"]},
                 )
-            )  # fmt: skip
+            )
             for c, q in ((alice, 5), (bob, 7))
         ),
         return_exceptions=True,
@@ -199,18 +199,26 @@ async def test_hold_follows_lines_and_expiry_is_reported(admin: Entrepot, sessio
     assert await levels(sessions, sku) == (10, 3)
 
     cart = await admin.cart.update_cart_line(
-        pb.UpdateCartLineRequest(cart_id=cart.id, version=cart.version, line=pb.CartLine(line_id="ln-1", quantity=5),
-                                 update_mask={"paths": ["quantity"]})
-    )  # fmt: skip
+        pb.UpdateCartLineRequest(
+            cart_id=cart.id,
+            version=cart.version,
+            line=pb.CartLine(line_id="ln-1", quantity=5),
+            update_mask={"paths": ["quantity"]},
+        )
+    )
     assert cart.hold.state == pb.StockHold.STATE_HELD
     assert await levels(sessions, sku) == (10, 5)
 
     # Short stock: the edit is refused whole; the hold and the line stay as they were.
     with pytest.raises(FailedPreconditionError) as exc:
         await admin.cart.update_cart_line(
-            pb.UpdateCartLineRequest(cart_id=cart.id, version=cart.version,
-                                     line=pb.CartLine(line_id="ln-1", quantity=11), update_mask={"paths": ["quantity"]})
-        )  # fmt: skip
+            pb.UpdateCartLineRequest(
+                cart_id=cart.id,
+                version=cart.version,
+                line=pb.CartLine(line_id="ln-1", quantity=11),
+                update_mask={"paths": ["quantity"]},
+            )
+        )
     assert exc.value.reason == "INSUFFICIENT_STOCK"
     assert [v.subject for v in exc.value.precondition_violations] == [sku]
     same = await admin.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
@@ -264,9 +272,13 @@ async def test_checkout_turns_the_hold_into_the_order_reservation(
     cart = await admin.cart.hold_cart_stock(pb.HoldCartStockRequest(cart_id=cart.id, version=cart.version))
     hold_id = cart.hold.reservation_id
     req = pb.CheckoutCartRequest(
-        cart_id=cart.id, version=cart.version, tax=eur(500), shipping=eur(100), request_id=unique("rid"),
+        cart_id=cart.id,
+        version=cart.version,
+        tax=eur(500),
+        shipping=eur(100),
+        request_id=unique("rid"),
         payments=[pb.CheckoutPayment(tender_id="t1", method="card", captured=eur(3100))],
-    )  # fmt: skip
+    )
     first, again = await asyncio.gather(admin.cart.checkout_cart(req), admin.cart.checkout_cart(req))
     assert first == again, "same request_id: the same answer"
     assert first.cart.state == pb.Cart.STATE_CONVERTED and first.cart.order_id == first.order_id
@@ -328,14 +340,32 @@ async def test_fifty_carts_race_for_the_last_ten_units(
     assert await levels(sessions, sku) == (10, 10)
     assert await levels(sessions, other) == (1000, 20)
     ids = [c.id for c in carts_now]
-    assert await scalar(sessions, "SELECT count(*) FROM orders.orders WHERE source_system = 'cart' "
-                        "AND intent_id = ANY(:ids)", ids=ids) == 10  # fmt: skip
-    assert await scalar(sessions, "SELECT count(*) FROM carts.carts WHERE state = 'converted' "
-                        "AND id = ANY(CAST(:ids AS uuid[]))", ids=ids) == 10  # fmt: skip
+    assert (
+        await scalar(
+            sessions,
+            "SELECT count(*) FROM orders.orders WHERE source_system = 'cart' AND intent_id = ANY(:ids)",
+            ids=ids,
+        )
+        == 10
+    )
+    assert (
+        await scalar(
+            sessions,
+            "SELECT count(*) FROM carts.carts WHERE state = 'converted' AND id = ANY(CAST(:ids AS uuid[]))",
+            ids=ids,
+        )
+        == 10
+    )
     # No leaked holds: the only open reservations of these carts are the 10 orders'.
     refs = [f"cart:{i}" for i in ids]
-    assert await scalar(sessions, "SELECT count(*) FROM inventory.reservations WHERE state = 'active' "
-                        "AND reference = ANY(:refs)", refs=refs) == 10  # fmt: skip
+    assert (
+        await scalar(
+            sessions,
+            "SELECT count(*) FROM inventory.reservations WHERE state = 'active' AND reference = ANY(:refs)",
+            refs=refs,
+        )
+        == 10
+    )
     async with sessions() as s, s.begin():
         await check_invariants(s)
     # Losers are untouched and still at their version.
@@ -369,8 +399,14 @@ async def test_checkout_failing_after_reserving_leaves_nothing_reserved(
     assert (
         await scalar(sessions, "SELECT count(*) FROM inventory.ledger WHERE sku = :s", s=sku) == ledger_before
     )
-    assert await scalar(sessions, "SELECT count(*) FROM inventory.reservations WHERE state = 'active' "
-                        "AND reference = :r", r=f"cart:{cart.id}") == 1  # fmt: skip
+    assert (
+        await scalar(
+            sessions,
+            "SELECT count(*) FROM inventory.reservations WHERE state = 'active' AND reference = :r",
+            r=f"cart:{cart.id}",
+        )
+        == 1
+    )
     same = await admin.cart.get_cart(pb.GetCartRequest(cart_id=cart.id))
     assert same == cart and same.hold.state == pb.StockHold.STATE_HELD
     async with sessions() as s, s.begin():
@@ -399,9 +435,13 @@ async def test_limits_checked_when_lines_change(admin: Entrepot) -> None:
     cart = await new_cart(admin, line(sku, 4))
     with pytest.raises(FailedPreconditionError) as exc:
         await admin.cart.update_cart_line(
-            pb.UpdateCartLineRequest(cart_id=cart.id, version=cart.version,
-                                     line=pb.CartLine(line_id="ln-1", quantity=8), update_mask={"paths": ["quantity"]})
-        )  # fmt: skip
+            pb.UpdateCartLineRequest(
+                cart_id=cart.id,
+                version=cart.version,
+                line=pb.CartLine(line_id="ln-1", quantity=8),
+                update_mask={"paths": ["quantity"]},
+            )
+        )
     assert [(v.type, v.subject) for v in exc.value.precondition_violations] == [("MAX_PER_ORDER", sku)]
 
 
@@ -442,8 +482,10 @@ async def test_thirty_day_limit_across_orders_in_the_channel_time_zone(
 
     async def move_first_to(when: Any) -> None:
         async with sessions() as s, s.begin():
-            await s.execute(text("UPDATE carts.purchases SET purchased_at = :t WHERE order_id = :o"),
-                            {"t": when, "o": first.order_id})  # fmt: skip
+            await s.execute(
+                text("UPDATE carts.purchases SET purchased_at = :t WHERE order_id = :o"),
+                {"t": when, "o": first.order_id},
+            )
 
     await move_first_to(start + timedelta(minutes=1))
     with pytest.raises(FailedPreconditionError):  # still inside: 3 + 2 bought
@@ -492,31 +534,46 @@ async def test_refunded_quantities_are_credited_back(app: Any, sessions: Session
     for cust in ("refunded", "plain"):
         async with sessions() as s, s.begin():
             await s.execute(
-                text("INSERT INTO carts.carts (id, channel, customer_ref, currency, created_by) "
-                     "VALUES (gen_random_uuid(), 'test', :c, 'EUR', 't')"), {"c": cust},
-            )  # fmt: skip
+                text(
+                    "INSERT INTO carts.carts (id, channel, customer_ref, currency, created_by) "
+                    "VALUES (gen_random_uuid(), 'test', :c, 'EUR', 't')"
+                ),
+                {"c": cust},
+            )
             cid = (
                 await s.execute(
                     text("SELECT id FROM carts.carts WHERE customer_ref = :c LIMIT 1"), {"c": cust}
                 )
             ).scalar_one()
             await s.execute(
-                text("INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id) "
-                     "VALUES ('test', :c, :s, 3, :cid, 'o')"), {"c": cust, "s": sku, "cid": cid},
-            )  # fmt: skip
+                text(
+                    "INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id) "
+                    "VALUES ('test', :c, :s, 3, :cid, 'o')"
+                ),
+                {"c": cust, "s": sku, "cid": cid},
+            )
     async with sessions() as s, s.begin():
         cart = await carts.create_cart(
-            s, channel=channel, customer_ref="refunded", approval_required=False,
+            s,
+            channel=channel,
+            customer_ref="refunded",
+            approval_required=False,
             lines=[carts.LineDraft(sku, 2, Money("EUR", 1))],
-            actor="t", refunds=Refunded(),
-        )  # fmt: skip
+            actor="t",
+            refunds=Refunded(),
+        )
         assert cart.item_count == 2
     async with sessions() as s, s.begin():
         with pytest.raises(FailedPrecondition):
             await carts.create_cart(
-                s, channel=channel, customer_ref="plain", approval_required=False,
-                lines=[carts.LineDraft(sku, 1, Money("EUR", 1))], actor="t", refunds=Refunded(),
-            )  # fmt: skip
+                s,
+                channel=channel,
+                customer_ref="plain",
+                approval_required=False,
+                lines=[carts.LineDraft(sku, 1, Money("EUR", 1))],
+                actor="t",
+                refunds=Refunded(),
+            )
 
 
 # ------------------------------------------------------------------ B2B approval
@@ -567,15 +624,20 @@ async def test_approval_four_eyes_and_lock(
             )
         )
     rejected = await manager.cart.decide_cart_approval(
-        pb.DecideCartApprovalRequest(cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_REJECT,
-                                     reason="too many")
-    )  # fmt: skip
+        pb.DecideCartApprovalRequest(
+            cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_REJECT, reason="too many"
+        )
+    )
     assert rejected.state == pb.Cart.STATE_REJECTED and rejected.approval.reason == "too many"
     # A rejected cart is editable again, and goes back to ACTIVE.
     cart = await buyer.cart.update_cart_line(
-        pb.UpdateCartLineRequest(cart_id=cart.id, version=rejected.version, line=pb.CartLine(line_id="ln-1", quantity=2),
-                                 update_mask={"paths": ["quantity"]})
-    )  # fmt: skip
+        pb.UpdateCartLineRequest(
+            cart_id=cart.id,
+            version=rejected.version,
+            line=pb.CartLine(line_id="ln-1", quantity=2),
+            update_mask={"paths": ["quantity"]},
+        )
+    )
     assert cart.state == pb.Cart.STATE_ACTIVE
     cart = await buyer.cart.submit_cart_for_approval(
         pb.SubmitCartForApprovalRequest(cart_id=cart.id, version=cart.version)

@@ -80,7 +80,10 @@ def test_subtotal_is_integer_minor_units() -> None:
 def test_states() -> None:
     check_editable("c", CartState.ACTIVE)
     check_editable("c", CartState.REJECTED)
-    for state, reason in [(CartState.PENDING_APPROVAL, "CART_LOCKED"), (CartState.CONVERTED, "CART_CONVERTED")]:
+    for state, reason in [
+        (CartState.PENDING_APPROVAL, "CART_LOCKED"),
+        (CartState.CONVERTED, "CART_CONVERTED"),
+    ]:
         with pytest.raises(FailedPrecondition) as exc:
             check_editable("c", state)
         assert exc.value.reason == reason
