@@ -8,9 +8,11 @@ interfaces (domain.inventory, domain.order).
 Refunds plug in through `RefundedQuantities` (ports.py): pass an
 implementation as `refunds=` to create_cart / add_line / update_line /
 remove_line / checkout; the default NO_REFUNDS credits nothing back.
+RefundModuleQuantities adapts domain.refund.refunded_quantity (wire it in
+server/services/cart.py once the refund module is merged).
 """
 
-from domain.cart.ports import NO_REFUNDS, NoRefunds, RefundedQuantities
+from domain.cart.ports import NO_REFUNDS, NoRefunds, RefundedQuantities, RefundModuleQuantities
 from domain.cart.rules import (
     DEFAULT_HOLD_TTL,
     MAX_HOLD_TTL,
@@ -62,6 +64,7 @@ __all__ = [
     "LineDraft",
     "NoRefunds",
     "Payment",
+    "RefundModuleQuantities",
     "RefundedQuantities",
     "Shortage",
     "add_line",

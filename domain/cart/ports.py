@@ -44,3 +44,30 @@ class NoRefunds:
 
 
 NO_REFUNDS: RefundedQuantities = NoRefunds()
+
+
+class RefundModuleQuantities:
+    """RefundedQuantities over the refund module's public interface
+    (`domain.refund.refunded_quantity(session, channel=, customer_ref=, sku=, since=)`:
+    completed refunds on orders submitted since `since`). Imported lazily so carts
+    do not need the refund module until the server wires this in."""
+
+    async def refunded_quantities(
+        self,
+        session: AsyncSession,
+        *,
+        channel: str,
+        customer_ref: str,
+        skus: Sequence[str],
+        since: datetime,
+    ) -> Mapping[str, int]:
+        import domain.refund as refund  # type: ignore[import-not-found,unused-ignore]
+
+        out: dict[str, int] = {}
+        for sku in skus:
+            q = await refund.refunded_quantity(
+                session, channel=channel, customer_ref=customer_ref, sku=sku, since=since
+            )
+            if q:
+                out[sku] = int(q)
+        return out

@@ -24,7 +24,9 @@ from server.runtime import Runtime
 M = TypeVar("M", bound=Message)
 
 # Where refunded quantities come from (per-customer limits credit them back).
-# The refund module plugs in here once it exposes them; see domain/cart/ports.py.
+# Once domain.refund is merged, this line becomes
+#     REFUNDS: carts.RefundedQuantities = carts.RefundModuleQuantities()
+# (see domain/cart/ports.py); until then nothing is credited back (the strict side).
 REFUNDS: carts.RefundedQuantities = carts.NO_REFUNDS
 
 _STATE_TO_PB = {
