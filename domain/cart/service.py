@@ -48,6 +48,7 @@ from domain.cart.rules import (
     check_line_id,
     check_price,
     check_quantity,
+    check_sku,
     check_text,
     check_version,
     line_total,
@@ -389,6 +390,9 @@ async def set_purchase_limit(
 
 
 async def get_purchase_limit(session: AsyncSession, *, channel: ChannelRef, sku: str) -> Limit:
+    v = Violations()
+    check_sku(v, "sku", _nfc(sku))
+    v.raise_if_any("the SKU is invalid")
     found = await _limits(session, channel.slug, [_nfc(sku)])
     if not found:
         raise NotFound(
