@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -178,7 +178,7 @@ async def _tail(
     batch_size: int,
     poll_interval: float,
     heartbeat: float,
-) -> AsyncIterator[Batch]:
+) -> AsyncGenerator[Batch, None]:
     loop = asyncio.get_running_loop()
     last_sent = loop.time()
     while True:

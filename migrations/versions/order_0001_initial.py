@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from migrations.sql import script
+
 revision = "order_0001"
 down_revision = None
 branch_labels = ("orders",)
@@ -15,9 +17,9 @@ depends_on = "platform_0001"
 
 
 def upgrade() -> None:
-    op.execute("CREATE SCHEMA IF NOT EXISTS orders")
-    op.execute(
+    script(
         """
+        CREATE SCHEMA IF NOT EXISTS orders;
         CREATE TABLE orders.orders (
             id uuid PRIMARY KEY,
             channel text NOT NULL REFERENCES platform.channels (slug),

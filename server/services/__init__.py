@@ -31,14 +31,14 @@ SERVICES: list[ServiceSpec] = [
         ChannelServicer,
     ),
     ServiceSpec(
-        order_pb2.DESCRIPTOR.services_by_name["OrderService"],
-        order_pb2_grpc.add_OrderServiceServicer_to_server,
-        OrderServicer,
-    ),
-    ServiceSpec(
         inventory_pb2.DESCRIPTOR.services_by_name["InventoryService"],
         inventory_pb2_grpc.add_InventoryServiceServicer_to_server,
         InventoryServicer,
+    ),
+    ServiceSpec(
+        order_pb2.DESCRIPTOR.services_by_name["OrderService"],
+        order_pb2_grpc.add_OrderServiceServicer_to_server,
+        OrderServicer,
     ),
 ]
 
