@@ -933,6 +933,22 @@ def _json(value: Any) -> str:
 # ------------------------------------------------------------------ checkout
 
 
+_CONVERT = text(
+    """
+    WITH p AS (
+        INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id)
+        SELECT :ch, :cust, s, q, :cid, :oid FROM unnest(CAST(:skus AS text[]), CAST(:qs AS bigint[])) AS t(s, q)
+    ), c AS (
+        UPDATE carts.carts SET state = 'converted', order_id = :oid, hold_reservation_id = NULL,
+            hold_ttl_us = NULL, hold_expires_at = NULL
+        WHERE id = :cid
+    )
+    INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
+    VALUES ('cart.converted', 'cart', CAST(:cid AS text), :ch, CAST(:payload AS jsonb))
+    """
+)
+
+
 def _money_or_zero(m: Money | None, currency: str) -> Money:
     return m if m is not None else Money(currency, 0)
 
@@ -1015,11 +1031,10 @@ async def checkout(
             metadata={"cart_id": cart_id, "order_id": submitted.order.id},
         )
     order_id = submitted.order.id
+    # One statement for the purchase rows, the conversion and its event: this
+    # runs while the stock rows are locked, so every round trip counts.
     await session.execute(
-        text(
-            """INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id)
-               SELECT :ch, :cust, s, q, :cid, :oid FROM unnest(CAST(:skus AS text[]), CAST(:qs AS bigint[])) AS t(s, q)"""
-        ),
+        _CONVERT,
         {
             "ch": channel.slug,
             "cust": row.customer_ref,
@@ -1027,17 +1042,8 @@ async def checkout(
             "oid": order_id,
             "skus": [x.sku for x in lines],
             "qs": [x.quantity for x in lines],
+            "payload": _json({"cart_id": str(row.id), "order_id": order_id, "reservation_id": str(res.id)}),
         },
-    )
-    await session.execute(
-        text(
-            """UPDATE carts.carts SET state = 'converted', order_id = :oid, hold_reservation_id = NULL,
-                   hold_ttl_us = NULL, hold_expires_at = NULL WHERE id = :id"""
-        ),
-        {"id": row.id, "oid": order_id},
-    )
-    await _event(
-        session, "cart.converted", row.id, channel.slug, order_id=order_id, reservation_id=str(res.id)
     )
     cart = Cart(
         id=str(row.id),

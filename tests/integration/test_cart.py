@@ -298,6 +298,14 @@ async def test_checkout_turns_the_hold_into_the_order_reservation(
         assert (await inventory.get_reservation(s, hold_id)).state == "released"
         await check_invariants(s)
 
+    events = await scalar(
+        sessions,
+        "SELECT count(*) FROM platform.outbox WHERE topic = 'cart.converted' AND aggregate_id = :c "
+        "AND payload->>'order_id' = :o",
+        c=cart.id,
+        o=first.order_id,
+    )
+    assert events == 1, "one cart.converted event, even with the replayed request"
     with pytest.raises(AbortedError):  # a new request with the old version
         await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
     with pytest.raises(FailedPreconditionError) as exc:
