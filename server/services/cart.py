@@ -167,6 +167,10 @@ class CartServicer(cart_pb2_grpc.CartServiceServicer):
     ) -> pb.ListCartsResponse:
         channel = current_channel()
         state = _STATE_FROM_PB.get(request.state)
+        if state is None and request.state != pb.Cart.STATE_UNSPECIFIED:
+            v = Violations()
+            v.add("state", f"unknown state {request.state}")
+            raise InvalidArgument("INVALID_ARGUMENT", "the filter is invalid", field_violations=v.items)
         found, token = await self.rt.read(
             lambda s: carts.list_carts(
                 s,

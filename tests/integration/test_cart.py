@@ -710,6 +710,12 @@ async def test_list_carts_pages_by_customer(admin: Entrepot) -> None:
         if not token:
             break
     assert set(seen) == made and len(seen) == 5
+    pending = await admin.cart.list_carts(
+        pb.ListCartsRequest(customer_ref=cust, state=pb.Cart.STATE_PENDING_APPROVAL)
+    )
+    assert list(pending.carts) == []
+    with pytest.raises(InvalidArgumentError):
+        await admin.cart.list_carts(pb.ListCartsRequest(state=42))  # type: ignore[arg-type]
 
 
 # ------------------------------------------------------------------ bad input (R8, for this service)
