@@ -3,16 +3,14 @@ database with every migration and a channel, document type and agreement."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
-from alembic import command
-from alembic.config import Config
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+import migrations
 from domain.registration import catalog, submissions
 from domain.registration.rules import Address
 from domain.shared.caller import Caller
@@ -37,42 +35,10 @@ def dt_values(max_size: int) -> dict[str, Any]:
     }
 
 
-def _apply_platform_sql(url: str) -> None:
-    """platform_0001 runs several statements in one op.execute, which asyncpg
-    refuses through alembic here; run its SQL directly (simple protocol)."""
-    import asyncpg
-    from alembic import op
-
-    from migrations.versions import platform_0001_initial as platform
-
-    collected: list[str] = []
-    original = op.execute
-    op.execute = collected.append  # type: ignore[assignment]
-    try:
-        platform.upgrade()
-    finally:
-        op.execute = original  # type: ignore[assignment]
-
-    async def run() -> None:
-        conn = await asyncpg.connect(url)
-        try:
-            for sql in collected:
-                await conn.execute(sql)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
 @pytest.fixture(scope="module")
 def reg_db_url() -> Iterator[str]:
     url, name = pg.create_database("entrepot_regdb")
-    cfg = Config()
-    cfg.set_main_option("script_location", str(pg.ROOT / "migrations"))
-    cfg.set_main_option("sqlalchemy.url", url)
-    _apply_platform_sql(url)
-    command.stamp(cfg, "platform_0001")
-    command.upgrade(cfg, "heads")
+    migrations.upgrade(url)
     try:
         yield url
     finally:
