@@ -933,6 +933,48 @@ def _json(value: Any) -> str:
 # ------------------------------------------------------------------ checkout
 
 
+def _held_quantities(res: inventory.Reservation) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for line in res.lines:
+        if line.open_quantity:
+            out[line.sku] = out.get(line.sku, 0) + line.open_quantity
+    return out
+
+
+async def _order_reservation(
+    session: AsyncSession, row: Any, lines: Sequence[CartLine], *, actor: str
+) -> inventory.Reservation:
+    """The reservation the order adopts, without a TTL (an order's stock never expires).
+
+    A live hold that covers exactly the lines is handed over as it is
+    (inventory.retarget: no counter moves, no stock row locked). Otherwise the
+    hold, if any, is released and the lines are reserved now, in this
+    transaction (our released units stay locked against others in between)."""
+    wanted: dict[str, int] = {}
+    for x in lines:
+        wanted[x.sku] = wanted.get(x.sku, 0) + x.quantity
+    reference = f"cart:{row.id}"
+    if row.hold_reservation_id is not None:
+        hold = await inventory.get_reservation(session, row.hold_reservation_id)
+        live = hold.state == "active" and (hold.expires_at is None or hold.expires_at > row.now)
+        if live and _held_quantities(hold) == wanted:
+            try:
+                return await inventory.retarget(session, hold.id, reference=reference, ttl=None, actor=actor)
+            except FailedPrecondition as err:
+                # Expired or released since we read it (the sweeper won): reserve below.
+                if err.reason not in ("RESERVATION_EXPIRED", "RESERVATION_NOT_ACTIVE"):
+                    raise
+        await _release_if_held(session, row, reason="cart checked out", actor=actor)
+    return await inventory.reserve(
+        session,
+        [inventory.LineRequest(sku, q) for sku, q in wanted.items()],
+        reference=reference,
+        ttl=None,
+        actor=actor,
+        source="cart",
+    )
+
+
 _CONVERT = text(
     """
     WITH p AS (
@@ -988,18 +1030,7 @@ async def checkout(
         refunds=refunds,
         lock=True,
     )
-    # The hold becomes the order's reservation: released and reserved again in
-    # this transaction without a TTL (the stock stays locked in between), so
-    # the expiry sweeper can never take an order's stock.
-    await _release_if_held(session, row, reason="cart checked out", actor=actor)
-    res = await inventory.reserve(
-        session,
-        [inventory.LineRequest(x.sku, x.quantity) for x in lines],
-        reference=f"cart:{row.id}",
-        ttl=None,
-        actor=actor,
-        source="cart",
-    )
+    res = await _order_reservation(session, row, lines, actor=actor)
     cur = row.currency
     sub = sum(x.line_total.amount_minor for x in lines)
     t, s, d = (_money_or_zero(m, cur) for m in (tax, shipping, discount))

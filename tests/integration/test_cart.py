@@ -252,6 +252,25 @@ async def test_hold_follows_lines_and_expiry_is_reported(admin: Entrepot, sessio
         await check_invariants(s)
 
 
+async def test_checkout_after_the_hold_expired_reserves_again(admin: Entrepot, sessions: Sessions) -> None:
+    sku = unique("EX")
+    await stock(sessions, sku, 3)
+    cart = await new_cart(admin, line(sku, 3))
+    cart = await admin.cart.hold_cart_stock(
+        pb.HoldCartStockRequest(
+            cart_id=cart.id, version=cart.version, ttl=duration_pb2.Duration(nanos=200_000_000)
+        )
+    )
+    await asyncio.sleep(0.4)
+    done = await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert done.reservation_id != cart.hold.reservation_id
+    assert await levels(sessions, sku) == (3, 3)
+    async with sessions() as s, s.begin():
+        assert (await inventory.get_reservation(s, done.reservation_id)).expires_at is None
+        assert (await inventory.get_reservation(s, cart.hold.reservation_id)).state in ("expired", "released")
+        await check_invariants(s)
+
+
 async def test_release_hold(admin: Entrepot, sessions: Sessions) -> None:
     sku = unique("R")
     await stock(sessions, sku, 4)
@@ -275,6 +294,7 @@ async def test_checkout_turns_the_hold_into_the_order_reservation(
     cart = await new_cart(admin, line(sku, 2, 1250), customer="acme")
     cart = await admin.cart.hold_cart_stock(pb.HoldCartStockRequest(cart_id=cart.id, version=cart.version))
     hold_id = cart.hold.reservation_id
+    ledger_before = await scalar(sessions, "SELECT count(*) FROM inventory.ledger WHERE sku = :s", s=sku)
     req = pb.CheckoutCartRequest(
         cart_id=cart.id,
         version=cart.version,
@@ -286,8 +306,11 @@ async def test_checkout_turns_the_hold_into_the_order_reservation(
     first, again = await asyncio.gather(admin.cart.checkout_cart(req), admin.cart.checkout_cart(req))
     assert first == again, "same request_id: the same answer"
     assert first.cart.state == pb.Cart.STATE_CONVERTED and first.cart.order_id == first.order_id
-    assert first.reservation_id != hold_id
+    assert first.reservation_id == hold_id, "the live hold is handed over as it is"
     assert await levels(sessions, sku) == (5, 2)
+    assert (
+        await scalar(sessions, "SELECT count(*) FROM inventory.ledger WHERE sku = :s", s=sku) == ledger_before
+    )
     o = await admin.order.get_order(order_pb2.GetOrderRequest(id=first.order_id))
     assert o.source_system == "cart" and o.intent_id == cart.id and o.customer_ref == "acme"
     assert o.totals.grand_total == eur(3100) and o.reservation_id == first.reservation_id
@@ -295,7 +318,7 @@ async def test_checkout_turns_the_hold_into_the_order_reservation(
     async with sessions() as s, s.begin():
         res = await inventory.get_reservation(s, first.reservation_id)
         assert res.state == "active" and res.expires_at is None, "an order's stock never expires"
-        assert (await inventory.get_reservation(s, hold_id)).state == "released"
+        assert [(x.sku, x.open_quantity) for x in res.lines] == [(sku, 2)]
         await check_invariants(s)
 
     events = await scalar(
@@ -425,8 +448,29 @@ async def test_checkout_failing_after_reserving_leaves_nothing_reserved(
     async with sessions() as s, s.begin():
         await check_invariants(s)
 
+    # Without a hold the checkout reserves first, then the order step refuses: nothing stays reserved.
+    bare = await new_cart(admin, line(sku, 2))
+    with pytest.raises(AlreadyExistsError):
+        await admin.cart.checkout_cart(
+            pb.CheckoutCartRequest(cart_id=bare.id, version=bare.version, external_order_id=taken)
+        )
+    assert await levels(sessions, sku) == (5, 3)
+    assert (
+        await scalar(sessions, "SELECT count(*) FROM inventory.ledger WHERE sku = :s", s=sku) == ledger_before
+    )
+    assert (
+        await scalar(
+            sessions, "SELECT count(*) FROM inventory.reservations WHERE reference = :r", r=f"cart:{bare.id}"
+        )
+        == 0
+    )
+    async with sessions() as s, s.begin():
+        await check_invariants(s)
+
     done = await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
     assert done.cart.state == pb.Cart.STATE_CONVERTED and await levels(sessions, sku) == (5, 3)
+    done = await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=bare.id, version=bare.version))
+    assert done.cart.state == pb.Cart.STATE_CONVERTED and await levels(sessions, sku) == (5, 5)
 
 
 # ------------------------------------------------------------------ purchase limits
