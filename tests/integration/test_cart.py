@@ -35,6 +35,7 @@ from entrepot_client import (
     NotFoundError,
     PermissionDeniedError,
 )
+from entrepot_client.cart import shortages
 from tests.conftest import unique
 from tests.inventory_support import check_invariants
 
@@ -370,6 +371,7 @@ async def test_fifty_carts_race_for_the_last_ten_units(
     for err in short:
         assert err.reason == "INSUFFICIENT_STOCK"
         assert [(v.type, v.subject) for v in err.precondition_violations] == [("INSUFFICIENT_STOCK", sku)]
+        assert list(shortages(err)) == [sku]
     # The held carts had their units already: all five got through.
     assert {c.id for c in held} <= {r.cart.id for r in ok}
 
@@ -852,3 +854,37 @@ async def test_bad_input_never_internal(admin: Entrepot, sessions: Sessions) -> 
     assert {"INVALID_ARGUMENT", "NOT_FOUND"} <= set(seen)
     async with sessions() as s, s.begin():
         await check_invariants(s)
+
+
+async def test_client_helper_retries_on_a_newer_version(client_factory: Callable[..., Entrepot]) -> None:
+    from entrepot_client.cart import line as cart_line
+    from entrepot_client.cart import with_latest_version
+
+    a, b = client_factory(sub="ha"), client_factory(sub="hb")
+    cart = await new_cart(a, cart_line(unique("H"), 1, 100, "EUR"))
+    calls = 0
+
+    async def bump(c: pb.Cart) -> pb.Cart:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # someone else changes the cart between our read and our write
+            await b.cart.update_cart_line(
+                pb.UpdateCartLineRequest(
+                    cart_id=c.id,
+                    version=c.version,
+                    line=pb.CartLine(line_id="ln-1", quantity=5),
+                    update_mask={"paths": ["quantity"]},
+                )
+            )
+        current = c.lines[0].quantity
+        return await a.cart.update_cart_line(
+            pb.UpdateCartLineRequest(
+                cart_id=c.id,
+                version=c.version,
+                line=pb.CartLine(line_id="ln-1", quantity=current + 1),
+                update_mask={"paths": ["quantity"]},
+            )
+        )
+
+    final = await with_latest_version(a.cart, cart.id, bump)
+    assert calls == 2 and final.lines[0].quantity == 6 and final.version == 3
