@@ -852,16 +852,23 @@ async def submit_for_approval(
 
 
 async def _shortages(session: AsyncSession, row: Any, lines: Sequence[CartLine]) -> list[Shortage]:
-    """What stock is missing for the lines right now (nothing is kept: the probe
-    reserves inside a savepoint that is always rolled back)."""
-    hold = await _hold(session, row)
-    if hold.state == "held":
-        return []  # the hold follows the lines, so the stock is ours
+    """What stock is missing for the lines right now. Nothing is kept: the probe
+    gives back our own hold and reserves inside a savepoint that is always
+    rolled back."""
+    wanted: dict[str, int] = {}
+    for x in lines:
+        wanted[x.sku] = wanted.get(x.sku, 0) + x.quantity
+    if row.hold_reservation_id is not None:
+        hold = await inventory.get_reservation(session, row.hold_reservation_id)
+        live = hold.state == "active" and (hold.expires_at is None or hold.expires_at > row.now)
+        if live and _held_quantities(hold) == wanted:
+            return []  # the stock is ours already
     nested = await session.begin_nested()
     try:
+        await _release_if_held(session, row, reason="approval stock check", actor="")
         await inventory.reserve(
             session,
-            [inventory.LineRequest(x.sku, x.quantity) for x in lines],
+            [inventory.LineRequest(sku, q) for sku, q in wanted.items()],
             reference=f"cart:{row.id}:approval-check",
             actor="",
             source="cart",

@@ -888,3 +888,25 @@ async def test_client_helper_retries_on_a_newer_version(client_factory: Callable
 
     final = await with_latest_version(a.cart, cart.id, bump)
     assert calls == 2 and final.lines[0].quantity == 6 and final.version == 3
+
+
+async def test_approval_counts_the_carts_own_hold(
+    client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    sku = unique("OWN")
+    await stock(sessions, sku, 3)
+    buyer, manager = client_factory(sub="buyer3"), client_factory(sub="manager3")
+    cart = await new_cart(buyer, line(sku, 3), approval=True)
+    cart = await buyer.cart.hold_cart_stock(pb.HoldCartStockRequest(cart_id=cart.id, version=cart.version))
+    cart = await buyer.cart.submit_cart_for_approval(
+        pb.SubmitCartForApprovalRequest(cart_id=cart.id, version=cart.version)
+    )
+    cart = await manager.cart.decide_cart_approval(
+        pb.DecideCartApprovalRequest(
+            cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_APPROVE
+        )
+    )
+    assert cart.state == pb.Cart.STATE_APPROVED and list(cart.approval.shortages) == []
+    assert await levels(sessions, sku) == (3, 3) and cart.hold.state == pb.StockHold.STATE_HELD
+    done = await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert done.reservation_id == cart.hold.reservation_id and await levels(sessions, sku) == (3, 3)
