@@ -962,15 +962,20 @@ async def _order_reservation(
         wanted[x.sku] = wanted.get(x.sku, 0) + x.quantity
     reference = f"cart:{row.id}"
     if row.hold_reservation_id is not None:
-        hold = await inventory.get_reservation(session, row.hold_reservation_id)
-        live = hold.state == "active" and (hold.expires_at is None or hold.expires_at > row.now)
-        if live and _held_quantities(hold) == wanted:
+        if row.hold_expires_at is None or row.hold_expires_at > row.now:
             try:
-                return await inventory.retarget(session, hold.id, reference=reference, ttl=None, actor=actor)
+                # retarget locks the hold and re-checks that it is active and unexpired.
+                res = await inventory.retarget(
+                    session, row.hold_reservation_id, reference=reference, ttl=None, actor=actor
+                )
             except FailedPrecondition as err:
-                # Expired or released since we read it (the sweeper won): reserve below.
+                # Expired or released meanwhile (the sweeper won): reserve below.
                 if err.reason not in ("RESERVATION_EXPIRED", "RESERVATION_NOT_ACTIVE"):
                     raise
+            else:
+                if _held_quantities(res) == wanted:
+                    return res
+                # Partly released elsewhere (InventoryService): given back below, then reserved.
         await _release_if_held(session, row, reason="cart checked out", actor=actor)
     return await inventory.reserve(
         session,
