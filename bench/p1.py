@@ -4,11 +4,10 @@ with a constant, same load generator, same run."""
 
 from __future__ import annotations
 
+from bench.common import Database, Row, loadgen, start_bare_server, start_server, token
 from entrepot.inventory.v1 import inventory_pb2
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import EntrepotSync
-
-from bench.common import Database, Row, loadgen, start_bare_server, start_server, token
 
 SKUS = 100
 

@@ -25,6 +25,13 @@ log = logging.getLogger("entrepot.worker")
 WORKFLOWS: list[type] = []
 ACTIVITY_FACTORIES: list[Callable[[Runtime], Sequence[Callable[..., Any]]]] = []
 
+# Refunds (domain/refund): RefundExecutionWorkflow and its activities.
+from domain.refund import RefundExecutionWorkflow  # noqa: E402
+from server.services.refund import activities as refund_activities  # noqa: E402
+
+WORKFLOWS.append(RefundExecutionWorkflow)
+ACTIVITY_FACTORIES.append(refund_activities)
+
 # registration
 WORKFLOWS += registration.WORKFLOWS
 ACTIVITY_FACTORIES.append(lambda rt: registration.RegistrationActivities(rt.sessions).all())
