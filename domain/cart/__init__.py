@@ -8,8 +8,8 @@ interfaces (domain.inventory, domain.order).
 Refunds plug in through `RefundedQuantities` (ports.py): pass an
 implementation as `refunds=` to create_cart / add_line / update_line /
 remove_line / checkout; the default NO_REFUNDS credits nothing back.
-RefundModuleQuantities adapts domain.refund.refunded_quantity (wire it in
-server/services/cart.py once the refund module is merged).
+RefundModuleQuantities adapts domain.refund.refunded_quantity; the servicer
+uses it (server/services/cart.py).
 """
 
 from domain.cart.ports import NO_REFUNDS, NoRefunds, RefundedQuantities, RefundModuleQuantities

@@ -49,8 +49,8 @@ NO_REFUNDS: RefundedQuantities = NoRefunds()
 class RefundModuleQuantities:
     """RefundedQuantities over the refund module's public interface
     (`domain.refund.refunded_quantity(session, channel=, customer_ref=, sku=, since=)`:
-    completed refunds on orders submitted since `since`). Imported lazily so carts
-    do not need the refund module until the server wires this in."""
+    completed refunds on orders submitted since `since`). Imported lazily: refunds
+    depend on orders, and carts need not load them at import time."""
 
     async def refunded_quantities(
         self,
@@ -61,7 +61,7 @@ class RefundModuleQuantities:
         skus: Sequence[str],
         since: datetime,
     ) -> Mapping[str, int]:
-        import domain.refund as refund  # type: ignore[import-not-found,unused-ignore]
+        import domain.refund as refund
 
         out: dict[str, int] = {}
         for sku in skus:

@@ -23,11 +23,9 @@ from server.runtime import Runtime
 
 M = TypeVar("M", bound=Message)
 
-# Where refunded quantities come from (per-customer limits credit them back).
-# Once domain.refund is merged, this line becomes
-#     REFUNDS: carts.RefundedQuantities = carts.RefundModuleQuantities()
-# (see domain/cart/ports.py); until then nothing is credited back (the strict side).
-REFUNDS: carts.RefundedQuantities = carts.NO_REFUNDS
+# Where refunded quantities come from: per-customer purchase limits credit back
+# units of completed refunds (domain.refund.refunded_quantity).
+REFUNDS: carts.RefundedQuantities = carts.RefundModuleQuantities()
 
 _STATE_TO_PB = {
     carts.CartState.ACTIVE: pb.Cart.STATE_ACTIVE,

@@ -910,3 +910,56 @@ async def test_approval_counts_the_carts_own_hold(
     assert await levels(sessions, sku) == (3, 3) and cart.hold.state == pb.StockHold.STATE_HELD
     done = await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
     assert done.reservation_id == cart.hold.reservation_id and await levels(sessions, sku) == (3, 3)
+
+
+async def test_refunded_units_are_credited_back_end_to_end(
+    client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    """Limit 3 per customer; buy 3, refund 2 through RefundService: 2 more can be bought."""
+    from entrepot.refund.v1 import refund_pb2
+    from tests.refund_support import R, wait_state
+
+    sku, customer = unique("RFE"), unique("cust")
+    await stock(sessions, sku, 50)
+    shop = client_factory(sub="shop")
+    clerk = client_factory(sub="clerk-r", permissions=["refund.request", "refund.read"])
+    boss = client_factory(sub="boss-r", permissions=["refund.approve", "refund.read"])
+    await shop.cart.set_purchase_limit(
+        pb.SetPurchaseLimitRequest(limit=pb.PurchaseLimit(sku=sku, max_per_customer=3))
+    )
+    cart = await new_cart(shop, line(sku, 3, 1000), customer=customer)
+    bought = await shop.cart.checkout_cart(
+        pb.CheckoutCartRequest(
+            cart_id=cart.id,
+            version=cart.version,
+            payments=[
+                pb.CheckoutPayment(
+                    tender_id="t1", method="card", captured=eur(3000), gateway_reference=unique("psp")
+                )
+            ],
+        )
+    )
+    with pytest.raises(FailedPreconditionError):
+        await new_cart(shop, line(sku, 2), customer=customer)
+
+    r = await clerk.refund.submit_refund_for_approval(
+        refund_pb2.SubmitRefundForApprovalRequest(
+            order_id=bought.order_id,
+            lines=[refund_pb2.RefundLineInput(line_id="ln-1", quantity=2)],
+            reason="damaged",
+            request_id=unique("rf"),
+        )
+    )
+    await boss.refund.decide_refund_approval(
+        refund_pb2.DecideRefundApprovalRequest(
+            refund_id=r.refund_id, decision=refund_pb2.DecideRefundApprovalRequest.DECISION_APPROVE, note="ok"
+        )
+    )
+    done = await wait_state(boss, r.refund_id)
+    assert done.state == R.STATE_COMPLETED, done.fault_message
+
+    again = await new_cart(shop, line(sku, 2), customer=customer)
+    await shop.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=again.id, version=again.version))
+    with pytest.raises(FailedPreconditionError) as exc:
+        await new_cart(shop, line(sku, 1), customer=customer)
+    assert [v.type for v in exc.value.precondition_violations] == ["MAX_PER_CUSTOMER"]
