@@ -26,6 +26,7 @@ from server.interceptors import (
     ChannelInterceptor,
     ErrorInterceptor,
     ObservabilityInterceptor,
+    StackInterceptor,
 )
 from server.runtime import Runtime
 from server.services import SERVICES
@@ -89,10 +90,13 @@ class App:
         s = self.settings
         server = grpc.aio.server(
             interceptors=[
-                ObservabilityInterceptor(self.policies, s.access_log),
-                ErrorInterceptor(self.policies),
-                AuthInterceptor(self.policies, self.verifier),
-                ChannelInterceptor(self.policies, self.channel_cache),
+                # observability -> errors -> auth -> channel, run as one interceptor.
+                StackInterceptor(
+                    ObservabilityInterceptor(self.policies, s.access_log),
+                    ErrorInterceptor(self.policies),
+                    AuthInterceptor(self.policies, self.verifier),
+                    ChannelInterceptor(self.policies, self.channel_cache),
+                ),
             ],
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
