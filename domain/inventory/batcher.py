@@ -13,7 +13,8 @@ Idempotency (AIP-155). A batched request cannot go through rt.mutate (one
 transaction per request), so the batch does the same claim/store on the same
 table, platform.idempotency_keys, inside the batch transaction:
   - claim: INSERT (principal, request_id, method, request_hash) ON CONFLICT DO
-    NOTHING RETURNING, keys in sorted order (no deadlock between batches);
+    NOTHING RETURNING, keys in sorted order (no deadlock between batches), in
+    the same statement that loads and locks the levels (claim first);
   - a key already present (committed by an earlier call, or by a concurrent
     transaction we waited for) is not executed: after commit the caller gets
     `Stored` (the row's hash, status code and response) and the server
@@ -36,7 +37,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.inventory.reservations import ReserveRequest, StoreRows, reserve_many
+from domain.inventory.reservations import ReserveRequest, StoreRows, reserve_claimed
 from domain.inventory.types import Reservation
 from domain.shared.errors import DomainError
 
@@ -78,14 +79,6 @@ class _Pending:
     future: asyncio.Future[Reservation | Stored]
 
 
-_CLAIM = text(
-    """
-    INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash)
-    SELECT * FROM unnest(CAST(:p AS text[]), CAST(:r AS text[]), CAST(:m AS text[]), CAST(:h AS bytea[]))
-    ON CONFLICT DO NOTHING
-    RETURNING principal, request_id
-    """
-)
 _READ_STORED = text(
     """
     SELECT principal, request_id, method, request_hash, status_code, response FROM platform.idempotency_keys
@@ -216,30 +209,19 @@ class ReserveBatcher:
         self, batch: Sequence[_Pending]
     ) -> tuple[list[tuple[_Pending, Reservation | DomainError]], list[_Pending]]:
         async with self._sessions() as session, session.begin():
-            claims = sorted((p.claim for p in batch if p.claim), key=lambda c: c.key)
-            claimed: set[tuple[str, str]] = set()
-            if claims:
-                rows = (
-                    await session.execute(
-                        _CLAIM,
-                        {
-                            "p": [c.principal for c in claims],
-                            "r": [c.request_id for c in claims],
-                            "m": [c.method for c in claims],
-                            "h": [c.request_hash for c in claims],
-                        },
-                    )
-                ).all()
-                claimed = {(r.principal, r.request_id) for r in rows}
-            live = [p for p in batch if p.claim is None or p.claim.key in claimed]
-            dups = [p for p in batch if p.claim is not None and p.claim.key not in claimed]
+            claims = [
+                None
+                if p.claim is None
+                else (p.claim.principal, p.claim.request_id, p.claim.method, p.claim.request_hash)
+                for p in batch
+            ]
 
-            def store(results: list[Reservation | DomainError]) -> StoreRows:
+            def store(results: list[Reservation | DomainError | None]) -> StoreRows:
                 rows = StoreRows()
                 if self._encode is None:
                     return rows
-                for p, r in zip(live, results, strict=True):
-                    if p.claim is not None:
+                for p, r in zip(batch, results, strict=True):
+                    if p.claim is not None and r is not None:
                         code, body = self._encode(r)
                         rows.principals.append(p.claim.principal)
                         rows.request_ids.append(p.claim.request_id)
@@ -247,8 +229,16 @@ class ReserveBatcher:
                         rows.bodies.append(body)
                 return rows
 
-            results = await reserve_many(session, [p.request for p in live], store=store) if live else []
-        return list(zip(live, results, strict=True)), dups
+            # The claim goes with the load statement (see reserve_claimed).
+            results = await reserve_claimed(session, [p.request for p in batch], claims, store=store)
+        executed: list[tuple[_Pending, Reservation | DomainError]] = []
+        dups: list[_Pending] = []
+        for p, r in zip(batch, results, strict=True):
+            if r is None:
+                dups.append(p)
+            else:
+                executed.append((p, r))
+        return executed, dups
 
     async def _read_stored(self, claims: Sequence[IdemClaim]) -> dict[tuple[str, str], Stored]:
         async with self._sessions() as session:

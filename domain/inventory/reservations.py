@@ -205,6 +205,36 @@ _LOAD = text(
     """
 )
 
+# The batcher's variant: the same load, preceded by the idempotency claim
+# (INSERT ... ON CONFLICT DO NOTHING, keys sorted) in the same statement, one
+# round trip less per batch. The claim branch comes first in the UNION ALL, so
+# it runs before the levels are locked, the same order as a separate claim.
+_LOAD_CLAIMING = text(
+    """
+    WITH c AS (
+        INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash)
+        SELECT * FROM unnest(CAST(:c_p AS text[]), CAST(:c_r AS text[]), CAST(:c_m AS text[]),
+                             CAST(:c_h AS bytea[]))
+        ON CONFLICT DO NOTHING
+        RETURNING principal, request_id
+    ), lv AS (
+        SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
+        WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE
+    )
+    SELECT 'c' AS kind, principal AS sku, request_id AS code, NULL::bigint AS n1, NULL::bigint AS n2,
+           NULL::boolean AS b1, NULL::boolean AS b2, now() AS ts FROM c
+    UNION ALL
+    SELECT 'l', sku, warehouse_code, on_hand, reserved, NULL, NULL, now() FROM lv
+    UNION ALL
+    SELECT 'i', sku, NULL, max_backorder, low_stock_threshold, track_inventory, allow_backorder, now()
+    FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
+    UNION ALL
+    SELECT 'w', NULL, code, priority::bigint, NULL, active, NULL, now() FROM inventory.warehouses
+    UNION ALL
+    SELECT 'n', NULL, NULL, NULL, NULL, NULL, NULL, now()
+    """
+)
+
 # One statement writes everything a batch granted: guarded counter UPDATE,
 # reservations, lines, ledger + outbox, and (batcher) the idempotency answers.
 _WRITE = text(
@@ -274,13 +304,27 @@ class StoreRows:
         return {"s_p": self.principals, "s_r": self.request_ids, "s_c": self.codes, "s_b": self.bodies}
 
 
+Claim = tuple[str, str, str, bytes]  # principal, request_id, method, request hash
+
+
 async def _load_for_plan(
-    session: AsyncSession, skus: list[str]
-) -> tuple[dict[str, Policy], list[WarehouseInfo], dict[Key, Level], datetime]:
-    rows = (await session.execute(_LOAD, {"skus": skus})).all()
+    session: AsyncSession, skus: list[str], claims: Sequence[Claim] = ()
+) -> tuple[dict[str, Policy], list[WarehouseInfo], dict[Key, Level], datetime, set[tuple[str, str]]]:
+    if claims:
+        params: dict[str, object] = {
+            "skus": skus,
+            "c_p": [c[0] for c in claims],
+            "c_r": [c[1] for c in claims],
+            "c_m": [c[2] for c in claims],
+            "c_h": [c[3] for c in claims],
+        }
+        rows = (await session.execute(_LOAD_CLAIMING, params)).all()
+    else:
+        rows = (await session.execute(_LOAD, {"skus": skus})).all()
     policies: dict[str, Policy] = {}
     warehouses: list[WarehouseInfo] = []
     levels: dict[Key, Level] = {}
+    claimed: set[tuple[str, str]] = set()
     now: datetime = rows[-1].ts
     for r in rows:
         if r.kind == "l":
@@ -289,17 +333,36 @@ async def _load_for_plan(
             policies[r.sku] = Policy(bool(r.b1), bool(r.b2), int(r.n1), int(r.n2))
         elif r.kind == "w":
             warehouses.append(WarehouseInfo(r.code, int(r.n1), bool(r.b1)))
+        elif r.kind == "c":
+            claimed.add((r.sku, r.code))
     warehouses.sort(key=lambda w: (w.priority, w.code))
-    return policies, warehouses, levels, now
+    return policies, warehouses, levels, now, claimed
 
 
 async def reserve_many(
     session: AsyncSession,
     requests: Sequence[ReserveRequest],
-    *,
-    store: Callable[[list[Reservation | DomainError]], StoreRows] | None = None,
 ) -> list[Reservation | DomainError]:
     """Reserve for several independent requests in the caller's transaction.
+
+    Each request is all or nothing; per request the Reservation or the
+    DomainError that refused it (nothing written for it)."""
+    results = await reserve_claimed(session, requests, [None] * len(requests))
+    return [r for r in results if r is not None]
+
+
+async def reserve_claimed(
+    session: AsyncSession,
+    requests: Sequence[ReserveRequest],
+    claims: Sequence[Claim | None],
+    *,
+    store: Callable[[list[Reservation | DomainError | None]], StoreRows] | None = None,
+) -> list[Reservation | DomainError | None]:
+    """Reserve for several independent requests in the caller's transaction.
+
+    `claims[i]` (batcher) is request i's idempotency key, claimed in the load
+    statement (keys in sorted order); a request whose key was already present
+    is not executed and its result is None (the caller replays the stored row).
 
     Each request is all or nothing; requests are granted in order while stock
     lasts (the group-commit batcher relies on this). Per request the result is
@@ -309,11 +372,20 @@ async def reserve_many(
     same statement.
     """
     skus = sorted({line.sku for r in requests for line in r.lines})
-    for _attempt in range(2):
-        policies, warehouses, locked, now = await _load_for_plan(session, skus)
+    to_claim = sorted((c for c in claims if c is not None), key=lambda c: (c[0], c[1]))
+    claimed: set[tuple[str, str]] = set()
+    for attempt in range(2):
+        policies, warehouses, locked, now, got_claims = await _load_for_plan(
+            session, skus, to_claim if attempt == 0 else ()
+        )
+        if attempt == 0:
+            claimed = got_claims
         state = {k: Level(v.on_hand, v.reserved) for k, v in locked.items()}
-        plans: list[list[Alloc] | DomainError] = []
-        for req in requests:
+        plans: list[list[Alloc] | DomainError | None] = []
+        for req, claim in zip(requests, claims, strict=True):
+            if claim is not None and (claim[0], claim[1]) not in claimed:
+                plans.append(None)  # key already present: not executed, replayed by the caller
+                continue
             try:
                 plans.append(allocate(req.lines, policies, warehouses, state))
             except DomainError as err:  # this request is refused; the others go on
@@ -322,7 +394,7 @@ async def reserve_many(
             {
                 (a.sku, a.warehouse_code)
                 for p in plans
-                if not isinstance(p, DomainError)
+                if p is not None and not isinstance(p, DomainError)
                 for a in p
                 if a.tracked and (a.sku, a.warehouse_code) not in locked
             }
@@ -342,10 +414,10 @@ async def reserve_many(
     totals = _totals(running)
     drafts: list[ledger.Draft] = []
     deltas: dict[Key, int] = {}
-    results: list[Reservation | DomainError] = []
+    results: list[Reservation | DomainError | None] = []
     granted: list[Reservation] = []
     for req, plan in zip(requests, plans, strict=True):
-        if isinstance(plan, DomainError):
+        if plan is None or isinstance(plan, DomainError):
             results.append(plan)
             continue
         rid = uuid.uuid4()
