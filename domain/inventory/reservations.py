@@ -978,25 +978,49 @@ async def retarget(
     if ttl is not None and not timedelta(0) < ttl <= MAX_TTL:
         v.add("ttl", "must be positive and at most 30 days")
     v.raise_if_any("the request is invalid")
-    res = await _load(session, rid, lock=True)
+    # Three statements (checkout runs this while it holds locks): lock + now(),
+    # the lines, and the UPDATE returning the row; retarget never changes lines.
+    row = (
+        await session.execute(
+            text(f"SELECT {_COLUMNS}, now() AS now FROM inventory.reservations WHERE id = :id FOR UPDATE"),
+            {"id": rid},
+        )
+    ).one_or_none()
+    if row is None:
+        raise NotFound(
+            "RESERVATION_NOT_FOUND", f"reservation {rid} does not exist", metadata={"id": str(rid)}
+        )
+    (res,) = await _reservations(session, [row])
     if res.state != "active":
         raise FailedPrecondition(
             "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
         )
-    if _expired(res, await _now(session)):
+    if _expired(res, row.now):
         raise FailedPrecondition(
             "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
         )
-    await session.execute(
-        text(
-            """UPDATE inventory.reservations SET reference = :ref, actor = CASE WHEN :actor = '' THEN actor ELSE :actor END,
-               expires_at = CASE WHEN CAST(:us AS bigint) IS NULL THEN NULL
-                                 ELSE now() + CAST(:us AS bigint) * interval '1 microsecond' END,
-               updated_at = now() WHERE id = :id"""
-        ),
-        {"ref": reference, "actor": actor, "us": _ttl_us(ttl), "id": rid},
+    updated = (
+        await session.execute(
+            text(
+                f"""UPDATE inventory.reservations SET reference = :ref,
+                   actor = CASE WHEN :actor = '' THEN actor ELSE :actor END,
+                   expires_at = CASE WHEN CAST(:us AS bigint) IS NULL THEN NULL
+                                     ELSE now() + CAST(:us AS bigint) * interval '1 microsecond' END,
+                   updated_at = now() WHERE id = :id RETURNING {_COLUMNS}"""
+            ),
+            {"ref": reference, "actor": actor, "us": _ttl_us(ttl), "id": rid},
+        )
+    ).one()
+    return Reservation(
+        id=updated.id,
+        reference=updated.reference,
+        state=updated.state,
+        lines=res.lines,
+        expires_at=updated.expires_at,
+        created_at=updated.created_at,
+        updated_at=updated.updated_at,
+        actor=updated.actor,
     )
-    return await _load(session, rid, lock=False)
 
 
 # ------------------------------------------------------------------ expiry
