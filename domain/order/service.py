@@ -349,6 +349,16 @@ async def _row(session: AsyncSession, order_id: str, channel: str | None, *, loc
     return row
 
 
+@dataclass(frozen=True)
+class _EntrySpec:
+    code: str
+    written_by: str
+    severity: Severity = Severity.INFO
+    category: str = ""
+    payload: dict[str, Any] | None = None
+    recorded_at: datetime | None = None
+
+
 async def _append(
     session: AsyncSession,
     order: OrderRow,
@@ -362,54 +372,84 @@ async def _append(
     events_before: Sequence[Event] = (),
 ) -> StatusEntry:
     """Appends an entry and its event; `events_before` go into the same outbox insert (one round trip)."""
-    module = code.split(":", 1)[0]
-    payload = payload or {}
-    # Core insert returning plain columns: no ORM object for a write-once row.
-    written = (
-        await session.execute(
-            insert(StatusEntryRow)
-            .values(
-                order_id=order.id,
-                code=code,
-                module=module,
-                category=category,
-                severity=severity.value,
-                payload=payload,
-                recorded_at=recorded_at or func.now(),
-                written_by=written_by,
-            )
-            .returning(StatusEntryRow.id, StatusEntryRow.recorded_at, StatusEntryRow.created_at)
-        )
-    ).one()
-    entry = StatusEntry(
-        id=written.id,
-        order_id=str(order.id),
-        code=code,
-        module=module,
-        category=category,
-        severity=severity,
-        payload=payload,
-        recorded_at=written.recorded_at,
-        written_by=written_by,
-        created_at=written.created_at,
-        closed_at=None,
-        closed_by=None,
-        close_note=None,
+    (entry,) = await _append_many(
+        session,
+        order,
+        [_EntrySpec(code, written_by, severity, category, payload, recorded_at)],
+        events_before=events_before,
     )
+    return entry
+
+
+async def _append_many(
+    session: AsyncSession,
+    order: OrderRow,
+    specs: Sequence[_EntrySpec],
+    *,
+    events_before: Sequence[Event] = (),
+) -> list[StatusEntry]:
+    """Appends entries in order with their events: one multi-row insert for the
+    entries and one outbox insert (`events_before` first), two round trips."""
+    values = [
+        {
+            "order_id": order.id,
+            "code": x.code,
+            "module": x.code.split(":", 1)[0],
+            "category": x.category,
+            "severity": x.severity.value,
+            "payload": x.payload or {},
+            "recorded_at": x.recorded_at or func.now(),
+            "written_by": x.written_by,
+        }
+        for x in specs
+    ]
+    # Core insert returning plain columns: no ORM object for a write-once row.
+    # Ids come from one sequence in VALUES order, so sorting by id pairs them with specs.
+    written = sorted(
+        (
+            await session.execute(
+                insert(StatusEntryRow)
+                .values(values)
+                .returning(StatusEntryRow.id, StatusEntryRow.recorded_at, StatusEntryRow.created_at)
+            )
+        ).all(),
+        key=lambda r: r.id,
+    )
+    entries = [
+        StatusEntry(
+            id=w.id,
+            order_id=str(order.id),
+            code=x.code,
+            module=x.code.split(":", 1)[0],
+            category=x.category,
+            severity=x.severity,
+            payload=x.payload or {},
+            recorded_at=w.recorded_at,
+            written_by=x.written_by,
+            created_at=w.created_at,
+            closed_at=None,
+            closed_by=None,
+            close_note=None,
+        )
+        for x, w in zip(specs, written, strict=True)
+    ]
     await emit_many(
         session,
         [
             *events_before,
-            Event(
-                STATUS_APPENDED,
-                "order",
-                str(order.id),
-                {"order_id": str(order.id), "entry": entry_payload(entry)},
-                order.channel,
+            *(
+                Event(
+                    STATUS_APPENDED,
+                    "order",
+                    str(order.id),
+                    {"order_id": str(order.id), "entry": entry_payload(e)},
+                    order.channel,
+                )
+                for e in entries
             ),
         ],
     )
-    return entry
+    return entries
 
 
 async def _update_order(session: AsyncSession, row: OrderRow, **values: Any) -> None:
@@ -601,27 +641,32 @@ async def submit_intent(
         {"order_id": str(order_id), "state": State.PENDING.value},
         channel.slug,
     )
-    await _append(
-        session,
-        row,
-        "order:submitted",
-        written_by=actor,
-        category="lifecycle",
-        payload={
-            "source_system": intent.source_system,
-            "intent_id": intent.intent_id,
-            "external_order_id": intent.external_order_id,
-            "grand_total_minor": t.grand_total.amount_minor,
-            "currency": channel.currency,
-        },
-        events_before=[created],
-    )
+    specs = [
+        _EntrySpec(
+            "order:submitted",
+            actor,
+            category="lifecycle",
+            payload={
+                "source_system": intent.source_system,
+                "intent_id": intent.intent_id,
+                "external_order_id": intent.external_order_id,
+                "grand_total_minor": t.grand_total.amount_minor,
+                "currency": channel.currency,
+            },
+        )
+    ]
     if reservation_id:
-        await _append(
-            session, row, "inventory:reservation_confirmed", written_by=actor, category="inventory",
-            payload={"reservation_id": reservation_id, "adopted": True},
-        )  # fmt: skip
-    elif reserve_inventory:
+        specs.append(
+            _EntrySpec(
+                "inventory:reservation_confirmed",
+                actor,
+                category="inventory",
+                payload={"reservation_id": reservation_id, "adopted": True},
+            )
+        )
+    # Both entries and their events in two statements (checkout holds locks meanwhile).
+    await _append_many(session, row, specs, events_before=[created])
+    if not reservation_id and reserve_inventory:
         wanted = [(li.sku, li.quantity) for li in intent.lines]
         await _reserve(session, row, wanted, actor=actor, inventory=inventory)
     # Everything is known: build the answer without reading the rows back.
