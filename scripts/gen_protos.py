@@ -60,7 +60,7 @@ def _module(proto_file: str) -> tuple[str, str]:
     """entrepot/inventory/v1/inventory.proto -> (import path, alias)."""
     mod = proto_file[: -len(".proto")].replace("/", ".") + "_pb2"
     parts = proto_file[: -len(".proto")].split("/")
-    return mod, "_".join(parts[1:-1] + [parts[-1]]) + "_pb2"
+    return mod, "_".join([*parts[1:-1], parts[-1]]) + "_pb2"
 
 
 def client_source(fds: descriptor_pb2.FileDescriptorSet) -> str:

@@ -155,6 +155,7 @@ class App:
             return
         self._stopping = True
         await self.health.enter_graceful_shutdown()
+        await asyncio.sleep(self.settings.shutdown_delay_seconds)
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

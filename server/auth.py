@@ -47,10 +47,11 @@ def policies_for(services: list[ServiceDescriptor]) -> dict[str, Policy]:
         for method in service.methods:
             name = f"/{service.full_name}/{method.name}"
             opts = method.GetOptions()
-            if not opts.HasExtension(auth_pb2.access) or not opts.Extensions[auth_pb2.access].permission:
+            ext: Any = auth_pb2.access
+            if not opts.HasExtension(ext) or not opts.Extensions[ext].permission:
                 missing.append(name)
                 continue
-            access = opts.Extensions[auth_pb2.access]
+            access = opts.Extensions[ext]
             out[name] = Policy(
                 permission=access.permission,
                 channel_required=access.channel_required,

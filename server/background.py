@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
+from typing import Any
 
 from domain.platform import idempotency
 from domain.shared import leases, outbox
@@ -17,7 +18,7 @@ from server.runtime import Runtime
 
 log = logging.getLogger("entrepot.background")
 
-Job = Callable[[Runtime, str], Awaitable[None]]
+Job = Callable[[Runtime, str], Coroutine[Any, Any, None]]
 
 
 async def run_leased(

@@ -24,7 +24,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.metrics_port is not None:
         s.metrics_port = args.metrics_port
     logs.configure(s.log_level)
-    serve_metrics(s.metrics_port)
+    serve_metrics(s.metrics_port, s.metrics_host)
     asyncio.run(serve(s))
     return 0
 

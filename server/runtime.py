@@ -39,6 +39,9 @@ class Runtime:
         self.settings = settings
         self.engine = engine
         self.sessions: async_sessionmaker[AsyncSession] = make_session_factory(engine)
+        self.autocommit_sessions: async_sessionmaker[AsyncSession] = make_session_factory(
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self._temporal: Any = None
         self._temporal_lock = asyncio.Lock()
         # Filled by the app: response message class per full method name.
@@ -54,6 +57,11 @@ class Runtime:
 
     async def read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
         async with self.sessions() as session, session.begin():
+            return await fn(session)
+
+    async def read_one_statement(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """For reads that are a single statement: autocommit, so no BEGIN/COMMIT round trips."""
+        async with self.autocommit_sessions() as session:
             return await fn(session)
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:
@@ -92,7 +100,7 @@ class Runtime:
                     return result
             else:
                 stored = await idempotency.get(uow.session, principal, request_id)
-                return self._replay(stored, method, digest)
+                return self._replay(stored, method, digest)  # type: ignore[no-any-return]
 
         # The domain refused: the refusal is the answer for this request_id too.
         status = status_from_domain(failure)
@@ -109,7 +117,7 @@ class Runtime:
                 await uow.commit()
                 raise failure
             stored = await idempotency.get(uow.session, principal, request_id)
-        return self._replay(stored, method, digest)
+        return self._replay(stored, method, digest)  # type: ignore[no-any-return]
 
     def _replay(self, stored: idempotency.StoredResponse, method: str, digest: bytes) -> Any:
         if stored.request_hash != digest:
@@ -122,7 +130,7 @@ class Runtime:
             status = status_pb2.Status()
             status.ParseFromString(stored.response or b"")
             raise ReplayedStatus(status)
-        response_type = self.response_types[method]
+        response_type = self.response_types[method]  # the method's declared output type
         message = response_type()
         message.ParseFromString(stored.response or b"")
         return message

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 
@@ -24,6 +24,7 @@ class Settings(BaseSettings):
     listen: str = "127.0.0.1:50051"
     # 0 disables the metrics endpoint.
     metrics_port: int = 9464
+    metrics_host: str = "127.0.0.1"
     data_dir: Path = Path(".entrepot")
     log_level: str = "INFO"
     access_log: bool = True
@@ -42,13 +43,17 @@ class Settings(BaseSettings):
     # Transport limits.
     max_message_bytes: int = 4 * 1024 * 1024
     max_metadata_bytes: int = 16 * 1024
-    max_concurrent_streams: int = 100
+    # Per HTTP/2 connection. Python gRPC clients do not queue past the limit (the
+    # server refuses the stream: UNAVAILABLE), so it is sized for busy shared channels.
+    max_concurrent_streams: int = 1000
     max_concurrent_rpcs: int = 2000
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000
     max_connection_idle_ms: int = 300_000
     max_connection_age_ms: int = 0
     grace_seconds: float = 10.0
+    # Between reporting NOT_SERVING and refusing new calls, so load balancers notice first.
+    shutdown_delay_seconds: float = 1.0
 
     # Database.
     db_pool_size: int = 10
@@ -66,9 +71,8 @@ class Settings(BaseSettings):
     reserve_batch_inflight: int = 2
     reservation_sweep_seconds: float = 1.0
 
+    @field_validator("jwt_algorithms", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:
+        """Accept "HS256,RS256" from the environment."""
         return [p.strip() for p in value.split(",") if p.strip()] if isinstance(value, str) else value
-
-    def model_post_init(self, _ctx: object) -> None:
-        self.jwt_algorithms = list(self._split(self.jwt_algorithms))  # type: ignore[arg-type]

@@ -58,6 +58,7 @@ def make_settings(database_url: str, temporal_address: str | None, **overrides: 
         "metrics_port": 0,
         "access_log": False,
         "grace_seconds": 2.0,
+        "shutdown_delay_seconds": 0.0,
         "db_pool_size": 20,
         "db_max_overflow": 20,
     }
@@ -154,7 +155,7 @@ async def client_factory(
 
 
 @pytest.fixture
-def admin(client_factory: Callable[..., Entrepot]) -> Entrepot:
+async def admin(client_factory: Callable[..., Entrepot]) -> Entrepot:
     """A client with every permission, on the test channel."""
     return client_factory()
 
