@@ -237,6 +237,8 @@ async def watch_stock(
             w.latest_cursor = rows[-1].event_id
         if len(rows) < READ_LIMIT and hub.try_join(w):
             break
+        if not rows:
+            await asyncio.sleep(0.05)  # the hub is ahead but its rows are not visible yet
     try:
         while True:
             try:

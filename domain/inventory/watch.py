@@ -88,9 +88,7 @@ def make_filter(skus: Sequence[str], warehouses: Sequence[str], below_threshold_
 
 
 # The highest id ever handed out (purged or not): above it, a cursor was never issued.
-_MAX_ID = text(
-    "SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM platform.outbox_id_seq"
-)
+_MAX_ID = text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM platform.outbox_id_seq")
 
 
 async def start_position(session: AsyncSession, after_event_id: int) -> Position:
