@@ -151,7 +151,9 @@ def rss_kb(pid: int) -> int:
     return 0
 
 
-async def run_p6(url: str, server: ServerProcess, token: str, seconds: float) -> dict[str, Any]:
+async def run_p6(
+    url: str, server: ServerProcess, token: str, seconds: float, n_filtered: int = 1000
+) -> dict[str, Any]:
     wh = "P6WH"
     engine = make_engine(url, pool_size=2, max_overflow=0)
     sessions = make_session_factory(engine)
@@ -160,10 +162,13 @@ async def run_p6(url: str, server: ServerProcess, token: str, seconds: float) ->
             text("INSERT INTO inventory.warehouses (code, name) VALUES (:c, :c) ON CONFLICT DO NOTHING"),
             {"c": wh},
         )
-    n_filtered, per = 1000, 10
+    per = 10
     skus = [f"P6-{i:05d}" for i in range(n_filtered * per)]
-    channels = [Entrepot(server.target, token) for _ in range(25)]  # <= 100 streams per connection
-    producer = Entrepot(server.target, token)
+    # Separate HTTP/2 connections (gRPC shares subchannels between identical
+    # channels otherwise): <= 50 streams each, and the producer on its own.
+    own = [("grpc.use_local_subchannel_pool", 1)]
+    channels = [Entrepot(server.target, token, options=own) for _ in range(25)]
+    producer = Entrepot(server.target, token, options=own)
     # Create the items once so the watch period measures only changes.
     await sync_stock(
         producer,
@@ -176,6 +181,7 @@ async def run_p6(url: str, server: ServerProcess, token: str, seconds: float) ->
         ],
         batch_size=5000,
     )
+    print("P6: items created", file=sys.stderr)
     async with sessions() as s:
         start_id = int(
             (await s.execute(text("SELECT coalesce(max(id), 0) FROM platform.outbox"))).scalar_one()
@@ -200,6 +206,7 @@ async def run_p6(url: str, server: ServerProcess, token: str, seconds: float) ->
         received.append({})
         tasks.append(asyncio.create_task(watcher(i, channels[i % len(channels)], flt)))
     await asyncio.sleep(3.0)  # connect everyone
+    print(f"P6: {len(filters)} watchers open, producing for {seconds} s", file=sys.stderr)
     rss_before = rss_kb(server.proc.pid) if server.proc else 0
     sent = 0
     t_end = time.perf_counter() + seconds
@@ -232,6 +239,7 @@ async def run_p6(url: str, server: ServerProcess, token: str, seconds: float) ->
                 yield e
 
     await sync_stock(producer, "bench-p6", flat(), batch_size=50, window=2)
+    print(f"P6: produced {sent} changes; waiting for delivery", file=sys.stderr)
     # Wait for delivery to settle.
     async with sessions() as s:
         rows = (
@@ -295,7 +303,9 @@ async def amain(args: argparse.Namespace, url: str) -> dict[str, Any]:
         if args.only in ("", "p4"):
             results["P4"] = await run_p4(url, server, token, args.events)
         if args.only in ("", "p6"):
-            results["P6"] = await run_p6(url, server, token, 60.0 if args.full else args.seconds)
+            results["P6"] = await run_p6(
+                url, server, token, 60.0 if args.full else args.seconds, args.watchers
+            )
     finally:
         server.stop()
     return results
@@ -306,6 +316,7 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--seconds", type=float, default=10.0, help="P6 duration (short form)")
     parser.add_argument("--full", action="store_true", help="P6 for 60 s")
+    parser.add_argument("--watchers", type=int, default=1000, help="P6 filtered watchers (10 SKUs each)")
     parser.add_argument("--only", choices=("", "p4", "p6"), default="")
     args = parser.parse_args()
     url, name = migrated_database("bench_sync")
