@@ -23,6 +23,7 @@ import argparse
 import asyncio
 import csv
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -208,44 +209,29 @@ async def run_p6(
     await asyncio.sleep(3.0)  # connect everyone
     print(f"P6: {len(filters)} watchers open, producing for {seconds} s", file=sys.stderr)
     rss_before = rss_kb(server.proc.pid) if server.proc else 0
-    sent = 0
-    t_end = time.perf_counter() + seconds
-    tick = 0
-
-    async def batches() -> Any:
-        nonlocal sent, tick
-        while time.perf_counter() < t_end:
-            t = time.perf_counter()
-            batch = []
-            for _ in range(50):
-                sku = skus[(sent * 7919) % len(skus)]
-                batch.append(
-                    pb.SyncEvent(
-                        event_id=f"p6-{sent}",
-                        sku=sku,
-                        warehouse_code=wh,
-                        kind=pb.SYNC_EVENT_KIND_ADJUST,
-                        quantity=1,
-                    )
-                )
-                sent += 1
-            yield batch
-            tick += 1
-            await asyncio.sleep(max(0.0, 0.05 - (time.perf_counter() - t)))
-
-    async def flat() -> Any:
-        async for b in batches():
-            for e in b:
-                yield e
-
-    await sync_stock(producer, "bench-p6", flat(), batch_size=50, window=2)
+    # The producer runs in its own process, so the 1,010 streams of this one do not slow it down.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.sync",
+        "--produce",
+        server.target,
+        wh,
+        str(seconds),
+        str(len(skus)),
+        cwd=ROOT,
+        env={**os.environ, "BENCH_TOKEN": token},
+        stdout=asyncio.subprocess.PIPE,
+    )
+    out, _ = await proc.communicate()
+    sent = int(out.decode().split()[-1])
     print(f"P6: produced {sent} changes; waiting for delivery", file=sys.stderr)
     # Wait for delivery to settle.
     async with sessions() as s:
         rows = (
             await s.execute(
                 text(
-                    "SELECT id, aggregate_id FROM platform.outbox WHERE id > :i AND payload->>'source' = 'bench-p6'"
+                    "SELECT id, aggregate_id FROM platform.outbox WHERE id > :i AND payload->>'source' LIKE 'bench-p6-%'"
                 ),
                 {"i": start_id},
             )
@@ -292,6 +278,35 @@ async def run_p6(
     }
 
 
+async def produce(target: str, wh: str, seconds: float, n_skus: int) -> int:
+    """P6's producer: 4 adapters (sources), each a SyncStock batch of 50 every 200 ms (1,000/s in all):
+    batches of one source apply one after another, so one source alone is bound by commit latency."""
+    skus = [f"P6-{i:05d}" for i in range(n_skus)]
+    t_end = time.perf_counter() + seconds
+    counts = [0, 0, 0, 0]
+
+    async def events(k: int) -> Any:
+        while time.perf_counter() < t_end:
+            t = time.perf_counter()
+            for _ in range(50):
+                n = counts[k] * 4 + k
+                yield pb.SyncEvent(
+                    event_id=f"p6-{n}",
+                    sku=skus[(n * 7919) % len(skus)],
+                    warehouse_code=wh,
+                    kind=pb.SYNC_EVENT_KIND_ADJUST,
+                    quantity=1,
+                )
+                counts[k] += 1
+            await asyncio.sleep(max(0.0, 0.2 - (time.perf_counter() - t)))
+
+    async with Entrepot(target, os.environ["BENCH_TOKEN"]) as ep:
+        await asyncio.gather(
+            *(sync_stock(ep, f"bench-p6-{k}", events(k), batch_size=50, window=2) for k in range(4))
+        )
+    return sum(counts)
+
+
 async def amain(args: argparse.Namespace, url: str) -> dict[str, Any]:
     log_dir = Path(tempfile.mkdtemp(prefix="bench-sync-"))
     server = ServerProcess(url, log_dir, ENTREPOT_ACCESS_LOG="false", ENTREPOT_DB_POOL_SIZE="10")
@@ -312,6 +327,9 @@ async def amain(args: argparse.Namespace, url: str) -> dict[str, Any]:
 
 
 def main() -> None:
+    if len(sys.argv) == 6 and sys.argv[1] == "--produce":
+        print(asyncio.run(produce(sys.argv[2], sys.argv[3], float(sys.argv[4]), int(sys.argv[5]))))
+        return
     parser = argparse.ArgumentParser(description="P4/P6: SyncStock vs psql \\copy, watch fan-out")
     parser.add_argument("--events", type=int, default=200_000)
     parser.add_argument("--seconds", type=float, default=10.0, help="P6 duration (short form)")
