@@ -36,6 +36,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.inventory import ledger
 from domain.inventory.types import Cost, is_below_threshold
 from domain.inventory.validation import MAX_QUANTITY, MAX_TEXT, WAREHOUSE_CODE, normalize_sku
+from domain.shared import outbox
 from domain.shared.errors import InvalidArgument
 from domain.shared.money import is_currency
 
@@ -560,6 +561,8 @@ async def _apply(
             _WRITE, {"rows": _json(drafts), "source": source, "actor": actor, "topic": ledger.TOPIC}
         )
     ).scalar_one()
+    # Outbox rows written by hand: wake the watchers after commit.
+    outbox.mark_written(session)
     if lots:
         lot_rows = [
             {
