@@ -22,7 +22,7 @@ from domain.shared.db import make_engine, make_session_factory
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
-from entrepot_client.streams import StockEvent, sync_stock
+from entrepot_client.streams import StockEvent, reconnect_options, sync_stock
 from tests.inventory_support import check_invariants
 from tests.reliability.servers import ServerProcess, admin_token
 
@@ -91,7 +91,7 @@ async def test_sigkill_during_sync_then_resume_applies_every_event_once(
     engine = make_engine(database_url, pool_size=2, max_overflow=0)
     sessions = make_session_factory(engine)
     try:
-        async with Entrepot(server.target, token) as ep:
+        async with Entrepot(server.target, token, options=reconnect_options()) as ep:
             wh = "R3-" + uuid.uuid4().hex[:6]
             await ep.inventory.create_warehouse(
                 pb.CreateWarehouseRequest(

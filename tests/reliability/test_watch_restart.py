@@ -17,7 +17,7 @@ from domain.shared.db import make_engine, make_session_factory
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
-from entrepot_client.streams import StockEvent, sync_stock, watch_stock
+from entrepot_client.streams import StockEvent, reconnect_options, sync_stock, watch_stock
 from tests.reliability.servers import ServerProcess, admin_token
 
 LONG = os.environ.get("ENTREPOT_SOAK") == "long"
@@ -37,8 +37,8 @@ async def test_watcher_sees_every_change_once_in_order_across_restarts_and_repli
     engine = make_engine(database_url, pool_size=2, max_overflow=0)
     sessions = make_session_factory(engine)
     # The watcher's channel knows both replicas: when one dies it lands on the other.
-    both = Entrepot(f"ipv4:{a.target},{b.target}", token)
-    writer = Entrepot(b.target, token)
+    both = Entrepot(f"ipv4:{a.target},{b.target}", token, options=reconnect_options())
+    writer = Entrepot(b.target, token, options=reconnect_options())
     try:
         wh = "R4-" + uuid.uuid4().hex[:6]
         await writer.inventory.create_warehouse(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import deque
 from collections.abc import AsyncIterable, AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
@@ -119,11 +120,14 @@ async def sync_stock(
     max_retries: int = 30,
     retry_delay: float = 0.2,
     max_retry_delay: float = 2.0,
+    retry_for: float = 120.0,
 ) -> SyncProgress:
     """Stream `events` to SyncStock in batches of `batch_size`, at most `window` unacked.
 
-    Retries UNAVAILABLE (server restart, network) up to `max_retries` times in
-    a row with capped exponential backoff; other errors are raised. Returns
+    Retries UNAVAILABLE (server restart, network) with capped exponential
+    backoff until both `max_retries` attempts in a row and `retry_for` seconds
+    without any answer are used up; other errors are raised. (gRPC channels
+    back off reconnects too: see `reconnect_options()`.) Returns
     the totals; `on_progress` is called after every ack.
     """
     if not 1 <= batch_size <= 10_000:
@@ -189,6 +193,7 @@ async def sync_stock(
             await room.wait()
 
     failures = 0
+    last_ok = time.monotonic()
     while True:
         generation += 1
         ready = asyncio.Event()
@@ -196,6 +201,7 @@ async def sync_stock(
         try:
             async for resp in inv.sync_stock(requests(generation)):
                 failures = 0
+                last_ok = time.monotonic()
                 if resp.WhichOneof("message") == "ready":
                     progress.cursor = resp.ready
                     if base is None:
@@ -227,7 +233,7 @@ async def sync_stock(
             )
         except (UnavailableError, AbortedError) as err:
             failures += 1
-            if failures > max_retries:
+            if failures > max_retries and time.monotonic() - last_ok > retry_for:
                 raise
             progress.reconnects += 1
             log.info("SyncStock disconnected; resuming", extra={"error": str(err), "attempt": failures})
@@ -241,6 +247,16 @@ def _drop_committed(pending: deque[_Batch], committed: int, progress: SyncProgre
     while pending and pending[0].end <= committed:
         pending.popleft()
         progress.committed_unacked += 1
+
+
+def reconnect_options(max_backoff_ms: int = 2000) -> list[tuple[str, int]]:
+    """Channel options (pass as `Entrepot(..., options=...)`) that cap gRPC's own
+    reconnect backoff, which otherwise grows to minutes after repeated failures."""
+    return [
+        ("grpc.initial_reconnect_backoff_ms", 200),
+        ("grpc.min_reconnect_backoff_ms", 200),
+        ("grpc.max_reconnect_backoff_ms", max_backoff_ms),
+    ]
 
 
 class StockWatch:
@@ -262,8 +278,10 @@ class StockWatch:
         max_retries: int = 30,
         retry_delay: float = 0.2,
         max_retry_delay: float = 2.0,
+        retry_for: float = 120.0,
     ) -> None:
         self._inv = _inventory(client)
+        self._retry_for = retry_for
         self._skus = list(skus)
         self._whs = list(warehouse_codes)
         self._below = below_threshold_only
@@ -278,6 +296,7 @@ class StockWatch:
 
     async def _run(self) -> AsyncIterator[pb.StockChangeEvent]:
         failures = 0
+        last_ok = time.monotonic()
         while True:
             request = pb.WatchStockChangesRequest(
                 skus=self._skus,
@@ -288,6 +307,7 @@ class StockWatch:
             try:
                 async for msg in self._inv.watch_stock_changes(request):
                     failures = 0
+                    last_ok = time.monotonic()
                     for e in msg.events:
                         self.cursor = e.event_id
                         yield e
@@ -297,7 +317,7 @@ class StockWatch:
                 if isinstance(err, ResourceExhaustedError) and err.reason != "WATCHER_TOO_SLOW":
                     raise
                 failures += 1
-                if failures > self._max_retries:
+                if failures > self._max_retries and time.monotonic() - last_ok > self._retry_for:
                     raise
                 self.reconnects += 1
                 log.info("watch disconnected; resuming", extra={"error": str(err), "cursor": self.cursor})
@@ -309,4 +329,4 @@ def watch_stock(client: Any, **kwargs: Any) -> StockWatch:
     return StockWatch(client, **kwargs)
 
 
-__all__ = ["StockEvent", "StockWatch", "SyncProgress", "sync_stock", "watch_stock"]
+__all__ = ["StockEvent", "StockWatch", "SyncProgress", "reconnect_options", "sync_stock", "watch_stock"]
