@@ -130,10 +130,21 @@ async def test_expired_and_unknown_cursors(
 ) -> None:
     wh = await make_warehouse(admin)
     sku = unique("SKU")
-    await sync_stock(admin, unique("wms"), [ev("0", sku, wh, "set", 1), ev("1", sku, wh, "set", 2)])
-    gone = await last_event_id(sessions, sku)
     async with sessions() as s, s.begin():
-        # What the retention job does to old events.
+        # An event then purged, as the retention job does to old events (another
+        # topic, so the session's ledger/outbox invariant is left alone).
+        gone = int(
+            (
+                await s.execute(
+                    text(
+                        """INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
+                           VALUES ('test.purged', 'x', 'x', '{}') RETURNING id"""
+                    )
+                )
+            ).scalar_one()
+        )
+    await sync_stock(admin, unique("wms"), [ev("0", sku, wh, "set", 1)])  # a later event exists
+    async with sessions() as s, s.begin():
         await s.execute(text("DELETE FROM platform.outbox WHERE id = :id"), {"id": gone})
     with pytest.raises(EntrepotError) as err:
         await collect(watch_stock(admin, after_event_id=gone), 1)
