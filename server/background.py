@@ -66,3 +66,13 @@ JOBS: list[Job] = [retention]
 
 # Inventory: releases expired reservation holds.
 JOBS.append(_inventory_sweeper)
+
+
+async def _stock_watch_hub(rt: Runtime, holder: str) -> None:
+    from server.stock_watch import run_hub
+
+    await run_hub(rt, holder)
+
+
+# Inventory streams: the per-process outbox tail behind WatchStockChanges.
+JOBS.append(_stock_watch_hub)
