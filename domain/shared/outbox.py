@@ -95,7 +95,7 @@ async def read_after(
 ) -> list[StoredEvent]:
     """Committed events after `position` = (txid, id), in delivery order."""
     result = await session.execute(
-        _READ, {"txid": position[0], "id": position[1], "topics": list(topics), "limit": limit}
+        _READ, {"txid": str(position[0]), "id": position[1], "topics": list(topics), "limit": limit}
     )
     return [StoredEvent(*row) for row in result.all()]
 
