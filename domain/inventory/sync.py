@@ -155,8 +155,8 @@ _LOOKUP = text(
 _CLAIM = text(
     """
     INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
-    SELECT :source, t.id, t.outcome, t.reason, t.message
-    FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS "char"[]), CAST(:reasons AS text[]),
+    SELECT :source, t.id, CAST(t.outcome AS "char"), t.reason, t.message
+    FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]), CAST(:reasons AS text[]),
                 CAST(:messages AS text[])) AS t(id, outcome, reason, message)
     ON CONFLICT DO NOTHING
     RETURNING event_id
@@ -165,7 +165,7 @@ _CLAIM = text(
 
 _RECORDED = text(
     """
-    SELECT event_id, outcome, reason, message FROM inventory.sync_events
+    SELECT event_id, CAST(outcome AS text) AS outcome, reason, message FROM inventory.sync_events
     WHERE source = :source AND event_id = ANY(CAST(:ids AS text[]))
     """
 )
@@ -248,8 +248,8 @@ _UPSERT_WATERMARKS = text(
 
 _SET_OUTCOMES = text(
     """
-    UPDATE inventory.sync_events e SET outcome = t.outcome, reason = t.reason, message = t.message
-    FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS "char"[]), CAST(:reasons AS text[]),
+    UPDATE inventory.sync_events e SET outcome = CAST(t.outcome AS "char"), reason = t.reason, message = t.message
+    FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]), CAST(:reasons AS text[]),
                 CAST(:messages AS text[])) AS t(id, outcome, reason, message)
     WHERE e.source = :source AND e.event_id = t.id
     """
@@ -456,12 +456,21 @@ async def _apply(
                 int(r.low_stock_threshold),
             )
     pairs = sorted({(e.sku, e.warehouse_code) for e in todo})
-    await session.execute(_ENSURE_LEVELS, {"skus": [p[0] for p in pairs], "whs": [p[1] for p in pairs]})
     levels: dict[tuple[str, str], list[int]] = {}
     per_sku: dict[str, list[tuple[str, str]]] = {}
-    for r in (await session.execute(_LOCK_LEVELS, {"skus": skus})).all():
-        levels[(r.sku, r.warehouse_code)] = [int(r.on_hand), int(r.reserved)]
-        per_sku.setdefault(r.sku, []).append((r.sku, r.warehouse_code))
+    for attempt in range(2):
+        levels.clear()
+        per_sku.clear()
+        for r in (await session.execute(_LOCK_LEVELS, {"skus": skus})).all():
+            levels[(r.sku, r.warehouse_code)] = [int(r.on_hand), int(r.reserved)]
+            per_sku.setdefault(r.sku, []).append((r.sku, r.warehouse_code))
+        missing_pairs = [p for p in pairs if p not in levels]
+        if not missing_pairs or attempt:
+            break
+        # First change of a SKU in a warehouse: create its level, then lock again.
+        await session.execute(
+            _ENSURE_LEVELS, {"skus": [p[0] for p in missing_pairs], "whs": [p[1] for p in missing_pairs]}
+        )
     original = {k: v[0] for k, v in levels.items()}
     marks: dict[tuple[str, str], int] = {
         (r.sku, r.warehouse_code): int(r.last_set_us)
