@@ -19,6 +19,9 @@ def seed(target: str, tok: str) -> None:
             inventory_pb2.CreateWarehouseRequest(warehouse=inventory_pb2.Warehouse(code="W1", name="Bench", priority=1))
         )
         for i in range(SKUS):
+            ep.inventory.upsert_inventory_item(
+                inventory_pb2.UpsertInventoryItemRequest(item=inventory_pb2.InventoryItem(sku=f"BENCH-{i}"))
+            )
             ep.inventory.receive_stock(
                 inventory_pb2.ReceiveStockRequest(
                     sku=f"BENCH-{i}", warehouse_code="W1", quantity=1_000_000,

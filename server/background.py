@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
 from datetime import timedelta
+from typing import Any
 
 from domain.platform import idempotency
 from domain.shared import leases, outbox

@@ -79,9 +79,11 @@ from domain.inventory.stock import (
     get_stock_level,
     list_movements,
     list_stock_levels,
+    load_sku_stocks,
     receive_stock,
     return_stock,
     set_stock,
+    stock_of,
 )
 from domain.inventory.types import (
     ADDRESS_FIELDS,
@@ -144,6 +146,7 @@ __all__ = [
     "list_reservations",
     "list_stock_levels",
     "list_warehouses",
+    "load_sku_stocks",
     "normalize_sku",
     "receive_stock",
     "release",
@@ -153,6 +156,7 @@ __all__ = [
     "return_stock",
     "run_sweeper",
     "set_stock",
+    "stock_of",
     "sweep_expired",
     "update_warehouse",
     "upsert_item",

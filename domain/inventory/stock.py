@@ -6,7 +6,7 @@ transaction (ledger.write)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -457,7 +457,8 @@ _SKU_LEVELS = text(
 )
 
 
-async def _sku_stocks(session: AsyncSession, skus: list[str]) -> dict[str, SkuStock]:
+async def load_sku_stocks(session: AsyncSession, skus: list[str]) -> dict[str, SkuStock]:
+    """Levels of many SKUs in one statement (unknown SKUs are absent)."""
     rows = (await session.execute(_SKU_LEVELS, {"skus": skus})).all()
     out: dict[str, SkuStock] = {}
     for r in rows:
@@ -467,12 +468,26 @@ async def _sku_stocks(session: AsyncSession, skus: list[str]) -> dict[str, SkuSt
     return out
 
 
+def _item_not_found(sku: str) -> NotFound:
+    return NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
+
+
+async def stock_of(load_one: Callable[[str], Awaitable[SkuStock | None]], sku: str) -> SkuStock:
+    """GetStockLevel without a warehouse filter, through a loader that coalesces
+    concurrent calls into one load_sku_stocks statement (the P1 hot path)."""
+    sku = sku_or_raise(sku)
+    st = await load_one(sku)
+    if st is None:
+        raise _item_not_found(sku)
+    return st
+
+
 async def get_stock_level(session: AsyncSession, sku: str, warehouse_code: str = "") -> SkuStock:
     """One SKU: per warehouse and in total (only `warehouse_code` when given)."""
     sku = sku_or_raise(sku)
-    stocks = await _sku_stocks(session, [sku])
+    stocks = await load_sku_stocks(session, [sku])
     if sku not in stocks:
-        raise NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
+        raise _item_not_found(sku)
     st = stocks[sku]
     if warehouse_code:
         levels = [lv for lv in st.levels if lv.warehouse_code == warehouse_code]
@@ -508,7 +523,7 @@ async def batch_get_stock_levels(
             seen.add(sku)
             wanted.append(sku)
     v.raise_if_any("the request is invalid")
-    stocks = await _sku_stocks(session, wanted)
+    stocks = await load_sku_stocks(session, wanted)
     return [stocks[s] for s in wanted if s in stocks], [s for s in wanted if s not in stocks]
 
 

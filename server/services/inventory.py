@@ -17,6 +17,7 @@ import grpc
 
 from domain import inventory as inv
 from domain.platform import idempotency
+from domain.shared.coalesce import Coalescer
 from domain.shared.errors import DomainError, InvalidArgument
 from domain.shared.uow import UnitOfWork
 from entrepot.inventory.v1 import inventory_pb2 as pb
@@ -56,6 +57,10 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         s = rt.settings
+        # Concurrent GetStockLevel calls share one autocommit statement per batch.
+        self._stocks: Coalescer[str, inv.SkuStock] = Coalescer(
+            lambda skus: rt.read_one_statement(lambda session: inv.load_sku_stocks(session, skus))
+        )
         self.batcher: inv.ReserveBatcher | None = None
         if getattr(s, "reserve_batching", True):
             self.batcher = inv.ReserveBatcher(
@@ -153,7 +158,10 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
     # ------------------------------------------------------------ levels
 
     async def GetStockLevel(self, request: pb.GetStockLevelRequest, context: Ctx) -> pb.SkuStock:
-        st = await self.rt.read(lambda s: inv.get_stock_level(s, request.sku, request.warehouse_code))
+        if request.warehouse_code:
+            st = await self.rt.read(lambda s: inv.get_stock_level(s, request.sku, request.warehouse_code))
+        else:
+            st = await inv.stock_of(self._stocks.get, request.sku)
         return sku_stock_to_proto(st)
 
     async def BatchGetStockLevels(
