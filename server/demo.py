@@ -197,7 +197,10 @@ async def step_sync(t: Tour, csv_text: str) -> None:
             if acks == len(batches):
                 break
     cursor = await t.ep.inventory.get_sync_cursor(inv.GetSyncCursorRequest(source=source))
-    t.say(f"sync cursor for {source!r}: {str(cursor).strip() or '(empty)'}".replace("\n", ", "))
+    t.say(
+        f"sync cursor for {source!r}: last event {cursor.last_event_id!r}, "
+        f"{cursor.events_seen} seen, {cursor.events_applied} applied"
+    )
     await show_levels(t)
 
 
@@ -245,6 +248,57 @@ async def step_checkout(t: Tour) -> None:
     )
     t.order_id = done.order_id
     t.say(f"checked out: order {done.order_id}, reservation {done.reservation_id}")
+    await show_levels(t)
+
+
+async def step_order_intent(t: Tour) -> None:
+    """Without CartService, an order arrives the way a checkout backend would send it."""
+    if t.order_id:
+        raise Skipped("the cart checkout already created the order")
+    order_pb = _pb("entrepot.order.v1.order_pb2")
+    orders = _client(t.ep, "order")
+    lines = [(t.skus[0], 3, 1200), (t.skus[1], 2, 2500)]
+    subtotal = sum(q * p for _, q, p in lines)
+    intent = order_pb.OrderIntent(
+        intent_id=f"intent-{t.run}",
+        source_system="demo-checkout",
+        external_order_id=f"WEB-{t.run}",
+        customer_ref="acme-buyer",
+        lines=[
+            order_pb.OrderLine(
+                line_id=f"l{i}",
+                sku=sku,
+                quantity=q,
+                unit_price=money(p, t.currency),
+                line_total=money(q * p, t.currency),
+            )
+            for i, (sku, q, p) in enumerate(lines, 1)
+        ],
+        totals=order_pb.OrderTotals(
+            subtotal=money(subtotal, t.currency),
+            tax=money(0, t.currency),
+            shipping=money(0, t.currency),
+            discount=money(0, t.currency),
+            grand_total=money(subtotal, t.currency),
+        ),
+        payments=[
+            order_pb.Payment(
+                tender_id="card-1",
+                method="card",
+                captured=money(subtotal, t.currency),
+                gateway_reference=f"psp-{t.run}",
+            )
+        ],
+    )
+    intent.submit_time.GetCurrentTime()
+    res = await orders.submit_order_intent(
+        order_pb.SubmitOrderIntentRequest(intent=intent, reserve_inventory=True, request_id=_rid())
+    )
+    t.order_id = res.order.id
+    t.say(
+        f"order intent {intent.intent_id} from {intent.source_system!r}: order {res.order.id} "
+        f"({order_pb.Order.State.Name(res.order.state)}, {fmt_money(res.order.totals.grand_total)})"
+    )
     await show_levels(t)
 
 
@@ -339,6 +393,7 @@ async def step_registration(t: Tour) -> None:
             form=reg_pb.RegistrationForm(
                 slug=slug,
                 name="Wholesale account",
+                active=True,
                 steps=[
                     reg_pb.FormStep(
                         key="company",
@@ -432,11 +487,13 @@ async def step_history(t: Tour) -> None:
         )
 
 
-async def watch(t: Tour, seen: list[inv.StockChangeEvent], ready: asyncio.Event) -> None:
+async def watch(t: Tour, seen: list[inv.StockChangeEvent], errors: list[str]) -> None:
     """Tails stock changes of the demo SKUs for the whole tour (the stream a BFF would use)."""
-    ready.set()
-    async for msg in t.ep.inventory.watch_stock_changes(inv.WatchStockChangesRequest(skus=t.skus)):
-        seen.extend(msg.events)
+    try:
+        async for msg in t.ep.inventory.watch_stock_changes(inv.WatchStockChangesRequest(skus=t.skus)):
+            seen.extend(msg.events)
+    except EntrepotError as err:
+        errors.append(str(err))
 
 
 def _read_secret() -> str | None:
@@ -484,6 +541,7 @@ async def run_demo(
     t = Tour(target, token, approver_token, ep=ep, approver=approver, run=run, out=stream)
     print(f"Entrepot demo against {target} (run {run})", file=stream)
     seen: list[inv.StockChangeEvent] = []
+    watch_errors: list[str] = []
     watcher: asyncio.Task[None] | None = None
     opened = [ep, approver]
 
@@ -493,6 +551,7 @@ async def run_demo(
         ("items", lambda: step_items(t)),
         ("wms sync", lambda: step_sync(t, csv_text)),
         ("cart checkout", lambda: step_checkout(t)),
+        ("order intent", lambda: step_order_intent(t)),
         ("partial shipment", lambda: step_ship(t)),
         ("refund with approval", lambda: step_refund(t)),
         ("registration review", lambda: step_registration(t)),
@@ -502,10 +561,8 @@ async def run_demo(
         for name, fn in steps:
             print(f"\n== {name}", file=stream, flush=True)
             if name == "wms sync" and t.skus:
-                ready = asyncio.Event()
-                watcher = asyncio.create_task(watch(t, seen, ready))
-                await ready.wait()
-                await asyncio.sleep(0.3)  # let the watch call reach the server before the feed starts
+                watcher = asyncio.create_task(watch(t, seen, watch_errors))
+                await asyncio.sleep(1.0)  # let the watch call reach the server before the feed starts
             try:
                 await fn()
                 t.results[name] = "ok"
@@ -519,6 +576,10 @@ async def run_demo(
                 else:
                     t.results[name] = f"failed: {err}"
                     t.say(f"failed: {err}")
+                    for fv in err.field_violations:
+                        t.say(f"  {fv.field}: {fv.description}")
+                    for pv in err.precondition_violations:
+                        t.say(f"  {pv.subject}: {pv.description}")
             except Exception as err:  # a demo keeps going; the failure is printed, never hidden
                 t.results[name] = f"failed: {type(err).__name__}: {err}"
                 t.say(f"failed: {type(err).__name__}: {err}")
@@ -529,6 +590,8 @@ async def run_demo(
         print("\n== watcher", file=stream)
         await asyncio.sleep(0.5)
         t.say(f"a WatchStockChanges stream opened before the WMS feed saw {len(seen)} stock changes")
+        for e in watch_errors:
+            t.say(f"the watch stream ended: {e}")
         for e in seen[:12]:
             t.say(
                 f"  #{e.event_id} {e.sku}@{e.warehouse_code} {inv.MovementType.Name(e.type)} "
