@@ -590,8 +590,8 @@ async def run_demo(
         print("\n== watcher", file=stream)
         await asyncio.sleep(0.5)
         t.say(f"a WatchStockChanges stream opened before the WMS feed saw {len(seen)} stock changes")
-        for e in watch_errors:
-            t.say(f"the watch stream ended: {e}")
+        for problem in watch_errors:
+            t.say(f"the watch stream ended: {problem}")
         for e in seen[:12]:
             t.say(
                 f"  #{e.event_id} {e.sku}@{e.warehouse_code} {inv.MovementType.Name(e.type)} "
