@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import uuid
+from typing import Any
 
 import grpc
 from google.protobuf import message_factory
@@ -59,9 +60,17 @@ def server_options(s: Settings) -> list[tuple[str, int]]:
     return opts
 
 
+def _tracing_wanted() -> bool:
+    """Cheap pre-check so OpenTelemetry is not even imported unless configured (server/tracing.py)."""
+    keys = ("ENTREPOT_OTEL", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    return any(os.environ.get(k) for k in keys)
+
+
 class App:
-    def __init__(self, settings: Settings, rt: Runtime | None = None) -> None:
+    def __init__(self, settings: Settings, rt: Runtime | None = None, tracer_provider: Any = None) -> None:
         self.settings = settings
+        # OpenTelemetry TracerProvider: given (tests) or built from the environment in start().
+        self.tracer_provider = tracer_provider
         self.rt = rt or Runtime(settings)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         descriptors = [spec.descriptor for spec in SERVICES]
@@ -87,13 +96,24 @@ class App:
 
     async def start(self) -> int:
         s = self.settings
+        interceptors: list[Any] = [
+            ObservabilityInterceptor(self.policies, s.access_log),
+            ErrorInterceptor(self.policies),
+            AuthInterceptor(self.policies, self.verifier),
+            ChannelInterceptor(self.policies, self.channel_cache),
+        ]
+        if self.tracer_provider is None and _tracing_wanted():
+            from server import tracing
+
+            if tracing.enabled():
+                self.tracer_provider = tracing.make_provider()
+        if self.tracer_provider is not None:
+            from server.tracing import TracingInterceptor
+
+            # Outermost: the span covers auth, channel resolution and the handler.
+            interceptors.insert(0, TracingInterceptor(self.policies, self.tracer_provider))
         server = grpc.aio.server(
-            interceptors=[
-                ObservabilityInterceptor(self.policies, s.access_log),
-                ErrorInterceptor(self.policies),
-                AuthInterceptor(self.policies, self.verifier),
-                ChannelInterceptor(self.policies, self.channel_cache),
-            ],
+            interceptors=interceptors,
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
@@ -164,6 +184,8 @@ class App:
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         await self.rt.close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # flushes spans still in the batch processor
         log.info("stopped")
 
     async def wait(self) -> None:
