@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +78,8 @@ def run_server_case(
     )
     try:
         _wait_healthy(target)
+        proc = psutil.Process(server.pid)
+        cpu_before = sum(proc.cpu_times()[:2])
         token = mint_token(
             Settings(jwt_hs256_secret=SECRET),
             sub="bench",
@@ -106,6 +109,7 @@ def run_server_case(
             cwd=ROOT,
             check=True,
         ).stdout
+        server_cpu = sum(proc.cpu_times()[:2]) - cpu_before
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -115,6 +119,8 @@ def run_server_case(
             server.wait()
     load = json.loads(out.strip().splitlines()[-1])
     result: dict[str, Any] = {"tps": load["ok"] / load["elapsed"], **load}
+    calls = load["ok"] + load["refused"] + load["errors"]
+    result["server_cpu_ms_per_call"] = round(server_cpu * 1000 / max(calls, 1), 3)
     if op != "reserve":
         return result
 
