@@ -382,6 +382,7 @@ async def step_refund(t: Tour) -> None:
     t.say(f"refund is {refund_pb.Refund.State.Name(refund.state)} ({tenders or 'no tender yet'})")
     if refund.state not in terminal:
         t.say("(still executing after 30 s: is a worker running? `entrepot dev` starts one)")
+    await show_levels(t)  # the refunded unit was restocked
 
 
 async def step_registration(t: Tour) -> None:
