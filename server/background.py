@@ -76,3 +76,13 @@ async def _stock_watch_hub(rt: Runtime, holder: str) -> None:
 
 # Inventory streams: the per-process outbox tail behind WatchStockChanges.
 JOBS.append(_stock_watch_hub)
+
+
+async def _refund_reconciler(rt: Runtime, holder: str) -> None:
+    # Imported here: the servicer module imports this one.
+    from server.services.refund import reconciler
+
+    await reconciler(rt, holder)
+
+
+JOBS.append(_refund_reconciler)

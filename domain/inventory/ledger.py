@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory.types import Cost, Movement
+from domain.shared import outbox
 
 TOPIC = "inventory.stock_changed"
 
@@ -100,6 +101,7 @@ async def write(session: AsyncSession, drafts: Sequence[Draft]) -> list[Movement
     if not drafts:
         return []
     rows = (await session.execute(_WRITE, params(drafts))).all()
+    outbox.mark_written(session)
     return [_movement(d, int(row[0]), row[1]) for d, row in zip(drafts, rows, strict=True)]
 
 

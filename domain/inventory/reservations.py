@@ -44,6 +44,7 @@ from domain.inventory.validation import (
     check_warehouse_code,
     filters_or_raise,
 )
+from domain.shared import outbox
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
@@ -415,6 +416,7 @@ async def reserve_many(
         **stored.params(),
     }
     rows = (await session.execute(_WRITE, params)).all()
+    outbox.mark_written(session)
     got = {(r.sku, r.warehouse_code): (int(r.on_hand), int(r.reserved)) for r in rows if r.sku is not None}
     counts = (rows[-1].n_res, rows[-1].n_lin, rows[-1].n_st)
     for k in keys:
