@@ -57,6 +57,7 @@ ts-gen-check: venv $(TS_DEPS)
 	$(PY) scripts/gen_ts.py --check
 
 ts-build: $(TS_DEPS)
+	rm -rf $(TS)/dist
 	$(TS)/node_modules/.bin/tsc -p $(TS)
 
 ts: ts-gen-check ts-build

@@ -47,6 +47,8 @@ async def node_client() -> Path:
     assert node, "node is not installed: the TypeScript interop test needs Node.js 20+"
     tsc = TS / "node_modules" / ".bin" / "tsc"
     assert tsc.exists(), "clients/typescript/node_modules is missing: run `make ts-deps` (npm ci)"
+    # A clean build: tsc never deletes outputs whose sources are gone (e.g. a service's module).
+    shutil.rmtree(TS / "dist", ignore_errors=True)
     await run(str(tsc), "-p", str(TS))
     script = TS / "dist" / "examples" / "interop.js"
     assert script.exists()
