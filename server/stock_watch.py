@@ -222,20 +222,23 @@ async def watch_stock(
     start = await rt.read(lambda s: watch.start_position(s, after_event_id))
     w = Watcher(flt, start, max_events)
     sent = after_event_id
-    # Catch up with own reads until the hub's position is reached.
-    while not hub.try_join(w):
+    # Catch up with own reads; join the live feed once a read comes back short
+    # (at the head) and the hub is not ahead of this watcher.
+    while True:
         rows = await rt.read(partial(_read, position=w.position))
+        if rows:
+            w.position = rows[-1].position
+            events = [e for e in rows if flt.matches(e)]
+            for i in range(0, len(events), MESSAGE_EVENTS):
+                chunk = events[i : i + MESSAGE_EVENTS]
+                cursor = rows[-1].event_id if i + MESSAGE_EVENTS >= len(events) else chunk[-1].event_id
+                yield Message(chunk, cursor)
+                sent = cursor
+            w.latest_cursor = rows[-1].event_id
+        if len(rows) < READ_LIMIT and hub.try_join(w):
+            break
         if not rows:
-            await asyncio.sleep(0.05)
-            continue
-        w.position = rows[-1].position
-        events = [e for e in rows if flt.matches(e)]
-        for i in range(0, len(events), MESSAGE_EVENTS):
-            chunk = events[i : i + MESSAGE_EVENTS]
-            cursor = rows[-1].event_id if i + MESSAGE_EVENTS >= len(events) else chunk[-1].event_id
-            yield Message(chunk, cursor)
-            sent = cursor
-        w.latest_cursor = rows[-1].event_id
+            await asyncio.sleep(0.05)  # the hub is ahead but its rows are not visible yet
     try:
         while True:
             try:

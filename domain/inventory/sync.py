@@ -16,7 +16,7 @@ One batch = one transaction:
    the item allows backorders);
 5. write everything with a handful of statements whatever the batch size: one
    conditional UPDATE of the levels (compare-and-set on the locked rows'
-   counters), one ledger+outbox statement (ledger.write, type `sync`), lots,
+   counters), one ledger+outbox statement (type `sync`, the payload of ledger.write), lots,
    watermarks, outcomes and the cursor.
 
 The caller commits; an ack is sent only after that commit.
@@ -24,6 +24,7 @@ The caller commits; an ack is sent only after that commit.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -152,14 +153,18 @@ _LOOKUP = text(
     """
 )
 
+# Hot-path statements take their rows as ONE json document (json_to_recordset):
+# binding thousands of array elements costs more in the driver than the SQL.
 _CLAIM = text(
     """
-    INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
-    SELECT :source, t.id, CAST(t.outcome AS "char"), t.reason, t.message
-    FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]), CAST(:reasons AS text[]),
-                CAST(:messages AS text[])) AS t(id, outcome, reason, message)
-    ON CONFLICT DO NOTHING
-    RETURNING event_id
+    WITH ins AS (
+        INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
+        SELECT :source, t.id, CAST(t.o AS "char"), t.r, t.m
+        FROM json_to_recordset(CAST(:rows AS json)) AS t(id text, o text, r text, m text)
+        ON CONFLICT DO NOTHING
+        RETURNING event_id
+    )
+    SELECT coalesce(array_agg(event_id), '{}') FROM ins
     """
 )
 
@@ -219,9 +224,36 @@ _UPDATE_LEVELS = text(
     """
     UPDATE inventory.stock_levels s
     SET on_hand = v.new, updated_at = now()
-    FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[]), CAST(:old AS bigint[]),
-                CAST(:new AS bigint[]), CAST(:reserved AS bigint[])) AS v(sku, wh, old, new, reserved)
+    FROM json_to_recordset(CAST(:rows AS json)) AS v(sku text, wh text, old bigint, new bigint, reserved bigint)
     WHERE s.sku = v.sku AND s.warehouse_code = v.wh AND s.on_hand = v.old AND s.reserved = v.reserved
+    """
+)
+
+# Ledger rows and their outbox events in one statement, like ledger.write (same
+# payload) without building a Movement per row. Ids are drawn in input order.
+_WRITE = text(
+    """
+    WITH src AS MATERIALIZED (
+        SELECT nextval('inventory.ledger_id_seq') AS id, t.*
+        FROM ROWS FROM (json_to_recordset(CAST(:rows AS json))
+             AS (sku text, wh text, ohb bigint, oha bigint, r bigint, reason text, ref text, cost bigint,
+                 cur text, below boolean)) WITH ORDINALITY AS t(sku, wh, ohb, oha, r, reason, ref, cost, cur, below, ord)
+    ), l AS (
+        INSERT INTO inventory.ledger (id, sku, warehouse_code, type, on_hand_before, on_hand_after,
+            reserved_before, reserved_after, reason, source, actor, reference, cost_minor, cost_currency)
+        SELECT id, sku, wh, 'sync', ohb, oha, r, r, reason, :source, :actor, ref, cost, cur
+        FROM src ORDER BY ord
+    ), o AS (
+        INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
+        SELECT :topic, 'sku', sku, jsonb_build_object(
+            'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', 'sync',
+            'on_hand_delta', oha - ohb, 'reserved_delta', 0,
+            'on_hand', oha, 'reserved', r, 'available', oha - r,
+            'reason', reason, 'source', :source, 'reference', ref,
+            'reservation_id', NULL, 'below_threshold', below)
+        FROM src ORDER BY ord
+    )
+    SELECT coalesce(array_agg(id ORDER BY ord) FILTER (WHERE cost IS NOT NULL), '{}') FROM src
     """
 )
 
@@ -230,17 +262,14 @@ _LOTS = text(
     INSERT INTO inventory.lots (sku, warehouse_code, received_quantity, remaining_quantity,
                                 unit_cost_minor, currency, ledger_id)
     SELECT sku, wh, qty, qty, cost, cur, lid
-    FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[]), CAST(:qty AS bigint[]),
-                CAST(:cost AS bigint[]), CAST(:cur AS text[]), CAST(:lid AS bigint[]))
-         AS t(sku, wh, qty, cost, cur, lid)
+    FROM json_to_recordset(CAST(:rows AS json)) AS t(sku text, wh text, qty bigint, cost bigint, cur text, lid bigint)
     """
 )
 
 _UPSERT_WATERMARKS = text(
     """
     INSERT INTO inventory.sync_watermarks (source, sku, warehouse_code, last_set_us)
-    SELECT :source, s, w, u FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[]), CAST(:us AS bigint[]))
-         AS t(s, w, u)
+    SELECT :source, t.sku, t.wh, t.us FROM json_to_recordset(CAST(:rows AS json)) AS t(sku text, wh text, us bigint)
     ON CONFLICT (source, sku, warehouse_code)
     DO UPDATE SET last_set_us = greatest(inventory.sync_watermarks.last_set_us, EXCLUDED.last_set_us)
     """
@@ -248,9 +277,8 @@ _UPSERT_WATERMARKS = text(
 
 _SET_OUTCOMES = text(
     """
-    UPDATE inventory.sync_events e SET outcome = CAST(t.outcome AS "char"), reason = t.reason, message = t.message
-    FROM unnest(CAST(:ids AS text[]), CAST(:outcomes AS text[]), CAST(:reasons AS text[]),
-                CAST(:messages AS text[])) AS t(id, outcome, reason, message)
+    UPDATE inventory.sync_events e SET outcome = CAST(t.o AS "char"), reason = t.r, message = t.m
+    FROM json_to_recordset(CAST(:rows AS json)) AS t(id text, o text, r text, m text)
     WHERE e.source = :source AND e.event_id = t.id
     """
 )
@@ -374,22 +402,14 @@ async def apply_batch(
 
     # 3. Claim every keyed event id at once.
     claim_ids = order
-    outcomes = ["r" if i in pre else "a" for i in claim_ids]
-    reasons = [pre[i].reason if i in pre else None for i in claim_ids]
-    messages = [pre[i].message if i in pre else None for i in claim_ids]
     new_ids: set[str] = set()
     if claim_ids:
-        rows = await session.execute(
-            _CLAIM,
-            {
-                "source": source,
-                "ids": claim_ids,
-                "outcomes": outcomes,
-                "reasons": reasons,
-                "messages": messages,
-            },
-        )
-        new_ids = {r[0] for r in rows.all()}
+        rows = [
+            {"id": i, "o": "r", "r": pre[i].reason, "m": pre[i].message} if i in pre else {"id": i, "o": "a"}
+            for i in claim_ids
+        ]
+        inserted = (await session.execute(_CLAIM, {"source": source, "rows": _json(rows)})).scalar_one()
+        new_ids = set(inserted)
     dup_ids = [i for i in claim_ids if i not in new_ids]
     if dup_ids:
         for r in (await session.execute(_RECORDED, {"source": source, "ids": dup_ids})).all():
@@ -411,17 +431,9 @@ async def apply_batch(
     if todo:
         await _apply(session, source, todo, items, res, late, stale_ids, applied_ids, actor)
     if late or stale_ids:
-        ids = [e.event_id for e in late] + stale_ids
-        await session.execute(
-            _SET_OUTCOMES,
-            {
-                "source": source,
-                "ids": ids,
-                "outcomes": ["r"] * len(late) + ["s"] * len(stale_ids),
-                "reasons": [e.reason for e in late] + [None] * len(stale_ids),
-                "messages": [e.message for e in late] + [None] * len(stale_ids),
-            },
-        )
+        outcome_rows = [{"id": e.event_id, "o": "r", "r": e.reason, "m": e.message} for e in late]
+        outcome_rows += [{"id": i, "o": "s"} for i in stale_ids]
+        await session.execute(_SET_OUTCOMES, {"source": source, "rows": _json(outcome_rows)})
     last = events[-1].event_id
     row = (
         await session.execute(
@@ -477,8 +489,8 @@ async def _apply(
         for r in (await session.execute(_WATERMARKS, {"source": source, "skus": skus})).all()
     }
     new_marks: dict[tuple[str, str], int] = {}
-    drafts: list[ledger.Draft] = []
-    lots: list[tuple[int, SyncEvent]] = []
+    drafts: list[dict[str, Any]] = []
+    lots: list[SyncEvent] = []
     for e in todo:
         key = (e.sku, e.warehouse_code)
         item = items[e.sku]
@@ -512,68 +524,59 @@ async def _apply(
         if e.kind == "set":
             marks[key] = new_marks[key] = e.occurred_us  # type: ignore[assignment]
         level[0] = new
-        total = sum(levels[k][0] - levels[k][1] for k in per_sku[e.sku])
-        cost = None
+        group = per_sku[e.sku]
+        total = new - reserved if len(group) == 1 else sum(levels[k][0] - levels[k][1] for k in group)
+        row: dict[str, Any] = {
+            "sku": e.sku,
+            "wh": e.warehouse_code,
+            "ohb": old,
+            "oha": new,
+            "r": reserved,
+            "reason": e.reason,
+            "ref": e.event_id,
+            "below": is_below_threshold(total, item.threshold),
+        }
         if e.unit_cost is not None:
-            cost = Cost(e.unit_cost.amount_minor * e.quantity, e.unit_cost.currency)
-            lots.append((len(drafts), e))
-        drafts.append(
-            ledger.Draft(
-                sku=e.sku,
-                warehouse_code=e.warehouse_code,
-                type=LEDGER_TYPE,
-                on_hand_before=old,
-                on_hand_after=new,
-                reserved_before=reserved,
-                reserved_after=reserved,
-                below_threshold=is_below_threshold(total, item.threshold),
-                reason=e.reason,
-                source=source,
-                actor=actor,
-                reference=e.event_id,
-                cost=cost,
-            )
-        )
+            row["cost"] = e.unit_cost.amount_minor * e.quantity
+            row["cur"] = e.unit_cost.currency
+            lots.append(e)
+        drafts.append(row)
         applied_ids.append(e.event_id)
     res.applied += len(drafts)
     if not drafts:
         return
     changed = [k for k in sorted(levels) if levels[k][0] != original[k]]
     if changed:
-        result = await session.execute(
-            _UPDATE_LEVELS,
-            {
-                "skus": [k[0] for k in changed],
-                "whs": [k[1] for k in changed],
-                "old": [original[k] for k in changed],
-                "new": [levels[k][0] for k in changed],
-                "reserved": [levels[k][1] for k in changed],
-            },
-        )
+        rows = [
+            {"sku": k[0], "wh": k[1], "old": original[k], "new": levels[k][0], "reserved": levels[k][1]}
+            for k in changed
+        ]
+        result = await session.execute(_UPDATE_LEVELS, {"rows": _json(rows)})
         if (getattr(result, "rowcount", -1) or 0) != len(changed):
             # Cannot happen while the rows are locked; refuse rather than write a wrong ledger.
             raise RuntimeError("stock levels changed under a sync batch's lock")
-    movements = await ledger.write(session, drafts)
+    lot_ledger_ids = (
+        await session.execute(
+            _WRITE, {"rows": _json(drafts), "source": source, "actor": actor, "topic": ledger.TOPIC}
+        )
+    ).scalar_one()
     if lots:
-        await session.execute(
-            _LOTS,
+        lot_rows = [
             {
-                "skus": [e.sku for _, e in lots],
-                "whs": [e.warehouse_code for _, e in lots],
-                "qty": [e.quantity for _, e in lots],
-                "cost": [e.unit_cost.amount_minor for _, e in lots if e.unit_cost],
-                "cur": [e.unit_cost.currency for _, e in lots if e.unit_cost],
-                "lid": [movements[i].id for i, _ in lots],
-            },
-        )
+                "sku": e.sku,
+                "wh": e.warehouse_code,
+                "qty": e.quantity,
+                "cost": e.unit_cost.amount_minor if e.unit_cost else 0,
+                "cur": e.unit_cost.currency if e.unit_cost else "",
+                "lid": lid,
+            }
+            for e, lid in zip(lots, lot_ledger_ids, strict=True)
+        ]
+        await session.execute(_LOTS, {"rows": _json(lot_rows)})
     if new_marks:
-        keys = sorted(new_marks)
-        await session.execute(
-            _UPSERT_WATERMARKS,
-            {
-                "source": source,
-                "skus": [k[0] for k in keys],
-                "whs": [k[1] for k in keys],
-                "us": [new_marks[k] for k in keys],
-            },
-        )
+        wm_rows = [{"sku": k[0], "wh": k[1], "us": new_marks[k]} for k in sorted(new_marks)]
+        await session.execute(_UPSERT_WATERMARKS, {"source": source, "rows": _json(wm_rows)})
+
+
+def _json(rows: list[dict[str, Any]]) -> str:
+    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False)

@@ -87,7 +87,8 @@ def make_filter(skus: Sequence[str], warehouses: Sequence[str], below_threshold_
     return Filter(frozenset(norm), frozenset(warehouses), below_threshold_only)
 
 
-_MAX_ID = text("SELECT coalesce(max(id), 0) FROM platform.outbox")
+# The highest id ever handed out (purged or not): above it, a cursor was never issued.
+_MAX_ID = text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM platform.outbox_id_seq")
 
 
 async def start_position(session: AsyncSession, after_event_id: int) -> Position:

@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from sqlalchemy import text
@@ -20,6 +21,7 @@ from tests.conftest import unique
 from tests.inventory_support import check_invariants
 
 T0 = datetime(2026, 11, 1, 8, 0, tzinfo=UTC)
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def make_warehouse(ep: Entrepot) -> str:
@@ -261,3 +263,23 @@ async def test_backpressure_holds_the_adapter_while_the_server_is_slow(
     await asyncio.wait_for(task, 60)
     assert acks == total
     assert pulled == total
+
+
+async def test_the_example_csv_adapter_pushes_an_export_once(admin: Entrepot, tmp_path: Path) -> None:
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wms_csv_adapter", ROOT / "examples" / "wms_csv_adapter.py")
+    assert spec is not None and spec.loader is not None
+    adapter = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(adapter)
+    wh = await make_warehouse(admin)
+    path = str(tmp_path / "export.csv")
+    adapter.write_sample(path, 3000, wh, 50, 3)
+    source = unique("wms")
+    first = await sync_stock(admin, source, adapter.read_events(path), batch_size=700)
+    assert first.applied + first.stale + first.rejected == 3000
+    cursor = await admin.inventory.get_sync_cursor(pb.GetSyncCursorRequest(source=source))
+    # Resuming after the cursor finds nothing left in the file; resending it all applies nothing.
+    assert list(adapter.read_events(path, cursor.last_event_id)) == []
+    again = await sync_stock(admin, source, adapter.read_events(path), batch_size=700)
+    assert (again.applied, again.duplicate) == (0, 3000 - first.rejected)

@@ -91,7 +91,8 @@ class SyncProgress:
 class _Batch:
     seq: int
     message: pb.SyncStockRequest
-    last_event_id: str
+    # Events of this source sent up to and including this batch (since `base`).
+    end: int
 
 
 def _inventory(client: Any) -> Any:
@@ -135,9 +136,10 @@ async def sync_stock(
     seq = 0
     room = asyncio.Event()
     room.set()
+    sent_events = 0
 
     async def next_batch() -> _Batch | None:
-        nonlocal exhausted, seq
+        nonlocal exhausted, seq, sent_events
         if exhausted:
             return None
         items: list[pb.SyncEvent] = []
@@ -151,21 +153,31 @@ async def sync_stock(
         if not items:
             return None
         seq += 1
+        sent_events += len(items)
         msg = pb.SyncStockRequest(batch=pb.SyncBatch(batch_seq=seq, events=items))
-        return _Batch(seq, msg, items[-1].event_id)
+        return _Batch(seq, msg, sent_events)
 
     ready = asyncio.Event()
+    # events_seen of the source when this run started (from the first `ready`).
+    base: int | None = None
+    # A failed call's request generator may still be pulled by gRPC: only the
+    # current connection's generator may take new batches.
+    generation = 0
 
-    async def requests() -> AsyncIterator[pb.SyncStockRequest]:
+    async def requests(gen: int) -> AsyncIterator[pb.SyncStockRequest]:
         yield pb.SyncStockRequest(start=pb.SyncStart(source=source))
         # The ready cursor first says which unacked batches were committed.
         await ready.wait()
+        if gen != generation:
+            return
         for old in list(pending):
             yield old.message
         while True:
             while len(pending) >= window:
                 room.clear()
                 await room.wait()
+            if gen != generation:
+                return
             b = await next_batch()
             if b is None:
                 break
@@ -178,13 +190,17 @@ async def sync_stock(
 
     failures = 0
     while True:
-        ready.clear()
+        generation += 1
+        ready = asyncio.Event()
+        room.set()
         try:
-            async for resp in inv.sync_stock(requests()):
+            async for resp in inv.sync_stock(requests(generation)):
                 failures = 0
                 if resp.WhichOneof("message") == "ready":
                     progress.cursor = resp.ready
-                    _drop_committed(pending, resp.ready.last_event_id, progress)
+                    if base is None:
+                        base = resp.ready.events_seen
+                    _drop_committed(pending, resp.ready.events_seen - base, progress)
                     ready.set()
                     continue
                 ack = resp.ack
@@ -218,17 +234,13 @@ async def sync_stock(
             await asyncio.sleep(min(max_retry_delay, retry_delay * 2 ** min(failures - 1, 6)))
 
 
-def _drop_committed(pending: deque[_Batch], last_event_id: str, progress: SyncProgress) -> None:
-    """Batches of one source commit in order: if the cursor names the last event of an
-    unacked batch, that batch and every earlier one are committed."""
-    if not last_event_id:
-        return
-    for i, b in enumerate(pending):
-        if b.last_event_id == last_event_id:
-            for _ in range(i + 1):
-                pending.popleft()
-                progress.committed_unacked += 1
-            return
+def _drop_committed(pending: deque[_Batch], committed: int, progress: SyncProgress) -> None:
+    """Batches of one source commit whole and in order, and the cursor counts every
+    event committed: unacked batches ending at or below that count were committed
+    (assumes one adapter per source at a time; a second one only costs duplicates)."""
+    while pending and pending[0].end <= committed:
+        pending.popleft()
+        progress.committed_unacked += 1
 
 
 class StockWatch:
