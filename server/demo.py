@@ -81,7 +81,11 @@ def _pb(module: str) -> Any:
 
 
 def _client(ep: Entrepot | None, name: str) -> Any:
-    client = getattr(ep, name, None) if ep is not None else None
+    if ep is None:
+        raise Skipped(
+            "needs a second identity for approvals: pass --approver-token (or ENTREPOT_APPROVER_TOKEN)"
+        )
+    client = getattr(ep, name, None)
     if client is None:
         raise Skipped(f"no `{name}` client in this build")
     return client
@@ -339,6 +343,7 @@ async def step_refund(t: Tour) -> None:
         raise Skipped("no order lines (checkout did not run)")
     refund_pb = _pb("entrepot.refund.v1.refund_pb2")
     refunds = _client(t.ep, "refund")
+    approver = _client(t.approver, "refund")
     line = t.order_lines[1]
     req = await refunds.submit_refund_for_approval(
         refund_pb.SubmitRefundForApprovalRequest(
@@ -361,7 +366,6 @@ async def step_refund(t: Tour) -> None:
         t.say("UNEXPECTED: the requester approved their own refund")
     except EntrepotError as err:
         t.say(f"requester tries to approve it: refused, {err.code.name} {err.reason}")
-    approver = _client(t.approver, "refund")
     decided = await approver.decide_refund_approval(
         refund_pb.DecideRefundApprovalRequest(
             refund_id=req.refund_id, decision=approve, note="photos checked", request_id=_rid()
@@ -388,6 +392,7 @@ async def step_refund(t: Tour) -> None:
 async def step_registration(t: Tour) -> None:
     reg_pb = _pb("entrepot.registration.v1.registration_pb2")
     regs = _client(t.ep, "registration")
+    reviewer = _client(t.approver, "registration")
     slug = f"wholesale-{t.run}"
     form = await regs.create_registration_form(
         reg_pb.CreateRegistrationFormRequest(
@@ -442,7 +447,6 @@ async def step_registration(t: Tour) -> None:
     t.say(f"registration {reg.id} submitted: {reg_pb.Registration.State.Name(reg.state)}")
     reg = await _wait_registration(t, regs, reg_pb, reg.id, {reg_pb.Registration.STATE_IN_REVIEW})
     t.say(f"registration is {reg_pb.Registration.State.Name(reg.state)}")
-    reviewer = _client(t.approver, "registration")
     await reviewer.review_registration(
         reg_pb.ReviewRegistrationRequest(
             registration_id=reg.id,
