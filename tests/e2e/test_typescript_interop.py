@@ -25,7 +25,6 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot
-from server.services import SERVICES
 from tests.conftest import unique
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -197,14 +196,9 @@ async def test_bff_example_serves_stock_and_cart_endpoints(
         status, missing = await asyncio.to_thread(http, "GET", f"{base}/stock/{sku}-nope")
         assert status == 404 and missing["error"]["code"] == "not_found" and missing["error"]["reason"]
 
-        served = {spec.descriptor.full_name for spec in SERVICES}
-        if "entrepot.cart.v1.CartService" not in served:
-            # Cart not in this build yet: the BFF says so plainly rather than failing to start.
-            status, body = await asyncio.to_thread(http, "POST", f"{base}/carts", {"customerRef": "c-1"})
-            assert status == 501 and "CartService" in body["error"]["message"]
-            return
         status, cart = await asyncio.to_thread(http, "POST", f"{base}/carts", {"customerRef": "c-1"})
         assert status == 201, cart
+        assert cart["customerRef"] == "c-1" and cart["channel"] == test_channel
         price = {"currencyCode": "EUR", "amountMinor": "1250"}
         status, cart = await asyncio.to_thread(
             http,
@@ -226,7 +220,20 @@ async def test_bff_example_serves_stock_and_cart_endpoints(
             {"version": cart["version"], "payments": [payment]},
         )
         assert status == 200, done
-        assert done["orderId"]
+        assert done["orderId"] and done["cart"]["state"] == "STATE_CONVERTED"
+        # A malformed body is the caller's mistake: 400 with the parser's message.
+        status, bad = await asyncio.to_thread(
+            http, "POST", f"{base}/carts/{cart['id']}/lines", {"version": "x", "line": {}}
+        )
+        assert status == 400 and bad["error"]["message"]
+        # The converted cart refuses more lines: FAILED_PRECONDITION/ABORTED map to 409 with the reason.
+        status, late = await asyncio.to_thread(
+            http,
+            "POST",
+            f"{base}/carts/{cart['id']}/lines",
+            {"version": done["cart"]["version"], "line": {"sku": sku, "quantity": "1", "unitPrice": price}},
+        )
+        assert status == 409 and late["error"]["reason"], late
         status, stock = await asyncio.to_thread(http, "GET", f"{base}/stock/{sku}")
         assert (stock["available"], stock["reserved"]) == (5, 2)
     finally:

@@ -5,19 +5,23 @@
 //   GET  /carts/:id                      cart (GetCart)
 //   POST /carts/:id/lines                {"version": "1", "line": {"sku", "quantity", "unitPrice": {...}}} (AddCartLine)
 //   POST /carts/:id/checkout             {"version": "2", "payments": [...]} -> order (CheckoutCart)
-// Cart bodies are the proto3 JSON of the CartService requests (camelCase; int64 as strings).
+// Cart bodies are the proto3 JSON of the CartService requests (camelCase; int64 as strings);
+// cart_id comes from the path and request_id from the Idempotency-Key header (or a fresh one).
 // Env: ENTREPOT_TARGET (host:port), ENTREPOT_TOKEN (the BFF's service token),
 // ENTREPOT_CHANNEL (default sales channel; `?channel=` overrides), BFF_PORT (0 = any).
 import { createServer, type IncomingMessage, type ServerResponse } from "node:http";
 import { randomUUID } from "node:crypto";
 import type { AddressInfo } from "node:net";
-import type { JsonValue } from "@bufbuild/protobuf";
+import { fromJson, toJson, type DescMessage, type JsonValue, type MessageShape } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 
 import { Entrepot, entrepotError } from "../src/index.js";
-import { loadService, callJson } from "./dynamic.js";
-
-const CART = "entrepot.cart.v1.CartService";
+import {
+  AddCartLineRequestSchema,
+  CartSchema,
+  CheckoutCartRequestSchema,
+  CheckoutCartResponseSchema,
+} from "../src/gen/entrepot/cart/v1/cart_pb.js";
 
 const HTTP_STATUS: Partial<Record<Code, number>> = {
   [Code.InvalidArgument]: 400,
@@ -63,6 +67,15 @@ async function readJson(req: IncomingMessage): Promise<Record<string, JsonValue>
   throw new HttpError(400, "body must be a JSON object");
 }
 
+/** The request body as proto3 JSON of `schema`; a malformed body is a 400, not a 500. */
+function parse<D extends DescMessage>(schema: D, json: JsonValue): MessageShape<D> {
+  try {
+    return fromJson(schema, json);
+  } catch (err) {
+    throw new HttpError(400, (err as Error).message);
+  }
+}
+
 export function createBff(base: Entrepot, defaultChannel?: string) {
   return createServer((req, res) => {
     handle(base, defaultChannel, req, res).catch((err: unknown) => {
@@ -99,30 +112,24 @@ async function handle(
   }
 
   if (parts[0] === "carts") {
-    const cart = await loadService(CART);
-    if (!cart) {
-      throw new HttpError(501, "CartService is not in this client build (regenerate with `make ts-gen`)");
-    }
+    // An Idempotency-Key header makes a retried POST the same mutation (request_id).
     const requestId = (req.headers["idempotency-key"] as string | undefined) ?? randomUUID();
     if (req.method === "POST" && parts.length === 1) {
       const body = await readJson(req);
-      const created = await callJson(ep, cart, "CreateCart", {
-        cart: { customerRef: body.customerRef ?? "" },
-        requestId,
-      });
-      return send(res, 201, created);
+      const cart = await ep.carts.createCart({ cart: { customerRef: String(body.customerRef ?? "") }, requestId });
+      return send(res, 201, toJson(CartSchema, cart));
     }
     const cartId = parts[1] ?? "";
     if (req.method === "GET" && parts.length === 2) {
-      return send(res, 200, await callJson(ep, cart, "GetCart", { cartId }));
+      return send(res, 200, toJson(CartSchema, await ep.carts.getCart({ cartId })));
     }
     if (req.method === "POST" && parts.length === 3 && parts[2] === "lines") {
-      const body = await readJson(req);
-      return send(res, 200, await callJson(ep, cart, "AddCartLine", { ...body, cartId, requestId }));
+      const input = parse(AddCartLineRequestSchema, { ...(await readJson(req)), cartId, requestId });
+      return send(res, 200, toJson(CartSchema, await ep.carts.addCartLine(input)));
     }
     if (req.method === "POST" && parts.length === 3 && parts[2] === "checkout") {
-      const body = await readJson(req);
-      return send(res, 200, await callJson(ep, cart, "CheckoutCart", { ...body, cartId, requestId }));
+      const input = parse(CheckoutCartRequestSchema, { ...(await readJson(req)), cartId, requestId });
+      return send(res, 200, toJson(CheckoutCartResponseSchema, await ep.carts.checkoutCart(input)));
     }
   }
   throw new HttpError(404, `no route for ${req.method} ${url.pathname}`);

@@ -6,12 +6,13 @@ import type { DescService } from "@bufbuild/protobuf";
 import { createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 
+import { CartService } from "./gen/entrepot/cart/v1/cart_pb.js";
 import { InventoryService } from "./gen/entrepot/inventory/v1/inventory_pb.js";
 import { ChannelService } from "./gen/entrepot/platform/v1/channel_pb.js";
 
 export { entrepotError } from "./errors.js";
 export type { EntrepotErrorInfo, FieldViolation, PreconditionViolation } from "./errors.js";
-export { InventoryService, ChannelService };
+export { InventoryService, ChannelService, CartService };
 
 export interface EntrepotOptions {
   /** "host:port" (plaintext HTTP/2) or a full "http://" / "https://" URL. */
@@ -50,6 +51,7 @@ export class Entrepot {
   readonly transport: Transport;
   readonly inventory: Client<typeof InventoryService>;
   readonly channels: Client<typeof ChannelService>;
+  readonly carts: Client<typeof CartService>;
   private readonly session: Http2SessionManager;
   private readonly clients = new Map<string, unknown>();
 
@@ -63,9 +65,10 @@ export class Entrepot {
     });
     this.inventory = this.client(InventoryService);
     this.channels = this.client(ChannelService);
+    this.carts = this.client(CartService);
   }
 
-  /** A typed client for any generated service (cart, order, ...), on this connection. */
+  /** A typed client for any generated service (order, refund, ...), on this connection. */
   client<S extends DescService>(service: S): Client<S> {
     let c = this.clients.get(service.typeName) as Client<S> | undefined;
     if (!c) {
