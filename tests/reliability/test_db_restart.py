@@ -109,7 +109,9 @@ def r6_database(private_pg: PrivatePostgres) -> str:
 def _health(target: str) -> int:
     with grpc.insecure_channel(target) as ch:
         try:
-            return int(health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status)
+            return int(
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            )
         except grpc.RpcError:
             return -1
 
@@ -119,7 +121,9 @@ NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
 @pytest.mark.timeout(240)
-async def test_postgres_restart_under_load(private_pg: PrivatePostgres, r6_database: str, tmp_path: Path) -> None:
+async def test_postgres_restart_under_load(
+    private_pg: PrivatePostgres, r6_database: str, tmp_path: Path
+) -> None:
     url = r6_database
     restarts = soak(1, 5)
     outage = soak(3, 10)
@@ -141,7 +145,9 @@ async def test_postgres_restart_under_load(private_pg: PrivatePostgres, r6_datab
                     await asyncio.sleep(outage)
                     await asyncio.to_thread(private_pg.start)
                     up_at = time.monotonic()
-                    came_back = await asyncio.to_thread(wait_until, lambda: _health(server.target) == SERVING, 15)
+                    came_back = await asyncio.to_thread(
+                        wait_until, lambda: _health(server.target) == SERVING, 15
+                    )
                     assert came_back, "health did not come back to SERVING"
                     await asyncio.sleep(2.5)
                     during = [o for o in load.outcomes if down_at + 0.5 < o.started < up_at - DEADLINE]
@@ -176,7 +182,9 @@ async def test_postgres_restart_under_load(private_pg: PrivatePostgres, r6_datab
     assert failed > 0, "the outage should have made some creates fail"
     conn = await asyncpg.connect(url)
     try:
-        rows = await conn.fetchval("SELECT count(*) FROM platform.channels WHERE slug LIKE $1", load.prefix + "%")
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM platform.channels WHERE slug LIKE $1", load.prefix + "%"
+        )
         events = await conn.fetchval(
             "SELECT count(*) FROM platform.outbox WHERE topic = 'channel.created' AND aggregate_id LIKE $1",
             load.prefix + "%",
