@@ -201,6 +201,18 @@ class ErrorInterceptor(AsyncServerInterceptor):
                     grpc.StatusCode.DEADLINE_EXCEEDED, "STATEMENT_TIMEOUT", "the database took too long"
                 ),
             )
+        if (state and state.startswith("22")) or isinstance(exc, sqlalchemy.exc.DataError):
+            # SQLSTATE class 22 (NUL in text, out-of-range number, ...): the request carried a
+            # value the database cannot hold. The caller's fault, not ours; found by the fuzzer.
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "INVALID_VALUE",
+                    "the request contains a value that cannot be stored (NUL character, number out of range, ...)",
+                    {"sqlstate": state or ""},
+                ),
+            )
         if _transient_db_error(exc):
             log.warning("database unavailable", extra={"method": name, "error": type(exc).__name__})
             await abort(
