@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any
 from datetime import timedelta
+from typing import Any
 
 from domain.platform import idempotency
 from domain.shared import leases, outbox
@@ -52,8 +52,17 @@ async def _retention_step(rt: Runtime) -> int:
     return n
 
 
+async def _inventory_sweeper(rt: Runtime, holder: str) -> None:
+    from server.services.inventory import expiry_sweeper
+
+    await expiry_sweeper(rt, holder)
+
+
 async def retention(rt: Runtime, holder: str) -> None:
     await run_leased(rt, holder, "retention", 60.0, _retention_step)
 
 
 JOBS: list[Job] = [retention]
+
+# Inventory: releases expired reservation holds.
+JOBS.append(_inventory_sweeper)

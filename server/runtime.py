@@ -39,6 +39,9 @@ class Runtime:
         self.settings = settings
         self.engine = engine
         self.sessions: async_sessionmaker[AsyncSession] = make_session_factory(engine)
+        self.autocommit_sessions: async_sessionmaker[AsyncSession] = make_session_factory(
+            engine.execution_options(isolation_level="AUTOCOMMIT")
+        )
         self._temporal: Any = None
         self._temporal_lock = asyncio.Lock()
         # Filled by the app: response message class per full method name.
@@ -54,6 +57,11 @@ class Runtime:
 
     async def read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
         async with self.sessions() as session, session.begin():
+            return await fn(session)
+
+    async def read_one_statement(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
+        """For reads that are a single statement: autocommit, so no BEGIN/COMMIT round trips."""
+        async with self.autocommit_sessions() as session:
             return await fn(session)
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:

@@ -72,6 +72,13 @@ class Settings(BaseSettings):
     idempotency_retention_hours: int = 72
     outbox_retention_hours: int = 168
 
+    # Inventory: group commit for ReserveStock (false = one transaction per call),
+    # an optional collection window, batches in flight, expiry sweep period.
+    reserve_batching: bool = True
+    reserve_batch_window_ms: float = 0.0
+    reserve_batch_inflight: int = 2
+    reservation_sweep_seconds: float = 1.0
+
     @field_validator("jwt_algorithms", mode="before")
     @classmethod
     def _split(cls, value: object) -> object:

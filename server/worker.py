@@ -16,6 +16,7 @@ from typing import Any
 from temporalio.client import Client
 from temporalio.worker import Worker
 
+from domain import registration
 from server.runtime import Runtime
 from server.settings import Settings
 
@@ -23,6 +24,10 @@ log = logging.getLogger("entrepot.worker")
 
 WORKFLOWS: list[type] = []
 ACTIVITY_FACTORIES: list[Callable[[Runtime], Sequence[Callable[..., Any]]]] = []
+
+# registration
+WORKFLOWS += registration.WORKFLOWS
+ACTIVITY_FACTORIES.append(lambda rt: registration.RegistrationActivities(rt.sessions).all())
 
 
 def build_worker(client: Client, rt: Runtime, task_queue: str) -> Worker | None:

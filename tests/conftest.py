@@ -155,7 +155,7 @@ async def client_factory(
 
 
 @pytest.fixture
-def admin(client_factory: Callable[..., Entrepot]) -> Entrepot:
+async def admin(client_factory: Callable[..., Entrepot]) -> Entrepot:
     """A client with every permission, on the test channel."""
     return client_factory()
 

@@ -36,7 +36,10 @@ def make_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
-        pool_pre_ping=True,
+        # No pre-ping: it costs a round trip per checkout. A connection broken by a
+        # database restart fails its call with UNAVAILABLE and SQLAlchemy then
+        # invalidates the whole pool, so the next calls reconnect.
+        pool_pre_ping=False,
         pool_timeout=10,
         connect_args={
             "command_timeout": command_timeout,

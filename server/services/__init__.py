@@ -8,9 +8,15 @@ from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
+from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
+from entrepot.order.v1 import order_pb2, order_pb2_grpc
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
+from entrepot.registration.v1 import registration_pb2, registration_pb2_grpc
 from server.runtime import Runtime
 from server.services.channel import ChannelServicer
+from server.services.inventory import InventoryServicer
+from server.services.order import OrderServicer
+from server.services.registration import RegistrationServicer
 
 
 @dataclass(frozen=True)
@@ -20,10 +26,15 @@ class ServiceSpec:
     make: Callable[[Runtime], Any]
 
 
+def _spec(module: Any, name: str, grpc_module: Any, make: Callable[[Runtime], Any]) -> ServiceSpec:
+    return ServiceSpec(
+        module.DESCRIPTOR.services_by_name[name], getattr(grpc_module, f"add_{name}Servicer_to_server"), make
+    )
+
+
 SERVICES: list[ServiceSpec] = [
-    ServiceSpec(
-        channel_pb2.DESCRIPTOR.services_by_name["ChannelService"],
-        channel_pb2_grpc.add_ChannelServiceServicer_to_server,
-        ChannelServicer,
-    ),
+    _spec(channel_pb2, "ChannelService", channel_pb2_grpc, ChannelServicer),
+    _spec(inventory_pb2, "InventoryService", inventory_pb2_grpc, InventoryServicer),
+    _spec(order_pb2, "OrderService", order_pb2_grpc, OrderServicer),
+    _spec(registration_pb2, "RegistrationService", registration_pb2_grpc, RegistrationServicer),
 ]

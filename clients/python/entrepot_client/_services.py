@@ -6,10 +6,14 @@ from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import entrepot.auth.v1.auth_pb2 as auth_v1_auth_pb2
 import entrepot.inventory.v1.inventory_pb2 as inventory_v1_inventory_pb2
+import entrepot.order.v1.order_pb2 as order_v1_order_pb2
 import entrepot.platform.v1.channel_pb2 as platform_v1_channel_pb2
 import entrepot.platform.v1.types_pb2 as platform_v1_types_pb2
+import entrepot.registration.v1.registration_pb2 as registration_v1_registration_pb2
 import entrepot.inventory.v1.inventory_pb2_grpc as inventory_v1_inventory_pb2_grpc
+import entrepot.order.v1.order_pb2_grpc as order_v1_order_pb2_grpc
 import entrepot.platform.v1.channel_pb2_grpc as platform_v1_channel_pb2_grpc
+import entrepot.registration.v1.registration_pb2_grpc as registration_v1_registration_pb2_grpc
 from entrepot_client.base import AsyncServiceClient, Metadata, SyncServiceClient
 
 
@@ -175,6 +179,90 @@ class InventorySyncClient(SyncServiceClient):
         return self._server_stream("WatchStockChanges", request, timeout, metadata)
 
 
+class OrderClient(AsyncServiceClient):
+    """entrepot.order.v1.OrderService (async)."""
+
+    stub_class = order_v1_order_pb2_grpc.OrderServiceStub
+
+    async def submit_order_intent(self, request: order_v1_order_pb2.SubmitOrderIntentRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.SubmitOrderIntentResponse:
+        return await self._unary("SubmitOrderIntent", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_order(self, request: order_v1_order_pb2.GetOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("GetOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_order_by_external_id(self, request: order_v1_order_pb2.GetOrderByExternalIdRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("GetOrderByExternalId", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_orders(self, request: order_v1_order_pb2.ListOrdersRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrdersResponse:
+        return await self._unary("ListOrders", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def append_order_status(self, request: order_v1_order_pb2.AppendOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return await self._unary("AppendOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def close_order_status(self, request: order_v1_order_pb2.CloseOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return await self._unary("CloseOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_order_status_history(self, request: order_v1_order_pb2.ListOrderStatusHistoryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrderStatusHistoryResponse:
+        return await self._unary("ListOrderStatusHistory", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_order_status_summary(self, request: order_v1_order_pb2.GetOrderStatusSummaryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusSummary:
+        return await self._unary("GetOrderStatusSummary", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def transition_order(self, request: order_v1_order_pb2.TransitionOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("TransitionOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def ship_order_items(self, request: order_v1_order_pb2.ShipOrderItemsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipOrderItemsResponse:
+        return await self._unary("ShipOrderItems", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_shipment_status(self, request: order_v1_order_pb2.GetShipmentStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipmentStatus:
+        return await self._unary("GetShipmentStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def watch_order_events(self, request: order_v1_order_pb2.WatchOrderEventsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> AsyncIterator[order_v1_order_pb2.WatchOrderEventsResponse]:
+        return self._server_stream("WatchOrderEvents", request, timeout, metadata)
+
+
+class OrderSyncClient(SyncServiceClient):
+    """entrepot.order.v1.OrderService (sync)."""
+
+    stub_class = order_v1_order_pb2_grpc.OrderServiceStub
+
+    def submit_order_intent(self, request: order_v1_order_pb2.SubmitOrderIntentRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.SubmitOrderIntentResponse:
+        return self._unary("SubmitOrderIntent", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_order(self, request: order_v1_order_pb2.GetOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("GetOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_order_by_external_id(self, request: order_v1_order_pb2.GetOrderByExternalIdRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("GetOrderByExternalId", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_orders(self, request: order_v1_order_pb2.ListOrdersRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrdersResponse:
+        return self._unary("ListOrders", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def append_order_status(self, request: order_v1_order_pb2.AppendOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return self._unary("AppendOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def close_order_status(self, request: order_v1_order_pb2.CloseOrderStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusEntry:
+        return self._unary("CloseOrderStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_order_status_history(self, request: order_v1_order_pb2.ListOrderStatusHistoryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ListOrderStatusHistoryResponse:
+        return self._unary("ListOrderStatusHistory", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_order_status_summary(self, request: order_v1_order_pb2.GetOrderStatusSummaryRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.OrderStatusSummary:
+        return self._unary("GetOrderStatusSummary", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def transition_order(self, request: order_v1_order_pb2.TransitionOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("TransitionOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def ship_order_items(self, request: order_v1_order_pb2.ShipOrderItemsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipOrderItemsResponse:
+        return self._unary("ShipOrderItems", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_shipment_status(self, request: order_v1_order_pb2.GetShipmentStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipmentStatus:
+        return self._unary("GetShipmentStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def watch_order_events(self, request: order_v1_order_pb2.WatchOrderEventsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> Iterator[order_v1_order_pb2.WatchOrderEventsResponse]:
+        return self._server_stream("WatchOrderEvents", request, timeout, metadata)
+
+
 class ChannelClient(AsyncServiceClient):
     """entrepot.platform.v1.ChannelService (async)."""
 
@@ -211,12 +299,176 @@ class ChannelSyncClient(SyncServiceClient):
         return self._unary("UpdateChannel", request, timeout, metadata)  # type: ignore[no-any-return]
 
 
+class RegistrationClient(AsyncServiceClient):
+    """entrepot.registration.v1.RegistrationService (async)."""
+
+    stub_class = registration_v1_registration_pb2_grpc.RegistrationServiceStub
+
+    async def create_registration_form(self, request: registration_v1_registration_pb2.CreateRegistrationFormRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationForm:
+        return await self._unary("CreateRegistrationForm", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def update_registration_form(self, request: registration_v1_registration_pb2.UpdateRegistrationFormRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationForm:
+        return await self._unary("UpdateRegistrationForm", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_registration_form(self, request: registration_v1_registration_pb2.GetRegistrationFormRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationForm:
+        return await self._unary("GetRegistrationForm", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_registration_forms(self, request: registration_v1_registration_pb2.ListRegistrationFormsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListRegistrationFormsResponse:
+        return await self._unary("ListRegistrationForms", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def create_registration_rule(self, request: registration_v1_registration_pb2.CreateRegistrationRuleRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationRule:
+        return await self._unary("CreateRegistrationRule", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_registration_rules(self, request: registration_v1_registration_pb2.ListRegistrationRulesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListRegistrationRulesResponse:
+        return await self._unary("ListRegistrationRules", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def evaluate_registration_rules(self, request: registration_v1_registration_pb2.EvaluateRegistrationRulesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.EvaluateRegistrationRulesResponse:
+        return await self._unary("EvaluateRegistrationRules", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def create_document_type(self, request: registration_v1_registration_pb2.CreateDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DocumentType:
+        return await self._unary("CreateDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_document_type(self, request: registration_v1_registration_pb2.GetDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DocumentType:
+        return await self._unary("GetDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_document_types(self, request: registration_v1_registration_pb2.ListDocumentTypesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListDocumentTypesResponse:
+        return await self._unary("ListDocumentTypes", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def update_document_type(self, request: registration_v1_registration_pb2.UpdateDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DocumentType:
+        return await self._unary("UpdateDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def delete_document_type(self, request: registration_v1_registration_pb2.DeleteDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DeleteDocumentTypeResponse:
+        return await self._unary("DeleteDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def create_agreement_template(self, request: registration_v1_registration_pb2.CreateAgreementTemplateRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementTemplate:
+        return await self._unary("CreateAgreementTemplate", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def update_agreement_template(self, request: registration_v1_registration_pb2.UpdateAgreementTemplateRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementTemplate:
+        return await self._unary("UpdateAgreementTemplate", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_agreement_template(self, request: registration_v1_registration_pb2.GetAgreementTemplateRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementTemplate:
+        return await self._unary("GetAgreementTemplate", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_agreement_templates(self, request: registration_v1_registration_pb2.ListAgreementTemplatesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListAgreementTemplatesResponse:
+        return await self._unary("ListAgreementTemplates", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def create_invitation_code(self, request: registration_v1_registration_pb2.CreateInvitationCodeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.InvitationCode:
+        return await self._unary("CreateInvitationCode", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_invitation_code(self, request: registration_v1_registration_pb2.GetInvitationCodeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.InvitationCode:
+        return await self._unary("GetInvitationCode", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_invitation_codes(self, request: registration_v1_registration_pb2.ListInvitationCodesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListInvitationCodesResponse:
+        return await self._unary("ListInvitationCodes", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def submit_registration(self, request: registration_v1_registration_pb2.SubmitRegistrationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.Registration:
+        return await self._unary("SubmitRegistration", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def upload_registration_document(self, requests: AsyncIterable[registration_v1_registration_pb2.UploadRegistrationDocumentRequest] | Iterable[registration_v1_registration_pb2.UploadRegistrationDocumentRequest], *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationDocument:
+        return await self._client_stream("UploadRegistrationDocument", requests, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def sign_agreement(self, request: registration_v1_registration_pb2.SignAgreementRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementSignature:
+        return await self._unary("SignAgreement", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def review_registration(self, request: registration_v1_registration_pb2.ReviewRegistrationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.Registration:
+        return await self._unary("ReviewRegistration", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_registration(self, request: registration_v1_registration_pb2.GetRegistrationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.Registration:
+        return await self._unary("GetRegistration", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_registrations(self, request: registration_v1_registration_pb2.ListRegistrationsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListRegistrationsResponse:
+        return await self._unary("ListRegistrations", request, timeout, metadata)  # type: ignore[no-any-return]
+
+
+class RegistrationSyncClient(SyncServiceClient):
+    """entrepot.registration.v1.RegistrationService (sync)."""
+
+    stub_class = registration_v1_registration_pb2_grpc.RegistrationServiceStub
+
+    def create_registration_form(self, request: registration_v1_registration_pb2.CreateRegistrationFormRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationForm:
+        return self._unary("CreateRegistrationForm", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def update_registration_form(self, request: registration_v1_registration_pb2.UpdateRegistrationFormRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationForm:
+        return self._unary("UpdateRegistrationForm", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_registration_form(self, request: registration_v1_registration_pb2.GetRegistrationFormRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationForm:
+        return self._unary("GetRegistrationForm", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_registration_forms(self, request: registration_v1_registration_pb2.ListRegistrationFormsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListRegistrationFormsResponse:
+        return self._unary("ListRegistrationForms", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def create_registration_rule(self, request: registration_v1_registration_pb2.CreateRegistrationRuleRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationRule:
+        return self._unary("CreateRegistrationRule", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_registration_rules(self, request: registration_v1_registration_pb2.ListRegistrationRulesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListRegistrationRulesResponse:
+        return self._unary("ListRegistrationRules", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def evaluate_registration_rules(self, request: registration_v1_registration_pb2.EvaluateRegistrationRulesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.EvaluateRegistrationRulesResponse:
+        return self._unary("EvaluateRegistrationRules", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def create_document_type(self, request: registration_v1_registration_pb2.CreateDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DocumentType:
+        return self._unary("CreateDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_document_type(self, request: registration_v1_registration_pb2.GetDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DocumentType:
+        return self._unary("GetDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_document_types(self, request: registration_v1_registration_pb2.ListDocumentTypesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListDocumentTypesResponse:
+        return self._unary("ListDocumentTypes", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def update_document_type(self, request: registration_v1_registration_pb2.UpdateDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DocumentType:
+        return self._unary("UpdateDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def delete_document_type(self, request: registration_v1_registration_pb2.DeleteDocumentTypeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.DeleteDocumentTypeResponse:
+        return self._unary("DeleteDocumentType", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def create_agreement_template(self, request: registration_v1_registration_pb2.CreateAgreementTemplateRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementTemplate:
+        return self._unary("CreateAgreementTemplate", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def update_agreement_template(self, request: registration_v1_registration_pb2.UpdateAgreementTemplateRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementTemplate:
+        return self._unary("UpdateAgreementTemplate", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_agreement_template(self, request: registration_v1_registration_pb2.GetAgreementTemplateRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementTemplate:
+        return self._unary("GetAgreementTemplate", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_agreement_templates(self, request: registration_v1_registration_pb2.ListAgreementTemplatesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListAgreementTemplatesResponse:
+        return self._unary("ListAgreementTemplates", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def create_invitation_code(self, request: registration_v1_registration_pb2.CreateInvitationCodeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.InvitationCode:
+        return self._unary("CreateInvitationCode", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_invitation_code(self, request: registration_v1_registration_pb2.GetInvitationCodeRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.InvitationCode:
+        return self._unary("GetInvitationCode", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_invitation_codes(self, request: registration_v1_registration_pb2.ListInvitationCodesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListInvitationCodesResponse:
+        return self._unary("ListInvitationCodes", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def submit_registration(self, request: registration_v1_registration_pb2.SubmitRegistrationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.Registration:
+        return self._unary("SubmitRegistration", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def upload_registration_document(self, requests: Iterable[registration_v1_registration_pb2.UploadRegistrationDocumentRequest], *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.RegistrationDocument:
+        return self._client_stream("UploadRegistrationDocument", requests, timeout, metadata)  # type: ignore[no-any-return]
+
+    def sign_agreement(self, request: registration_v1_registration_pb2.SignAgreementRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.AgreementSignature:
+        return self._unary("SignAgreement", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def review_registration(self, request: registration_v1_registration_pb2.ReviewRegistrationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.Registration:
+        return self._unary("ReviewRegistration", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_registration(self, request: registration_v1_registration_pb2.GetRegistrationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.Registration:
+        return self._unary("GetRegistration", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_registrations(self, request: registration_v1_registration_pb2.ListRegistrationsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> registration_v1_registration_pb2.ListRegistrationsResponse:
+        return self._unary("ListRegistrations", request, timeout, metadata)  # type: ignore[no-any-return]
+
+
 class AsyncClients:
     """Every service's async client, sharing one channel and its metadata."""
 
     def __init__(self, channel: object, metadata: Metadata, timeout: float | None) -> None:
         self.inventory = InventoryClient(channel, metadata, timeout)
+        self.order = OrderClient(channel, metadata, timeout)
         self.channel = ChannelClient(channel, metadata, timeout)
+        self.registration = RegistrationClient(channel, metadata, timeout)
 
 
 class SyncClients:
@@ -224,7 +476,9 @@ class SyncClients:
 
     def __init__(self, channel: object, metadata: Metadata, timeout: float | None) -> None:
         self.inventory = InventorySyncClient(channel, metadata, timeout)
+        self.order = OrderSyncClient(channel, metadata, timeout)
         self.channel = ChannelSyncClient(channel, metadata, timeout)
+        self.registration = RegistrationSyncClient(channel, metadata, timeout)
 
 
 # Idempotent reads: retried on UNAVAILABLE by the channel's service config.
@@ -239,6 +493,24 @@ READ_METHODS = [
     ('entrepot.inventory.v1.InventoryService', 'GetReservation'),
     ('entrepot.inventory.v1.InventoryService', 'ListReservations'),
     ('entrepot.inventory.v1.InventoryService', 'GetSyncCursor'),
+    ('entrepot.order.v1.OrderService', 'GetOrder'),
+    ('entrepot.order.v1.OrderService', 'GetOrderByExternalId'),
+    ('entrepot.order.v1.OrderService', 'ListOrders'),
+    ('entrepot.order.v1.OrderService', 'ListOrderStatusHistory'),
+    ('entrepot.order.v1.OrderService', 'GetOrderStatusSummary'),
+    ('entrepot.order.v1.OrderService', 'GetShipmentStatus'),
     ('entrepot.platform.v1.ChannelService', 'GetChannel'),
     ('entrepot.platform.v1.ChannelService', 'ListChannels'),
+    ('entrepot.registration.v1.RegistrationService', 'GetRegistrationForm'),
+    ('entrepot.registration.v1.RegistrationService', 'ListRegistrationForms'),
+    ('entrepot.registration.v1.RegistrationService', 'ListRegistrationRules'),
+    ('entrepot.registration.v1.RegistrationService', 'EvaluateRegistrationRules'),
+    ('entrepot.registration.v1.RegistrationService', 'GetDocumentType'),
+    ('entrepot.registration.v1.RegistrationService', 'ListDocumentTypes'),
+    ('entrepot.registration.v1.RegistrationService', 'GetAgreementTemplate'),
+    ('entrepot.registration.v1.RegistrationService', 'ListAgreementTemplates'),
+    ('entrepot.registration.v1.RegistrationService', 'GetInvitationCode'),
+    ('entrepot.registration.v1.RegistrationService', 'ListInvitationCodes'),
+    ('entrepot.registration.v1.RegistrationService', 'GetRegistration'),
+    ('entrepot.registration.v1.RegistrationService', 'ListRegistrations'),
 ]

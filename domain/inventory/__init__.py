@@ -1,0 +1,163 @@
+"""Inventory: the public interface of the module.
+
+Other modules (orders, carts, refunds, the sync engineer's ingestion) call only
+what is exported here, inside THEIR transaction: every function takes the
+caller's AsyncSession and never commits, so a cross-module call (checkout:
+reserve + create order) is one transaction, whole or nothing. Raise-on-refusal:
+functions raise domain.shared.errors.DomainError subclasses; when one is raised,
+the caller must roll back (UnitOfWork / rt.mutate do).
+
+One formula everywhere: available = on_hand - reserved.
+
+Reservations (OrderService, CartService):
+  reserve(session, lines: [LineRequest(sku, quantity, warehouse_code="")], *,
+          reference="", ttl: timedelta | None = None, actor="", warehouse_code="")
+      -> Reservation
+      All or nothing. Lines of the same SKU are summed; a line without a
+      warehouse is allocated over active warehouses by (priority, code), split
+      when one is short; backorders per item policy (up to max_backorder);
+      untracked items always succeed. Short stock: FailedPrecondition
+      INSUFFICIENT_STOCK with one PreconditionViolation per SKU (subject = SKU,
+      description "requested N, available M"). Nothing is written on refusal.
+  release(session, reservation_id, lines: [LineQuantity] | None = None, *, reason="", actor="")
+      -> Reservation   (None = everything still held; releasing a closed
+      reservation with None is a no-op, so cancelling after expiry is safe)
+  fulfil(session, reservation_id, lines: [LineQuantity] | None = None, *, reference="", actor="")
+      -> Fulfilment(reservation, movements)   on_hand and reserved both drop;
+      lots consumed FIFO, cost on each movement.
+  extend(session, reservation_id, ttl, *, actor="") -> Reservation
+  get_reservation(session, reservation_id) -> Reservation
+  list_reservations(session, *, reference="", state="", size=0, token="") -> (list, next_token)
+
+Stock reads: get_stock_level(session, sku, warehouse_code="") -> SkuStock,
+  batch_get_stock_levels(session, skus) -> (stocks, missing), list_stock_levels(...).
+
+Stock changes (each: one conditional UPDATE, one ledger row, one outbox event
+`inventory.stock_changed` with aggregate_id = sku): adjust_stock, set_stock,
+receive_stock, return_stock, bulk_adjust_stock, and the primitive they share,
+apply_stock_change(session, sku=, warehouse_code=, kind="set"|"adjust"|"receive"|"return",
+  quantity=, expected_on_hand=None, reason=, source=, actor=, reference=, unit_cost=None,
+  lot_code="", ledger_type=None)  -- for SyncStock: pass ledger_type="sync", source=<adapter>.
+
+Expiry: sweep_expired(session, limit) releases expired holds in the caller's
+transaction; run_sweeper(sessions, stop) is the server's background loop
+(advisory lock: one sweeper at a time across replicas).
+
+Group commit: ReserveBatcher (batcher.py) for the ReserveStock RPC hot path.
+"""
+
+from domain.inventory.batcher import IdemClaim, ReserveBatcher, Stored
+from domain.inventory.catalog import (
+    WAREHOUSE_UPDATABLE,
+    create_warehouse,
+    deactivate_warehouse,
+    get_item,
+    get_warehouse,
+    list_warehouses,
+    update_warehouse,
+    upsert_item,
+)
+from domain.inventory.reservations import (
+    ReserveRequest,
+    extend,
+    fulfil,
+    get_reservation,
+    list_reservations,
+    release,
+    reserve,
+    reserve_many,
+    reserve_request,
+    run_sweeper,
+    sweep_expired,
+)
+from domain.inventory.stock import (
+    MAX_BATCH_GET,
+    adjust_stock,
+    apply_stock_change,
+    batch_get_stock_levels,
+    bulk_adjust_stock,
+    get_stock_level,
+    list_movements,
+    list_stock_levels,
+    load_sku_stocks,
+    receive_stock,
+    return_stock,
+    set_stock,
+    stock_of,
+)
+from domain.inventory.types import (
+    ADDRESS_FIELDS,
+    CONTACT_FIELDS,
+    MOVEMENT_TYPES,
+    RESERVATION_STATES,
+    Adjustment,
+    Cost,
+    Fulfilment,
+    Item,
+    LineQuantity,
+    LineRequest,
+    Movement,
+    Reservation,
+    ReservationLine,
+    SkuStock,
+    StockChange,
+    StockLevel,
+    Warehouse,
+)
+from domain.inventory.validation import normalize_sku
+
+__all__ = [
+    "ADDRESS_FIELDS",
+    "CONTACT_FIELDS",
+    "MAX_BATCH_GET",
+    "MOVEMENT_TYPES",
+    "RESERVATION_STATES",
+    "WAREHOUSE_UPDATABLE",
+    "Adjustment",
+    "Cost",
+    "Fulfilment",
+    "IdemClaim",
+    "Item",
+    "LineQuantity",
+    "LineRequest",
+    "Movement",
+    "Reservation",
+    "ReservationLine",
+    "ReserveBatcher",
+    "ReserveRequest",
+    "SkuStock",
+    "StockChange",
+    "StockLevel",
+    "Stored",
+    "Warehouse",
+    "adjust_stock",
+    "apply_stock_change",
+    "batch_get_stock_levels",
+    "bulk_adjust_stock",
+    "create_warehouse",
+    "deactivate_warehouse",
+    "extend",
+    "fulfil",
+    "get_item",
+    "get_reservation",
+    "get_stock_level",
+    "get_warehouse",
+    "list_movements",
+    "list_reservations",
+    "list_stock_levels",
+    "list_warehouses",
+    "load_sku_stocks",
+    "normalize_sku",
+    "receive_stock",
+    "release",
+    "reserve",
+    "reserve_many",
+    "reserve_request",
+    "return_stock",
+    "run_sweeper",
+    "set_stock",
+    "stock_of",
+    "sweep_expired",
+    "update_warehouse",
+    "upsert_item",
+]

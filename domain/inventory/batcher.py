@@ -1,0 +1,270 @@
+"""Group commit for ReserveStock: concurrent requests share one transaction.
+
+A hot SKU is limited by its row lock: one transaction per reservation means
+one lock hold + one commit (fsync) per unit. The batcher collects the requests
+that arrive while a batch is in flight (plus an optional short window) and
+applies them in ONE transaction: one locking SELECT, one guarded UPDATE per
+level, multi-row inserts for reservations, lines, ledger and outbox, then one
+commit. Each caller's future resolves only after that commit, so durability
+is unchanged (synchronous_commit stays on). Never oversell: the guarded UPDATE
+holds with any number of processes and batchers on one database.
+
+Idempotency (AIP-155). A batched request cannot go through rt.mutate (one
+transaction per request), so the batch does the same claim/store on the same
+table, platform.idempotency_keys, inside the batch transaction:
+  - claim: INSERT (principal, request_id, method, request_hash) ON CONFLICT DO
+    NOTHING RETURNING, keys in sorted order (no deadlock between batches);
+  - a key already present (committed by an earlier call, or by a concurrent
+    transaction we waited for) is not executed: after commit the caller gets
+    `Stored` (the row's hash, status code and response) and the server
+    replays it or answers REQUEST_ID_REUSED, exactly as rt.mutate does;
+  - store: the response bytes (or the error's status) of every executed
+    request are written to its claimed row before the same commit.
+Two requests with the same key in one batch: the second waits for the next
+batch and then sees the first's stored row.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from domain.inventory.reservations import ReserveRequest, reserve_many
+from domain.inventory.types import Reservation
+from domain.shared.errors import DomainError
+
+log = logging.getLogger("entrepot.inventory.batcher")
+
+RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
+
+
+@dataclass(frozen=True)
+class IdemClaim:
+    principal: str
+    request_id: str
+    method: str
+    request_hash: bytes
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return (self.principal, self.request_id)
+
+
+@dataclass(frozen=True)
+class Stored:
+    """The stored outcome of an earlier call with the same key."""
+
+    request_hash: bytes
+    method: str
+    status_code: int | None
+    response: bytes | None
+
+
+# Encodes an outcome for the idempotency store: (status code, bytes); 0 = OK.
+Encoder = Callable[[Reservation | DomainError], tuple[int, bytes]]
+
+
+@dataclass
+class _Pending:
+    request: ReserveRequest
+    claim: IdemClaim | None
+    future: asyncio.Future[Reservation | Stored]
+
+
+_CLAIM = text(
+    """
+    INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash)
+    SELECT * FROM unnest(CAST(:p AS text[]), CAST(:r AS text[]), CAST(:m AS text[]), CAST(:h AS bytea[]))
+    ON CONFLICT DO NOTHING
+    RETURNING principal, request_id
+    """
+)
+_STORE = text(
+    """
+    UPDATE platform.idempotency_keys k SET status_code = d.code, response = d.body
+    FROM unnest(CAST(:p AS text[]), CAST(:r AS text[]), CAST(:c AS int[]), CAST(:b AS bytea[]))
+         AS d(p, r, code, body)
+    WHERE k.principal = d.p AND k.request_id = d.r
+    """
+)
+_READ_STORED = text(
+    """
+    SELECT principal, request_id, method, request_hash, status_code, response FROM platform.idempotency_keys
+    WHERE (principal, request_id) IN (SELECT * FROM unnest(CAST(:p AS text[]), CAST(:r AS text[])))
+    """
+)
+
+
+class ReserveBatcher:
+    """In-process group commit for reservations; one per server process."""
+
+    def __init__(
+        self,
+        sessions: async_sessionmaker[AsyncSession],
+        *,
+        encode: Encoder | None = None,
+        window: float = 0.0,
+        max_batch: int = 256,
+        max_inflight: int = 2,
+    ) -> None:
+        self._sessions = sessions
+        self._encode = encode
+        self._window = window
+        self._max_batch = max_batch
+        self._inflight = asyncio.Semaphore(max_inflight)
+        self._pending: list[_Pending] = []
+        self._wake = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.batches = 0
+        self.requests = 0
+
+    async def submit(self, request: ReserveRequest, claim: IdemClaim | None = None) -> Reservation | Stored:
+        """Reservation, or Stored for a replayed key; raises the request's DomainError."""
+        if claim is not None and self._encode is None:
+            raise RuntimeError("a batcher without an encoder cannot store idempotent responses")
+        fut: asyncio.Future[Reservation | Stored] = asyncio.get_running_loop().create_future()
+        self._pending.append(_Pending(request, claim, fut))
+        self._wake.set()
+        if self._loop_task is None or self._loop_task.done():
+            self._loop_task = asyncio.create_task(self._loop(), name="reserve-batcher")
+        return await fut
+
+    async def close(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            try:
+                await self._loop_task
+            except asyncio.CancelledError:
+                pass
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        for p in self._pending:
+            if not p.future.done():
+                p.future.set_exception(RuntimeError("the reservation batcher was closed"))
+        self._pending.clear()
+
+    async def _loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            await self._inflight.acquire()
+            if self._window:
+                await asyncio.sleep(self._window)
+            else:
+                await asyncio.sleep(0)  # let requests of the same tick join
+            batch: list[_Pending] = []
+            rest: list[_Pending] = []
+            seen: set[tuple[str, str]] = set()
+            for p in self._pending:
+                key = p.claim.key if p.claim else None
+                if len(batch) < self._max_batch and (key is None or key not in seen):
+                    batch.append(p)
+                    if key is not None:
+                        seen.add(key)
+                else:
+                    rest.append(p)
+            self._pending = rest
+            if not self._pending:
+                self._wake.clear()
+            if not batch:
+                self._inflight.release()
+                continue
+            task = asyncio.create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, batch: list[_Pending]) -> None:
+        try:
+            for attempt in range(4):
+                try:
+                    outcome = await self._transaction(batch)
+                    break
+                except DBAPIError as exc:
+                    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+                    if state not in RETRYABLE_SQLSTATES or attempt == 3:
+                        raise
+                    log.info("reserve batch retried after %s", state)
+            executed, duplicates = outcome
+            self.batches += 1
+            self.requests += len(batch)
+            for p, result in executed:
+                if p.future.done():
+                    continue
+                if isinstance(result, DomainError):
+                    p.future.set_exception(result)
+                else:
+                    p.future.set_result(result)
+            if duplicates:
+                stored = await self._read_stored([p.claim for p in duplicates if p.claim])
+                for p in duplicates:
+                    if p.future.done() or p.claim is None:
+                        continue
+                    s = stored.get(p.claim.key)
+                    if s is None:
+                        p.future.set_exception(RuntimeError("idempotency key vanished"))
+                    else:
+                        p.future.set_result(s)
+        except BaseException as exc:
+            for p in batch:
+                if not p.future.done():
+                    p.future.set_exception(exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._inflight.release()
+
+    async def _transaction(
+        self, batch: Sequence[_Pending]
+    ) -> tuple[list[tuple[_Pending, Reservation | DomainError]], list[_Pending]]:
+        async with self._sessions() as session, session.begin():
+            claims = sorted((p.claim for p in batch if p.claim), key=lambda c: c.key)
+            claimed: set[tuple[str, str]] = set()
+            if claims:
+                rows = (
+                    await session.execute(
+                        _CLAIM,
+                        {
+                            "p": [c.principal for c in claims],
+                            "r": [c.request_id for c in claims],
+                            "m": [c.method for c in claims],
+                            "h": [c.request_hash for c in claims],
+                        },
+                    )
+                ).all()
+                claimed = {(r.principal, r.request_id) for r in rows}
+            live = [p for p in batch if p.claim is None or p.claim.key in claimed]
+            dups = [p for p in batch if p.claim is not None and p.claim.key not in claimed]
+            results = await reserve_many(session, [p.request for p in live]) if live else []
+            stores = [(p, r) for p, r in zip(live, results, strict=True) if p.claim is not None]
+            if stores and self._encode is not None:
+                encoded = [self._encode(r) for _, r in stores]
+                await session.execute(
+                    _STORE,
+                    {
+                        "p": [p.claim.principal for p, _ in stores if p.claim],
+                        "r": [p.claim.request_id for p, _ in stores if p.claim],
+                        "c": [e[0] for e in encoded],
+                        "b": [e[1] for e in encoded],
+                    },
+                )
+        return list(zip(live, results, strict=True)), dups
+
+    async def _read_stored(self, claims: Sequence[IdemClaim]) -> dict[tuple[str, str], Stored]:
+        async with self._sessions() as session:
+            rows = (
+                await session.execute(
+                    _READ_STORED, {"p": [c.principal for c in claims], "r": [c.request_id for c in claims]}
+                )
+            ).all()
+        return {
+            (r.principal, r.request_id): Stored(
+                bytes(r.request_hash), r.method, r.status_code, bytes(r.response) if r.response else None
+            )
+            for r in rows
+        }

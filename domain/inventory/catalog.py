@@ -1,0 +1,224 @@
+"""Warehouses and inventory items (ordinary CRUD, through the ORM)."""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+
+from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.inventory.models import ItemRow, WarehouseRow
+from domain.inventory.types import ADDRESS_FIELDS, CONTACT_FIELDS, Item, Warehouse
+from domain.inventory.validation import MAX_QUANTITY, check_sku, check_text, check_warehouse_code
+from domain.shared.errors import AlreadyExists, NotFound, Violations
+from domain.shared.outbox import Event, emit
+from domain.shared.pagination import decode_token, encode_token, page_size
+
+WAREHOUSE_UPDATABLE = ("name", "address", "contact", "priority", "active")
+
+
+def _warehouse(row: WarehouseRow) -> Warehouse:
+    return Warehouse(
+        code=row.code,
+        name=row.name,
+        address=dict(row.address or {}),
+        contact=dict(row.contact or {}),
+        priority=row.priority,
+        active=row.active,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _item(row: ItemRow) -> Item:
+    return Item(
+        sku=row.sku,
+        track_inventory=row.track_inventory,
+        allow_backorder=row.allow_backorder,
+        max_backorder=row.max_backorder,
+        low_stock_threshold=row.low_stock_threshold,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+    )
+
+
+def _clean(values: Mapping[str, str], allowed: tuple[str, ...]) -> dict[str, str]:
+    return {k: str(values[k]).strip() for k in allowed if values.get(k)}
+
+
+def _check_warehouse_fields(
+    v: Violations, name: str, address: Mapping[str, str], contact: Mapping[str, str], priority: int
+) -> None:
+    if not name.strip() or len(name) > 200:
+        v.add("warehouse.name", "must be 1 to 200 characters")
+    for k, val in address.items():
+        check_text(v, f"warehouse.address.{k}", str(val), 200)
+    cc = address.get("country_code", "")
+    if cc and (len(cc) != 2 or not cc.isalpha() or not cc.isupper()):
+        v.add("warehouse.address.country_code", "must be an ISO-3166-1 alpha-2 code such as 'FR'")
+    for k, val in contact.items():
+        check_text(v, f"warehouse.contact.{k}", str(val), 200)
+    if not -1_000_000 <= priority <= 1_000_000:
+        v.add("warehouse.priority", "must be between -1000000 and 1000000")
+
+
+async def create_warehouse(
+    session: AsyncSession,
+    *,
+    code: str,
+    name: str,
+    address: Mapping[str, str],
+    contact: Mapping[str, str],
+    priority: int = 0,
+) -> Warehouse:
+    v = Violations()
+    check_warehouse_code(v, "warehouse.code", code)
+    addr, cont = _clean(address, ADDRESS_FIELDS), _clean(contact, CONTACT_FIELDS)
+    _check_warehouse_fields(v, name, addr, cont, priority)
+    v.raise_if_any("the warehouse is invalid")
+    row = (
+        await session.execute(
+            insert(WarehouseRow)
+            .values(code=code, name=name.strip(), address=addr, contact=cont, priority=priority, active=True)
+            .on_conflict_do_nothing(index_elements=["code"])
+            .returning(WarehouseRow)
+        )
+    ).scalar_one_or_none()
+    if row is None:
+        raise AlreadyExists("WAREHOUSE_EXISTS", f"warehouse {code!r} already exists", metadata={"code": code})
+    await emit(session, Event("inventory.warehouse_created", "warehouse", code, {"code": code}))
+    return _warehouse(row)
+
+
+async def get_warehouse(session: AsyncSession, code: str) -> Warehouse:
+    row = await session.get(WarehouseRow, code)
+    if row is None:
+        raise NotFound("WAREHOUSE_NOT_FOUND", f"warehouse {code!r} does not exist", metadata={"code": code})
+    return _warehouse(row)
+
+
+async def update_warehouse(
+    session: AsyncSession,
+    *,
+    code: str,
+    fields: Collection[str],
+    name: str = "",
+    address: Mapping[str, str] | None = None,
+    contact: Mapping[str, str] | None = None,
+    priority: int = 0,
+    active: bool = True,
+) -> Warehouse:
+    """Field-mask update: only `fields` change (empty = all updatable fields).
+
+    Paths may name sub-fields of address/contact ("address.city")."""
+    paths = set(fields) or set(WAREHOUSE_UPDATABLE)
+    v = Violations()
+    for p in paths:
+        top, _, sub = p.partition(".")
+        if top not in WAREHOUSE_UPDATABLE or (
+            sub
+            and not (
+                (top == "address" and sub in ADDRESS_FIELDS) or (top == "contact" and sub in CONTACT_FIELDS)
+            )
+        ):
+            v.add("update_mask", f"{p!r} cannot be updated (updatable: {', '.join(WAREHOUSE_UPDATABLE)})")
+    v.raise_if_any("the update is invalid")
+    row = (
+        await session.execute(select(WarehouseRow).where(WarehouseRow.code == code).with_for_update())
+    ).scalar_one_or_none()
+    if row is None:
+        raise NotFound("WAREHOUSE_NOT_FOUND", f"warehouse {code!r} does not exist", metadata={"code": code})
+    new_addr = dict(row.address or {})
+    new_cont = dict(row.contact or {})
+    given_addr = _clean(address or {}, ADDRESS_FIELDS)
+    given_cont = _clean(contact or {}, CONTACT_FIELDS)
+    if "address" in paths:
+        new_addr = given_addr
+    if "contact" in paths:
+        new_cont = given_cont
+    for p in paths:
+        top, _, sub = p.partition(".")
+        if sub and top == "address":
+            new_addr.pop(sub, None)
+            if sub in given_addr:
+                new_addr[sub] = given_addr[sub]
+        if sub and top == "contact":
+            new_cont.pop(sub, None)
+            if sub in given_cont:
+                new_cont[sub] = given_cont[sub]
+    new_name = name if "name" in paths else row.name
+    new_priority = priority if "priority" in paths else row.priority
+    _check_warehouse_fields(v, new_name, new_addr, new_cont, new_priority)
+    v.raise_if_any("the warehouse is invalid")
+    row.name, row.address, row.contact, row.priority = new_name.strip(), new_addr, new_cont, new_priority
+    if "active" in paths:
+        row.active = active
+    await session.flush()
+    await session.refresh(row)
+    await emit(
+        session,
+        Event("inventory.warehouse_updated", "warehouse", code, {"code": code, "fields": sorted(paths)}),
+    )
+    return _warehouse(row)
+
+
+async def deactivate_warehouse(session: AsyncSession, code: str) -> Warehouse:
+    return await update_warehouse(session, code=code, fields=["active"], active=False)
+
+
+async def list_warehouses(
+    session: AsyncSession, *, size: int, token: str, include_inactive: bool = False
+) -> tuple[list[Warehouse], str]:
+    """Ordered by allocation order (priority, code)."""
+    n = page_size(size)
+    filters = {"w": "warehouses", "inactive": include_inactive}
+    after = decode_token(token, filters)
+    stmt = select(WarehouseRow).order_by(WarehouseRow.priority, WarehouseRow.code).limit(n + 1)
+    if not include_inactive:
+        stmt = stmt.where(WarehouseRow.active)
+    if after is not None:
+        stmt = stmt.where((WarehouseRow.priority, WarehouseRow.code) > (int(after[0]), str(after[1])))  # type: ignore[operator]
+    rows = list((await session.execute(stmt)).scalars())
+    more = len(rows) > n
+    rows = rows[:n]
+    nxt = encode_token([rows[-1].priority, rows[-1].code], filters) if more else ""
+    return [_warehouse(r) for r in rows], nxt
+
+
+async def upsert_item(
+    session: AsyncSession,
+    *,
+    sku: str,
+    track_inventory: bool = True,
+    allow_backorder: bool = False,
+    max_backorder: int = 0,
+    low_stock_threshold: int = 0,
+) -> Item:
+    v = Violations()
+    sku = check_sku(v, "item.sku", sku)
+    if not 0 <= max_backorder <= MAX_QUANTITY:
+        v.add("item.max_backorder_quantity", f"must be between 0 and {MAX_QUANTITY}")
+    if not 0 <= low_stock_threshold <= MAX_QUANTITY:
+        v.add("item.low_stock_threshold", f"must be between 0 and {MAX_QUANTITY}")
+    v.raise_if_any("the item is invalid")
+    values = {
+        "track_inventory": track_inventory,
+        "allow_backorder": allow_backorder,
+        "max_backorder": max_backorder,
+        "low_stock_threshold": low_stock_threshold,
+    }
+    ins = insert(ItemRow).values(sku=sku, **values)
+    stmt = ins.on_conflict_do_update(
+        index_elements=["sku"], set_={**values, "updated_at": ins.excluded.updated_at}
+    ).returning(ItemRow)
+    row = (await session.execute(stmt, execution_options={"populate_existing": True})).scalar_one()
+    await emit(session, Event("inventory.item_upserted", "sku", sku, {"sku": sku, **values}))
+    return _item(row)
+
+
+async def get_item(session: AsyncSession, sku: str) -> Item:
+    row = await session.get(ItemRow, sku)
+    if row is None:
+        raise NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
+    return _item(row)

@@ -1,0 +1,119 @@
+"""The ledger and its outbox events, written together in ONE statement.
+
+Every counter change appends a ledger row and a `inventory.stock_changed`
+outbox event in the same transaction. Ledger ids are drawn in the statement
+(nextval in a materialised CTE) so a multi-row write returns ids in input order
+without relying on RETURNING order.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.inventory.types import Cost, Movement
+
+TOPIC = "inventory.stock_changed"
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A movement to write; before/after are the level's counters around it."""
+
+    sku: str
+    warehouse_code: str
+    type: str
+    on_hand_before: int
+    on_hand_after: int
+    reserved_before: int
+    reserved_after: int
+    below_threshold: bool
+    reason: str = ""
+    source: str = ""
+    actor: str = ""
+    reference: str = ""
+    reservation_id: uuid.UUID | None = None
+    cost: Cost | None = None
+
+
+_WRITE = text(
+    """
+    WITH src AS MATERIALIZED (
+        SELECT nextval('inventory.ledger_id_seq') AS id, t.*
+        FROM unnest(
+            CAST(:sku AS text[]), CAST(:wh AS text[]), CAST(:type AS text[]),
+            CAST(:ohb AS bigint[]), CAST(:oha AS bigint[]), CAST(:rb AS bigint[]), CAST(:ra AS bigint[]),
+            CAST(:reason AS text[]), CAST(:source AS text[]), CAST(:actor AS text[]), CAST(:ref AS text[]),
+            CAST(:rid AS uuid[]), CAST(:cost AS bigint[]), CAST(:cur AS text[]), CAST(:below AS boolean[])
+        ) WITH ORDINALITY AS t(sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur,
+                              below, ord)
+    ), l AS (
+        INSERT INTO inventory.ledger (id, sku, warehouse_code, type, on_hand_before, on_hand_after,
+            reserved_before, reserved_after, reason, source, actor, reference, reservation_id,
+            cost_minor, cost_currency)
+        SELECT id, sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur
+        FROM src ORDER BY ord
+    ), o AS (
+        INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
+        SELECT :topic, 'sku', sku, jsonb_build_object(
+            'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', type,
+            'on_hand_delta', oha - ohb, 'reserved_delta', ra - rb,
+            'on_hand', oha, 'reserved', ra, 'available', oha - ra,
+            'reason', reason, 'source', source, 'reference', ref,
+            'reservation_id', rid, 'below_threshold', below)
+        FROM src ORDER BY ord
+    )
+    SELECT id, now() AS created_at FROM src ORDER BY ord
+    """
+)
+
+
+async def write(session: AsyncSession, drafts: Sequence[Draft]) -> list[Movement]:
+    """Append ledger rows + outbox events; returns the movements in input order."""
+    if not drafts:
+        return []
+    params = {
+        "topic": TOPIC,
+        "sku": [d.sku for d in drafts],
+        "wh": [d.warehouse_code for d in drafts],
+        "type": [d.type for d in drafts],
+        "ohb": [d.on_hand_before for d in drafts],
+        "oha": [d.on_hand_after for d in drafts],
+        "rb": [d.reserved_before for d in drafts],
+        "ra": [d.reserved_after for d in drafts],
+        "reason": [d.reason for d in drafts],
+        "source": [d.source for d in drafts],
+        "actor": [d.actor for d in drafts],
+        "ref": [d.reference for d in drafts],
+        "rid": [d.reservation_id for d in drafts],
+        "cost": [d.cost.amount_minor if d.cost else None for d in drafts],
+        "cur": [d.cost.currency if d.cost else None for d in drafts],
+        "below": [d.below_threshold for d in drafts],
+    }
+    rows = (await session.execute(_WRITE, params)).all()
+    return [_movement(d, int(row[0]), row[1]) for d, row in zip(drafts, rows, strict=True)]
+
+
+def _movement(d: Draft, ledger_id: int, created_at: datetime) -> Movement:
+    return Movement(
+        id=ledger_id,
+        sku=d.sku,
+        warehouse_code=d.warehouse_code,
+        type=d.type,
+        on_hand_before=d.on_hand_before,
+        on_hand_after=d.on_hand_after,
+        reserved_before=d.reserved_before,
+        reserved_after=d.reserved_after,
+        reason=d.reason,
+        source=d.source,
+        actor=d.actor,
+        reference=d.reference,
+        reservation_id=d.reservation_id,
+        cost=d.cost,
+        created_at=created_at,
+    )

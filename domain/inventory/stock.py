@@ -1,0 +1,666 @@
+"""Stock levels: reads, and every non-reservation change (adjust, set, receive,
+return, bulk). The counters only ever change through a conditional
+UPDATE ... RETURNING; the ledger row and outbox event go in the same
+transaction (ledger.write)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.inventory import ledger
+from domain.inventory.types import (
+    MOVEMENT_TYPES,
+    Adjustment,
+    Cost,
+    Movement,
+    SkuStock,
+    StockChange,
+    StockLevel,
+    is_below_threshold,
+)
+from domain.inventory.validation import (
+    MAX_QUANTITY,
+    check_quantity,
+    check_sku,
+    check_text,
+    check_warehouse_code,
+    sku_or_raise,
+)
+from domain.shared.errors import (
+    DomainError,
+    FailedPrecondition,
+    NotFound,
+    PreconditionViolation,
+    Violations,
+)
+from domain.shared.money import is_currency
+from domain.shared.pagination import decode_token, encode_token, page_size
+
+MAX_BATCH_GET = 1000
+MAX_BULK = 1000
+
+# One statement: lock the level, apply the change if every rule holds, return
+# before/after and the SKU's total availability (for the threshold flag).
+# `kind`: 'delta' adds :qty to on_hand, 'set' makes it :qty.
+_CHANGE = text(
+    """
+    WITH old AS (
+        SELECT on_hand, reserved FROM inventory.stock_levels
+        WHERE sku = :sku AND warehouse_code = :wh FOR NO KEY UPDATE
+    ), u AS (
+        UPDATE inventory.stock_levels s
+        SET on_hand = CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END,
+            updated_at = now()
+        FROM old, inventory.items i
+        WHERE s.sku = :sku AND s.warehouse_code = :wh AND i.sku = s.sku
+          AND (CAST(:expected AS bigint) IS NULL OR s.on_hand = CAST(:expected AS bigint))
+          AND (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= 0
+          AND (
+            (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= s.on_hand
+            OR (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= s.reserved
+            OR NOT i.track_inventory
+            OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved
+                - (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END)
+                <= i.max_backorder))
+          )
+        RETURNING old.on_hand AS ohb, old.reserved AS rb, s.on_hand AS oha, s.reserved AS ra, s.updated_at,
+                  i.low_stock_threshold AS threshold
+    )
+    SELECT u.*, u.oha - u.ra + coalesce((
+        SELECT sum(x.on_hand - x.reserved) FROM inventory.stock_levels x
+        WHERE x.sku = :sku AND x.warehouse_code <> :wh), 0) AS total_available
+    FROM u
+    """
+)
+
+_ENSURE_LEVEL = text(
+    """
+    INSERT INTO inventory.stock_levels (sku, warehouse_code)
+    SELECT i.sku, w.code FROM inventory.items i, inventory.warehouses w WHERE i.sku = :sku AND w.code = :wh
+    ON CONFLICT DO NOTHING
+    """
+)
+
+_DIAGNOSE = text(
+    """
+    SELECT (SELECT row(track_inventory, allow_backorder, max_backorder)::text FROM inventory.items
+            WHERE sku = :sku) AS item,
+           EXISTS (SELECT 1 FROM inventory.warehouses WHERE code = :wh) AS warehouse,
+           (SELECT on_hand FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh) AS on_hand,
+           (SELECT reserved FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh) AS reserved
+    """
+)
+
+_LOT = text(
+    """
+    INSERT INTO inventory.lots (sku, warehouse_code, lot_code, received_quantity, remaining_quantity,
+                                unit_cost_minor, currency, ledger_id)
+    VALUES (:sku, :wh, :lot_code, :qty, :qty, :cost, :cur, :ledger_id)
+    """
+)
+
+
+async def _diagnose(
+    session: AsyncSession, sku: str, wh: str, *, is_set: bool, qty: int, expected: int | None
+) -> DomainError | None:
+    """Why a conditional change matched no row; None when the level row is missing."""
+    row = (await session.execute(_DIAGNOSE, {"sku": sku, "wh": wh})).one()
+    if row.item is None:
+        return NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
+    if not row.warehouse:
+        return NotFound("WAREHOUSE_NOT_FOUND", f"warehouse {wh!r} does not exist", metadata={"code": wh})
+    if row.on_hand is None:
+        return None
+    on_hand, reserved = int(row.on_hand), int(row.reserved)
+    meta = {"sku": sku, "warehouse_code": wh, "on_hand": str(on_hand), "reserved": str(reserved)}
+    if expected is not None and on_hand != expected:
+        return FailedPrecondition(
+            "STOCK_CHANGED",
+            f"on_hand of {sku!r} in {wh!r} is {on_hand}, not the expected {expected}",
+            metadata=meta,
+            precondition_violations=[
+                PreconditionViolation("STOCK_CHANGED", sku, f"expected on_hand {expected}, current {on_hand}")
+            ],
+        )
+    new = qty if is_set else on_hand + qty
+    if new < 0:
+        return FailedPrecondition(
+            "INSUFFICIENT_STOCK",
+            f"on_hand of {sku!r} in {wh!r} would go below 0",
+            metadata=meta,
+            precondition_violations=[
+                PreconditionViolation("INSUFFICIENT_STOCK", sku, f"on_hand {on_hand}, change {new - on_hand}")
+            ],
+        )
+    return FailedPrecondition(
+        "STOCK_RESERVED",
+        f"on_hand of {sku!r} in {wh!r} would go below the {reserved} reserved units",
+        metadata=meta,
+        precondition_violations=[
+            PreconditionViolation(
+                "STOCK_RESERVED", sku, f"on_hand would be {new}, reserved {reserved}; backorder not allowed"
+            )
+        ],
+    )
+
+
+async def apply_stock_change(
+    session: AsyncSession,
+    *,
+    sku: str,
+    warehouse_code: str,
+    kind: str,
+    quantity: int,
+    expected_on_hand: int | None = None,
+    reason: str = "",
+    source: str = "api",
+    actor: str = "",
+    reference: str = "",
+    unit_cost: Cost | None = None,
+    lot_code: str = "",
+    ledger_type: str | None = None,
+) -> StockChange:
+    """Apply one counter change (the reusable primitive; SyncStock uses it too).
+
+    kind: "set" (on_hand := quantity, optional expected_on_hand), "adjust"
+    (on_hand += quantity, non-zero), "receive" (+quantity and a lot when
+    unit_cost is given), "return" (+quantity). `ledger_type` overrides the
+    ledger type (e.g. "sync", "import"). Inputs must be validated and the SKU
+    normalised by the caller (see validation.py). Raises NotFound for an
+    unknown item/warehouse and FailedPrecondition (STOCK_CHANGED,
+    INSUFFICIENT_STOCK, STOCK_RESERVED) when a rule refuses the change.
+    """
+    if kind not in ("set", "adjust", "receive", "return"):
+        raise ValueError(f"unknown stock change kind {kind!r}")
+    is_set = kind == "set"
+    params: dict[str, Any] = {
+        "sku": sku,
+        "wh": warehouse_code,
+        "is_set": is_set,
+        "qty": quantity,
+        "expected": expected_on_hand,
+    }
+    row = (await session.execute(_CHANGE, params)).one_or_none()
+    if row is None:
+        err = await _diagnose(
+            session, sku, warehouse_code, is_set=is_set, qty=quantity, expected=expected_on_hand
+        )
+        if err is not None:
+            raise err
+        # First change of this SKU in this warehouse: create the level, then apply.
+        await session.execute(_ENSURE_LEVEL, {"sku": sku, "wh": warehouse_code})
+        row = (await session.execute(_CHANGE, params)).one_or_none()
+        if row is None:
+            err = await _diagnose(
+                session, sku, warehouse_code, is_set=is_set, qty=quantity, expected=expected_on_hand
+            )
+            raise err or RuntimeError("stock level vanished during a change")
+    below = is_below_threshold(int(row.total_available), int(row.threshold))
+    cost = None
+    if unit_cost is not None and kind == "receive":
+        cost = Cost(unit_cost.amount_minor * quantity, unit_cost.currency)
+    (movement,) = await ledger.write(
+        session,
+        [
+            ledger.Draft(
+                sku=sku,
+                warehouse_code=warehouse_code,
+                type=ledger_type or kind,
+                on_hand_before=int(row.ohb),
+                on_hand_after=int(row.oha),
+                reserved_before=int(row.rb),
+                reserved_after=int(row.ra),
+                below_threshold=below,
+                reason=reason,
+                source=source,
+                actor=actor,
+                reference=reference,
+                cost=cost,
+            )
+        ],
+    )
+    if unit_cost is not None and kind == "receive":
+        await session.execute(
+            _LOT,
+            {
+                "sku": sku,
+                "wh": warehouse_code,
+                "lot_code": lot_code,
+                "qty": quantity,
+                "cost": unit_cost.amount_minor,
+                "cur": unit_cost.currency,
+                "ledger_id": movement.id,
+            },
+        )
+    level = StockLevel(sku, warehouse_code, int(row.oha), int(row.ra), row.updated_at)
+    return StockChange(level=level, movement=movement, below_threshold=below)
+
+
+def _check_common(v: Violations, sku: str, wh: str, reason: str, reference: str) -> str:
+    norm = check_sku(v, "sku", sku)
+    check_warehouse_code(v, "warehouse_code", wh)
+    check_text(v, "reason", reason)
+    check_text(v, "reference", reference)
+    return norm
+
+
+async def adjust_stock(
+    session: AsyncSession,
+    *,
+    sku: str,
+    warehouse_code: str,
+    delta: int,
+    reason: str = "",
+    reference: str = "",
+    actor: str = "",
+    source: str = "api",
+) -> StockChange:
+    v = Violations()
+    sku = _check_common(v, sku, warehouse_code, reason, reference)
+    if delta == 0 or abs(delta) > MAX_QUANTITY:
+        v.add("delta", f"must be non-zero and at most {MAX_QUANTITY} in magnitude")
+    v.raise_if_any("the adjustment is invalid")
+    return await apply_stock_change(
+        session,
+        sku=sku,
+        warehouse_code=warehouse_code,
+        kind="adjust",
+        quantity=delta,
+        reason=reason,
+        source=source,
+        actor=actor,
+        reference=reference,
+    )
+
+
+async def set_stock(
+    session: AsyncSession,
+    *,
+    sku: str,
+    warehouse_code: str,
+    quantity: int,
+    expected_on_hand: int | None = None,
+    reason: str = "",
+    reference: str = "",
+    actor: str = "",
+    source: str = "api",
+) -> StockChange:
+    v = Violations()
+    sku = _check_common(v, sku, warehouse_code, reason, reference)
+    check_quantity(v, "quantity", quantity, minimum=0)
+    if expected_on_hand is not None:
+        check_quantity(v, "expected_on_hand", expected_on_hand, minimum=0)
+    v.raise_if_any("the stock count is invalid")
+    return await apply_stock_change(
+        session,
+        sku=sku,
+        warehouse_code=warehouse_code,
+        kind="set",
+        quantity=quantity,
+        expected_on_hand=expected_on_hand,
+        reason=reason,
+        source=source,
+        actor=actor,
+        reference=reference,
+    )
+
+
+async def receive_stock(
+    session: AsyncSession,
+    *,
+    sku: str,
+    warehouse_code: str,
+    quantity: int,
+    unit_cost: Cost | None,
+    lot_code: str = "",
+    reason: str = "",
+    reference: str = "",
+    actor: str = "",
+    source: str = "api",
+) -> StockChange:
+    v = Violations()
+    sku = _check_common(v, sku, warehouse_code, reason, reference)
+    check_quantity(v, "quantity", quantity)
+    check_text(v, "lot_code", lot_code, 128)
+    if unit_cost is None:
+        v.add("unit_cost", "is required: lots are costed FIFO on fulfilment")
+    else:
+        if not is_currency(unit_cost.currency):
+            v.add("unit_cost.currency_code", f"{unit_cost.currency!r} is not a supported ISO-4217 code")
+        if not 0 <= unit_cost.amount_minor <= MAX_QUANTITY:
+            v.add("unit_cost.amount_minor", f"must be between 0 and {MAX_QUANTITY}")
+    v.raise_if_any("the receipt is invalid")
+    return await apply_stock_change(
+        session,
+        sku=sku,
+        warehouse_code=warehouse_code,
+        kind="receive",
+        quantity=quantity,
+        unit_cost=unit_cost,
+        lot_code=lot_code,
+        reason=reason,
+        source=source,
+        actor=actor,
+        reference=reference,
+    )
+
+
+async def return_stock(
+    session: AsyncSession,
+    *,
+    sku: str,
+    warehouse_code: str,
+    quantity: int,
+    reason: str = "",
+    reference: str = "",
+    actor: str = "",
+    source: str = "api",
+) -> StockChange:
+    v = Violations()
+    sku = _check_common(v, sku, warehouse_code, reason, reference)
+    check_quantity(v, "quantity", quantity)
+    v.raise_if_any("the return is invalid")
+    return await apply_stock_change(
+        session,
+        sku=sku,
+        warehouse_code=warehouse_code,
+        kind="return",
+        quantity=quantity,
+        reason=reason,
+        source=source,
+        actor=actor,
+        reference=reference,
+    )
+
+
+async def bulk_adjust_stock(
+    session: AsyncSession,
+    adjustments: Sequence[Adjustment],
+    *,
+    reference: str = "",
+    actor: str = "",
+    source: str = "api",
+) -> list[StockChange]:
+    """All or nothing. Every refused line is reported (one violation each,
+    subject `adjustments[i]`); the caller's transaction must then roll back,
+    which raising guarantees under rt.mutate / UnitOfWork."""
+    v = Violations()
+    if not 1 <= len(adjustments) <= MAX_BULK:
+        v.add("adjustments", f"must hold 1 to {MAX_BULK} adjustments")
+    check_text(v, "reference", reference)
+    norm: list[Adjustment] = []
+    for i, a in enumerate(adjustments):
+        sku = check_sku(v, f"adjustments[{i}].sku", a.sku)
+        check_warehouse_code(v, f"adjustments[{i}].warehouse_code", a.warehouse_code)
+        if a.delta == 0 or abs(a.delta) > MAX_QUANTITY:
+            v.add(f"adjustments[{i}].delta", f"must be non-zero and at most {MAX_QUANTITY} in magnitude")
+        check_text(v, f"adjustments[{i}].reason", a.reason)
+        norm.append(Adjustment(sku, a.warehouse_code, a.delta, a.reason))
+    v.raise_if_any("the bulk adjustment is invalid")
+    # Apply in (sku, warehouse) order so concurrent bulk calls lock rows in
+    # one global order (no deadlocks); answer in request order.
+    order = sorted(range(len(norm)), key=lambda i: (norm[i].sku, norm[i].warehouse_code, i))
+    changes: dict[int, StockChange] = {}
+    refused: list[tuple[int, DomainError]] = []
+    for i in order:
+        a = norm[i]
+        try:
+            changes[i] = await apply_stock_change(
+                session,
+                sku=a.sku,
+                warehouse_code=a.warehouse_code,
+                kind="adjust",
+                quantity=a.delta,
+                reason=a.reason,
+                source=source,
+                actor=actor,
+                reference=reference,
+            )
+        except DomainError as err:  # collected: every failing line is reported below
+            refused.append((i, err))
+    if refused:
+        refused.sort(key=lambda r: r[0])
+        reasons = {e.reason for _, e in refused}
+        raise FailedPrecondition(
+            reasons.pop() if len(reasons) == 1 else "BULK_ADJUSTMENT_REFUSED",
+            f"{len(refused)} of {len(norm)} adjustments were refused; nothing was applied",
+            metadata={"refused": str(len(refused))},
+            precondition_violations=[
+                PreconditionViolation(e.reason, f"adjustments[{i}]", f"{norm[i].sku}: {e.message}")
+                for i, e in refused
+            ],
+        )
+    return [changes[i] for i in range(len(norm))]
+
+
+# ---------------------------------------------------------------- reads
+
+
+def _level(row: Any) -> StockLevel:
+    return StockLevel(row.sku, row.warehouse_code, int(row.on_hand), int(row.reserved), row.updated_at)
+
+
+_SKU_LEVELS = text(
+    """
+    SELECT i.sku, i.low_stock_threshold, l.warehouse_code, l.on_hand, l.reserved, l.updated_at
+    FROM inventory.items i
+    LEFT JOIN inventory.stock_levels l ON l.sku = i.sku
+    WHERE i.sku = ANY(CAST(:skus AS text[]))
+    ORDER BY i.sku, l.warehouse_code
+    """
+)
+
+
+async def load_sku_stocks(session: AsyncSession, skus: list[str]) -> dict[str, SkuStock]:
+    """Levels of many SKUs in one statement (unknown SKUs are absent)."""
+    rows = (await session.execute(_SKU_LEVELS, {"skus": skus})).all()
+    out: dict[str, SkuStock] = {}
+    for r in rows:
+        st = out.setdefault(r.sku, SkuStock(r.sku, [], int(r.low_stock_threshold)))
+        if r.warehouse_code is not None:
+            st.levels.append(_level(r))
+    return out
+
+
+def _item_not_found(sku: str) -> NotFound:
+    return NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
+
+
+async def stock_of(load_one: Callable[[str], Awaitable[SkuStock | None]], sku: str) -> SkuStock:
+    """GetStockLevel without a warehouse filter, through a loader that coalesces
+    concurrent calls into one load_sku_stocks statement (the P1 hot path)."""
+    sku = sku_or_raise(sku)
+    st = await load_one(sku)
+    if st is None:
+        raise _item_not_found(sku)
+    return st
+
+
+async def get_stock_level(session: AsyncSession, sku: str, warehouse_code: str = "") -> SkuStock:
+    """One SKU: per warehouse and in total (only `warehouse_code` when given)."""
+    sku = sku_or_raise(sku)
+    stocks = await load_sku_stocks(session, [sku])
+    if sku not in stocks:
+        raise _item_not_found(sku)
+    st = stocks[sku]
+    if warehouse_code:
+        levels = [lv for lv in st.levels if lv.warehouse_code == warehouse_code]
+        if not levels:
+            exists = (
+                await session.execute(
+                    text("SELECT 1 FROM inventory.warehouses WHERE code = :c"), {"c": warehouse_code}
+                )
+            ).first()
+            if exists is None:
+                raise NotFound(
+                    "WAREHOUSE_NOT_FOUND",
+                    f"warehouse {warehouse_code!r} does not exist",
+                    metadata={"code": warehouse_code},
+                )
+            levels = [StockLevel(sku, warehouse_code, 0, 0, None)]
+        st = SkuStock(sku, levels, st.low_stock_threshold)
+    return st
+
+
+async def batch_get_stock_levels(
+    session: AsyncSession, skus: Sequence[str]
+) -> tuple[list[SkuStock], list[str]]:
+    """Up to 1,000 SKUs; returns (stocks in first-mention order, unknown SKUs)."""
+    v = Violations()
+    if not 1 <= len(skus) <= MAX_BATCH_GET:
+        v.add("skus", f"must hold 1 to {MAX_BATCH_GET} SKUs")
+    wanted: list[str] = []
+    seen: set[str] = set()
+    for i, raw in enumerate(skus):
+        sku = check_sku(v, f"skus[{i}]", raw)
+        if sku not in seen:
+            seen.add(sku)
+            wanted.append(sku)
+    v.raise_if_any("the request is invalid")
+    stocks = await load_sku_stocks(session, wanted)
+    return [stocks[s] for s in wanted if s in stocks], [s for s in wanted if s not in stocks]
+
+
+async def list_stock_levels(
+    session: AsyncSession,
+    *,
+    size: int,
+    token: str,
+    warehouse_code: str = "",
+    sku_prefix: str = "",
+    below_threshold_only: bool = False,
+    backordered_only: bool = False,
+) -> tuple[list[StockLevel], str]:
+    """Levels ordered by (sku, warehouse_code), keyset-paginated."""
+    n = page_size(size)
+    filters = ["levels", warehouse_code, sku_prefix, below_threshold_only, backordered_only]
+    after = decode_token(token, filters)
+    where = ["true"]
+    params: dict[str, Any] = {"n": n + 1}
+    if warehouse_code:
+        where.append("l.warehouse_code = :wh")
+        params["wh"] = warehouse_code
+    if sku_prefix:
+        # Range condition for the primary-key index, starts_with for exactness.
+        where.append("l.sku >= :prefix AND starts_with(l.sku, :prefix)")
+        params["prefix"] = sku_prefix
+    if backordered_only:
+        where.append("l.reserved > l.on_hand")
+    if below_threshold_only:
+        where.append(
+            """EXISTS (SELECT 1 FROM inventory.items i WHERE i.sku = l.sku AND i.low_stock_threshold > 0
+               AND (SELECT sum(x.on_hand - x.reserved) FROM inventory.stock_levels x WHERE x.sku = l.sku)
+                   <= i.low_stock_threshold)"""
+        )
+    if after is not None:
+        where.append("(l.sku, l.warehouse_code) > (:after_sku, :after_wh)")
+        params["after_sku"], params["after_wh"] = str(after[0]), str(after[1])
+    sql = text(
+        f"""SELECT l.sku, l.warehouse_code, l.on_hand, l.reserved, l.updated_at
+            FROM inventory.stock_levels l WHERE {" AND ".join(where)}
+            ORDER BY l.sku, l.warehouse_code LIMIT :n"""
+    )
+    rows = (await session.execute(sql, params)).all()
+    more = len(rows) > n
+    levels = [_level(r) for r in rows[:n]]
+    nxt = encode_token([levels[-1].sku, levels[-1].warehouse_code], filters) if more else ""
+    return levels, nxt
+
+
+def _movement_row(r: Any) -> Movement:
+    return Movement(
+        id=int(r.id),
+        sku=r.sku,
+        warehouse_code=r.warehouse_code,
+        type=r.type,
+        on_hand_before=int(r.on_hand_before),
+        on_hand_after=int(r.on_hand_after),
+        reserved_before=int(r.reserved_before),
+        reserved_after=int(r.reserved_after),
+        reason=r.reason,
+        source=r.source,
+        actor=r.actor,
+        reference=r.reference,
+        reservation_id=r.reservation_id,
+        cost=Cost(int(r.cost_minor), r.cost_currency) if r.cost_minor is not None else None,
+        created_at=r.created_at,
+    )
+
+
+async def list_movements(
+    session: AsyncSession,
+    *,
+    size: int,
+    token: str,
+    sku: str = "",
+    warehouse_code: str = "",
+    types: Sequence[str] = (),
+    reference: str = "",
+    reservation_id: uuid.UUID | None = None,
+    start: datetime | None = None,
+    end: datetime | None = None,
+) -> tuple[list[Movement], str]:
+    """The ledger, newest first, keyset-paginated on id."""
+    v = Violations()
+    if sku:
+        sku = check_sku(v, "sku", sku)
+    for i, t in enumerate(types):
+        if t not in MOVEMENT_TYPES:
+            v.add(f"types[{i}]", f"unknown movement type {t!r}")
+    if start and end and end < start:
+        v.add("end_time", "must not be before start_time")
+    v.raise_if_any("the filter is invalid")
+    n = page_size(size)
+    filters = [
+        "moves",
+        sku,
+        warehouse_code,
+        sorted(types),
+        reference,
+        str(reservation_id),
+        str(start),
+        str(end),
+    ]
+    after = decode_token(token, filters)
+    where = ["true"]
+    params: dict[str, Any] = {"n": n + 1}
+    if sku:
+        where.append("sku = :sku")
+        params["sku"] = sku
+    if warehouse_code:
+        where.append("warehouse_code = :wh")
+        params["wh"] = warehouse_code
+    if types:
+        where.append("type = ANY(CAST(:types AS text[]))")
+        params["types"] = list(types)
+    if reference:
+        where.append("reference = :ref")
+        params["ref"] = reference
+    if reservation_id is not None:
+        where.append("reservation_id = :rid")
+        params["rid"] = reservation_id
+    if start is not None:
+        where.append("created_at >= :start")
+        params["start"] = start
+    if end is not None:
+        where.append("created_at < :end")
+        params["end"] = end
+    if after is not None:
+        where.append("id < :after")
+        params["after"] = int(after)
+    sql = text(
+        f"""SELECT id, sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before,
+                   reserved_after, reason, source, actor, reference, reservation_id, cost_minor,
+                   cost_currency, created_at
+            FROM inventory.ledger WHERE {" AND ".join(where)} ORDER BY id DESC LIMIT :n"""
+    )
+    rows = (await session.execute(sql, params)).all()
+    more = len(rows) > n
+    moves = [_movement_row(r) for r in rows[:n]]
+    return moves, (encode_token(moves[-1].id, filters) if more else "")

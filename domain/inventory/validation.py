@@ -1,0 +1,53 @@
+"""Input rules shared by every inventory entry point (pure, unit tested)."""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+
+from domain.shared.errors import Violations
+
+MAX_SKU = 128
+WAREHOUSE_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_TEXT = 1000
+MAX_QUANTITY = 1_000_000_000_000  # far above any real stock, far below int64 overflow
+
+
+def normalize_sku(raw: str) -> str | None:
+    """NFC-normalised SKU, or None when it is not 1..128 printable characters."""
+    sku = unicodedata.normalize("NFC", raw)
+    if not 1 <= len(sku) <= MAX_SKU or not sku.isprintable() or sku != sku.strip():
+        return None
+    return sku
+
+
+def check_sku(v: Violations, field_path: str, raw: str) -> str:
+    sku = normalize_sku(raw)
+    if sku is None:
+        v.add(field_path, "must be 1 to 128 printable characters without leading or trailing spaces")
+        return raw
+    return sku
+
+
+def sku_or_raise(raw: str, field_path: str = "sku") -> str:
+    v = Violations()
+    sku = check_sku(v, field_path, raw)
+    v.raise_if_any("the SKU is invalid")
+    return sku
+
+
+def check_warehouse_code(v: Violations, field_path: str, code: str, *, required: bool = True) -> None:
+    if not code and not required:
+        return
+    if not WAREHOUSE_CODE.match(code):
+        v.add(field_path, "must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+
+
+def check_quantity(v: Violations, field_path: str, q: int, *, minimum: int = 1) -> None:
+    if q < minimum or q > MAX_QUANTITY:
+        v.add(field_path, f"must be between {minimum} and {MAX_QUANTITY}")
+
+
+def check_text(v: Violations, field_path: str, value: str, limit: int = MAX_TEXT) -> None:
+    if len(value) > limit:
+        v.add(field_path, f"must be at most {limit} characters")

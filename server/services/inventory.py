@@ -1,0 +1,412 @@
+"""InventoryService servicer: thin; rules live in domain/inventory.
+
+ReserveStock goes through the group-commit batcher (domain/inventory/batcher.py)
+unless ENTREPOT_RESERVE_BATCHING=false; the batcher claims and stores the
+idempotency key itself with rt.mutate's exact semantics (same digest, same
+principal/method, same replay). SyncStock, GetSyncCursor and
+WatchStockChanges are not served yet (UNIMPLEMENTED from the generated base).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from typing import Any, TypeAlias
+
+import grpc
+
+from domain import inventory as inv
+from domain.platform import idempotency
+from domain.shared.coalesce import Coalescer
+from domain.shared.errors import DomainError, InvalidArgument
+from domain.shared.uow import UnitOfWork
+from entrepot.inventory.v1 import inventory_pb2 as pb
+from entrepot.inventory.v1 import inventory_pb2_grpc
+from server.context import current_caller, current_method
+from server.convert import from_duration, from_ts, mask_paths
+from server.errors import status_from_domain
+from server.runtime import MAX_REQUEST_ID, Runtime
+from server.services.inventory_convert import (
+    STATE_FROM_PROTO,
+    address_to_dict,
+    change_to_proto,
+    contact_to_dict,
+    item_to_proto,
+    level_to_proto,
+    movement_to_proto,
+    movement_types,
+    quantities,
+    reservation_to_proto,
+    sku_stock_to_proto,
+    warehouse_to_proto,
+)
+
+Ctx: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
+
+def _encode(result: inv.Reservation | DomainError) -> tuple[int, bytes]:
+    """How a batched outcome is stored for replay (same format as rt.mutate)."""
+    if isinstance(result, DomainError):
+        status = status_from_domain(result)
+        return status.code, status.SerializeToString()
+    return 0, reservation_to_proto(result).SerializeToString()
+
+
+class InventoryServicer(inventory_pb2_grpc.InventoryServiceServicer):
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        s = rt.settings
+        # Concurrent GetStockLevel calls share one autocommit statement per batch.
+        self._stocks: Coalescer[str, inv.SkuStock] = Coalescer(
+            lambda skus: rt.read_one_statement(lambda session: inv.load_sku_stocks(session, skus))
+        )
+        self.batcher: inv.ReserveBatcher | None = None
+        if getattr(s, "reserve_batching", True):
+            self.batcher = inv.ReserveBatcher(
+                rt.sessions,
+                encode=_encode,
+                window=getattr(s, "reserve_batch_window_ms", 0.0) / 1000,
+                max_inflight=getattr(s, "reserve_batch_inflight", 2),
+            )
+
+    @staticmethod
+    def _actor() -> str:
+        return current_caller().subject
+
+    # ------------------------------------------------------------ warehouses
+
+    async def CreateWarehouse(self, request: pb.CreateWarehouseRequest, context: Ctx) -> pb.Warehouse:
+        w = request.warehouse
+
+        async def run(uow: UnitOfWork) -> pb.Warehouse:
+            created = await inv.create_warehouse(
+                uow.session,
+                code=w.code,
+                name=w.name,
+                address=address_to_dict(w.address),
+                contact=contact_to_dict(w.contact),
+                priority=w.priority,
+            )
+            return warehouse_to_proto(created)
+
+        return await self.rt.mutate(request, run)
+
+    async def GetWarehouse(self, request: pb.GetWarehouseRequest, context: Ctx) -> pb.Warehouse:
+        return warehouse_to_proto(await self.rt.read(lambda s: inv.get_warehouse(s, request.code)))
+
+    async def UpdateWarehouse(self, request: pb.UpdateWarehouseRequest, context: Ctx) -> pb.Warehouse:
+        w = request.warehouse
+
+        async def run(uow: UnitOfWork) -> pb.Warehouse:
+            updated = await inv.update_warehouse(
+                uow.session,
+                code=w.code,
+                fields=mask_paths(request.update_mask, "warehouse"),
+                name=w.name,
+                address=address_to_dict(w.address),
+                contact=contact_to_dict(w.contact),
+                priority=w.priority,
+                active=w.active,
+            )
+            return warehouse_to_proto(updated)
+
+        return await self.rt.mutate(request, run)
+
+    async def DeactivateWarehouse(self, request: pb.DeactivateWarehouseRequest, context: Ctx) -> pb.Warehouse:
+        async def run(uow: UnitOfWork) -> pb.Warehouse:
+            return warehouse_to_proto(await inv.deactivate_warehouse(uow.session, request.code))
+
+        return await self.rt.mutate(request, run)
+
+    async def ListWarehouses(
+        self, request: pb.ListWarehousesRequest, context: Ctx
+    ) -> pb.ListWarehousesResponse:
+        found, token = await self.rt.read(
+            lambda s: inv.list_warehouses(
+                s, size=request.page_size, token=request.page_token, include_inactive=request.include_inactive
+            )
+        )
+        return pb.ListWarehousesResponse(
+            warehouses=[warehouse_to_proto(w) for w in found], next_page_token=token
+        )
+
+    # ------------------------------------------------------------ items
+
+    async def UpsertInventoryItem(
+        self, request: pb.UpsertInventoryItemRequest, context: Ctx
+    ) -> pb.InventoryItem:
+        i = request.item
+
+        async def run(uow: UnitOfWork) -> pb.InventoryItem:
+            item = await inv.upsert_item(
+                uow.session,
+                sku=i.sku,
+                track_inventory=i.track_inventory if i.HasField("track_inventory") else True,
+                allow_backorder=i.allow_backorder,
+                max_backorder=i.max_backorder_quantity,
+                low_stock_threshold=i.low_stock_threshold,
+            )
+            return item_to_proto(item)
+
+        return await self.rt.mutate(request, run)
+
+    async def GetInventoryItem(self, request: pb.GetInventoryItemRequest, context: Ctx) -> pb.InventoryItem:
+        sku = inv.normalize_sku(request.sku) or request.sku
+        return item_to_proto(await self.rt.read(lambda s: inv.get_item(s, sku)))
+
+    # ------------------------------------------------------------ levels
+
+    async def GetStockLevel(self, request: pb.GetStockLevelRequest, context: Ctx) -> pb.SkuStock:
+        if request.warehouse_code:
+            st = await self.rt.read(lambda s: inv.get_stock_level(s, request.sku, request.warehouse_code))
+        else:
+            st = await inv.stock_of(self._stocks.get, request.sku)
+        return sku_stock_to_proto(st)
+
+    async def BatchGetStockLevels(
+        self, request: pb.BatchGetStockLevelsRequest, context: Ctx
+    ) -> pb.BatchGetStockLevelsResponse:
+        stocks, missing = await self.rt.read(lambda s: inv.batch_get_stock_levels(s, list(request.skus)))
+        return pb.BatchGetStockLevelsResponse(
+            stocks=[sku_stock_to_proto(x) for x in stocks], missing_skus=missing
+        )
+
+    async def ListStockLevels(
+        self, request: pb.ListStockLevelsRequest, context: Ctx
+    ) -> pb.ListStockLevelsResponse:
+        levels, token = await self.rt.read(
+            lambda s: inv.list_stock_levels(
+                s,
+                size=request.page_size,
+                token=request.page_token,
+                warehouse_code=request.warehouse_code,
+                sku_prefix=request.sku_prefix,
+                below_threshold_only=request.below_threshold_only,
+                backordered_only=request.backordered_only,
+            )
+        )
+        return pb.ListStockLevelsResponse(levels=[level_to_proto(lv) for lv in levels], next_page_token=token)
+
+    # ------------------------------------------------------------ changes
+
+    async def AdjustStock(self, request: pb.AdjustStockRequest, context: Ctx) -> pb.StockChange:
+        actor = self._actor()
+
+        async def run(uow: UnitOfWork) -> pb.StockChange:
+            change = await inv.adjust_stock(
+                uow.session,
+                sku=request.sku,
+                warehouse_code=request.warehouse_code,
+                delta=request.delta,
+                reason=request.reason,
+                reference=request.reference,
+                actor=actor,
+            )
+            return change_to_proto(change)
+
+        return await self.rt.mutate(request, run)
+
+    async def SetStock(self, request: pb.SetStockRequest, context: Ctx) -> pb.StockChange:
+        actor = self._actor()
+        expected = request.expected_on_hand if request.HasField("expected_on_hand") else None
+
+        async def run(uow: UnitOfWork) -> pb.StockChange:
+            change = await inv.set_stock(
+                uow.session,
+                sku=request.sku,
+                warehouse_code=request.warehouse_code,
+                quantity=request.quantity,
+                expected_on_hand=expected,
+                reason=request.reason,
+                reference=request.reference,
+                actor=actor,
+            )
+            return change_to_proto(change)
+
+        return await self.rt.mutate(request, run)
+
+    async def BulkAdjustStock(
+        self, request: pb.BulkAdjustStockRequest, context: Ctx
+    ) -> pb.BulkAdjustStockResponse:
+        actor = self._actor()
+        lines = [inv.Adjustment(a.sku, a.warehouse_code, a.delta, a.reason) for a in request.adjustments]
+
+        async def run(uow: UnitOfWork) -> pb.BulkAdjustStockResponse:
+            changes = await inv.bulk_adjust_stock(
+                uow.session, lines, reference=request.reference, actor=actor
+            )
+            return pb.BulkAdjustStockResponse(changes=[change_to_proto(c) for c in changes])
+
+        return await self.rt.mutate(request, run)
+
+    async def ReceiveStock(self, request: pb.ReceiveStockRequest, context: Ctx) -> pb.StockChange:
+        actor = self._actor()
+        cost = (
+            inv.Cost(request.unit_cost.amount_minor, request.unit_cost.currency_code)
+            if request.HasField("unit_cost")
+            else None
+        )
+
+        async def run(uow: UnitOfWork) -> pb.StockChange:
+            change = await inv.receive_stock(
+                uow.session,
+                sku=request.sku,
+                warehouse_code=request.warehouse_code,
+                quantity=request.quantity,
+                unit_cost=cost,
+                lot_code=request.lot_code,
+                reason=request.reason,
+                reference=request.reference,
+                actor=actor,
+            )
+            return change_to_proto(change)
+
+        return await self.rt.mutate(request, run)
+
+    async def ReturnStock(self, request: pb.ReturnStockRequest, context: Ctx) -> pb.StockChange:
+        actor = self._actor()
+
+        async def run(uow: UnitOfWork) -> pb.StockChange:
+            change = await inv.return_stock(
+                uow.session,
+                sku=request.sku,
+                warehouse_code=request.warehouse_code,
+                quantity=request.quantity,
+                reason=request.reason,
+                reference=request.reference,
+                actor=actor,
+            )
+            return change_to_proto(change)
+
+        return await self.rt.mutate(request, run)
+
+    async def ListStockMovements(
+        self, request: pb.ListStockMovementsRequest, context: Ctx
+    ) -> pb.ListStockMovementsResponse:
+        types = movement_types(list(request.types))
+        start = from_ts(request.start_time, "start_time")
+        end = from_ts(request.end_time, "end_time")
+        moves, token = await self.rt.read(
+            lambda s: inv.list_movements(
+                s,
+                size=request.page_size,
+                token=request.page_token,
+                sku=request.sku,
+                warehouse_code=request.warehouse_code,
+                types=types,
+                reference=request.reference,
+                start=start,
+                end=end,
+            )
+        )
+        return pb.ListStockMovementsResponse(
+            movements=[movement_to_proto(m) for m in moves], next_page_token=token
+        )
+
+    # ------------------------------------------------------------ reservations
+
+    async def ReserveStock(self, request: pb.ReserveStockRequest, context: Ctx) -> pb.Reservation:
+        actor = self._actor()
+        req = inv.reserve_request(
+            [inv.LineRequest(x.sku, x.quantity, x.warehouse_code) for x in request.lines],
+            reference=request.reference,
+            ttl=from_duration(request.ttl),
+            actor=actor,
+        )
+        if self.batcher is None:
+
+            async def run(uow: UnitOfWork) -> pb.Reservation:
+                (result,) = await inv.reserve_many(uow.session, [req])
+                if isinstance(result, DomainError):
+                    raise result
+                return reservation_to_proto(result)
+
+            return await self.rt.mutate(request, run)
+        claim = None
+        digest = b""
+        method = current_method()
+        if request.request_id:
+            if len(request.request_id) > MAX_REQUEST_ID:
+                raise InvalidArgument(
+                    "INVALID_REQUEST_ID", f"request_id is longer than {MAX_REQUEST_ID} characters"
+                )
+            # The digest rt.mutate uses, so replays and conflicts behave the same.
+            digest = hashlib.sha256(
+                method.encode() + b"\0" + request.SerializeToString(deterministic=True)
+            ).digest()
+            claim = inv.IdemClaim(actor, request.request_id, method, digest)
+        outcome = await self.batcher.submit(req, claim)
+        if isinstance(outcome, inv.Stored):
+            stored = idempotency.StoredResponse(
+                outcome.method, outcome.request_hash, outcome.status_code, outcome.response
+            )
+            replayed: pb.Reservation = self.rt._replay(stored, method, digest)
+            return replayed
+        return reservation_to_proto(outcome)
+
+    async def GetReservation(self, request: pb.GetReservationRequest, context: Ctx) -> pb.Reservation:
+        return reservation_to_proto(await self.rt.read(lambda s: inv.get_reservation(s, request.id)))
+
+    async def ListReservations(
+        self, request: pb.ListReservationsRequest, context: Ctx
+    ) -> pb.ListReservationsResponse:
+        state = STATE_FROM_PROTO.get(request.state, "") if request.state else ""
+        if request.state and not state:
+            raise InvalidArgument("INVALID_ARGUMENT", "state is not a reservation state")
+        found, token = await self.rt.read(
+            lambda s: inv.list_reservations(
+                s, reference=request.reference, state=state, size=request.page_size, token=request.page_token
+            )
+        )
+        return pb.ListReservationsResponse(
+            reservations=[reservation_to_proto(r) for r in found], next_page_token=token
+        )
+
+    async def ExtendReservation(self, request: pb.ExtendReservationRequest, context: Ctx) -> pb.Reservation:
+        actor = self._actor()
+        ttl = from_duration(request.ttl)
+        if ttl is None:
+            raise InvalidArgument("INVALID_ARGUMENT", "ttl is required")
+
+        async def run(uow: UnitOfWork) -> pb.Reservation:
+            return reservation_to_proto(await inv.extend(uow.session, request.id, ttl, actor=actor))
+
+        return await self.rt.mutate(request, run)
+
+    async def ReleaseReservation(self, request: pb.ReleaseReservationRequest, context: Ctx) -> pb.Reservation:
+        actor = self._actor()
+
+        async def run(uow: UnitOfWork) -> pb.Reservation:
+            res = await inv.release(
+                uow.session, request.id, quantities(list(request.lines)), reason=request.reason, actor=actor
+            )
+            return reservation_to_proto(res)
+
+        return await self.rt.mutate(request, run)
+
+    async def FulfillReservation(
+        self, request: pb.FulfillReservationRequest, context: Ctx
+    ) -> pb.FulfillReservationResponse:
+        actor = self._actor()
+
+        async def run(uow: UnitOfWork) -> pb.FulfillReservationResponse:
+            done = await inv.fulfil(
+                uow.session,
+                request.id,
+                quantities(list(request.lines)),
+                reference=request.reference,
+                actor=actor,
+            )
+            return pb.FulfillReservationResponse(
+                reservation=reservation_to_proto(done.reservation),
+                movements=[movement_to_proto(m) for m in done.movements],
+            )
+
+        return await self.rt.mutate(request, run)
+
+
+async def expiry_sweeper(rt: Runtime, holder: str) -> None:
+    """Background job (server/background.py): releases expired holds; one replica
+    at a time through a transaction-scoped advisory lock."""
+    interval: Any = getattr(rt.settings, "reservation_sweep_seconds", 1.0)
+    await inv.run_sweeper(rt.sessions, asyncio.Event(), interval=float(interval))

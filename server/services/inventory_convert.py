@@ -1,0 +1,153 @@
+"""InventoryService: proto <-> domain conversions (one place)."""
+
+from __future__ import annotations
+
+from domain import inventory as inv
+from domain.shared.errors import InvalidArgument
+from entrepot.inventory.v1 import inventory_pb2 as pb
+from entrepot.platform.v1 import types_pb2
+from server.convert import ts
+
+MOVEMENT_TO_PROTO = {
+    "receive": pb.MOVEMENT_TYPE_RECEIVE,
+    "adjust": pb.MOVEMENT_TYPE_ADJUST,
+    "set": pb.MOVEMENT_TYPE_SET,
+    "reserve": pb.MOVEMENT_TYPE_RESERVE,
+    "release": pb.MOVEMENT_TYPE_RELEASE,
+    "fulfil": pb.MOVEMENT_TYPE_FULFIL,
+    "return": pb.MOVEMENT_TYPE_RETURN,
+    "import": pb.MOVEMENT_TYPE_IMPORT,
+    "sync": pb.MOVEMENT_TYPE_SYNC,
+}
+MOVEMENT_FROM_PROTO: dict[int, str] = {int(v): k for k, v in MOVEMENT_TO_PROTO.items()}
+STATE_TO_PROTO = {
+    "active": pb.Reservation.STATE_ACTIVE,
+    "fulfilled": pb.Reservation.STATE_FULFILLED,
+    "released": pb.Reservation.STATE_RELEASED,
+    "expired": pb.Reservation.STATE_EXPIRED,
+}
+STATE_FROM_PROTO: dict[int, str] = {int(v): k for k, v in STATE_TO_PROTO.items()}
+
+
+def address_to_dict(a: types_pb2.PostalAddress) -> dict[str, str]:
+    return {f: getattr(a, f) for f in inv.ADDRESS_FIELDS if getattr(a, f)}
+
+
+def contact_to_dict(c: types_pb2.Contact) -> dict[str, str]:
+    return {f: getattr(c, f) for f in inv.CONTACT_FIELDS if getattr(c, f)}
+
+
+def warehouse_to_proto(w: inv.Warehouse) -> pb.Warehouse:
+    return pb.Warehouse(
+        code=w.code,
+        name=w.name,
+        address=types_pb2.PostalAddress(**{k: v for k, v in w.address.items() if k in inv.ADDRESS_FIELDS}),
+        contact=types_pb2.Contact(**{k: v for k, v in w.contact.items() if k in inv.CONTACT_FIELDS}),
+        priority=w.priority,
+        active=w.active,
+        create_time=ts(w.created_at),
+        update_time=ts(w.updated_at),
+    )
+
+
+def item_to_proto(i: inv.Item) -> pb.InventoryItem:
+    return pb.InventoryItem(
+        sku=i.sku,
+        track_inventory=i.track_inventory,
+        allow_backorder=i.allow_backorder,
+        max_backorder_quantity=i.max_backorder,
+        low_stock_threshold=i.low_stock_threshold,
+        create_time=ts(i.created_at),
+        update_time=ts(i.updated_at),
+    )
+
+
+def level_to_proto(lv: inv.StockLevel) -> pb.StockLevel:
+    return pb.StockLevel(
+        sku=lv.sku,
+        warehouse_code=lv.warehouse_code,
+        on_hand=lv.on_hand,
+        reserved=lv.reserved,
+        available=lv.available,
+        backordered=lv.backordered,
+        update_time=ts(lv.updated_at),
+    )
+
+
+def sku_stock_to_proto(st: inv.SkuStock) -> pb.SkuStock:
+    return pb.SkuStock(
+        sku=st.sku,
+        warehouses=[level_to_proto(lv) for lv in st.levels],
+        on_hand=st.on_hand,
+        reserved=st.reserved,
+        available=st.available,
+        backordered=st.backordered,
+        below_threshold=st.below_threshold,
+    )
+
+
+def movement_to_proto(m: inv.Movement) -> pb.StockMovement:
+    return pb.StockMovement(
+        id=m.id,
+        sku=m.sku,
+        warehouse_code=m.warehouse_code,
+        type=MOVEMENT_TO_PROTO[m.type],
+        on_hand_before=m.on_hand_before,
+        on_hand_after=m.on_hand_after,
+        reserved_before=m.reserved_before,
+        reserved_after=m.reserved_after,
+        on_hand_delta=m.on_hand_delta,
+        reserved_delta=m.reserved_delta,
+        reason=m.reason,
+        source=m.source,
+        actor=m.actor,
+        reference=m.reference,
+        cost=types_pb2.Money(currency_code=m.cost.currency, amount_minor=m.cost.amount_minor)
+        if m.cost
+        else None,
+        create_time=ts(m.created_at),
+    )
+
+
+def change_to_proto(c: inv.StockChange) -> pb.StockChange:
+    return pb.StockChange(level=level_to_proto(c.level), movement=movement_to_proto(c.movement))
+
+
+def reservation_to_proto(r: inv.Reservation) -> pb.Reservation:
+    return pb.Reservation(
+        id=str(r.id),
+        reference=r.reference,
+        state=STATE_TO_PROTO[r.state],
+        lines=[
+            pb.ReservationLine(
+                sku=x.sku,
+                warehouse_code=x.warehouse_code,
+                quantity=x.quantity,
+                backordered_quantity=x.backordered,
+                fulfilled_quantity=x.fulfilled,
+                released_quantity=x.released,
+                open_quantity=x.open_quantity,
+            )
+            for x in r.lines
+        ],
+        expire_time=ts(r.expires_at),
+        create_time=ts(r.created_at),
+        update_time=ts(r.updated_at),
+        backordered_quantity=r.backordered,
+    )
+
+
+def movement_types(values: list[int]) -> list[str]:
+    out = []
+    for i, v in enumerate(values):
+        if v not in MOVEMENT_FROM_PROTO:
+            raise InvalidArgument("INVALID_ARGUMENT", f"types[{i}] is not a movement type")
+        out.append(MOVEMENT_FROM_PROTO[v])
+    return out
+
+
+def quantities(lines: list[pb.ReservationQuantity]) -> list[inv.LineQuantity] | None:
+    """Empty means "everything still held"."""
+    if not lines:
+        return None
+    return [inv.LineQuantity(x.sku, x.quantity, x.warehouse_code) for x in lines]

@@ -1,0 +1,76 @@
+"""Helpers for inventory tests: a migrated database and invariant checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+import migrations
+from tests.pg import create_database
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def migrate(url: str) -> None:
+    migrations.upgrade(url)
+
+
+def migrated_database(prefix: str = "entrepot_inv") -> tuple[str, str]:
+    url, name = create_database(prefix)
+    migrate(url)
+    return url, name
+
+
+INVARIANTS = text(
+    """
+    WITH open_lines AS (
+        SELECT sku, warehouse_code, sum(quantity - fulfilled - released) AS open
+        FROM inventory.reservation_lines l JOIN inventory.reservations r ON r.id = l.reservation_id
+        WHERE tracked GROUP BY sku, warehouse_code
+    ), moves AS (
+        SELECT sku, warehouse_code, sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved
+        FROM inventory.ledger GROUP BY sku, warehouse_code
+    )
+    SELECT s.sku, s.warehouse_code, s.on_hand, s.reserved, coalesce(o.open, 0) AS open,
+           coalesce(m.on_hand, 0) AS ledger_on_hand, coalesce(m.reserved, 0) AS ledger_reserved,
+           i.allow_backorder
+    FROM inventory.stock_levels s
+    JOIN inventory.items i ON i.sku = s.sku
+    LEFT JOIN open_lines o ON o.sku = s.sku AND o.warehouse_code = s.warehouse_code
+    LEFT JOIN moves m ON m.sku = s.sku AND m.warehouse_code = s.warehouse_code
+    """
+)
+
+
+async def check_invariants(session: AsyncSession) -> int:
+    """Asserts R1's invariants on every level; returns how many levels were checked."""
+    rows = (await session.execute(INVARIANTS)).all()
+    problems = []
+    for r in rows:
+        if r.reserved < 0 or r.on_hand < 0:
+            problems.append(f"{r.sku}/{r.warehouse_code}: negative counters {r.on_hand}/{r.reserved}")
+        if not r.allow_backorder and r.reserved > r.on_hand:
+            problems.append(
+                f"{r.sku}/{r.warehouse_code}: oversold reserved {r.reserved} > on_hand {r.on_hand}"
+            )
+        if r.reserved != r.open:
+            problems.append(f"{r.sku}/{r.warehouse_code}: reserved {r.reserved} != open holds {r.open}")
+        if r.on_hand != r.ledger_on_hand or r.reserved != r.ledger_reserved:
+            problems.append(
+                f"{r.sku}/{r.warehouse_code}: counters {r.on_hand}/{r.reserved} != ledger "
+                f"{r.ledger_on_hand}/{r.ledger_reserved}"
+            )
+    outbox_vs_ledger = (
+        await session.execute(
+            text(
+                """SELECT (SELECT count(*) FROM inventory.ledger),
+                          (SELECT count(*) FROM platform.outbox WHERE topic = 'inventory.stock_changed')"""
+            )
+        )
+    ).one()
+    if outbox_vs_ledger[0] != outbox_vs_ledger[1]:
+        problems.append(f"ledger rows {outbox_vs_ledger[0]} != stock events {outbox_vs_ledger[1]}")
+    assert not problems, "\n".join(problems)
+    return len(rows)
