@@ -186,6 +186,14 @@ class ErrorInterceptor(AsyncServerInterceptor):
             await abort(context, status_from_domain(exc))
         if isinstance(exc, ReplayedStatus):
             await abort(context, exc.status)
+        if isinstance(exc, NotImplementedError):
+            # The generated base servicer raises it for a method no one implemented yet.
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{name} is not implemented yet"
+                ),
+            )
         state = _sqlstate(exc)
         if state in ("40001", "40P01"):
             await abort(
