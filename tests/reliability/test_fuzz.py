@@ -133,7 +133,7 @@ def test_generated_requests_never_fail_internally(
     streaming = method.server_streaming
     # A server stream that accepts its input never ends: read a little, then the deadline.
     timeout = 0.5 if streaming else 5.0
-    examples = soak(6, 150) if streaming else soak(25, 500)
+    examples = soak(4, 150) if streaming else soak(15, 500)
 
     @settings(
         max_examples=examples,
