@@ -53,8 +53,11 @@ bench: venv
 bench-smoke: venv
 	$(PY) -m bench.run --smoke
 
+## Long forms of R1..R9 (CI runs the short forms of the same tests).
 soak: venv
-	ENTREPOT_SOAK=long $(BIN)/pytest -q tests/reliability
+	ENTREPOT_SOAK=long $(BIN)/pytest -q tests/reliability tests/integration/test_auth_matrix.py \
+	  tests/integration/test_auth_rs.py $(wildcard tests/integration/test_reservations*.py) \
+	  $(wildcard tests/integration/test_refund*.py)
 
 clean:
 	rm -rf $(VENV) .entrepot

@@ -92,7 +92,9 @@ class PrivatePostgres:
 
     def _pg_ctl(self, code: str) -> None:
         script = f"from pathlib import Path; p = Path({str(self.pgdata)!r}); {code}"
-        done = subprocess.run([sys.executable, "-c", script], cwd=ROOT, timeout=60, capture_output=True, text=True)
+        done = subprocess.run(
+            [sys.executable, "-c", script], cwd=ROOT, timeout=60, capture_output=True, text=True
+        )
         if done.returncode:
             raise RuntimeError(f"pg_ctl failed ({done.returncode}): {done.stderr[-3000:]}")
 
