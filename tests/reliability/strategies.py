@@ -51,6 +51,7 @@ TRICKY_STRINGS = [
     "'; DROP TABLE x; --",
     "%s%s%n",
     "../../etc/passwd",
+    "PAR",
     "EUR",
     "eur",
     "XXX",
