@@ -55,8 +55,9 @@ bench-smoke: venv
 
 ## Long forms of R1..R9 (CI runs the short forms of the same tests).
 soak: venv
-	ENTREPOT_SOAK=long $(BIN)/pytest -q tests/reliability tests/integration/test_auth_matrix.py \
-	  tests/integration/test_auth_rs.py $(wildcard tests/integration/test_reservations*.py) \
+	ENTREPOT_SOAK=long ENTREPOT_SOAK_SECONDS=60 $(BIN)/pytest -q tests/reliability \
+	  tests/integration/test_auth_matrix.py tests/integration/test_auth_rs.py \
+	  tests/integration/test_inventory_api.py $(wildcard tests/integration/test_reservations*.py) \
 	  $(wildcard tests/integration/test_refund*.py)
 
 clean:
