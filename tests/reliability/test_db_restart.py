@@ -1,12 +1,13 @@
 """R6: PostgreSQL restarts under load.
 
 A real server process against a private embedded PostgreSQL (never the machine's), a steady load
-of reads and idempotent creates; PostgreSQL is stopped, then started again:
+of reads, idempotent channel creates and stock adjustments; PostgreSQL is stopped, then started again:
 - during the outage calls fail fast with UNAVAILABLE (DATABASE_UNAVAILABLE), well inside their
   deadline, and health reports NOT_SERVING;
 - afterwards health is SERVING and calls succeed, without restarting the server;
 - nothing is half-written: retrying every create that did not get an answer, with its request_id,
-  yields exactly one channel, one outbox event and one idempotency record per request.
+  yields exactly one channel, one outbox event and one idempotency record per request, and every
+  stock adjustment applied exactly once with counters, ledger and outbox in agreement (R1's checks).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from tests.reliability.support import LoggedServerProcess, PrivatePostgres, soak, token, wait_until
 
@@ -49,6 +51,10 @@ class Load:
     # request_id -> slug of every create attempted, and the ids that got an OK answer
     creates: dict[str, str] = field(default_factory=dict)
     created_ok: set[str] = field(default_factory=set)
+    inventory: inventory_pb2_grpc.InventoryServiceStub | None = None
+    # request_id of every stock adjustment (+1 on SKU) attempted, and those answered OK
+    adjusts: set[str] = field(default_factory=set)
+    adjusted_ok: set[str] = field(default_factory=set)
     stop: bool = False
 
     async def worker(self, n: int) -> None:
@@ -58,7 +64,12 @@ class Load:
             started = time.monotonic()
             rid = ""
             try:
-                if i % 2:
+                if i % 3 == 0 and self.inventory is not None:
+                    rid = f"adj-{self.prefix}-{n}-{i}"
+                    self.adjusts.add(rid)
+                    await self.inventory.AdjustStock(adjust(rid), metadata=self.metadata, timeout=DEADLINE)
+                    self.adjusted_ok.add(rid)
+                elif i % 3 == 1:
                     rid = f"{self.prefix}-{n}-{i}"
                     slug = rid
                     self.creates[rid] = slug
@@ -79,6 +90,32 @@ class Load:
                 code, reason = err.code(), _reason(err)
             self.outcomes.append(Outcome(started, time.monotonic() - started, code, reason))
             await asyncio.sleep(0.02)
+
+
+SKU, WAREHOUSE, INITIAL = "R6-SKU", "R6WH", 100
+
+
+def adjust(rid: str) -> inventory_pb2.AdjustStockRequest:
+    return inventory_pb2.AdjustStockRequest(
+        sku=SKU, warehouse_code=WAREHOUSE, delta=1, reason="r6", request_id=rid
+    )
+
+
+async def seed_stock(stub: inventory_pb2_grpc.InventoryServiceStub, metadata: list[tuple[str, str]]) -> None:
+    await stub.CreateWarehouse(
+        inventory_pb2.CreateWarehouseRequest(warehouse=inventory_pb2.Warehouse(code=WAREHOUSE, name="R6")),
+        metadata=metadata,
+    )
+    await stub.UpsertInventoryItem(
+        inventory_pb2.UpsertInventoryItemRequest(
+            item=inventory_pb2.InventoryItem(sku=SKU, track_inventory=True)
+        ),
+        metadata=metadata,
+    )
+    await stub.SetStock(
+        inventory_pb2.SetStockRequest(sku=SKU, warehouse_code=WAREHOUSE, quantity=INITIAL, reason="seed"),
+        metadata=metadata,
+    )
 
 
 def _reason(err: grpc.aio.AioRpcError) -> str:
@@ -137,7 +174,14 @@ async def test_postgres_restart_under_load(
     with LoggedServerProcess(url, tmp_path / "server.log") as server:
         metadata = [("authorization", f"Bearer {token()}")]
         async with grpc.aio.insecure_channel(server.target) as ch:
-            load = Load(channel_pb2_grpc.ChannelServiceStub(ch), metadata, "r6-" + uuid.uuid4().hex[:6])
+            inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
+            await seed_stock(inventory, metadata)
+            load = Load(
+                channel_pb2_grpc.ChannelServiceStub(ch),
+                metadata,
+                "r6-" + uuid.uuid4().hex[:6],
+                inventory=inventory,
+            )
             workers = [asyncio.create_task(load.worker(n)) for n in range(8)]
             try:
                 await asyncio.sleep(1.5)
@@ -182,6 +226,8 @@ async def test_postgres_restart_under_load(
                         metadata=metadata,
                         timeout=DEADLINE,
                     )
+            for rid in load.adjusts - load.adjusted_ok:
+                await inventory.AdjustStock(adjust(rid), metadata=metadata, timeout=DEADLINE)
         assert server.alive(), server.log_tail()
         assert server.terminate() == 0
 
@@ -204,6 +250,37 @@ async def test_postgres_restart_under_load(
     finally:
         await conn.close()
     assert rows == events == keys == len(load.creates)
+    # Stock counters: each adjustment applied exactly once, ledger and outbox agree (R1's checks).
+    assert load.adjusts - load.adjusted_ok, "the outage should have made some adjustments fail"
+    on_hand = await _on_hand(url)
+    assert on_hand == INITIAL + len(load.adjusts)
+    assert await _invariants(url) >= 1
+
+
+async def _on_hand(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT on_hand FROM inventory.stock_levels WHERE sku = $1 AND warehouse_code = $2",
+                SKU,
+                WAREHOUSE,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _invariants(url: str) -> int:
+    from domain.shared.db import make_engine, make_session_factory
+    from tests.inventory_support import check_invariants
+
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    try:
+        async with make_session_factory(engine)() as session:
+            return await check_invariants(session)
+    finally:
+        await engine.dispose()
 
 
 def _ok_since(load: Load, since: float) -> bool:
