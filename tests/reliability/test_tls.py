@@ -210,3 +210,21 @@ async def test_mtls_binds_the_token_subject_to_the_certificate(database_url: str
         with pytest.raises(UnauthenticatedError) as err:
             await list_channels(target, creds(pki.ca, pki.client), sub="svc-refunds")
         assert err.value.reason == "CLIENT_CERT_MISMATCH"
+
+
+@pytest.mark.parametrize(
+    "files",
+    [("tls_cert_file",), ("tls_key_file",), ("tls_client_ca_file",)],
+    ids=["cert-without-key", "key-without-cert", "client-ca-without-server-cert"],
+)
+async def test_incomplete_tls_settings_refuse_startup(
+    database_url: str, pki: Pki, files: tuple[str, ...]
+) -> None:
+    """Half a TLS configuration must not silently fall back to plaintext."""
+    overrides = {f: pki.write(f, pki.server.cert_pem) for f in files}
+    app = App(make_settings(database_url, None, **overrides))
+    try:
+        with pytest.raises(ValueError, match="ENTREPOT_TLS"):
+            await app.start()
+    finally:
+        await app.rt.close()
