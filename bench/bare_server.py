@@ -15,16 +15,24 @@ CONSTANT = inventory_pb2.SkuStock(
     on_hand=100,
     reserved=10,
     available=90,
-    warehouses=[inventory_pb2.StockLevel(sku="BENCH-0", warehouse_code="W1", on_hand=100, reserved=10, available=90)],
+    warehouses=[
+        inventory_pb2.StockLevel(sku="BENCH-0", warehouse_code="W1", on_hand=100, reserved=10, available=90)
+    ],
 )
-RESERVATION = inventory_pb2.Reservation(id="constant", reference="bench", state=inventory_pb2.Reservation.STATE_ACTIVE)
+RESERVATION = inventory_pb2.Reservation(
+    id="constant", reference="bench", state=inventory_pb2.Reservation.STATE_ACTIVE
+)
 
 
 class Bare(inventory_pb2_grpc.InventoryServiceServicer):
-    async def GetStockLevel(self, request: inventory_pb2.GetStockLevelRequest, context: grpc.aio.ServicerContext) -> inventory_pb2.SkuStock:
+    async def GetStockLevel(
+        self, request: inventory_pb2.GetStockLevelRequest, context: grpc.aio.ServicerContext
+    ) -> inventory_pb2.SkuStock:
         return CONSTANT
 
-    async def ReserveStock(self, request: inventory_pb2.ReserveStockRequest, context: grpc.aio.ServicerContext) -> inventory_pb2.Reservation:
+    async def ReserveStock(
+        self, request: inventory_pb2.ReserveStockRequest, context: grpc.aio.ServicerContext
+    ) -> inventory_pb2.Reservation:
         return RESERVATION
 
 

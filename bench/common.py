@@ -78,14 +78,43 @@ def cpu_seconds(pid: int) -> float:
     return float(t.user + t.system)
 
 
-def loadgen(target: str, scenario: str, *, concurrency: int, duration: float, tok: str = "", channel: str = "",
-            skus: int = 1, server_pid: int | None = None) -> dict[str, Any]:
+def loadgen(
+    target: str,
+    scenario: str,
+    *,
+    concurrency: int,
+    duration: float,
+    tok: str = "",
+    channel: str = "",
+    skus: int = 1,
+    server_pid: int | None = None,
+) -> dict[str, Any]:
     """Run bench.loadgen in its own process; adds the server's CPU seconds over the run."""
     before = cpu_seconds(server_pid) if server_pid else 0.0
     out = subprocess.run(
-        [sys.executable, "-m", "bench.loadgen", "--target", target, "--token", tok, "--channel", channel,
-         "--scenario", scenario, "--concurrency", str(concurrency), "--duration", str(duration), "--skus", str(skus)],
-        cwd=ROOT, capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "bench.loadgen",
+            "--target",
+            target,
+            "--token",
+            tok,
+            "--channel",
+            channel,
+            "--scenario",
+            scenario,
+            "--concurrency",
+            str(concurrency),
+            "--duration",
+            str(duration),
+            "--skus",
+            str(skus),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
     ).stdout
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if server_pid:
@@ -121,7 +150,9 @@ def print_table(rows: list[Row]) -> None:
         base = f"{r.baseline:,.1f}" if r.baseline else "-"
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
         ok = "-" if r.passed is None else ("yes" if r.passed else "NO")
-        print(f"{r.id:<4} {r.what[:52]:<52} {r.ours:>10,.1f} {r.unit[:2]:<1} {base:>12} {ratio:>7} {r.target:>22} {ok:>5}")
+        print(
+            f"{r.id:<4} {r.what[:52]:<52} {r.ours:>10,.1f} {r.unit[:2]:<1} {base:>12} {ratio:>7} {r.target:>22} {ok:>5}"
+        )
 
 
 def write_json(rows: list[Row], name: str, extra: dict[str, Any] | None = None) -> Path:

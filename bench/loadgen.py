@@ -26,7 +26,9 @@ from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
 Call = Callable[[int], Awaitable[Any]]
 
 
-def scenario(name: str, channel: grpc.aio.Channel, md: list[tuple[str, str]], args: argparse.Namespace) -> Call:
+def scenario(
+    name: str, channel: grpc.aio.Channel, md: list[tuple[str, str]], args: argparse.Namespace
+) -> Call:
     inv = inventory_pb2_grpc.InventoryServiceStub(channel)
     skus = [f"{args.sku_prefix}{i}" for i in range(args.skus)]
     if name == "get_stock_level":
@@ -76,7 +78,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     latencies.sort()
 
     def pct(p: float) -> float:
-        return round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 3) if latencies else 0.0
+        return (
+            round(latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000, 3) if latencies else 0.0
+        )
 
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return {

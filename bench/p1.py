@@ -4,11 +4,10 @@ with a constant, same load generator, same run."""
 
 from __future__ import annotations
 
+from bench.common import Database, Row, loadgen, start_bare_server, start_server, token
 from entrepot.inventory.v1 import inventory_pb2
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import EntrepotSync
-
-from bench.common import Database, Row, loadgen, start_bare_server, start_server, token
 
 SKUS = 100
 
@@ -16,7 +15,9 @@ SKUS = 100
 def seed(target: str, tok: str) -> None:
     with EntrepotSync(target, tok) as ep:
         ep.inventory.create_warehouse(
-            inventory_pb2.CreateWarehouseRequest(warehouse=inventory_pb2.Warehouse(code="W1", name="Bench", priority=1))
+            inventory_pb2.CreateWarehouseRequest(
+                warehouse=inventory_pb2.Warehouse(code="W1", name="Bench", priority=1)
+            )
         )
         for i in range(SKUS):
             ep.inventory.upsert_inventory_item(
@@ -24,7 +25,9 @@ def seed(target: str, tok: str) -> None:
             )
             ep.inventory.receive_stock(
                 inventory_pb2.ReceiveStockRequest(
-                    sku=f"BENCH-{i}", warehouse_code="W1", quantity=1_000_000,
+                    sku=f"BENCH-{i}",
+                    warehouse_code="W1",
+                    quantity=1_000_000,
                     unit_cost=types_pb2.Money(currency_code="EUR", amount_minor=100),
                 )
             )
@@ -36,19 +39,41 @@ def run(db: Database, duration: float, concurrency: int = 32) -> list[Row]:
     try:
         seed(server.target, tok)
         assert server.proc is not None
-        ours = loadgen(server.target, "get_stock_level", concurrency=concurrency, duration=duration, tok=tok,
-                       skus=SKUS, server_pid=server.proc.pid)
+        ours = loadgen(
+            server.target,
+            "get_stock_level",
+            concurrency=concurrency,
+            duration=duration,
+            tok=tok,
+            skus=SKUS,
+            server_pid=server.proc.pid,
+        )
     finally:
         server.terminate()
     bare, target = start_bare_server()
     try:
-        base = loadgen(target, "get_stock_level", concurrency=concurrency, duration=duration, tok=tok,
-                       skus=SKUS, server_pid=bare.pid)
+        base = loadgen(
+            target,
+            "get_stock_level",
+            concurrency=concurrency,
+            duration=duration,
+            tok=tok,
+            skus=SKUS,
+            server_pid=bare.pid,
+        )
     finally:
         bare.terminate()
         bare.wait(10)
     ratio = ours["rps"] / base["rps"] if base["rps"] else 0.0
     return [
-        Row("P1", f"GetStockLevel full stack, {concurrency} callers", ours["rps"], base["rps"], "calls/s",
-            ">= 0.5x bare grpc.aio", ratio >= 0.5, {"ours": ours, "baseline": base}),
+        Row(
+            "P1",
+            f"GetStockLevel full stack, {concurrency} callers",
+            ours["rps"],
+            base["rps"],
+            "calls/s",
+            ">= 0.5x bare grpc.aio",
+            ratio >= 0.5,
+            {"ours": ours, "baseline": base},
+        ),
     ]

@@ -5,6 +5,7 @@ One command, short by default (a few seconds per case):
     .venv/bin/python -m bench.reserve                # server cases need the gRPC server (see --modes)
     .venv/bin/python -m bench.reserve --seconds 10 --modes pgbench,domain,server
 
+Database: embedded PostgreSQL (project-local) unless ENTREPOT_BENCH_DATABASE_URL is set.
 Cases, each on a fresh database with the same concurrency (64):
   pgbench hot     `UPDATE stock SET reserved = reserved + 1 WHERE id = 1 AND on_hand - reserved >= 1`
   pgbench spread  the same UPDATE on random rows of 10,000
@@ -128,6 +129,10 @@ async def _prepare(sessions: async_sessionmaker[AsyncSession], *, spread: bool) 
             ),
             {"s": skus, "q": HOT_STOCK},
         )
+    # Statistics as a live database would have them (autovacuum would get there).
+    async with sessions() as s, s.begin():
+        await s.execute(text("ANALYZE inventory.items"))
+        await s.execute(text("ANALYZE inventory.stock_levels"))
     return skus
 
 
@@ -215,9 +220,12 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--modes", default="pgbench,domain,server")
     args = ap.parse_args()
-    os.environ.setdefault("TEST_DATABASE_URL", os.environ.get("DATABASE_URL", ""))
-    if not os.environ["TEST_DATABASE_URL"]:
-        del os.environ["TEST_DATABASE_URL"]
+    # Its own PostgreSQL by default (embedded, project-local): 64 pgbench clients
+    # must not eat a shared server's connection budget. ENTREPOT_BENCH_DATABASE_URL
+    # points it at another server.
+    os.environ.pop("TEST_DATABASE_URL", None)
+    if os.environ.get("ENTREPOT_BENCH_DATABASE_URL"):
+        os.environ["TEST_DATABASE_URL"] = os.environ["ENTREPOT_BENCH_DATABASE_URL"]
     modes = set(args.modes.split(","))
     rows: list[dict[str, Any]] = []
 

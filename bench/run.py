@@ -18,6 +18,8 @@ from bench.common import Database, Row, machine, print_table, write_json
 # (module, what it measures); each module has run(db, duration) -> list[Row].
 BENCHES = [
     ("bench.p1", "P1 read path"),
+    ("bench.p2p3", "P2/P3 reservations vs pgbench"),
+    ("bench.orders", "Orders: SubmitOrderIntent 5 lines + reserve"),
 ]
 
 

@@ -66,3 +66,13 @@ JOBS: list[Job] = [retention]
 
 # Inventory: releases expired reservation holds.
 JOBS.append(_inventory_sweeper)
+
+
+async def _refund_reconciler(rt: Runtime, holder: str) -> None:
+    # Imported here: the servicer module imports this one.
+    from server.services.refund import reconciler
+
+    await reconciler(rt, holder)
+
+
+JOBS.append(_refund_reconciler)

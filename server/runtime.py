@@ -18,6 +18,7 @@ from domain.shared.errors import AlreadyExists, DomainError, InvalidArgument, Un
 from domain.shared.uow import UnitOfWork
 from server.context import current_caller, current_method
 from server.errors import ReplayedStatus, status_from_domain
+from server.notifier import OutboxNotifier
 from server.settings import Settings
 
 log = logging.getLogger("entrepot.runtime")
@@ -48,6 +49,9 @@ class Runtime:
         self.response_types: dict[str, type[Message]] = {}
         # Set by the app: drops a channel from the interceptor's cache after an update.
         self.on_channel_changed: Callable[[str], None] = lambda slug: None
+        # Wakes outbox readers on every replica after commits that wrote events.
+        self.notifier = OutboxNotifier(engine)
+        self.notifier.install()
 
     def channel_changed(self, slug: str) -> None:
         self.on_channel_changed(slug)
@@ -150,4 +154,5 @@ class Runtime:
         return self._temporal
 
     async def close(self) -> None:
+        await self.notifier.close()
         await self.engine.dispose()

@@ -43,7 +43,9 @@ class Settings(BaseSettings):
     # Transport limits.
     max_message_bytes: int = 4 * 1024 * 1024
     max_metadata_bytes: int = 16 * 1024
-    max_concurrent_streams: int = 100
+    # Per HTTP/2 connection. Python gRPC clients do not queue past the limit (the
+    # server refuses the stream: UNAVAILABLE), so it is sized for busy shared channels.
+    max_concurrent_streams: int = 1000
     max_concurrent_rpcs: int = 2000
     keepalive_time_ms: int = 30_000
     keepalive_timeout_ms: int = 10_000

@@ -26,6 +26,9 @@ Reservations (OrderService, CartService):
       -> Fulfilment(reservation, movements)   on_hand and reserved both drop;
       lots consumed FIFO, cost on each movement.
   extend(session, reservation_id, ttl, *, actor="") -> Reservation
+  retarget(session, reservation_id, *, reference, ttl=None, actor="") -> Reservation
+      Checkout: the cart's hold becomes the order's reservation (new reference,
+      new TTL or none); nothing is released and re-reserved, so nothing can be lost.
   get_reservation(session, reservation_id) -> Reservation
   list_reservations(session, *, reference="", state="", size=0, token="") -> (list, next_token)
 
@@ -67,6 +70,7 @@ from domain.inventory.reservations import (
     reserve,
     reserve_many,
     reserve_request,
+    retarget,
     run_sweeper,
     sweep_expired,
 )
@@ -153,6 +157,7 @@ __all__ = [
     "reserve",
     "reserve_many",
     "reserve_request",
+    "retarget",
     "return_stock",
     "run_sweeper",
     "set_stock",

@@ -19,7 +19,8 @@ table, platform.idempotency_keys, inside the batch transaction:
     `Stored` (the row's hash, status code and response) and the server
     replays it or answers REQUEST_ID_REUSED, exactly as rt.mutate does;
   - store: the response bytes (or the error's status) of every executed
-    request are written to its claimed row before the same commit.
+    request are written to its claimed row by the batch's write statement,
+    before the same commit.
 Two requests with the same key in one batch: the second waits for the next
 batch and then sees the first's stored row.
 """
@@ -35,7 +36,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.inventory.reservations import ReserveRequest, reserve_many
+from domain.inventory.reservations import ReserveRequest, StoreRows, reserve_many
 from domain.inventory.types import Reservation
 from domain.shared.errors import DomainError
 
@@ -83,14 +84,6 @@ _CLAIM = text(
     SELECT * FROM unnest(CAST(:p AS text[]), CAST(:r AS text[]), CAST(:m AS text[]), CAST(:h AS bytea[]))
     ON CONFLICT DO NOTHING
     RETURNING principal, request_id
-    """
-)
-_STORE = text(
-    """
-    UPDATE platform.idempotency_keys k SET status_code = d.code, response = d.body
-    FROM unnest(CAST(:p AS text[]), CAST(:r AS text[]), CAST(:c AS int[]), CAST(:b AS bytea[]))
-         AS d(p, r, code, body)
-    WHERE k.principal = d.p AND k.request_id = d.r
     """
 )
 _READ_STORED = text(
@@ -240,19 +233,21 @@ class ReserveBatcher:
                 claimed = {(r.principal, r.request_id) for r in rows}
             live = [p for p in batch if p.claim is None or p.claim.key in claimed]
             dups = [p for p in batch if p.claim is not None and p.claim.key not in claimed]
-            results = await reserve_many(session, [p.request for p in live]) if live else []
-            stores = [(p, r) for p, r in zip(live, results, strict=True) if p.claim is not None]
-            if stores and self._encode is not None:
-                encoded = [self._encode(r) for _, r in stores]
-                await session.execute(
-                    _STORE,
-                    {
-                        "p": [p.claim.principal for p, _ in stores if p.claim],
-                        "r": [p.claim.request_id for p, _ in stores if p.claim],
-                        "c": [e[0] for e in encoded],
-                        "b": [e[1] for e in encoded],
-                    },
-                )
+
+            def store(results: list[Reservation | DomainError]) -> StoreRows:
+                rows = StoreRows()
+                if self._encode is None:
+                    return rows
+                for p, r in zip(live, results, strict=True):
+                    if p.claim is not None:
+                        code, body = self._encode(r)
+                        rows.principals.append(p.claim.principal)
+                        rows.request_ids.append(p.claim.request_id)
+                        rows.codes.append(code)
+                        rows.bodies.append(body)
+                return rows
+
+            results = await reserve_many(session, [p.request for p in live], store=store) if live else []
         return list(zip(live, results, strict=True)), dups
 
     async def _read_stored(self, claims: Sequence[IdemClaim]) -> dict[tuple[str, str], Stored]:

@@ -10,7 +10,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory.models import ItemRow, WarehouseRow
 from domain.inventory.types import ADDRESS_FIELDS, CONTACT_FIELDS, Item, Warehouse
-from domain.inventory.validation import MAX_QUANTITY, check_sku, check_text, check_warehouse_code
+from domain.inventory.validation import (
+    MAX_QUANTITY,
+    check_sku,
+    check_text,
+    check_warehouse_code,
+    filters_or_raise,
+    sku_or_raise,
+)
 from domain.shared.errors import AlreadyExists, NotFound, Violations
 from domain.shared.outbox import Event, emit
 from domain.shared.pagination import decode_token, encode_token, page_size
@@ -52,6 +59,7 @@ def _check_warehouse_fields(
 ) -> None:
     if not name.strip() or len(name) > 200:
         v.add("warehouse.name", "must be 1 to 200 characters")
+    check_text(v, "warehouse.name", name, 200)
     for k, val in address.items():
         check_text(v, f"warehouse.address.{k}", str(val), 200)
     cc = address.get("country_code", "")
@@ -92,6 +100,7 @@ async def create_warehouse(
 
 
 async def get_warehouse(session: AsyncSession, code: str) -> Warehouse:
+    filters_or_raise(code=code)
     row = await session.get(WarehouseRow, code)
     if row is None:
         raise NotFound("WAREHOUSE_NOT_FOUND", f"warehouse {code!r} does not exist", metadata={"code": code})
@@ -218,6 +227,7 @@ async def upsert_item(
 
 
 async def get_item(session: AsyncSession, sku: str) -> Item:
+    sku = sku_or_raise(sku)
     row = await session.get(ItemRow, sku)
     if row is None:
         raise NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})

@@ -17,6 +17,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory.types import Cost, Movement
+from domain.shared import outbox
 
 TOPIC = "inventory.stock_changed"
 
@@ -41,15 +42,16 @@ class Draft:
     cost: Cost | None = None
 
 
-_WRITE = text(
-    """
-    WITH src AS MATERIALIZED (
+# The ledger + outbox CTEs (parameters from `params`), reusable inside a larger
+# statement (reservations write everything in one statement).
+CTES = """
+    src AS MATERIALIZED (
         SELECT nextval('inventory.ledger_id_seq') AS id, t.*
         FROM unnest(
-            CAST(:sku AS text[]), CAST(:wh AS text[]), CAST(:type AS text[]),
-            CAST(:ohb AS bigint[]), CAST(:oha AS bigint[]), CAST(:rb AS bigint[]), CAST(:ra AS bigint[]),
-            CAST(:reason AS text[]), CAST(:source AS text[]), CAST(:actor AS text[]), CAST(:ref AS text[]),
-            CAST(:rid AS uuid[]), CAST(:cost AS bigint[]), CAST(:cur AS text[]), CAST(:below AS boolean[])
+            CAST(:l_sku AS text[]), CAST(:l_wh AS text[]), CAST(:l_type AS text[]),
+            CAST(:l_ohb AS bigint[]), CAST(:l_oha AS bigint[]), CAST(:l_rb AS bigint[]), CAST(:l_ra AS bigint[]),
+            CAST(:l_reason AS text[]), CAST(:l_source AS text[]), CAST(:l_actor AS text[]), CAST(:l_ref AS text[]),
+            CAST(:l_rid AS uuid[]), CAST(:l_cost AS bigint[]), CAST(:l_cur AS text[]), CAST(:l_below AS boolean[])
         ) WITH ORDINALITY AS t(sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur,
                               below, ord)
     ), l AS (
@@ -60,7 +62,7 @@ _WRITE = text(
         FROM src ORDER BY ord
     ), o AS (
         INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
-        SELECT :topic, 'sku', sku, jsonb_build_object(
+        SELECT :l_topic, 'sku', sku, jsonb_build_object(
             'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', type,
             'on_hand_delta', oha - ohb, 'reserved_delta', ra - rb,
             'on_hand', oha, 'reserved', ra, 'available', oha - ra,
@@ -68,34 +70,38 @@ _WRITE = text(
             'reservation_id', rid, 'below_threshold', below)
         FROM src ORDER BY ord
     )
-    SELECT id, now() AS created_at FROM src ORDER BY ord
-    """
-)
+"""
+
+_WRITE = text("WITH " + CTES + " SELECT id, now() AS created_at FROM src ORDER BY ord")
+
+
+def params(drafts: Sequence[Draft]) -> dict[str, object]:
+    return {
+        "l_topic": TOPIC,
+        "l_sku": [d.sku for d in drafts],
+        "l_wh": [d.warehouse_code for d in drafts],
+        "l_type": [d.type for d in drafts],
+        "l_ohb": [d.on_hand_before for d in drafts],
+        "l_oha": [d.on_hand_after for d in drafts],
+        "l_rb": [d.reserved_before for d in drafts],
+        "l_ra": [d.reserved_after for d in drafts],
+        "l_reason": [d.reason for d in drafts],
+        "l_source": [d.source for d in drafts],
+        "l_actor": [d.actor for d in drafts],
+        "l_ref": [d.reference for d in drafts],
+        "l_rid": [d.reservation_id for d in drafts],
+        "l_cost": [d.cost.amount_minor if d.cost else None for d in drafts],
+        "l_cur": [d.cost.currency if d.cost else None for d in drafts],
+        "l_below": [d.below_threshold for d in drafts],
+    }
 
 
 async def write(session: AsyncSession, drafts: Sequence[Draft]) -> list[Movement]:
     """Append ledger rows + outbox events; returns the movements in input order."""
     if not drafts:
         return []
-    params = {
-        "topic": TOPIC,
-        "sku": [d.sku for d in drafts],
-        "wh": [d.warehouse_code for d in drafts],
-        "type": [d.type for d in drafts],
-        "ohb": [d.on_hand_before for d in drafts],
-        "oha": [d.on_hand_after for d in drafts],
-        "rb": [d.reserved_before for d in drafts],
-        "ra": [d.reserved_after for d in drafts],
-        "reason": [d.reason for d in drafts],
-        "source": [d.source for d in drafts],
-        "actor": [d.actor for d in drafts],
-        "ref": [d.reference for d in drafts],
-        "rid": [d.reservation_id for d in drafts],
-        "cost": [d.cost.amount_minor if d.cost else None for d in drafts],
-        "cur": [d.cost.currency if d.cost else None for d in drafts],
-        "below": [d.below_threshold for d in drafts],
-    }
-    rows = (await session.execute(_WRITE, params)).all()
+    rows = (await session.execute(_WRITE, params(drafts))).all()
+    outbox.mark_written(session)
     return [_movement(d, int(row[0]), row[1]) for d, row in zip(drafts, rows, strict=True)]
 
 

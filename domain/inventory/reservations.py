@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -36,10 +36,19 @@ from domain.inventory.types import (
     ReservationLine,
     is_below_threshold,
 )
-from domain.inventory.validation import check_quantity, check_sku, check_text, check_warehouse_code
+from domain.inventory.validation import (
+    MAX_MINOR,
+    check_quantity,
+    check_sku,
+    check_text,
+    check_warehouse_code,
+    filters_or_raise,
+)
+from domain.shared import outbox
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
+    FieldViolation,
     InvalidArgument,
     NotFound,
     PreconditionViolation,
@@ -117,6 +126,7 @@ _APPLY = text(
          AS d(sku, wh, dh, dr),
          inventory.items i
     WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
+      AND s.sku = ANY(CAST(:skus AS text[]))
       AND s.on_hand + d.dh >= 0 AND s.reserved + d.dr >= 0
       AND (d.dr <= 0 OR s.on_hand - s.reserved >= d.dr
            OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved + d.dr - s.on_hand <= i.max_backorder)))
@@ -175,23 +185,74 @@ async def _apply(session: AsyncSession, deltas: dict[Key, tuple[int, int]], expe
 
 # ------------------------------------------------------------------ reserve
 
-_INSERT_RESERVATIONS = text(
+# One statement loads everything a plan needs and locks the levels (in one
+# global order): levels ('l'), item policies ('i'), warehouses ('w'), and now().
+_LOAD = text(
     """
-    INSERT INTO inventory.reservations (id, reference, state, expires_at, actor, created_at, updated_at)
-    SELECT id, ref, 'active',
-           CASE WHEN ttl IS NULL THEN NULL ELSE now() + ttl * interval '1 microsecond' END, actor, now(), now()
-    FROM unnest(CAST(:ids AS uuid[]), CAST(:refs AS text[]), CAST(:ttls AS bigint[]), CAST(:actors AS text[]))
-         AS t(id, ref, ttl, actor)
-    RETURNING id, expires_at, created_at
+    WITH lv AS (
+        SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
+        WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE
+    )
+    SELECT 'l' AS kind, sku, warehouse_code AS code, on_hand AS n1, reserved AS n2,
+           NULL::boolean AS b1, NULL::boolean AS b2, now() AS ts FROM lv
+    UNION ALL
+    SELECT 'i', sku, NULL, max_backorder, low_stock_threshold, track_inventory, allow_backorder, now()
+    FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
+    UNION ALL
+    SELECT 'w', NULL, code, priority::bigint, NULL, active, NULL, now() FROM inventory.warehouses
+    UNION ALL
+    SELECT 'n', NULL, NULL, NULL, NULL, NULL, NULL, now()
     """
 )
-_INSERT_LINES = text(
+
+# One statement writes everything a batch granted: guarded counter UPDATE,
+# reservations, lines, ledger + outbox, and (batcher) the idempotency answers.
+_WRITE = text(
     """
-    INSERT INTO inventory.reservation_lines (reservation_id, line_no, sku, warehouse_code, tracked, quantity,
-                                             backordered)
-    SELECT * FROM unnest(CAST(:rids AS uuid[]), CAST(:nos AS int[]), CAST(:skus AS text[]),
-                         CAST(:whs AS text[]), CAST(:tracked AS boolean[]), CAST(:qs AS bigint[]),
-                         CAST(:bos AS bigint[]))
+    WITH upd AS (
+        UPDATE inventory.stock_levels s SET reserved = s.reserved + d.dr, updated_at = now()
+        FROM unnest(CAST(:u_sku AS text[]), CAST(:u_wh AS text[]), CAST(:u_dr AS bigint[])) AS d(sku, wh, dr),
+             inventory.items i
+        WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
+          -- Redundant with the join, but lets the planner use the primary key.
+          AND s.sku = ANY(CAST(:u_sku AS text[]))
+          AND (s.on_hand - s.reserved >= d.dr
+               OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved + d.dr - s.on_hand <= i.max_backorder)))
+        RETURNING s.sku, s.warehouse_code, s.on_hand, s.reserved
+    ), res AS (
+        INSERT INTO inventory.reservations (id, reference, state, expires_at, actor, created_at, updated_at)
+        SELECT id, ref, 'active', exp, actor, now(), now()
+        FROM unnest(CAST(:r_id AS uuid[]), CAST(:r_ref AS text[]), CAST(:r_exp AS timestamptz[]),
+                    CAST(:r_actor AS text[])) AS t(id, ref, exp, actor)
+        RETURNING id
+    ), lin AS (
+        INSERT INTO inventory.reservation_lines (reservation_id, line_no, sku, warehouse_code, tracked, quantity,
+                                                 backordered)
+        SELECT * FROM unnest(CAST(:n_rid AS uuid[]), CAST(:n_no AS int[]), CAST(:n_sku AS text[]),
+                             CAST(:n_wh AS text[]), CAST(:n_tracked AS boolean[]), CAST(:n_q AS bigint[]),
+                             CAST(:n_bo AS bigint[]))
+        RETURNING reservation_id
+    ), """
+    + ledger.CTES
+    + """, st AS (
+        UPDATE platform.idempotency_keys k SET status_code = d.code, response = d.body
+        FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
+             AS d(p, r, code, body)
+        WHERE k.principal = d.p AND k.request_id = d.r
+        RETURNING 1
+    )
+    SELECT sku, warehouse_code, on_hand, reserved, (SELECT count(*) FROM res) AS n_res,
+           (SELECT count(*) FROM lin) AS n_lin, (SELECT count(*) FROM st) AS n_st FROM upd
+    UNION ALL
+    SELECT NULL, NULL, NULL, NULL, (SELECT count(*) FROM res), (SELECT count(*) FROM lin), (SELECT count(*) FROM st)
+    """
+)
+_STORE_ONLY = text(
+    """
+    UPDATE platform.idempotency_keys k SET status_code = d.code, response = d.body
+    FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
+         AS d(p, r, code, body)
+    WHERE k.principal = d.p AND k.request_id = d.r
     """
 )
 
@@ -200,20 +261,56 @@ def _ttl_us(ttl: timedelta | None) -> int | None:
     return None if ttl is None else ttl // timedelta(microseconds=1)
 
 
+@dataclass
+class StoreRows:
+    """Idempotency answers to write with the batch (see batcher.py)."""
+
+    principals: list[str] = field(default_factory=list)
+    request_ids: list[str] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)
+    bodies: list[bytes] = field(default_factory=list)
+
+    def params(self) -> dict[str, object]:
+        return {"s_p": self.principals, "s_r": self.request_ids, "s_c": self.codes, "s_b": self.bodies}
+
+
+async def _load_for_plan(
+    session: AsyncSession, skus: list[str]
+) -> tuple[dict[str, Policy], list[WarehouseInfo], dict[Key, Level], datetime]:
+    rows = (await session.execute(_LOAD, {"skus": skus})).all()
+    policies: dict[str, Policy] = {}
+    warehouses: list[WarehouseInfo] = []
+    levels: dict[Key, Level] = {}
+    now: datetime = rows[-1].ts
+    for r in rows:
+        if r.kind == "l":
+            levels[(r.sku, r.code)] = Level(int(r.n1), int(r.n2))
+        elif r.kind == "i":
+            policies[r.sku] = Policy(bool(r.b1), bool(r.b2), int(r.n1), int(r.n2))
+        elif r.kind == "w":
+            warehouses.append(WarehouseInfo(r.code, int(r.n1), bool(r.b1)))
+    warehouses.sort(key=lambda w: (w.priority, w.code))
+    return policies, warehouses, levels, now
+
+
 async def reserve_many(
-    session: AsyncSession, requests: Sequence[ReserveRequest]
+    session: AsyncSession,
+    requests: Sequence[ReserveRequest],
+    *,
+    store: Callable[[list[Reservation | DomainError]], StoreRows] | None = None,
 ) -> list[Reservation | DomainError]:
     """Reserve for several independent requests in the caller's transaction.
 
     Each request is all or nothing; requests are granted in order while stock
     lasts (the group-commit batcher relies on this). Per request the result is
     the Reservation or the DomainError that refused it (nothing written for it).
+    Two statements in the common case: load+lock, then write everything.
+    `store` (batcher) turns the results into idempotency rows written in the
+    same statement.
     """
     skus = sorted({line.sku for r in requests for line in r.lines})
-    policies = await _policies(session, skus)
-    warehouses = await _warehouses(session)
     for _attempt in range(2):
-        locked = await _lock_levels(session, skus)
+        policies, warehouses, locked, now = await _load_for_plan(session, skus)
         state = {k: Level(v.on_hand, v.reserved) for k, v in locked.items()}
         plans: list[list[Alloc] | DomainError] = []
         for req in requests:
@@ -244,15 +341,14 @@ async def reserve_many(
     running = {k: Level(v.on_hand, v.reserved) for k, v in locked.items()}
     totals = _totals(running)
     drafts: list[ledger.Draft] = []
-    deltas: dict[Key, tuple[int, int]] = {}
-    ids: list[uuid.UUID] = []
-    granted: list[tuple[int, ReserveRequest, uuid.UUID, list[Alloc]]] = []
-    for i, (req, plan) in enumerate(zip(requests, plans, strict=True)):
+    deltas: dict[Key, int] = {}
+    results: list[Reservation | DomainError] = []
+    granted: list[Reservation] = []
+    for req, plan in zip(requests, plans, strict=True):
         if isinstance(plan, DomainError):
+            results.append(plan)
             continue
         rid = uuid.uuid4()
-        ids.append(rid)
-        granted.append((i, req, rid, plan))
         for a in plan:
             if not a.tracked:
                 continue
@@ -261,8 +357,7 @@ async def reserve_many(
             before = lv.reserved
             lv.reserved += a.quantity
             totals[a.sku] -= a.quantity
-            dh, dr = deltas.get(key, (0, 0))
-            deltas[key] = (dh, dr + a.quantity)
+            deltas[key] = deltas.get(key, 0) + a.quantity
             drafts.append(
                 ledger.Draft(
                     sku=a.sku,
@@ -280,42 +375,7 @@ async def reserve_many(
                     reservation_id=rid,
                 )
             )
-    # Refused requests keep their error; granted ones are filled in below.
-    results: list[Reservation | DomainError] = [p if isinstance(p, DomainError) else _PENDING for p in plans]
-    if not granted:
-        return results
-    await _apply(session, deltas, running)
-    rows = (
-        await session.execute(
-            _INSERT_RESERVATIONS,
-            {
-                "ids": ids,
-                "refs": [g[1].reference for g in granted],
-                "ttls": [_ttl_us(g[1].ttl) for g in granted],
-                "actors": [g[1].actor for g in granted],
-            },
-        )
-    ).all()
-    meta = {r.id: (r.expires_at, r.created_at) for r in rows}
-    line_rows: list[tuple[uuid.UUID, int, Alloc]] = [
-        (rid, n, a) for _, _, rid, plan in granted for n, a in enumerate(plan, start=1)
-    ]
-    await session.execute(
-        _INSERT_LINES,
-        {
-            "rids": [x[0] for x in line_rows],
-            "nos": [x[1] for x in line_rows],
-            "skus": [x[2].sku for x in line_rows],
-            "whs": [x[2].warehouse_code for x in line_rows],
-            "tracked": [x[2].tracked for x in line_rows],
-            "qs": [x[2].quantity for x in line_rows],
-            "bos": [x[2].backordered for x in line_rows],
-        },
-    )
-    await ledger.write(session, drafts)
-    for i, req, rid, plan in granted:
-        expires_at, created_at = meta[rid]
-        results[i] = Reservation(
+        res = Reservation(
             id=rid,
             reference=req.reference,
             state="active",
@@ -323,11 +383,50 @@ async def reserve_many(
                 ReservationLine(n, a.sku, a.warehouse_code, a.tracked, a.quantity, a.backordered, 0, 0)
                 for n, a in enumerate(plan, start=1)
             ],
-            expires_at=expires_at,
-            created_at=created_at,
-            updated_at=created_at,
+            expires_at=None if req.ttl is None else now + req.ttl,
+            created_at=now,
+            updated_at=now,
             actor=req.actor,
         )
+        results.append(res)
+        granted.append(res)
+    stored = store(results) if store is not None else StoreRows()
+    if not granted:
+        if stored.request_ids:
+            await session.execute(_STORE_ONLY, stored.params())
+        return results
+    keys = sorted(deltas)
+    lines = [(r, line) for r in granted for line in r.lines]
+    params: dict[str, object] = {
+        "u_sku": [k[0] for k in keys],
+        "u_wh": [k[1] for k in keys],
+        "u_dr": [deltas[k] for k in keys],
+        "r_id": [r.id for r in granted],
+        "r_ref": [r.reference for r in granted],
+        "r_exp": [r.expires_at for r in granted],
+        "r_actor": [r.actor for r in granted],
+        "n_rid": [r.id for r, _ in lines],
+        "n_no": [x.line_no for _, x in lines],
+        "n_sku": [x.sku for _, x in lines],
+        "n_wh": [x.warehouse_code for _, x in lines],
+        "n_tracked": [x.tracked for _, x in lines],
+        "n_q": [x.quantity for _, x in lines],
+        "n_bo": [x.backordered for _, x in lines],
+        **ledger.params(drafts),
+        **stored.params(),
+    }
+    rows = (await session.execute(_WRITE, params)).all()
+    outbox.mark_written(session)
+    got = {(r.sku, r.warehouse_code): (int(r.on_hand), int(r.reserved)) for r in rows if r.sku is not None}
+    counts = (rows[-1].n_res, rows[-1].n_lin, rows[-1].n_st)
+    for k in keys:
+        if got.get(k) != (running[k].on_hand, running[k].reserved):
+            # Cannot happen while the rows are locked; refusing (rolling back) is the safe side.
+            raise RuntimeError(
+                f"stock level {k} changed under a lock: got {got.get(k)}, planned {running[k]}"
+            )
+    if counts != (len(granted), len(lines), len(stored.request_ids)):
+        raise RuntimeError(f"reservation write incomplete: {counts}")
     return results
 
 
@@ -371,7 +470,7 @@ def _parse_id(raw: str | uuid.UUID) -> uuid.UUID:
         raise InvalidArgument(
             "INVALID_ARGUMENT",
             "reservation id is not a UUID",
-            field_violations=[],
+            field_violations=[FieldViolation("id", "must be a reservation id (UUID)")],
         ) from exc
 
 
@@ -427,6 +526,7 @@ async def list_reservations(
     session: AsyncSession, *, reference: str = "", state: str = "", size: int = 0, token: str = ""
 ) -> tuple[list[Reservation], str]:
     """By reference (exact) and/or state, oldest first, keyset-paginated."""
+    filters_or_raise(reference=reference)
     if state and state not in RESERVATION_STATES:
         raise InvalidArgument("INVALID_ARGUMENT", f"unknown state {state!r}", field_violations=[])
     n = page_size(size)
@@ -561,7 +661,8 @@ async def _consume_lots(
         raise RuntimeError("lot changed under a lock")
     currencies = {u[3] for u in used}
     # One cost per movement; lots of mixed currencies keep their costs in lot_consumptions only.
-    cost = Cost(sum(u[1] * u[2] for u in used), used[0][3]) if len(currencies) == 1 else None
+    total = sum(u[1] * u[2] for u in used)
+    cost = Cost(total, used[0][3]) if len(currencies) == 1 and total <= MAX_MINOR else None
     return cost, used
 
 
@@ -712,6 +813,7 @@ async def release(
     Releasing a reservation that no longer holds anything with lines=None is a
     no-op that returns it (cancel after expiry must not fail)."""
     rid = _parse_id(reservation_id)
+    filters_or_raise(reason=reason)
     res = await _load(session, rid, lock=True)
     if res.state != "active":
         if lines is None:
@@ -739,6 +841,7 @@ async def fulfil(
     """Ship everything still held (lines=None) or some quantities: on_hand and
     reserved both drop; lots are consumed FIFO and the cost is on the ledger."""
     rid = _parse_id(reservation_id)
+    filters_or_raise(reference=reference)
     res = await _load(session, rid, lock=True)
     if res.state != "active":
         raise FailedPrecondition(
@@ -782,6 +885,44 @@ async def extend(
                updated_at = now() WHERE id = :id"""
         ),
         {"us": _ttl_us(ttl), "id": rid},
+    )
+    return await _load(session, rid, lock=False)
+
+
+async def retarget(
+    session: AsyncSession,
+    reservation_id: str | uuid.UUID,
+    *,
+    reference: str,
+    ttl: timedelta | None = None,
+    actor: str = "",
+) -> Reservation:
+    """Hand an active hold to a new owner (checkout: the cart's hold becomes the
+    order's reservation): new reference, new TTL from now (None = no expiry).
+    The held quantities do not change, so no counter moves."""
+    rid = _parse_id(reservation_id)
+    v = Violations()
+    check_text(v, "reference", reference, 256)
+    if ttl is not None and not timedelta(0) < ttl <= MAX_TTL:
+        v.add("ttl", "must be positive and at most 30 days")
+    v.raise_if_any("the request is invalid")
+    res = await _load(session, rid, lock=True)
+    if res.state != "active":
+        raise FailedPrecondition(
+            "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
+        )
+    if _expired(res, await _now(session)):
+        raise FailedPrecondition(
+            "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
+        )
+    await session.execute(
+        text(
+            """UPDATE inventory.reservations SET reference = :ref, actor = CASE WHEN :actor = '' THEN actor ELSE :actor END,
+               expires_at = CASE WHEN CAST(:us AS bigint) IS NULL THEN NULL
+                                 ELSE now() + CAST(:us AS bigint) * interval '1 microsecond' END,
+               updated_at = now() WHERE id = :id"""
+        ),
+        {"ref": reference, "actor": actor, "us": _ttl_us(ttl), "id": rid},
     )
     return await _load(session, rid, lock=False)
 
@@ -842,6 +983,9 @@ async def run_sweeper(
         except (DBAPIError, OSError) as exc:
             # The database may be restarting; try again on the next tick.
             log.warning("expiry sweep failed: %s", type(exc).__name__)
+        except Exception:
+            # Anything else is a bug worth a stack trace, but must not stop expiry for good.
+            log.exception("expiry sweep failed")
         if swept < limit:
             try:
                 await asyncio.wait_for(stop.wait(), timeout=interval)

@@ -25,11 +25,14 @@ from domain.inventory.types import (
     is_below_threshold,
 )
 from domain.inventory.validation import (
+    MAX_LEVEL,
+    MAX_MINOR,
     MAX_QUANTITY,
     check_quantity,
     check_sku,
     check_text,
     check_warehouse_code,
+    filters_or_raise,
     sku_or_raise,
 )
 from domain.shared.errors import (
@@ -61,6 +64,8 @@ _CHANGE = text(
         WHERE s.sku = :sku AND s.warehouse_code = :wh AND i.sku = s.sku
           AND (CAST(:expected AS bigint) IS NULL OR s.on_hand = CAST(:expected AS bigint))
           AND (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= 0
+          AND (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END)
+              <= CAST(:ceiling AS bigint)
           AND (
             (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= s.on_hand
             OR (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= s.reserved
@@ -129,6 +134,13 @@ async def _diagnose(
             ],
         )
     new = qty if is_set else on_hand + qty
+    if new > MAX_LEVEL:
+        return FailedPrecondition(
+            "STOCK_LIMIT",
+            f"on_hand of {sku!r} in {wh!r} would exceed {MAX_LEVEL}",
+            metadata=meta,
+            precondition_violations=[PreconditionViolation("STOCK_LIMIT", sku, f"on_hand would be {new}")],
+        )
     if new < 0:
         return FailedPrecondition(
             "INSUFFICIENT_STOCK",
@@ -178,13 +190,64 @@ async def apply_stock_change(
     """
     if kind not in ("set", "adjust", "receive", "return"):
         raise ValueError(f"unknown stock change kind {kind!r}")
-    is_set = kind == "set"
+    cost = None
+    if unit_cost is not None and kind == "receive":
+        cost = Cost(unit_cost.amount_minor * quantity, unit_cost.currency)
+    level, draft = await _change_counter(
+        session,
+        sku=sku,
+        warehouse_code=warehouse_code,
+        is_set=kind == "set",
+        quantity=quantity,
+        expected_on_hand=expected_on_hand,
+        type=ledger_type or kind,
+        reason=reason,
+        source=source,
+        actor=actor,
+        reference=reference,
+        cost=cost,
+    )
+    (movement,) = await ledger.write(session, [draft])
+    if unit_cost is not None and kind == "receive":
+        await session.execute(
+            _LOT,
+            {
+                "sku": sku,
+                "wh": warehouse_code,
+                "lot_code": lot_code,
+                "qty": quantity,
+                "cost": unit_cost.amount_minor,
+                "cur": unit_cost.currency,
+                "ledger_id": movement.id,
+            },
+        )
+    return StockChange(level=level, movement=movement, below_threshold=draft.below_threshold)
+
+
+async def _change_counter(
+    session: AsyncSession,
+    *,
+    sku: str,
+    warehouse_code: str,
+    is_set: bool,
+    quantity: int,
+    expected_on_hand: int | None,
+    type: str,
+    reason: str,
+    source: str,
+    actor: str,
+    reference: str,
+    cost: Cost | None = None,
+) -> tuple[StockLevel, ledger.Draft]:
+    """The conditional counter change; returns the new level and its ledger draft
+    (the caller writes the draft in the same transaction)."""
     params: dict[str, Any] = {
         "sku": sku,
         "wh": warehouse_code,
         "is_set": is_set,
         "qty": quantity,
         "expected": expected_on_hand,
+        "ceiling": MAX_LEVEL,
     }
     row = (await session.execute(_CHANGE, params)).one_or_none()
     if row is None:
@@ -201,45 +264,22 @@ async def apply_stock_change(
                 session, sku, warehouse_code, is_set=is_set, qty=quantity, expected=expected_on_hand
             )
             raise err or RuntimeError("stock level vanished during a change")
-    below = is_below_threshold(int(row.total_available), int(row.threshold))
-    cost = None
-    if unit_cost is not None and kind == "receive":
-        cost = Cost(unit_cost.amount_minor * quantity, unit_cost.currency)
-    (movement,) = await ledger.write(
-        session,
-        [
-            ledger.Draft(
-                sku=sku,
-                warehouse_code=warehouse_code,
-                type=ledger_type or kind,
-                on_hand_before=int(row.ohb),
-                on_hand_after=int(row.oha),
-                reserved_before=int(row.rb),
-                reserved_after=int(row.ra),
-                below_threshold=below,
-                reason=reason,
-                source=source,
-                actor=actor,
-                reference=reference,
-                cost=cost,
-            )
-        ],
+    draft = ledger.Draft(
+        sku=sku,
+        warehouse_code=warehouse_code,
+        type=type,
+        on_hand_before=int(row.ohb),
+        on_hand_after=int(row.oha),
+        reserved_before=int(row.rb),
+        reserved_after=int(row.ra),
+        below_threshold=is_below_threshold(int(row.total_available), int(row.threshold)),
+        reason=reason,
+        source=source,
+        actor=actor,
+        reference=reference,
+        cost=cost,
     )
-    if unit_cost is not None and kind == "receive":
-        await session.execute(
-            _LOT,
-            {
-                "sku": sku,
-                "wh": warehouse_code,
-                "lot_code": lot_code,
-                "qty": quantity,
-                "cost": unit_cost.amount_minor,
-                "cur": unit_cost.currency,
-                "ledger_id": movement.id,
-            },
-        )
-    level = StockLevel(sku, warehouse_code, int(row.oha), int(row.ra), row.updated_at)
-    return StockChange(level=level, movement=movement, below_threshold=below)
+    return StockLevel(sku, warehouse_code, int(row.oha), int(row.ra), row.updated_at), draft
 
 
 def _check_common(v: Violations, sku: str, wh: str, reason: str, reference: str) -> str:
@@ -335,6 +375,8 @@ async def receive_stock(
             v.add("unit_cost.currency_code", f"{unit_cost.currency!r} is not a supported ISO-4217 code")
         if not 0 <= unit_cost.amount_minor <= MAX_QUANTITY:
             v.add("unit_cost.amount_minor", f"must be between 0 and {MAX_QUANTITY}")
+        elif unit_cost.amount_minor * quantity > MAX_MINOR:
+            v.add("unit_cost.amount_minor", "unit cost times quantity exceeds the largest amount")
     v.raise_if_any("the receipt is invalid")
     return await apply_stock_change(
         session,
@@ -406,17 +448,19 @@ async def bulk_adjust_stock(
     # Apply in (sku, warehouse) order so concurrent bulk calls lock rows in
     # one global order (no deadlocks); answer in request order.
     order = sorted(range(len(norm)), key=lambda i: (norm[i].sku, norm[i].warehouse_code, i))
-    changes: dict[int, StockChange] = {}
+    done: dict[int, tuple[StockLevel, ledger.Draft]] = {}
     refused: list[tuple[int, DomainError]] = []
     for i in order:
         a = norm[i]
         try:
-            changes[i] = await apply_stock_change(
+            done[i] = await _change_counter(
                 session,
                 sku=a.sku,
                 warehouse_code=a.warehouse_code,
-                kind="adjust",
+                is_set=False,
                 quantity=a.delta,
+                expected_on_hand=None,
+                type="adjust",
                 reason=a.reason,
                 source=source,
                 actor=actor,
@@ -436,6 +480,12 @@ async def bulk_adjust_stock(
                 for i, e in refused
             ],
         )
+    # One ledger + outbox statement for the whole request, in application order.
+    movements = await ledger.write(session, [done[i][1] for i in order])
+    changes = {
+        i: StockChange(level=done[i][0], movement=m, below_threshold=done[i][1].below_threshold)
+        for i, m in zip(order, movements, strict=True)
+    }
     return [changes[i] for i in range(len(norm))]
 
 
@@ -485,6 +535,7 @@ async def stock_of(load_one: Callable[[str], Awaitable[SkuStock | None]], sku: s
 async def get_stock_level(session: AsyncSession, sku: str, warehouse_code: str = "") -> SkuStock:
     """One SKU: per warehouse and in total (only `warehouse_code` when given)."""
     sku = sku_or_raise(sku)
+    filters_or_raise(warehouse_code=warehouse_code)
     stocks = await load_sku_stocks(session, [sku])
     if sku not in stocks:
         raise _item_not_found(sku)
@@ -538,6 +589,7 @@ async def list_stock_levels(
     backordered_only: bool = False,
 ) -> tuple[list[StockLevel], str]:
     """Levels ordered by (sku, warehouse_code), keyset-paginated."""
+    filters_or_raise(warehouse_code=warehouse_code, sku_prefix=sku_prefix)
     n = page_size(size)
     filters = ["levels", warehouse_code, sku_prefix, below_threshold_only, backordered_only]
     after = decode_token(token, filters)
@@ -607,6 +659,7 @@ async def list_movements(
     end: datetime | None = None,
 ) -> tuple[list[Movement], str]:
     """The ledger, newest first, keyset-paginated on id."""
+    filters_or_raise(warehouse_code=warehouse_code, reference=reference)
     v = Violations()
     if sku:
         sku = check_sku(v, "sku", sku)

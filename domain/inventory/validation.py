@@ -11,6 +11,8 @@ MAX_SKU = 128
 WAREHOUSE_CODE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_TEXT = 1000
 MAX_QUANTITY = 1_000_000_000_000  # far above any real stock, far below int64 overflow
+MAX_LEVEL = 1_000_000_000_000_000  # on_hand ceiling: sums and costs stay inside int64
+MAX_MINOR = 2**63 - 1
 
 
 def normalize_sku(raw: str) -> str | None:
@@ -51,3 +53,14 @@ def check_quantity(v: Violations, field_path: str, q: int, *, minimum: int = 1) 
 def check_text(v: Violations, field_path: str, value: str, limit: int = MAX_TEXT) -> None:
     if len(value) > limit:
         v.add(field_path, f"must be at most {limit} characters")
+    elif "\x00" in value:
+        # PostgreSQL text cannot hold NUL; refuse it here rather than fail in SQL.
+        v.add(field_path, "must not contain NUL characters")
+
+
+def filters_or_raise(**fields: str) -> None:
+    """Free-text filters of list/get calls: bounded and NUL-free."""
+    v = Violations()
+    for name, value in fields.items():
+        check_text(v, name, value, 256)
+    v.raise_if_any("the request is invalid")

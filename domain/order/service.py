@@ -359,9 +359,13 @@ async def _append(
     category: str = "",
     payload: dict[str, Any] | None = None,
     recorded_at: datetime | None = None,
+    events_before: Sequence[Event] = (),
 ) -> StatusEntry:
+    """Appends an entry and its event; `events_before` go into the same outbox insert (one round trip)."""
     module = code.split(":", 1)[0]
-    row = (
+    payload = payload or {}
+    # Core insert returning plain columns: no ORM object for a write-once row.
+    written = (
         await session.execute(
             insert(StatusEntryRow)
             .values(
@@ -370,24 +374,39 @@ async def _append(
                 module=module,
                 category=category,
                 severity=severity.value,
-                payload=payload or {},
+                payload=payload,
                 recorded_at=recorded_at or func.now(),
                 written_by=written_by,
             )
-            .returning(StatusEntryRow)
+            .returning(StatusEntryRow.id, StatusEntryRow.recorded_at, StatusEntryRow.created_at)
         )
-    ).scalar_one()
-    entry = _entry(row)
+    ).one()
+    entry = StatusEntry(
+        id=written.id,
+        order_id=str(order.id),
+        code=code,
+        module=module,
+        category=category,
+        severity=severity,
+        payload=payload,
+        recorded_at=written.recorded_at,
+        written_by=written_by,
+        created_at=written.created_at,
+        closed_at=None,
+        closed_by=None,
+        close_note=None,
+    )
     await emit_many(
         session,
         [
+            *events_before,
             Event(
                 STATUS_APPENDED,
                 "order",
                 str(order.id),
                 {"order_id": str(order.id), "entry": entry_payload(entry)},
                 order.channel,
-            )
+            ),
         ],
     )
     return entry
@@ -451,9 +470,14 @@ def _sum_by_sku(items: Sequence[tuple[str, int]]) -> list[StockLine]:
 
 
 async def _reserve(
-    session: AsyncSession, row: OrderRow, lines: list[OrderLineRow], *, actor: str, inventory: InventoryPort
+    session: AsyncSession,
+    row: OrderRow,
+    wanted: list[tuple[str, int]],
+    *,
+    actor: str,
+    inventory: InventoryPort,
 ) -> None:
-    demand = _sum_by_sku([(li.sku, li.quantity - li.shipped_quantity) for li in lines])
+    demand = _sum_by_sku(wanted)
     res = await inventory.reserve(session, demand, reference=f"order:{row.id}", actor=actor)
     await _update_order(session, row, reservation_id=res.reservation_id)
     payload: dict[str, Any] = {
@@ -570,17 +594,12 @@ async def submit_intent(
                 for i, p in enumerate(intent.payments)
             ],
         )
-    await emit_many(
-        session,
-        [
-            Event(
-                CREATED,
-                "order",
-                str(order_id),
-                {"order_id": str(order_id), "state": State.PENDING.value},
-                channel.slug,
-            )
-        ],
+    created = Event(
+        CREATED,
+        "order",
+        str(order_id),
+        {"order_id": str(order_id), "state": State.PENDING.value},
+        channel.slug,
     )
     await _append(
         session,
@@ -595,6 +614,7 @@ async def submit_intent(
             "grand_total_minor": t.grand_total.amount_minor,
             "currency": channel.currency,
         },
+        events_before=[created],
     )
     if reservation_id:
         await _append(
@@ -602,8 +622,32 @@ async def submit_intent(
             payload={"reservation_id": reservation_id, "adopted": True},
         )  # fmt: skip
     elif reserve_inventory:
-        await _reserve(session, row, await _lines(session, order_id), actor=actor, inventory=inventory)
-    return SubmitResult(await _load(session, row), created=True)
+        wanted = [(li.sku, li.quantity) for li in intent.lines]
+        await _reserve(session, row, wanted, actor=actor, inventory=inventory)
+    # Everything is known: build the answer without reading the rows back.
+    c = channel.currency
+    order = Order(
+        id=str(order_id),
+        channel=channel.slug,
+        source_system=intent.source_system,
+        intent_id=intent.intent_id,
+        external_order_id=intent.external_order_id,
+        customer_ref=intent.customer_ref,
+        currency=c,
+        state=State.PENDING,
+        lines=tuple(Line(li.line_id, li.sku, li.quantity, li.unit_price, 0, 0) for li in intent.lines),
+        totals=Totals(t.subtotal, t.tax, t.shipping, t.discount, t.grand_total),
+        payments=tuple(
+            Tender(p.tender_id, p.method, p.captured, p.gateway_reference, Money(c, 0))
+            for p in intent.payments
+        ),
+        submitted_at=row.submitted_at,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        reservation_id=row.reservation_id,
+        blocked=False,
+    )
+    return SubmitResult(order, created=True)
 
 
 async def _existing_intent(
@@ -920,7 +964,8 @@ async def transition(
         )
         return await _load(session, row)
     if target is State.PROCESSING and row.reservation_id is None:
-        await _reserve(session, row, await _lines(session, row.id), actor=actor, inventory=inventory)
+        wanted = [(li.sku, li.quantity - li.shipped_quantity) for li in await _lines(session, row.id)]
+        await _reserve(session, row, wanted, actor=actor, inventory=inventory)
     if target is State.CANCELLED and row.reservation_id is not None:
         await inventory.release(
             session, row.reservation_id, reason=f"order {order_id} cancelled", actor=actor

@@ -111,11 +111,7 @@ class OutboxWaker:
 async def _read_after(
     session: AsyncSession, position: tuple[int, int], topics: Sequence[str], limit: int
 ) -> list[StoredEvent]:
-    # outbox.read_after binds txid through CAST(:txid AS text), which asyncpg
-    # types as text and so refuses a Python int; hand it the decimal string
-    # (the same value) until the shared kernel binds it itself.
-    txid: Any = str(position[0])
-    return await read_after(session, (txid, position[1]), topics, limit)
+    return await read_after(session, position, topics, limit)
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from domain.registration.catalog import (
     channel_rules,
     get_agreement,
     get_document_type,
+    get_invitation_code,
     js,
     new_id,
     redeem_invitation_code,
@@ -258,7 +259,9 @@ async def submit(
 
     customer_group = form.customer_group
     if invitation_code:
-        ic = await redeem_invitation_code(session, channel=channel, code=invitation_code, form_id=form.id)
+        # Read now for the customer group; the use is taken at the end (below), so
+        # the code's row lock is held only for the last statements of the transaction.
+        ic = await get_invitation_code(session, channel=channel, code=invitation_code)
         customer_group = ic.customer_group or customer_group
 
     docs, agreements = required_uploads(definition, kept)
@@ -293,14 +296,6 @@ async def submit(
             "exp": expires_at,
         },
     )
-    if invitation_code:
-        await session.execute(
-            text(
-                "INSERT INTO registration.invitation_redemptions (channel, code, registration_id) "
-                "VALUES (:ch, :c, :r)"
-            ),
-            {"ch": channel, "c": invitation_code, "r": reg_id},
-        )
     await _history(session, reg_id, "", "submitted", caller.subject, "")
     await _create_account(session, reg_id, channel, customer_group, addr, mapped)
     await emit(
@@ -313,7 +308,18 @@ async def submit(
             channel,
         ),
     )
-    return await get_registration(session, channel=channel, registration_id=reg_id)
+    registration = await get_registration(session, channel=channel, registration_id=reg_id)
+    if invitation_code:
+        # Last: one conditional UPDATE takes the use (see redeem_invitation_code).
+        await redeem_invitation_code(session, channel=channel, code=invitation_code, form_id=form.id)
+        await session.execute(
+            text(
+                "INSERT INTO registration.invitation_redemptions (channel, code, registration_id) "
+                "VALUES (:ch, :c, :r)"
+            ),
+            {"ch": channel, "c": invitation_code, "r": reg_id},
+        )
+    return registration
 
 
 def _text(value: Answer) -> str:

@@ -9,23 +9,57 @@ transaction that can still commit has a txid below that horizon, so the
 delivered sequence is a stable prefix: resuming after (txid, id) loses
 nothing and repeats nothing, on any replica.
 
-A statement-level trigger sends NOTIFY `entrepot_outbox` on commit, which
-wakes tailing readers (see the migration).
+Wake-ups. A NOTIFY sent inside a writing transaction holds a cluster-wide
+lock through its commit, which would serialise every writer. So writers only
+mark their session (`mark_written`, done by `emit_many`); after such a
+session commits, the process's notifier sends one debounced
+`NOTIFY entrepot_outbox` of its own (see server/notifier.py). Readers LISTEN
+and also poll on a timer, so a lost wake-up only delays delivery.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import insert, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
 
 from domain.shared.models import OutboxEvent
 
 NOTIFY_CHANNEL = "entrepot_outbox"
+_WRITTEN = "entrepot_outbox_written"
+_commit_hooks: list[Callable[[], None]] = []
+
+
+def mark_written(session: AsyncSession) -> None:
+    """Call after inserting outbox rows by hand (emit_many does it)."""
+    session.info[_WRITTEN] = True
+
+
+def on_outbox_commit(hook: Callable[[], None]) -> None:
+    """Register a callback run after every commit that wrote outbox rows."""
+    _commit_hooks.append(hook)
+
+
+def remove_outbox_commit_hook(hook: Callable[[], None]) -> None:
+    if hook in _commit_hooks:
+        _commit_hooks.remove(hook)
+
+
+@event.listens_for(Session, "after_commit")
+def _after_commit(session: Session) -> None:
+    if session.info.pop(_WRITTEN, False):
+        for hook in _commit_hooks:
+            hook()
+
+
+@event.listens_for(Session, "after_rollback")
+def _after_rollback(session: Session) -> None:
+    session.info.pop(_WRITTEN, None)
 
 
 @dataclass(frozen=True)
@@ -54,6 +88,7 @@ async def emit_many(session: AsyncSession, events: Iterable[Event]) -> None:
     ]
     if rows:
         await session.execute(insert(OutboxEvent), rows)
+        mark_written(session)
 
 
 @dataclass(frozen=True)
@@ -95,7 +130,7 @@ async def read_after(
 ) -> list[StoredEvent]:
     """Committed events after `position` = (txid, id), in delivery order."""
     result = await session.execute(
-        _READ, {"txid": position[0], "id": position[1], "topics": list(topics), "limit": limit}
+        _READ, {"txid": str(position[0]), "id": position[1], "topics": list(topics), "limit": limit}
     )
     return [StoredEvent(*row) for row in result.all()]
 

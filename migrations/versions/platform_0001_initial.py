@@ -41,16 +41,9 @@ def upgrade() -> None:
         CREATE INDEX ix_outbox_txid_id ON platform.outbox (txid, id);
         CREATE INDEX ix_outbox_topic_txid_id ON platform.outbox (topic, txid, id);
         CREATE INDEX ix_outbox_created_at ON platform.outbox (created_at);
-
-        -- One NOTIFY per writing statement, delivered at commit (deduplicated
-        -- within a transaction): wakes every tailing reader on every replica.
-        CREATE FUNCTION platform.outbox_notify() RETURNS trigger LANGUAGE plpgsql AS $$
-        BEGIN
-            PERFORM pg_notify('entrepot_outbox', '');
-            RETURN NULL;
-        END $$;
-        CREATE TRIGGER outbox_notify AFTER INSERT ON platform.outbox
-            FOR EACH STATEMENT EXECUTE FUNCTION platform.outbox_notify();
+        -- No NOTIFY trigger: a NOTIFY inside a transaction takes a cluster-wide
+        -- lock through its commit, serialising every writer. Each process sends
+        -- one debounced NOTIFY after its commits instead (domain/shared/outbox.py).
 
         CREATE TABLE platform.idempotency_keys (
             principal text NOT NULL,

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from alembic import op
 
+from migrations.sql import script
+
 revision = "registration_0001"
 down_revision = None
 branch_labels = ("registration",)
@@ -16,11 +18,7 @@ depends_on = "platform_0001"
 
 def upgrade() -> None:
     op.execute("CREATE SCHEMA IF NOT EXISTS registration")
-    # One statement per execute: asyncpg prepares each one, and a prepared
-    # statement holds a single command.
-    for statement in SCHEMA.split(";\n"):
-        if statement.strip():
-            op.execute(statement)
+    script(SCHEMA)
 
 
 SCHEMA = """

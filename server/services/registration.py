@@ -27,7 +27,7 @@ from domain.registration import (
     submissions,
 )
 from domain.registration.workflows import REQUIREMENTS_SIGNAL, REVIEW_SIGNAL
-from domain.shared.errors import InvalidArgument
+from domain.shared.errors import InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
 from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
@@ -60,6 +60,16 @@ def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str
         if k == key:
             return v if isinstance(v, str) else v.decode("utf-8", "replace")
     return ""
+
+
+def _temporal_unavailable(exc: RPCError) -> Unavailable:
+    # The change is committed; the same call retried with the same request_id
+    # returns it again and reaches the workflow then.
+    return Unavailable(
+        "WORKFLOW_UNAVAILABLE",
+        "saved, but the workflow service could not be reached; retry with the same request_id",
+        metadata={"temporal_status": exc.status.name},
+    )
 
 
 def mask_paths(request: Any) -> list[str]:
@@ -100,6 +110,8 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             )
         except WorkflowAlreadyStartedError:
             log.debug("workflow already started", extra={"workflow_id": workflow_id})
+        except RPCError as exc:
+            raise _temporal_unavailable(exc) from exc
 
     async def _start_registration_workflow(self, reg: pb.Registration) -> None:
         expires_at = reg.expire_time.ToDatetime(tzinfo=UTC).isoformat()
@@ -116,7 +128,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             await handle.signal(signal)
         except RPCError as exc:
             if exc.status != RPCStatusCode.NOT_FOUND:
-                raise
+                raise _temporal_unavailable(exc) from exc
             # Finished (decided or expired) or not started yet: the workflow reads
             # the database when it (re)starts, so nothing is lost.
             log.info("registration workflow not signalled", extra={"registration_id": registration_id})
@@ -418,6 +430,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 "UPLOAD_HEADER_REQUIRED", "the first message of an upload must be the header"
             )
         h = first.header
+        cv.check_text(h, "header.")
         if not h.request_id:
             raise InvalidArgument("REQUEST_ID_REQUIRED", "header.request_id is required")
         await self._read(
@@ -539,3 +552,19 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         return pb.ListRegistrationsResponse(
             registrations=[cv.registration_to_proto(r) for r in regs], next_page_token=token
         )
+
+
+def _guard_text(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    async def wrapper(self: RegistrationServicer, request: Any, context: Any) -> Any:
+        cv.check_text(request)
+        return await method(self, request, context)
+
+    wrapper.__name__ = method.__name__
+    wrapper.__doc__ = method.__doc__
+    return wrapper
+
+
+# Every unary RPC checks its request's text first (the upload checks its header).
+for _name in pb.DESCRIPTOR.services_by_name["RegistrationService"].methods_by_name:
+    if _name != "UploadRegistrationDocument":
+        setattr(RegistrationServicer, _name, _guard_text(getattr(RegistrationServicer, _name)))

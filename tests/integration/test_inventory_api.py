@@ -25,6 +25,7 @@ from entrepot_client import (
     InvalidArgumentError,
     NotFoundError,
 )
+from entrepot_client.inventory import shortages
 from tests.conftest import unique
 from tests.inventory_support import check_invariants
 
@@ -319,6 +320,7 @@ async def test_two_lines_of_one_sku_and_failed_request_leaves_nothing(admin: Ent
         await admin.inventory.reserve_stock(req)
     (v,) = err.value.precondition_violations
     assert v.subject == a and "requested 4" in v.description and "available 3" in v.description
+    assert shortages(err.value) == {a: "requested 4, available 3"}
     for sku in (a, b):
         assert (await admin.inventory.get_stock_level(pb.GetStockLevelRequest(sku=sku))).reserved == 0
     listed = await admin.inventory.list_reservations(pb.ListReservationsRequest(reference="order:two-lines"))
@@ -481,3 +483,44 @@ async def test_random_soak_keeps_the_invariants(
         assert left == 0
         assert await check_invariants(s) >= 40
     assert counts["ok"] > 50
+
+
+async def test_hostile_input_is_invalid_argument_never_internal(admin: Entrepot) -> None:
+    wh = await make_warehouse(admin)
+    sku = await make_item(admin, {wh: 1})
+    bad_calls = [
+        admin.inventory.adjust_stock(
+            pb.AdjustStockRequest(sku=sku, warehouse_code=wh, delta=1, reason="a\x00b")
+        ),
+        admin.inventory.adjust_stock(pb.AdjustStockRequest(sku=sku, warehouse_code=wh, delta=2**62)),
+        admin.inventory.get_reservation(pb.GetReservationRequest(id="not-a-uuid")),
+        admin.inventory.list_stock_levels(pb.ListStockLevelsRequest(sku_prefix="x\x00")),
+        admin.inventory.list_reservations(pb.ListReservationsRequest(reference="\x00")),
+        admin.inventory.get_warehouse(pb.GetWarehouseRequest(code="\x00")),
+        admin.inventory.receive_stock(
+            pb.ReceiveStockRequest(
+                sku=sku,
+                warehouse_code=wh,
+                quantity=10**12,
+                unit_cost=types_pb2.Money(currency_code="EUR", amount_minor=10**12),
+            )
+        ),
+        admin.inventory.reserve_stock(reserve(sku, 0)),
+        admin.inventory.reserve_stock(pb.ReserveStockRequest()),
+        admin.inventory.list_stock_movements(pb.ListStockMovementsRequest(types=[99])),
+    ]
+    for call in bad_calls:
+        with pytest.raises(InvalidArgumentError):
+            await call
+    # Large but valid: refused by the rules (a ceiling), not by an int64 overflow.
+    await admin.inventory.set_stock(pb.SetStockRequest(sku=sku, warehouse_code=wh, quantity=10**12))
+    with pytest.raises(FailedPreconditionError) as err:
+        await admin.inventory.bulk_adjust_stock(
+            pb.BulkAdjustStockRequest(
+                adjustments=[
+                    pb.StockAdjustment(sku=sku, warehouse_code=wh, delta=10**12) for _ in range(1000)
+                ]
+            )
+        )
+    assert err.value.reason == "STOCK_LIMIT"
+    assert [v.subject for v in err.value.precondition_violations] == ["adjustments[999]"]

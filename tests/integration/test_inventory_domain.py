@@ -31,7 +31,7 @@ def db_url() -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 async def sessions(db_url: str) -> AsyncIterator[async_sessionmaker[AsyncSession]]:
-    engine = make_engine(db_url, pool_size=20, max_overflow=20)
+    engine = make_engine(db_url, pool_size=10, max_overflow=10)  # the server may be shared: stay modest
     yield make_session_factory(engine)
     await engine.dispose()
 
@@ -281,6 +281,22 @@ async def test_expired_holds_are_released_by_the_sweeper(sessions, warehouses) -
         await check_invariants(s)
 
 
+async def test_a_cart_hold_becomes_the_order_reservation(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
+    code = await new_item(sessions, {"WH-A": 3})
+    hold = await tx(
+        sessions,
+        lambda s: inv.reserve(s, [LineRequest(code, 2)], reference="cart:9", ttl=timedelta(minutes=5)),
+    )
+    order = await tx(sessions, lambda s: inv.retarget(s, hold.id, reference="order:9"))
+    assert (order.reference, order.expires_at, order.state) == ("order:9", None, "active")
+    assert (await tx(sessions, lambda s: inv.get_stock_level(s, code))).reserved == 2
+    listed, _ = await tx(sessions, lambda s: inv.list_reservations(s, reference="order:9"))
+    assert [r.id for r in listed] == [hold.id]
+    await tx(sessions, lambda s: inv.release(s, hold.id))
+    with pytest.raises(FailedPrecondition):
+        await tx(sessions, lambda s: inv.retarget(s, hold.id, reference="order:10"))
+
+
 async def test_naive_path_never_oversells(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
     code = await new_item(sessions, {"WH-A": 10})
 
@@ -337,6 +353,37 @@ async def test_batcher_grants_exactly_the_stock_and_keeps_idempotency(sessions, 
         assert (await tx(sessions, lambda s: inv.get_stock_level(s, code))).reserved == 10
     finally:
         await batcher.close()
+    async with sessions() as s:
+        await check_invariants(s)
+
+
+async def test_two_batchers_on_separate_engines_never_oversell(sessions, warehouses, db_url) -> None:  # type: ignore[no-untyped-def]
+    # Two "server processes": separate engines (connections) and batchers, one database,
+    # mixed with naive single-call transactions.
+    code = await new_item(sessions, {"WH-A": 7, "WH-B": 3})
+    engines = [make_engine(db_url, pool_size=4, max_overflow=0) for _ in range(2)]
+    batchers = [inv.ReserveBatcher(make_session_factory(e)) for e in engines]
+
+    async def one(i: int) -> bool:
+        try:
+            if i % 5 == 0:
+                await tx(sessions, lambda s: inv.reserve(s, [LineRequest(code, 1)]))
+            else:
+                await batchers[i % 2].submit(inv.reserve_request([LineRequest(code, 1)]))
+            return True
+        except FailedPrecondition:
+            return False
+
+    try:
+        ok = await asyncio.gather(*(one(i) for i in range(200)))
+    finally:
+        for b in batchers:
+            await b.close()
+        for e in engines:
+            await e.dispose()
+    assert sum(ok) == 10
+    stock = await tx(sessions, lambda s: inv.get_stock_level(s, code))
+    assert (stock.on_hand, stock.reserved) == (10, 10)
     async with sessions() as s:
         await check_invariants(s)
 

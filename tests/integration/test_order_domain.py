@@ -412,3 +412,19 @@ async def test_tail_resumes_without_loss_or_repeat(
         assert [e.aggregate_id for e in resumed] == [*ids[1:], later]
     finally:
         await waker.close()
+
+
+async def test_cart_adopts_its_reservation(sessions: async_sessionmaker[AsyncSession]) -> None:
+    inv = RecordingInventory()
+    with pytest.raises(InvalidArgument):
+        await submit(sessions, make_intent(), reserve_inventory=True, reservation_id="res-x", inventory=inv)
+    r = await submit(sessions, make_intent(), reservation_id="res-cart-1", inventory=inv)
+    assert r.order.reservation_id == "res-cart-1" and inv.calls == []
+    async with sessions() as s, s.begin():
+        await orders.transition(s, r.order.id, State.PROCESSING, channel="test", actor="ops", inventory=inv)
+        o = await orders.transition(
+            s, r.order.id, State.CANCELLED, channel="test", actor="ops", inventory=inv
+        )
+        hist, _ = await orders.list_status_history(s, r.order.id, channel="test", module="inventory")
+    assert inv.calls == [("release", "res-cart-1")] and o.state is State.CANCELLED
+    assert hist[0].payload == {"reservation_id": "res-cart-1", "adopted": True}

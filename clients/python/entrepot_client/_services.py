@@ -9,10 +9,12 @@ import entrepot.inventory.v1.inventory_pb2 as inventory_v1_inventory_pb2
 import entrepot.order.v1.order_pb2 as order_v1_order_pb2
 import entrepot.platform.v1.channel_pb2 as platform_v1_channel_pb2
 import entrepot.platform.v1.types_pb2 as platform_v1_types_pb2
+import entrepot.refund.v1.refund_pb2 as refund_v1_refund_pb2
 import entrepot.registration.v1.registration_pb2 as registration_v1_registration_pb2
 import entrepot.inventory.v1.inventory_pb2_grpc as inventory_v1_inventory_pb2_grpc
 import entrepot.order.v1.order_pb2_grpc as order_v1_order_pb2_grpc
 import entrepot.platform.v1.channel_pb2_grpc as platform_v1_channel_pb2_grpc
+import entrepot.refund.v1.refund_pb2_grpc as refund_v1_refund_pb2_grpc
 import entrepot.registration.v1.registration_pb2_grpc as registration_v1_registration_pb2_grpc
 from entrepot_client.base import AsyncServiceClient, Metadata, SyncServiceClient
 
@@ -299,6 +301,54 @@ class ChannelSyncClient(SyncServiceClient):
         return self._unary("UpdateChannel", request, timeout, metadata)  # type: ignore[no-any-return]
 
 
+class RefundClient(AsyncServiceClient):
+    """entrepot.refund.v1.RefundService (async)."""
+
+    stub_class = refund_v1_refund_pb2_grpc.RefundServiceStub
+
+    async def submit_refund_for_approval(self, request: refund_v1_refund_pb2.SubmitRefundForApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return await self._unary("SubmitRefundForApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def decide_refund_approval(self, request: refund_v1_refund_pb2.DecideRefundApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return await self._unary("DecideRefundApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def retry_refund_execution(self, request: refund_v1_refund_pb2.RetryRefundExecutionRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return await self._unary("RetryRefundExecution", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_refund(self, request: refund_v1_refund_pb2.GetRefundRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return await self._unary("GetRefund", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_refund_requests(self, request: refund_v1_refund_pb2.ListRefundRequestsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.ListRefundRequestsResponse:
+        return await self._unary("ListRefundRequests", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_workflow_faults(self, request: refund_v1_refund_pb2.ListWorkflowFaultsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.ListWorkflowFaultsResponse:
+        return await self._unary("ListWorkflowFaults", request, timeout, metadata)  # type: ignore[no-any-return]
+
+
+class RefundSyncClient(SyncServiceClient):
+    """entrepot.refund.v1.RefundService (sync)."""
+
+    stub_class = refund_v1_refund_pb2_grpc.RefundServiceStub
+
+    def submit_refund_for_approval(self, request: refund_v1_refund_pb2.SubmitRefundForApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return self._unary("SubmitRefundForApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def decide_refund_approval(self, request: refund_v1_refund_pb2.DecideRefundApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return self._unary("DecideRefundApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def retry_refund_execution(self, request: refund_v1_refund_pb2.RetryRefundExecutionRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return self._unary("RetryRefundExecution", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_refund(self, request: refund_v1_refund_pb2.GetRefundRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.Refund:
+        return self._unary("GetRefund", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_refund_requests(self, request: refund_v1_refund_pb2.ListRefundRequestsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.ListRefundRequestsResponse:
+        return self._unary("ListRefundRequests", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_workflow_faults(self, request: refund_v1_refund_pb2.ListWorkflowFaultsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> refund_v1_refund_pb2.ListWorkflowFaultsResponse:
+        return self._unary("ListWorkflowFaults", request, timeout, metadata)  # type: ignore[no-any-return]
+
+
 class RegistrationClient(AsyncServiceClient):
     """entrepot.registration.v1.RegistrationService (async)."""
 
@@ -468,6 +518,7 @@ class AsyncClients:
         self.inventory = InventoryClient(channel, metadata, timeout)
         self.order = OrderClient(channel, metadata, timeout)
         self.channel = ChannelClient(channel, metadata, timeout)
+        self.refund = RefundClient(channel, metadata, timeout)
         self.registration = RegistrationClient(channel, metadata, timeout)
 
 
@@ -478,6 +529,7 @@ class SyncClients:
         self.inventory = InventorySyncClient(channel, metadata, timeout)
         self.order = OrderSyncClient(channel, metadata, timeout)
         self.channel = ChannelSyncClient(channel, metadata, timeout)
+        self.refund = RefundSyncClient(channel, metadata, timeout)
         self.registration = RegistrationSyncClient(channel, metadata, timeout)
 
 
@@ -501,6 +553,9 @@ READ_METHODS = [
     ('entrepot.order.v1.OrderService', 'GetShipmentStatus'),
     ('entrepot.platform.v1.ChannelService', 'GetChannel'),
     ('entrepot.platform.v1.ChannelService', 'ListChannels'),
+    ('entrepot.refund.v1.RefundService', 'GetRefund'),
+    ('entrepot.refund.v1.RefundService', 'ListRefundRequests'),
+    ('entrepot.refund.v1.RefundService', 'ListWorkflowFaults'),
     ('entrepot.registration.v1.RegistrationService', 'GetRegistrationForm'),
     ('entrepot.registration.v1.RegistrationService', 'ListRegistrationForms'),
     ('entrepot.registration.v1.RegistrationService', 'ListRegistrationRules'),

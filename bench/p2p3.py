@@ -1,0 +1,70 @@
+"""P2 / P3 for `make bench`: ReserveStock(1) with 64 callers through a real server
+(group commit and, for comparison, one transaction per call) next to `pgbench -c 64`
+running the plain conditional UPDATE, hot SKU (P2) and spread over 10,000 SKUs (P3).
+
+The cases live in bench/reserve.py (also runnable alone: `python -m bench.reserve`);
+each case gets its own fresh database on the same PostgreSQL as `db`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bench.common import Database, Row
+from bench.reserve import run_pgbench
+from bench.reserve_server import run_server_case
+from tests.inventory_support import migrated_database
+from tests.pg import drop_database
+
+CLIENTS = 64
+
+
+def _case(fn: Any) -> dict[str, Any]:
+    url, name = migrated_database("entrepot_bench")
+    try:
+        return fn(url)  # type: ignore[no-any-return]
+    finally:
+        drop_database(name)
+
+
+def run(db: Database, duration: float) -> list[Row]:
+    secs = max(1, int(duration))
+    rows: list[Row] = []
+    for pid, spread, target, need in (
+        ("P2", False, ">= 1.0x, zero oversell", 1.0),
+        ("P3", True, ">= 0.3x", 0.3),
+    ):
+        label = "10,000 SKUs" if spread else "one hot SKU"
+        base = _case(lambda u, sp=spread: run_pgbench(u, spread=sp, clients=CLIENTS, seconds=secs))
+        ours = _case(
+            lambda u, sp=spread: run_server_case(u, spread=sp, batched=True, clients=CLIENTS, seconds=secs)
+        )
+        naive = _case(
+            lambda u, sp=spread: run_server_case(u, spread=sp, batched=False, clients=CLIENTS, seconds=secs)
+        )
+        ratio = ours["tps"] / base["tps"] if base["tps"] else 0.0
+        rows.append(
+            Row(
+                pid,
+                f"ReserveStock(1) {label}, 64 callers, group commit",
+                ours["tps"],
+                base["tps"],
+                "reservations/s",
+                target,
+                bool(ours["consistent"]) and ratio >= need,
+                {"ours": ours, "pgbench": base},
+            )
+        )
+        rows.append(
+            Row(
+                pid + "n",
+                f"ReserveStock(1) {label}, one transaction per call",
+                naive["tps"],
+                base["tps"],
+                "reservations/s",
+                "(comparison)",
+                None,
+                {"naive": naive},
+            )
+        )
+    return rows

@@ -1,0 +1,135 @@
+"""Server cases of bench/reserve.py: a real `entrepot serve` process, client load
+from another process, invariants checked in the database afterwards."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psutil
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+ROOT = Path(__file__).resolve().parent.parent
+SECRET = "bench-secret-not-for-production-0123456789"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_healthy(target: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with grpc.insecure_channel(target) as ch:
+                resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
+                if resp.status == health_pb2.HealthCheckResponse.SERVING:
+                    return
+        except grpc.RpcError:
+            pass  # not up yet; polled again until the deadline
+        time.sleep(0.2)
+    raise RuntimeError("the server did not become healthy")
+
+
+def run_server_case(
+    url: str, *, spread: bool, batched: bool, clients: int, seconds: int, op: str = "reserve"
+) -> dict[str, Any]:
+    from bench.reserve import SPREAD, _prepare, check_no_oversell
+    from domain.shared.db import make_engine, make_session_factory
+    from server.auth import mint_token
+    from server.settings import Settings
+
+    async def prepare() -> None:
+        engine = make_engine(url, pool_size=2, max_overflow=0)
+        try:
+            await _prepare(make_session_factory(engine), spread=spread)
+        finally:
+            await engine.dispose()
+
+    asyncio.run(prepare())
+    port = _free_port()
+    target = f"127.0.0.1:{port}"
+    env = {
+        **os.environ,
+        "DATABASE_URL": url,
+        "ENTREPOT_JWT_HS256_SECRET": SECRET,
+        "ENTREPOT_ACCESS_LOG": "false",
+        "ENTREPOT_LOG_LEVEL": "WARNING",
+        "ENTREPOT_RESERVE_BATCHING": "true" if batched else "false",
+        "ENTREPOT_DB_POOL_SIZE": "20",
+        "ENTREPOT_DB_MAX_OVERFLOW": "20",
+    }
+    env.pop("TEMPORAL_ADDRESS", None)
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "entrepot"), "serve", "--listen", target, "--metrics-port", "0"],
+        env=env,
+        cwd=ROOT,
+    )
+    try:
+        _wait_healthy(target)
+        proc = psutil.Process(server.pid)
+        cpu_before = sum(proc.cpu_times()[:2])
+        token = mint_token(
+            Settings(jwt_hs256_secret=SECRET),
+            sub="bench",
+            permissions=["inventory.reserve", "inventory.read"],
+            channels=[],
+        )
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bench.reserve_client",
+                "--target",
+                target,
+                "--token",
+                token,
+                "--skus",
+                str(SPREAD if spread else 1),
+                "--clients",
+                str(clients),
+                "--seconds",
+                str(seconds),
+                "--op",
+                op,
+            ],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            check=True,
+        ).stdout
+        server_cpu = sum(proc.cpu_times()[:2]) - cpu_before
+    finally:
+        server.send_signal(signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+    load = json.loads(out.strip().splitlines()[-1])
+    result: dict[str, Any] = {"tps": load["ok"] / load["elapsed"], **load}
+    calls = load["ok"] + load["refused"] + load["errors"]
+    result["server_cpu_ms_per_call"] = round(server_cpu * 1000 / max(calls, 1), 3)
+    if op != "reserve":
+        return result
+
+    async def verify() -> dict[str, Any]:
+        engine = make_engine(url, pool_size=1, max_overflow=0)
+        try:
+            return await check_no_oversell(make_session_factory(engine), load["ok"])
+        finally:
+            await engine.dispose()
+
+    result.update(asyncio.run(verify()))
+    return result

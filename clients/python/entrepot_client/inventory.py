@@ -1,0 +1,67 @@
+"""Conveniences for InventoryService on top of the generated client (`ep.inventory`).
+
+from entrepot_client import Entrepot, FailedPreconditionError
+from entrepot_client.inventory import reserve, shortages
+
+async with Entrepot(target, token) as ep:
+    try:
+        res = await reserve(ep, [("SKU-1", 2), ("SKU-2", 1)], reference="order:42", ttl_seconds=900)
+    except FailedPreconditionError as err:
+        print(shortages(err))   # {"SKU-1": "requested 2, available 1"}
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+from google.protobuf import duration_pb2
+
+from entrepot.inventory.v1 import inventory_pb2 as pb
+from entrepot_client.errors import EntrepotError
+
+Line = tuple[str, int] | tuple[str, int, str]  # (sku, quantity[, warehouse_code])
+
+
+def reserve_request(
+    lines: Iterable[Line], *, reference: str = "", ttl_seconds: float = 0, request_id: str | None = None
+) -> pb.ReserveStockRequest:
+    """A ReserveStockRequest with a fresh request_id unless one is given (keep it for retries)."""
+    req = pb.ReserveStockRequest(
+        lines=[
+            pb.ReservationLineRequest(sku=x[0], quantity=x[1], warehouse_code=x[2] if len(x) > 2 else "")  # type: ignore[misc]
+            for x in lines
+        ],
+        reference=reference,
+        request_id=request_id or uuid.uuid4().hex,
+    )
+    if ttl_seconds:
+        req.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl_seconds), nanos=int((ttl_seconds % 1) * 1e9)))
+    return req
+
+
+async def reserve(
+    ep: Any,
+    lines: Iterable[Line],
+    *,
+    reference: str = "",
+    ttl_seconds: float = 0,
+    request_id: str | None = None,
+    timeout: float | None = None,
+) -> pb.Reservation:
+    """All or nothing; raises FailedPreconditionError (reason INSUFFICIENT_STOCK) when short."""
+    req = reserve_request(lines, reference=reference, ttl_seconds=ttl_seconds, request_id=request_id)
+    return await ep.inventory.reserve_stock(req, timeout=timeout)  # type: ignore[no-any-return]
+
+
+def shortages(err: EntrepotError) -> dict[str, str]:
+    """SKU -> "requested N, available M" from an INSUFFICIENT_STOCK error."""
+    return {v.subject: v.description for v in err.precondition_violations if v.type == "INSUFFICIENT_STOCK"}
+
+
+def available(stock: pb.SkuStock, warehouse_code: str = "") -> int:
+    """available = on_hand - reserved, for the SKU or one of its warehouses."""
+    if not warehouse_code:
+        return stock.available
+    return sum(lv.available for lv in stock.warehouses if lv.warehouse_code == warehouse_code)
