@@ -57,8 +57,8 @@ bench-smoke: venv
 soak: venv
 	ENTREPOT_SOAK=long ENTREPOT_SOAK_SECONDS=60 $(BIN)/pytest -q tests/reliability \
 	  tests/integration/test_auth_matrix.py tests/integration/test_auth_rs.py \
-	  tests/integration/test_inventory_api.py $(wildcard tests/integration/test_reservations*.py) \
-	  $(wildcard tests/integration/test_refund*.py)
+	  tests/integration/test_inventory_api.py $(wildcard tests/integration/test_refund*.py) \
+	  $(wildcard tests/integration/test_sync_stock.py tests/integration/test_watch_stock.py)
 
 clean:
 	rm -rf $(VENV) .entrepot
