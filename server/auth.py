@@ -77,7 +77,6 @@ class JwksKeys:
         self.check_every = check_every
         self._mtime: tuple[int, int, int] | None = None
         self._checked = time.monotonic()
-        self.generation = 0
         self._keys: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._reload()
@@ -94,7 +93,6 @@ class JwksKeys:
         for jwk in jwt.PyJWKSet.from_dict(data).keys:
             keys[jwk.key_id or ""] = jwk.key
         self._keys, self._mtime = keys, signature
-        self.generation += 1
         return True
 
     def refresh(self) -> bool:
