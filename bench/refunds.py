@@ -45,6 +45,7 @@ from domain.shared.db import make_engine, make_session_factory  # noqa: E402
 from domain.shared.money import Money  # noqa: E402
 from domain.shared.uow import UnitOfWork  # noqa: E402
 from server.devservices import temporal_binary  # noqa: E402
+from server.worker import SANDBOX  # noqa: E402
 from tests.pg import create_database, drop_database  # noqa: E402
 
 CHANNEL = ChannelRef(slug="bench", currency="EUR", timezone="UTC")
@@ -120,6 +121,7 @@ async def run(url: str, count: int, concurrency: int) -> dict[str, Any]:
             task_queue=queue,
             workflows=[refunds.RefundExecutionWorkflow, MinimalWorkflow],
             activities=[*acts.all(), noop],
+            workflow_runner=SANDBOX,
         )
         async with worker:
 

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from domain.platform import idempotency
 from domain.shared.db import make_engine, make_session_factory
-from domain.shared.errors import AlreadyExists, DomainError, InvalidArgument, Unavailable
+from domain.shared.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
 from server.context import current_caller, current_method
 from server.errors import ReplayedStatus, status_from_domain
@@ -27,6 +27,20 @@ M = TypeVar("M", bound=Message)
 T = TypeVar("T")
 
 MAX_REQUEST_ID = 128
+
+
+def request_digest(method: str, request: Message) -> bytes:
+    """What identifies a request under its request_id (validated here)."""
+    request_id: str = getattr(request, "request_id", "")
+    if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
+        raise InvalidArgument(
+            "INVALID_REQUEST_ID",
+            f"request_id must be 1 to {MAX_REQUEST_ID} printable characters",
+            field_violations=[
+                FieldViolation("request_id", f"printable, at most {MAX_REQUEST_ID} characters")
+            ],
+        )
+    return hashlib.sha256(method.encode() + b"\0" + request.SerializeToString(deterministic=True)).digest()
 
 
 class Runtime:
@@ -80,15 +94,9 @@ class Runtime:
                 result = await fn(uow)
                 await uow.commit()
                 return result
-        if len(request_id) > MAX_REQUEST_ID:
-            raise InvalidArgument(
-                "INVALID_REQUEST_ID", f"request_id is longer than {MAX_REQUEST_ID} characters"
-            )
         method = current_method()
         principal = current_caller().subject
-        digest = hashlib.sha256(
-            method.encode() + b"\0" + request.SerializeToString(deterministic=True)
-        ).digest()
+        digest = request_digest(method, request)
 
         async with self.uow() as uow:
             if await idempotency.claim(uow.session, principal, request_id, method, digest):

@@ -8,12 +8,14 @@ from typing import Any
 
 from google.protobuf.descriptor import ServiceDescriptor
 
+from entrepot.cart.v1 import cart_pb2, cart_pb2_grpc
 from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
 from entrepot.order.v1 import order_pb2, order_pb2_grpc
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from entrepot.refund.v1 import refund_pb2, refund_pb2_grpc
 from entrepot.registration.v1 import registration_pb2, registration_pb2_grpc
 from server.runtime import Runtime
+from server.services.cart import CartServicer
 from server.services.channel import ChannelServicer
 from server.services.inventory import InventoryServicer
 from server.services.order import OrderServicer
@@ -40,4 +42,5 @@ SERVICES: list[ServiceSpec] = [
     _spec(order_pb2, "OrderService", order_pb2_grpc, OrderServicer),
     _spec(refund_pb2, "RefundService", refund_pb2_grpc, RefundServicer),
     _spec(registration_pb2, "RegistrationService", registration_pb2_grpc, RegistrationServicer),
+    _spec(cart_pb2, "CartService", cart_pb2_grpc, CartServicer),
 ]

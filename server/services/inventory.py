@@ -10,7 +10,6 @@ WatchStockChanges are not served yet (UNIMPLEMENTED from the generated base).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 from typing import Any, TypeAlias
 
 import grpc
@@ -25,7 +24,7 @@ from entrepot.inventory.v1 import inventory_pb2_grpc
 from server.context import current_caller, current_method
 from server.convert import from_duration, from_ts, mask_paths
 from server.errors import status_from_domain
-from server.runtime import MAX_REQUEST_ID, Runtime
+from server.runtime import Runtime, request_digest
 from server.services.inventory_convert import (
     STATE_FROM_PROTO,
     address_to_dict,
@@ -326,14 +325,8 @@ class InventoryServicer(inventory_pb2_grpc.InventoryServiceServicer):
         digest = b""
         method = current_method()
         if request.request_id:
-            if len(request.request_id) > MAX_REQUEST_ID:
-                raise InvalidArgument(
-                    "INVALID_REQUEST_ID", f"request_id is longer than {MAX_REQUEST_ID} characters"
-                )
             # The digest rt.mutate uses, so replays and conflicts behave the same.
-            digest = hashlib.sha256(
-                method.encode() + b"\0" + request.SerializeToString(deterministic=True)
-            ).digest()
+            digest = request_digest(method, request)
             claim = inv.IdemClaim(actor, request.request_id, method, digest)
         outcome = await self.batcher.submit(req, claim)
         if isinstance(outcome, inv.Stored):

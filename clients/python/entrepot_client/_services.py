@@ -5,18 +5,110 @@ from __future__ import annotations
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator
 
 import entrepot.auth.v1.auth_pb2 as auth_v1_auth_pb2
+import entrepot.cart.v1.cart_pb2 as cart_v1_cart_pb2
 import entrepot.inventory.v1.inventory_pb2 as inventory_v1_inventory_pb2
 import entrepot.order.v1.order_pb2 as order_v1_order_pb2
 import entrepot.platform.v1.channel_pb2 as platform_v1_channel_pb2
 import entrepot.platform.v1.types_pb2 as platform_v1_types_pb2
 import entrepot.refund.v1.refund_pb2 as refund_v1_refund_pb2
 import entrepot.registration.v1.registration_pb2 as registration_v1_registration_pb2
+import entrepot.cart.v1.cart_pb2_grpc as cart_v1_cart_pb2_grpc
 import entrepot.inventory.v1.inventory_pb2_grpc as inventory_v1_inventory_pb2_grpc
 import entrepot.order.v1.order_pb2_grpc as order_v1_order_pb2_grpc
 import entrepot.platform.v1.channel_pb2_grpc as platform_v1_channel_pb2_grpc
 import entrepot.refund.v1.refund_pb2_grpc as refund_v1_refund_pb2_grpc
 import entrepot.registration.v1.registration_pb2_grpc as registration_v1_registration_pb2_grpc
 from entrepot_client.base import AsyncServiceClient, Metadata, SyncServiceClient
+
+
+class CartClient(AsyncServiceClient):
+    """entrepot.cart.v1.CartService (async)."""
+
+    stub_class = cart_v1_cart_pb2_grpc.CartServiceStub
+
+    async def create_cart(self, request: cart_v1_cart_pb2.CreateCartRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("CreateCart", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_cart(self, request: cart_v1_cart_pb2.GetCartRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("GetCart", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def list_carts(self, request: cart_v1_cart_pb2.ListCartsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.ListCartsResponse:
+        return await self._unary("ListCarts", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def add_cart_line(self, request: cart_v1_cart_pb2.AddCartLineRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("AddCartLine", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def update_cart_line(self, request: cart_v1_cart_pb2.UpdateCartLineRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("UpdateCartLine", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def remove_cart_line(self, request: cart_v1_cart_pb2.RemoveCartLineRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("RemoveCartLine", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def hold_cart_stock(self, request: cart_v1_cart_pb2.HoldCartStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("HoldCartStock", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def release_cart_hold(self, request: cart_v1_cart_pb2.ReleaseCartHoldRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("ReleaseCartHold", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def set_purchase_limit(self, request: cart_v1_cart_pb2.SetPurchaseLimitRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.PurchaseLimit:
+        return await self._unary("SetPurchaseLimit", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_purchase_limit(self, request: cart_v1_cart_pb2.GetPurchaseLimitRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.PurchaseLimit:
+        return await self._unary("GetPurchaseLimit", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def submit_cart_for_approval(self, request: cart_v1_cart_pb2.SubmitCartForApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("SubmitCartForApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def decide_cart_approval(self, request: cart_v1_cart_pb2.DecideCartApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return await self._unary("DecideCartApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def checkout_cart(self, request: cart_v1_cart_pb2.CheckoutCartRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.CheckoutCartResponse:
+        return await self._unary("CheckoutCart", request, timeout, metadata)  # type: ignore[no-any-return]
+
+
+class CartSyncClient(SyncServiceClient):
+    """entrepot.cart.v1.CartService (sync)."""
+
+    stub_class = cart_v1_cart_pb2_grpc.CartServiceStub
+
+    def create_cart(self, request: cart_v1_cart_pb2.CreateCartRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("CreateCart", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_cart(self, request: cart_v1_cart_pb2.GetCartRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("GetCart", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def list_carts(self, request: cart_v1_cart_pb2.ListCartsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.ListCartsResponse:
+        return self._unary("ListCarts", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def add_cart_line(self, request: cart_v1_cart_pb2.AddCartLineRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("AddCartLine", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def update_cart_line(self, request: cart_v1_cart_pb2.UpdateCartLineRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("UpdateCartLine", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def remove_cart_line(self, request: cart_v1_cart_pb2.RemoveCartLineRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("RemoveCartLine", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def hold_cart_stock(self, request: cart_v1_cart_pb2.HoldCartStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("HoldCartStock", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def release_cart_hold(self, request: cart_v1_cart_pb2.ReleaseCartHoldRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("ReleaseCartHold", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def set_purchase_limit(self, request: cart_v1_cart_pb2.SetPurchaseLimitRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.PurchaseLimit:
+        return self._unary("SetPurchaseLimit", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_purchase_limit(self, request: cart_v1_cart_pb2.GetPurchaseLimitRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.PurchaseLimit:
+        return self._unary("GetPurchaseLimit", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def submit_cart_for_approval(self, request: cart_v1_cart_pb2.SubmitCartForApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("SubmitCartForApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def decide_cart_approval(self, request: cart_v1_cart_pb2.DecideCartApprovalRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.Cart:
+        return self._unary("DecideCartApproval", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def checkout_cart(self, request: cart_v1_cart_pb2.CheckoutCartRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> cart_v1_cart_pb2.CheckoutCartResponse:
+        return self._unary("CheckoutCart", request, timeout, metadata)  # type: ignore[no-any-return]
 
 
 class InventoryClient(AsyncServiceClient):
@@ -515,6 +607,7 @@ class AsyncClients:
     """Every service's async client, sharing one channel and its metadata."""
 
     def __init__(self, channel: object, metadata: Metadata, timeout: float | None) -> None:
+        self.cart = CartClient(channel, metadata, timeout)
         self.inventory = InventoryClient(channel, metadata, timeout)
         self.order = OrderClient(channel, metadata, timeout)
         self.channel = ChannelClient(channel, metadata, timeout)
@@ -526,6 +619,7 @@ class SyncClients:
     """Every service's sync client, sharing one channel and its metadata."""
 
     def __init__(self, channel: object, metadata: Metadata, timeout: float | None) -> None:
+        self.cart = CartSyncClient(channel, metadata, timeout)
         self.inventory = InventorySyncClient(channel, metadata, timeout)
         self.order = OrderSyncClient(channel, metadata, timeout)
         self.channel = ChannelSyncClient(channel, metadata, timeout)
@@ -535,6 +629,9 @@ class SyncClients:
 
 # Idempotent reads: retried on UNAVAILABLE by the channel's service config.
 READ_METHODS = [
+    ('entrepot.cart.v1.CartService', 'GetCart'),
+    ('entrepot.cart.v1.CartService', 'ListCarts'),
+    ('entrepot.cart.v1.CartService', 'GetPurchaseLimit'),
     ('entrepot.inventory.v1.InventoryService', 'GetWarehouse'),
     ('entrepot.inventory.v1.InventoryService', 'ListWarehouses'),
     ('entrepot.inventory.v1.InventoryService', 'GetInventoryItem'),

@@ -1,0 +1,84 @@
+"""Carts: the public interface of the module (the servicer uses only this).
+
+Every function takes the caller's AsyncSession and never commits, so checkout
+(limits + inventory reservation + order intent + cart conversion) is one
+transaction. Inventory and orders are reached only through their public
+interfaces (domain.inventory, domain.order).
+
+Refunds plug in through `RefundedQuantities` (ports.py): pass an
+implementation as `refunds=` to create_cart / add_line / update_line /
+remove_line / checkout; the default NO_REFUNDS credits nothing back.
+RefundModuleQuantities adapts domain.refund.refunded_quantity; the servicer
+uses it (server/services/cart.py).
+"""
+
+from domain.cart.ports import NO_REFUNDS, NoRefunds, RefundedQuantities, RefundModuleQuantities
+from domain.cart.rules import (
+    DEFAULT_HOLD_TTL,
+    MAX_HOLD_TTL,
+    WINDOW_DAYS,
+    ApprovalInfo,
+    CartState,
+    Limit,
+    LineDraft,
+    Shortage,
+    window_start,
+)
+from domain.cart.service import (
+    LINE_UPDATABLE,
+    SOURCE_SYSTEM,
+    Cart,
+    CartLine,
+    CheckoutResult,
+    Hold,
+    Payment,
+    add_line,
+    checkout,
+    create_cart,
+    decide_approval,
+    get_cart,
+    get_purchase_limit,
+    hold_stock,
+    list_carts,
+    release_hold,
+    remove_line,
+    set_purchase_limit,
+    submit_for_approval,
+    update_line,
+)
+
+__all__ = [
+    "DEFAULT_HOLD_TTL",
+    "LINE_UPDATABLE",
+    "MAX_HOLD_TTL",
+    "NO_REFUNDS",
+    "SOURCE_SYSTEM",
+    "WINDOW_DAYS",
+    "ApprovalInfo",
+    "Cart",
+    "CartLine",
+    "CartState",
+    "CheckoutResult",
+    "Hold",
+    "Limit",
+    "LineDraft",
+    "NoRefunds",
+    "Payment",
+    "RefundModuleQuantities",
+    "RefundedQuantities",
+    "Shortage",
+    "add_line",
+    "checkout",
+    "create_cart",
+    "decide_approval",
+    "get_cart",
+    "get_purchase_limit",
+    "hold_stock",
+    "list_carts",
+    "release_hold",
+    "remove_line",
+    "set_purchase_limit",
+    "submit_for_approval",
+    "update_line",
+    "window_start",
+]
