@@ -164,7 +164,7 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
 
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(soak(240, 900))
 async def test_postgres_restart_under_load(
     private_pg: PrivatePostgres, r6_database: str, tmp_path: Path
 ) -> None:
