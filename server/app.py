@@ -28,9 +28,11 @@ from server.interceptors import (
     ErrorInterceptor,
     ObservabilityInterceptor,
 )
+from server.ratelimit import RateLimitInterceptor, parse_rate_limits
 from server.runtime import Runtime
 from server.services import SERVICES
 from server.settings import Settings
+from server.tls import ClientCertInterceptor, server_credentials, tls_enabled
 
 log = logging.getLogger("entrepot.server")
 
@@ -100,6 +102,7 @@ class App:
             ObservabilityInterceptor(self.policies, s.access_log),
             ErrorInterceptor(self.policies),
             AuthInterceptor(self.policies, self.verifier),
+            *self._hardening_interceptors(),
             ChannelInterceptor(self.policies, self.channel_cache),
         ]
         if self.tracer_provider is None and _tracing_wanted():
@@ -123,7 +126,10 @@ class App:
             names.append(spec.descriptor.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(s.listen)
+        if tls_enabled(s):
+            self.port = server.add_secure_port(s.listen, server_credentials(s))
+        else:
+            self.port = server.add_insecure_port(s.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.listen}")
         await server.start()
@@ -136,6 +142,20 @@ class App:
             )
         log.info("serving", extra={"listen": s.listen, "port": self.port})
         return self.port
+
+    def _hardening_interceptors(self) -> list[Any]:
+        """Installed only when configured, so the default hot path pays nothing (server/tls.py,
+        server/ratelimit.py)."""
+        out: list[Any] = []
+        if self.settings.tls_client_ca_file:
+            out.append(ClientCertInterceptor(self.policies))
+        limits = parse_rate_limits(self.settings.rate_limits)
+        if limits:
+            unknown = sorted(k for k in limits if not k.endswith("/*") and k not in self.policies)
+            if unknown:
+                log.warning("rate limits name methods that are not served", extra={"methods": unknown})
+            out.append(RateLimitInterceptor(self.policies, limits))
+        return out
 
     async def _check_health(self) -> None:
         if self._stopping:
