@@ -44,7 +44,7 @@ from entrepot.cart.v1 import cart_pb2, cart_pb2_grpc
 from entrepot.inventory.v1 import inventory_pb2
 from entrepot.platform.v1 import channel_pb2, types_pb2
 
-CHANNEL = "bench"
+CHANNEL = "bench-checkout"
 SKUS = 1000
 LINES = 5
 CONCURRENCY = 16

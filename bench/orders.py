@@ -44,7 +44,7 @@ from entrepot_client import EntrepotSync
 from entrepot_client.order import build_intent
 
 SKUS = 200
-CHANNEL = "bench"
+CHANNEL = "bench-orders"
 
 
 def seed(target: str, tok: str) -> None:

@@ -9,6 +9,7 @@ import os
 import signal
 import socket
 import uuid
+from typing import Any
 
 import grpc
 from google.protobuf import message_factory
@@ -28,9 +29,11 @@ from server.interceptors import (
     ObservabilityInterceptor,
     StackInterceptor,
 )
+from server.ratelimit import RateLimitInterceptor, parse_rate_limits
 from server.runtime import Runtime
 from server.services import SERVICES
 from server.settings import Settings
+from server.tls import ClientCertInterceptor, server_credentials, tls_enabled
 
 log = logging.getLogger("entrepot.server")
 
@@ -60,9 +63,17 @@ def server_options(s: Settings) -> list[tuple[str, int]]:
     return opts
 
 
+def _tracing_wanted() -> bool:
+    """Cheap pre-check so OpenTelemetry is not even imported unless configured (server/tracing.py)."""
+    keys = ("ENTREPOT_OTEL", "OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
+    return any(os.environ.get(k) for k in keys)
+
+
 class App:
-    def __init__(self, settings: Settings, rt: Runtime | None = None) -> None:
+    def __init__(self, settings: Settings, rt: Runtime | None = None, tracer_provider: Any = None) -> None:
         self.settings = settings
+        # OpenTelemetry TracerProvider: given (tests) or built from the environment in start().
+        self.tracer_provider = tracer_provider
         self.rt = rt or Runtime(settings)
         self.holder = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         descriptors = [spec.descriptor for spec in SERVICES]
@@ -88,16 +99,32 @@ class App:
 
     async def start(self) -> int:
         s = self.settings
+        stages = (
+            ObservabilityInterceptor(self.policies, s.access_log),
+            ErrorInterceptor(self.policies),
+            AuthInterceptor(self.policies, self.verifier),
+            ChannelInterceptor(self.policies, self.channel_cache),
+        )
+        hardening = self._hardening_interceptors()
+        interceptors: list[Any]
+        if hardening:
+            # They sit between auth and channel: the stages stay separate interceptors.
+            interceptors = [*stages[:3], *hardening, stages[3]]
+        else:
+            # observability -> errors -> auth -> channel as one interceptor (no per-call re-wrapping).
+            interceptors = [StackInterceptor(*stages)]
+        if self.tracer_provider is None and _tracing_wanted():
+            from server import tracing
+
+            if tracing.enabled():
+                self.tracer_provider = tracing.make_provider()
+        if self.tracer_provider is not None:
+            from server.tracing import TracingInterceptor
+
+            # Outermost: the span covers auth, channel resolution and the handler.
+            interceptors.insert(0, TracingInterceptor(self.policies, self.tracer_provider))
         server = grpc.aio.server(
-            interceptors=[
-                # observability -> errors -> auth -> channel, run as one interceptor.
-                StackInterceptor(
-                    ObservabilityInterceptor(self.policies, s.access_log),
-                    ErrorInterceptor(self.policies),
-                    AuthInterceptor(self.policies, self.verifier),
-                    ChannelInterceptor(self.policies, self.channel_cache),
-                ),
-            ],
+            interceptors=interceptors,
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
@@ -107,7 +134,10 @@ class App:
             names.append(spec.descriptor.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         reflection.enable_server_reflection(names, server)
-        self.port = server.add_insecure_port(s.listen)
+        if tls_enabled(s):
+            self.port = server.add_secure_port(s.listen, server_credentials(s))
+        else:
+            self.port = server.add_insecure_port(s.listen)
         if self.port == 0:
             raise RuntimeError(f"cannot listen on {s.listen}")
         await server.start()
@@ -120,6 +150,20 @@ class App:
             )
         log.info("serving", extra={"listen": s.listen, "port": self.port})
         return self.port
+
+    def _hardening_interceptors(self) -> list[Any]:
+        """Installed only when configured, so the default hot path pays nothing (server/tls.py,
+        server/ratelimit.py)."""
+        out: list[Any] = []
+        if self.settings.tls_client_ca_file:
+            out.append(ClientCertInterceptor(self.policies))
+        limits = parse_rate_limits(self.settings.rate_limits)
+        if limits:
+            unknown = sorted(k for k in limits if not k.endswith("/*") and k not in self.policies)
+            if unknown:
+                log.warning("rate limits name methods that are not served", extra={"methods": unknown})
+            out.append(RateLimitInterceptor(self.policies, limits))
+        return out
 
     async def _check_health(self) -> None:
         if self._stopping:
@@ -168,6 +212,8 @@ class App:
         if self.server is not None:
             await self.server.stop(self.settings.grace_seconds if grace is None else grace)
         await self.rt.close()
+        if self.tracer_provider is not None:
+            self.tracer_provider.shutdown()  # flushes spans still in the batch processor
         log.info("stopped")
 
     async def wait(self) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -16,6 +17,8 @@ from google.protobuf.descriptor import ServiceDescriptor
 from domain.shared.caller import Caller
 from entrepot.auth.v1 import auth_pb2
 from server.settings import Settings
+
+log = logging.getLogger("entrepot.auth")
 
 
 class AuthError(Exception):
@@ -72,28 +75,44 @@ class JwksKeys:
     def __init__(self, path: Path, check_every: float = 1.0) -> None:
         self.path = path
         self.check_every = check_every
-        self._mtime = -1.0
-        self._checked = 0.0
+        self._mtime: tuple[int, int, int] | None = None
+        self._checked = time.monotonic()
         self._keys: dict[str, Any] = {}
         self._lock = threading.Lock()
         self._reload()
 
-    def _reload(self) -> None:
+    def _reload(self) -> bool:
+        """True when the key set changed. The signature includes size and inode because a
+        rewrite within the mtime granularity (or an atomic rename) must still be noticed."""
         stat = self.path.stat()
-        if stat.st_mtime == self._mtime:
-            return
+        signature = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if signature == self._mtime:
+            return False
         data = json.loads(self.path.read_text())
         keys = {}
         for jwk in jwt.PyJWKSet.from_dict(data).keys:
             keys[jwk.key_id or ""] = jwk.key
-        self._keys, self._mtime = keys, stat.st_mtime
+        self._keys, self._mtime = keys, signature
+        return True
+
+    def refresh(self) -> bool:
+        """Re-read the file at most every `check_every` seconds; True when the keys changed.
+        A missing or half-written file keeps the previous keys (rotation must not open a gap)."""
+        now = time.monotonic()
+        if now - self._checked <= self.check_every:
+            return False
+        with self._lock:
+            self._checked = now
+            try:
+                return self._reload()
+            except (OSError, ValueError, jwt.PyJWTError) as exc:
+                log.warning(
+                    "JWKS reload failed; keeping the previous keys", extra={"error": type(exc).__name__}
+                )
+                return False
 
     def get(self, kid: str | None) -> Any:
-        now = time.monotonic()
-        if now - self._checked > self.check_every:
-            with self._lock:
-                self._checked = now
-                self._reload()
+        self.refresh()
         key = self._keys.get(kid or "")
         if key is None and kid is None and len(self._keys) == 1:
             key = next(iter(self._keys.values()))
@@ -124,6 +143,9 @@ class TokenVerifier:
         self._cache_size = settings.token_cache_size
 
     def verify(self, token: str) -> Caller:
+        if self.jwks is not None and self.jwks.refresh():
+            # Keys rotated: tokens verified with a removed key must not live on in the cache.
+            self._cache.clear()
         hit = self._cache.get(token)
         now = time.time()
         if hit is not None:

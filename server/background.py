@@ -68,6 +68,16 @@ JOBS: list[Job] = [retention]
 JOBS.append(_inventory_sweeper)
 
 
+async def _stock_watch_hub(rt: Runtime, holder: str) -> None:
+    from server.stock_watch import run_hub
+
+    await run_hub(rt, holder)
+
+
+# Inventory streams: the per-process outbox tail behind WatchStockChanges.
+JOBS.append(_stock_watch_hub)
+
+
 async def _refund_reconciler(rt: Runtime, holder: str) -> None:
     # Imported here: the servicer module imports this one.
     from server.services.refund import reconciler

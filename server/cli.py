@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from server.settings import Settings
@@ -108,6 +109,12 @@ def cmd_dev(args: argparse.Namespace) -> int:
     return run_dev(args)
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from server.demo import main
+
+    return main(args.target, args.token, args.approver_token, args.csv, args.run_id)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="entrepot", description="Entrepot commerce platform")
     sub = p.add_subparsers(dest="command", required=True)
@@ -149,6 +156,20 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--temporal-port", type=int, default=7233)
     d.add_argument("--no-worker", action="store_true", help="do not start the Temporal worker")
     d.set_defaults(fn=cmd_dev)
+
+    dm = sub.add_parser("demo", help="guided tour of every service against a running instance, as a timeline")
+    dm.add_argument("--target", default=os.environ.get("ENTREPOT_TARGET", "127.0.0.1:50051"))
+    dm.add_argument(
+        "--token", default=os.environ.get("ENTREPOT_TOKEN"), help="operator token (env ENTREPOT_TOKEN)"
+    )
+    dm.add_argument(
+        "--approver-token",
+        default=os.environ.get("ENTREPOT_APPROVER_TOKEN"),
+        help="a second identity for approvals (default: minted with the dev secret)",
+    )
+    dm.add_argument("--csv", help="WMS feed: event_id,sku,warehouse,kind,quantity,reason ({run} = run id)")
+    dm.add_argument("--run-id", help="suffix for the names the demo creates (default: random)")
+    dm.set_defaults(fn=cmd_demo)
     return p
 
 

@@ -187,6 +187,14 @@ class ErrorInterceptor(AsyncServerInterceptor):
             await abort(context, status_from_domain(exc))
         if isinstance(exc, ReplayedStatus):
             await abort(context, exc.status)
+        if isinstance(exc, NotImplementedError):
+            # The generated base servicer raises it for a method no one implemented yet.
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{name} is not implemented yet"
+                ),
+            )
         state = _sqlstate(exc)
         if state in ("40001", "40P01"):
             await abort(
@@ -200,6 +208,18 @@ class ErrorInterceptor(AsyncServerInterceptor):
                 context,
                 build_status(
                     grpc.StatusCode.DEADLINE_EXCEEDED, "STATEMENT_TIMEOUT", "the database took too long"
+                ),
+            )
+        if (state and state.startswith("22")) or isinstance(exc, sqlalchemy.exc.DataError):
+            # SQLSTATE class 22 (NUL in text, out-of-range number, ...): the request carried a
+            # value the database cannot hold. The caller's fault, not ours; found by the fuzzer.
+            await abort(
+                context,
+                build_status(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    "INVALID_VALUE",
+                    "the request contains a value that cannot be stored (NUL character, number out of range, ...)",
+                    {"sqlstate": state or ""},
                 ),
             )
         if _transient_db_error(exc):

@@ -60,6 +60,16 @@ class Settings(BaseSettings):
     db_max_overflow: int = 10
     db_statement_timeout_ms: int = 15_000
 
+    # TLS (server/tls.py): serve TLS when cert and key are set; with a client CA, client
+    # certificates are required and the token's `sub` must be named by the certificate.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    tls_client_ca_file: Path | None = None
+
+    # Per-principal rate limits (server/ratelimit.py), e.g.
+    # "inventory.v1.InventoryService/BulkAdjustStock=20/s,order.v1.OrderService/*=100/m:20".
+    rate_limits: str = ""
+
     # Retention of idempotency keys and outbox events (hours).
     idempotency_retention_hours: int = 72
     outbox_retention_hours: int = 168

@@ -85,7 +85,13 @@ class OutboxWaker:
                 # watchers' next read; wake them so it happens now.
                 self._wake()
                 await lost.wait()
-            except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError, TimeoutError) as exc:
+            except (
+                OSError,
+                asyncpg.PostgresError,
+                asyncpg.InterfaceError,
+                asyncpg.InternalClientError,
+                TimeoutError,
+            ) as exc:
                 log.warning(
                     "outbox LISTEN connection unavailable (%s); watchers fall back to polling",
                     type(exc).__name__,

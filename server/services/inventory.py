@@ -39,6 +39,7 @@ from server.services.inventory_convert import (
     sku_stock_to_proto,
     warehouse_to_proto,
 )
+from server.services.inventory_streams import InventoryStreamsMixin
 
 Ctx: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
 
@@ -51,7 +52,7 @@ def _encode(result: inv.Reservation | DomainError) -> tuple[int, bytes]:
     return 0, reservation_to_proto(result).SerializeToString()
 
 
-class InventoryServicer(inventory_pb2_grpc.InventoryServiceServicer):
+class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServiceServicer):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         s = rt.settings

@@ -13,6 +13,7 @@ from domain.shared.money import Money
 from domain.shared.outbox import StoredEvent
 from entrepot.order.v1 import order_pb2 as pb
 from entrepot.platform.v1 import types_pb2
+from server import convert
 
 STATE_TO_PB = {
     orders.State.PENDING: pb.Order.STATE_PENDING,
@@ -49,9 +50,10 @@ def ts(dt: datetime | None) -> Timestamp | None:
 
 
 def from_ts(msg: Any, name: str) -> datetime | None:
+    """An optional timestamp field; out-of-range values are INVALID_ARGUMENT (server.convert)."""
     if not msg.HasField(name):
         return None
-    return getattr(msg, name).ToDatetime(tzinfo=UTC)  # type: ignore[no-any-return]
+    return convert.from_ts(getattr(msg, name), name)
 
 
 def money_pb(m: Money) -> types_pb2.Money:

@@ -20,6 +20,7 @@ from domain.registration.rules import REQUIREMENT_KEYS, Address, Evaluation, Req
 from domain.shared.errors import InvalidArgument
 from entrepot.platform.v1 import types_pb2
 from entrepot.registration.v1 import registration_pb2 as pb
+from server import convert
 
 
 def to_json(message: Message) -> dict[str, Any]:
@@ -35,9 +36,8 @@ def ts(value: datetime | None) -> Timestamp | None:
 
 
 def from_ts(t: Timestamp) -> datetime | None:
-    if t.seconds == 0 and t.nanos == 0:
-        return None
-    return t.ToDatetime(tzinfo=UTC)
+    """Unset -> None; out-of-range values are INVALID_ARGUMENT (server.convert)."""
+    return convert.from_ts(t)
 
 
 def enum_value(enum: Any, prefix: str, name: str) -> Any:

@@ -8,18 +8,33 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 from entrepot.platform.v1 import channel_pb2
 from entrepot_client import EntrepotSync
 from server.devservices import free_port
 
+ROOT = Path(__file__).resolve().parents[2]
 
-def test_dev_starts_everything_serves_and_stops_cleanly(tmp_path: Path) -> None:
+
+def test_dev_starts_everything_serves_and_stops_cleanly() -> None:
+    # Inside the repo, not pytest's 0700 tmp dir: embedded PostgreSQL runs as its own
+    # system user (when started as root) and must be able to reach its data directory.
+    tmp_path = ROOT / ".entrepot" / f"e2e-dev-{uuid.uuid4().hex[:8]}"
+    tmp_path.mkdir(parents=True)
+    try:
+        _run_dev(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def _run_dev(tmp_path: Path) -> None:
     listen = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "TEMPORAL_ADDRESS")}
     env["ENTREPOT_DATA_DIR"] = str(tmp_path / "data")

@@ -29,12 +29,12 @@ TS = refund_pb2.RefundTender
 
 
 @pytest.fixture
-def alice(client_factory: Callable[..., Entrepot]) -> Entrepot:
+async def alice(client_factory: Callable[..., Entrepot]) -> Entrepot:
     return client_factory(permissions=["refund.request", "refund.read"], sub="alice")
 
 
 @pytest.fixture
-def bob(client_factory: Callable[..., Entrepot]) -> Entrepot:
+async def bob(client_factory: Callable[..., Entrepot]) -> Entrepot:
     return client_factory(permissions=["refund.approve", "refund.read"], sub="bob")
 
 

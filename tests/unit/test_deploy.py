@@ -65,3 +65,21 @@ def test_dockerfile_runs_the_same_cli_the_readme_documents() -> None:
     readme = (ROOT / "README.md").read_text()
     for command in ("entrepot migrate", "entrepot serve", "entrepot worker"):
         assert command in readme
+
+
+def test_replicas_are_reached_only_through_envoy_and_scraped_on_the_image_metrics_port() -> None:
+    services = _compose().to_dict()["services"]
+    for replica in ("server-1", "server-2"):
+        assert "ports" not in services[replica], f"{replica} must be reached through envoy only"
+    assert "50051:50051" in services["envoy"]["ports"]
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    listen_port = re.search(r"ENTREPOT_LISTEN=0\.0\.0\.0:(\d+)", dockerfile)
+    metrics_port = re.search(r"ENTREPOT_METRICS_PORT=(\d+)", dockerfile)
+    assert listen_port and metrics_port
+    envoy = (ROOT / "deploy" / "envoy.yaml").read_text()
+    # HTTP/2 upstream (gRPC) with gRPC health checks, so a draining replica leaves rotation.
+    assert "http2_protocol_options" in envoy and "grpc_health_check" in envoy
+    assert envoy.count(f"port_value: {listen_port.group(1)}") >= 3  # listener + both replicas
+    prometheus = (ROOT / "deploy" / "prometheus.yml").read_text()
+    for replica in ("server-1", "server-2"):
+        assert f"{replica}:{metrics_port.group(1)}" in prometheus

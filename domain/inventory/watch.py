@@ -1,0 +1,122 @@
+"""WatchStockChanges: what a watcher sees of the outbox (pure filters, cursors).
+
+The tailing itself (one LISTEN connection and one reader per server process,
+fan-out to watchers) lives in server/stock_watch.py; this module decides which
+`inventory.stock_changed` events match a watcher and where a cursor resumes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.inventory.ledger import TOPIC
+from domain.inventory.validation import normalize_sku
+from domain.shared import outbox
+from domain.shared.errors import InvalidArgument, OutOfRange
+
+TOPICS = (TOPIC,)
+MAX_FILTER = 1000
+
+Position = tuple[int, int]
+
+
+@dataclass(frozen=True, slots=True)
+class StockEvent:
+    event_id: int
+    position: Position
+    sku: str
+    warehouse_code: str
+    type: str
+    on_hand_delta: int
+    reserved_delta: int
+    on_hand: int
+    reserved: int
+    available: int
+    reason: str
+    time: datetime
+    below_threshold: bool
+
+
+def to_stock_event(e: outbox.StoredEvent) -> StockEvent:
+    p = e.payload
+    return StockEvent(
+        event_id=e.id,
+        position=(e.txid, e.id),
+        sku=str(p.get("sku", e.aggregate_id)),
+        warehouse_code=str(p.get("warehouse_code", "")),
+        type=str(p.get("type", "")),
+        on_hand_delta=int(p.get("on_hand_delta", 0)),
+        reserved_delta=int(p.get("reserved_delta", 0)),
+        on_hand=int(p.get("on_hand", 0)),
+        reserved=int(p.get("reserved", 0)),
+        available=int(p.get("available", 0)),
+        reason=str(p.get("reason") or ""),
+        time=e.created_at,
+        below_threshold=bool(p.get("below_threshold", False)),
+    )
+
+
+@dataclass(frozen=True)
+class Filter:
+    skus: frozenset[str]
+    warehouses: frozenset[str]
+    below_threshold_only: bool
+
+    def matches(self, e: StockEvent) -> bool:
+        if self.skus and e.sku not in self.skus:
+            return False
+        if self.warehouses and e.warehouse_code not in self.warehouses:
+            return False
+        return not self.below_threshold_only or e.below_threshold
+
+
+def make_filter(skus: Sequence[str], warehouses: Sequence[str], below_threshold_only: bool) -> Filter:
+    if len(skus) > MAX_FILTER or len(warehouses) > MAX_FILTER:
+        raise InvalidArgument("INVALID_FILTER", f"at most {MAX_FILTER} SKUs and {MAX_FILTER} warehouses")
+    norm = set()
+    for raw in skus:
+        sku = normalize_sku(raw)
+        if sku is None:
+            raise InvalidArgument("INVALID_FILTER", f"{raw!r} is not a valid SKU", metadata={"field": "skus"})
+        norm.add(sku)
+    return Filter(frozenset(norm), frozenset(warehouses), below_threshold_only)
+
+
+# The highest id ever handed out (purged or not): above it, a cursor was never issued.
+_MAX_ID = text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM platform.outbox_id_seq")
+
+
+async def start_position(session: AsyncSession, after_event_id: int) -> Position:
+    """Where a watcher starts: after `after_event_id`, or "from now on" for 0.
+
+    A cursor whose event was purged by retention is OUT_OF_RANGE /
+    CURSOR_EXPIRED: the watcher must resync (read levels) and watch from now.
+    """
+    if after_event_id < 0:
+        raise InvalidArgument("INVALID_CURSOR", "after_event_id must not be negative")
+    if after_event_id == 0:
+        return await outbox.head_position(session)
+    pos = await outbox.position_of(session, after_event_id)
+    if pos is not None:
+        return pos
+    max_id = int((await session.execute(_MAX_ID)).scalar_one())
+    if after_event_id > max_id:
+        raise InvalidArgument(
+            "UNKNOWN_CURSOR",
+            f"event {after_event_id} does not exist",
+            metadata={"after_event_id": str(after_event_id)},
+        )
+    raise OutOfRange(
+        "CURSOR_EXPIRED",
+        f"event {after_event_id} is no longer retained; read current levels and watch from now",
+        metadata={"after_event_id": str(after_event_id)},
+    )
+
+
+async def read_after(session: AsyncSession, position: Position, limit: int) -> list[StockEvent]:
+    return [to_stock_event(e) for e in await outbox.read_after(session, position, TOPICS, limit)]

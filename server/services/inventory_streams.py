@@ -1,0 +1,253 @@
+"""InventoryService streams: SyncStock, GetSyncCursor, WatchStockChanges.
+
+`InventoryStreamsMixin` is inherited by InventoryServicer (it only needs
+`self.rt`). Settings come from the environment (prefix ENTREPOT_):
+
+- ENTREPOT_SYNC_UNKNOWN_SKU = create | reject (default create: an unknown SKU
+  becomes a tracked item with default policy; reject: the event is rejected
+  with UNKNOWN_SKU).
+- ENTREPOT_SYNC_MAX_IN_FLIGHT (default 4): batches of one SyncStock stream
+  read from the network but not yet acked; the next batch is read only when
+  fewer are in flight, so a fast adapter is held back by HTTP/2 flow control.
+- ENTREPOT_WATCH_BUFFER_EVENTS (default 10000): events buffered per watcher
+  before it is cut off with RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW.
+- ENTREPOT_WATCH_HEARTBEAT_SECONDS (default 2): an idle watcher receives an
+  empty message carrying the advanced cursor at most this often.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from typing import Literal, TypeAlias
+
+import grpc
+import sqlalchemy.exc
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from domain.inventory import sync, watch
+from domain.inventory.types import Cost
+from domain.shared.errors import DomainError, InvalidArgument
+from entrepot.inventory.v1 import inventory_pb2 as pb
+from server.context import current_caller
+from server.convert import ts
+from server.runtime import Runtime
+from server.stock_watch import watch_stock
+
+log = logging.getLogger("entrepot.sync")
+
+Ctx: TypeAlias = grpc.aio.ServicerContext  # type: ignore[type-arg]
+
+_KINDS = {
+    pb.SYNC_EVENT_KIND_SET: "set",
+    pb.SYNC_EVENT_KIND_ADJUST: "adjust",
+    pb.SYNC_EVENT_KIND_RECEIVE: "receive",
+}
+_MOVEMENTS = {
+    "receive": pb.MOVEMENT_TYPE_RECEIVE,
+    "adjust": pb.MOVEMENT_TYPE_ADJUST,
+    "set": pb.MOVEMENT_TYPE_SET,
+    "reserve": pb.MOVEMENT_TYPE_RESERVE,
+    "release": pb.MOVEMENT_TYPE_RELEASE,
+    "fulfil": pb.MOVEMENT_TYPE_FULFIL,
+    "return": pb.MOVEMENT_TYPE_RETURN,
+    "import": pb.MOVEMENT_TYPE_IMPORT,
+    "sync": pb.MOVEMENT_TYPE_SYNC,
+}
+# Deadlock / serialization failure against concurrent writers: the batch is retried whole.
+_RETRY_STATES = ("40P01", "40001")
+_END = object()
+
+
+class StreamSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ENTREPOT_", extra="ignore")
+
+    sync_unknown_sku: Literal["create", "reject"] = "create"
+    sync_max_in_flight: int = 4
+    watch_buffer_events: int = 10_000
+    watch_heartbeat_seconds: float = 2.0
+
+
+def events_from_proto(batch: pb.SyncBatch) -> list[sync.SyncEvent]:
+    out = []
+    for e in batch.events:
+        occurred = e.occurred_at
+        occurred_us = (
+            occurred.seconds * 1_000_000 + occurred.nanos // 1000 if e.HasField("occurred_at") else None
+        )
+        cost = Cost(e.unit_cost.amount_minor, e.unit_cost.currency_code) if e.HasField("unit_cost") else None
+        out.append(
+            sync.SyncEvent(
+                e.event_id,
+                e.sku,
+                e.warehouse_code,
+                _KINDS.get(e.kind, "unspecified"),
+                e.quantity,
+                e.reason,
+                occurred_us,
+                cost,
+            )
+        )
+    return out
+
+
+def cursor_to_proto(c: sync.Cursor) -> pb.SyncCursor:
+    return pb.SyncCursor(
+        source=c.source,
+        last_event_id=c.last_event_id,
+        events_seen=c.events_seen,
+        events_applied=c.events_applied,
+        update_time=ts(c.updated_at),
+    )
+
+
+def ack_to_proto(seq: int, r: sync.BatchResult) -> pb.SyncAck:
+    assert r.cursor is not None
+    return pb.SyncAck(
+        batch_seq=seq,
+        applied=r.applied,
+        duplicate=r.duplicate,
+        stale=r.stale,
+        rejected=r.rejected,
+        errors=[pb.SyncEventError(event_id=e.event_id, reason=e.reason, message=e.message) for e in r.errors],
+        cursor=cursor_to_proto(r.cursor),
+    )
+
+
+def event_to_proto(e: watch.StockEvent) -> pb.StockChangeEvent:
+    return pb.StockChangeEvent(
+        event_id=e.event_id,
+        sku=e.sku,
+        warehouse_code=e.warehouse_code,
+        type=_MOVEMENTS.get(e.type, pb.MOVEMENT_TYPE_UNSPECIFIED),
+        on_hand_delta=e.on_hand_delta,
+        reserved_delta=e.reserved_delta,
+        on_hand=e.on_hand,
+        reserved=e.reserved,
+        available=e.available,
+        reason=e.reason,
+        time=ts(e.time),
+        below_threshold=e.below_threshold,
+    )
+
+
+async def apply_batch(
+    rt: Runtime, source: str, events: list[sync.SyncEvent], unknown_sku: str, actor: str
+) -> sync.BatchResult:
+    """One batch, one transaction; retried whole on deadlock/serialization failure."""
+    for attempt in range(5):
+        try:
+            async with rt.uow() as uow:
+                result = await sync.apply_batch(
+                    uow.session, source, events, unknown_sku=unknown_sku, actor=actor
+                )
+                await uow.commit()
+                return result
+        except sqlalchemy.exc.DBAPIError as exc:
+            state = getattr(exc.orig, "sqlstate", None) or getattr(
+                getattr(exc.orig, "__cause__", None), "sqlstate", None
+            )
+            if state not in _RETRY_STATES or attempt == 4:
+                raise
+            await asyncio.sleep(0.01 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
+class InventoryStreamsMixin:
+    """SyncStock, GetSyncCursor and WatchStockChanges for InventoryServicer."""
+
+    rt: Runtime
+    _stream_settings: StreamSettings | None = None
+
+    @property
+    def stream_settings(self) -> StreamSettings:
+        if self._stream_settings is None:
+            self._stream_settings = StreamSettings()
+        return self._stream_settings
+
+    async def GetSyncCursor(self, request: pb.GetSyncCursorRequest, context: Ctx) -> pb.SyncCursor:
+        cursor = await self.rt.read(lambda s: sync.get_cursor(s, request.source))
+        return cursor_to_proto(cursor)
+
+    async def SyncStock(
+        self, request_iterator: AsyncIterator[pb.SyncStockRequest], context: Ctx
+    ) -> AsyncIterator[pb.SyncStockResponse]:
+        cfg = self.stream_settings
+        try:
+            first = await anext(aiter(request_iterator))
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("message") != "start":
+            raise InvalidArgument(
+                "SYNC_START_REQUIRED", "the first SyncStock message must be `start` naming the source"
+            )
+        source = sync.check_source(first.start.source)
+        actor = current_caller().subject
+        ready = await self.rt.read(lambda s: sync.get_cursor(s, source))
+        yield pb.SyncStockResponse(ready=cursor_to_proto(ready))
+
+        slots = asyncio.Semaphore(max(1, cfg.sync_max_in_flight))
+        queue: asyncio.Queue[object] = asyncio.Queue()
+
+        async def read() -> None:
+            # Decoding runs here, overlapping the previous batch's transaction.
+            try:
+                while True:
+                    await slots.acquire()
+                    try:
+                        req = await anext(aiter(request_iterator))
+                    except StopAsyncIteration:
+                        return
+                    if req.WhichOneof("message") != "batch":
+                        raise InvalidArgument("SYNC_START_REPEATED", "only the first message may be `start`")
+                    events = events_from_proto(req.batch)
+                    if not 1 <= len(events) <= sync.MAX_BATCH:
+                        raise InvalidArgument(
+                            "INVALID_BATCH",
+                            f"a batch holds 1 to {sync.MAX_BATCH} events",
+                            metadata={"batch_seq": str(req.batch.batch_seq)},
+                        )
+                    await queue.put((req.batch.batch_seq, events))
+            except DomainError as err:
+                await queue.put(err)
+            finally:
+                await queue.put(_END)
+
+        reader = asyncio.create_task(read(), name="sync-reader")
+        try:
+            while True:
+                item = await queue.get()
+                if item is _END:
+                    break
+                if isinstance(item, DomainError):
+                    raise item
+                assert isinstance(item, tuple)
+                seq: int = item[0]
+                events: list[sync.SyncEvent] = item[1]
+                result = await apply_batch(self.rt, source, events, cfg.sync_unknown_sku, actor)
+                slots.release()
+                yield pb.SyncStockResponse(ack=ack_to_proto(seq, result))
+        finally:
+            reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await reader
+
+    async def WatchStockChanges(
+        self, request: pb.WatchStockChangesRequest, context: Ctx
+    ) -> AsyncIterator[pb.WatchStockChangesResponse]:
+        cfg = self.stream_settings
+        flt = watch.make_filter(
+            list(request.skus), list(request.warehouse_codes), request.below_threshold_only
+        )
+        async for msg in watch_stock(
+            self.rt,
+            flt,
+            request.after_event_id,
+            max_events=cfg.watch_buffer_events,
+            heartbeat_seconds=cfg.watch_heartbeat_seconds,
+        ):
+            yield pb.WatchStockChangesResponse(
+                events=[event_to_proto(e) for e in msg.events], cursor=msg.cursor
+            )

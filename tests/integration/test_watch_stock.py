@@ -1,0 +1,192 @@
+"""WatchStockChanges through real gRPC: filters, resume, heartbeats, expired
+cursors, slow watchers cut off and resuming."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+import grpc
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from entrepot.inventory.v1 import inventory_pb2 as pb
+from entrepot_client import Entrepot, EntrepotError, ResourceExhaustedError
+from entrepot_client.streams import StockEvent, StockWatch, sync_stock, watch_stock
+from tests.conftest import unique
+from tests.integration.test_sync_stock import make_warehouse
+
+if True:  # the in-process server reads these once, on its first stream call
+    os.environ.setdefault("ENTREPOT_WATCH_HEARTBEAT_SECONDS", "0.3")
+    os.environ.setdefault("ENTREPOT_WATCH_BUFFER_EVENTS", "1000")
+
+T0 = datetime(2026, 11, 1, tzinfo=UTC)
+
+
+def ev(eid: str, sku: str, wh: str, kind: str, q: int, minutes: int = 0) -> StockEvent:
+    return StockEvent(eid, sku, wh, kind, q, T0 + timedelta(minutes=minutes))
+
+
+async def last_event_id(sessions: async_sessionmaker[AsyncSession], sku: str) -> int:
+    async with sessions() as s:
+        value = (
+            await s.execute(text("SELECT max(id) FROM platform.outbox WHERE aggregate_id = :s"), {"s": sku})
+        ).scalar_one()
+    return int(value)
+
+
+async def collect(w: StockWatch, n: int, timeout: float = 20.0) -> list[pb.StockChangeEvent]:
+    out: list[pb.StockChangeEvent] = []
+
+    async def run() -> None:
+        async for e in w:
+            out.append(e)
+            if len(out) == n:
+                return
+
+    await asyncio.wait_for(run(), timeout)
+    return out
+
+
+async def test_filters_order_and_cursor_advancing_past_filtered_events(
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    wh = await make_warehouse(admin)
+    a, b = unique("SKU"), unique("SKU")
+    source = unique("wms")
+    await sync_stock(admin, source, [ev("0", a, wh, "set", 1)])
+    start = await last_event_id(sessions, a)
+
+    only_a = watch_stock(admin, skus=[a], after_event_id=start)
+    everything = watch_stock(admin, skus=[a, b], after_event_id=start)
+    await sync_stock(
+        admin,
+        source,
+        [
+            ev("1", a, wh, "set", 10, 1),
+            ev("2", b, wh, "set", 5, 2),
+            ev("3", a, wh, "adjust", 1, 3),
+            ev("4", b, wh, "adjust", -2, 4),
+            ev("5", a, wh, "receive", 4, 5),
+            ev("6", b, wh, "adjust", 7, 6),
+        ],
+        batch_size=2,
+    )
+    got_a = await collect(only_a, 3)
+    assert [(e.sku, e.on_hand, e.on_hand_delta) for e in got_a] == [(a, 10, 9), (a, 11, 1), (a, 15, 4)]
+    assert all(e.type == pb.MOVEMENT_TYPE_SYNC for e in got_a)
+    got_all = await collect(everything, 6)
+    assert [e.on_hand for e in got_all] == [10, 5, 11, 3, 15, 10]
+    ids = [e.event_id for e in got_all]
+    assert ids == sorted(ids)
+
+    # The filtered watcher's cursor moves past B's last change (heartbeat) without events.
+    last_b = await last_event_id(sessions, b)
+    raw = admin.inventory.watch_stock_changes(
+        pb.WatchStockChangesRequest(skus=[a], after_event_id=got_a[-1].event_id)
+    )
+    msg = await asyncio.wait_for(anext(raw), 10)
+    assert list(msg.events) == [] and msg.cursor == last_b
+    await raw.aclose()
+
+
+async def test_resume_from_a_cursor_loses_and_repeats_nothing(
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    wh = await make_warehouse(admin)
+    sku = unique("SKU")
+    source = unique("wms")
+    await sync_stock(admin, source, [ev("0", sku, wh, "set", 0)])
+    start = await last_event_id(sessions, sku)
+    await sync_stock(admin, source, [ev(str(i), sku, wh, "adjust", 1) for i in range(1, 21)], batch_size=7)
+
+    first = watch_stock(admin, skus=[sku], after_event_id=start)
+    part = await collect(first, 8)
+    rest = await collect(watch_stock(admin, skus=[sku], after_event_id=first.cursor), 12)
+    assert [e.on_hand for e in part + rest] == list(range(1, 21))
+
+
+async def test_below_threshold_only(admin: Entrepot, sessions: async_sessionmaker[AsyncSession]) -> None:
+    wh = await make_warehouse(admin)
+    sku = unique("SKU")
+    await admin.inventory.upsert_inventory_item(
+        pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=sku, low_stock_threshold=5))
+    )
+    source = unique("wms")
+    await sync_stock(admin, source, [ev("0", sku, wh, "set", 20)])
+    start = await last_event_id(sessions, sku)
+    w = watch_stock(admin, skus=[sku], below_threshold_only=True, after_event_id=start)
+    await sync_stock(admin, source, [ev("1", sku, wh, "set", 3, 1), ev("2", sku, wh, "set", 9, 2)])
+    await sync_stock(admin, source, [ev("3", sku, wh, "adjust", -4, 3)])
+    got = await collect(w, 2)
+    assert [(e.on_hand, e.below_threshold) for e in got] == [(3, True), (5, True)]
+
+
+async def test_expired_and_unknown_cursors(
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    wh = await make_warehouse(admin)
+    sku = unique("SKU")
+    async with sessions() as s, s.begin():
+        # An event then purged, as the retention job does to old events (another
+        # topic, so the session's ledger/outbox invariant is left alone).
+        gone = int(
+            (
+                await s.execute(
+                    text(
+                        """INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
+                           VALUES ('test.purged', 'x', 'x', '{}') RETURNING id"""
+                    )
+                )
+            ).scalar_one()
+        )
+    await sync_stock(admin, unique("wms"), [ev("0", sku, wh, "set", 1)])  # a later event exists
+    async with sessions() as s, s.begin():
+        await s.execute(text("DELETE FROM platform.outbox WHERE id = :id"), {"id": gone})
+    with pytest.raises(EntrepotError) as err:
+        await collect(watch_stock(admin, after_event_id=gone), 1)
+    assert err.value.code == grpc.StatusCode.OUT_OF_RANGE and err.value.reason == "CURSOR_EXPIRED"
+    with pytest.raises(EntrepotError) as err:
+        await collect(watch_stock(admin, after_event_id=2**62), 1)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT and err.value.reason == "UNKNOWN_CURSOR"
+
+
+async def test_a_slow_watcher_is_cut_off_and_resumes_from_its_cursor(
+    admin: Entrepot, target: str, make_token: Callable[..., str], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    wh = await make_warehouse(admin)
+    sku = unique("SKU")
+    source = unique("wms")
+    await sync_stock(admin, source, [ev("0", sku, wh, "set", 0)])
+    start = await last_event_id(sessions, sku)
+    # No BDP probing: the client's receive window stays small, so a watcher
+    # that stops reading soon makes the server's buffer for it fill up.
+    slow = Entrepot(target, make_token(), options=[("grpc.http2.bdp_probe", 0)])
+    total = 6000
+    stream = slow.inventory.watch_stock_changes(pb.WatchStockChangesRequest(skus=[sku], after_event_id=start))
+    # A first change, received: the watcher is now on the live feed.
+    await sync_stock(admin, source, [ev("1", sku, wh, "adjust", 1)])
+    it = aiter(stream)
+    first = await asyncio.wait_for(anext(it), 10)
+    received: list[int] = [e.on_hand for e in first.events]
+    cursor = first.cursor
+    assert received == [1]
+    await sync_stock(
+        admin, source, [ev(str(i), sku, wh, "adjust", 1) for i in range(2, total + 1)], batch_size=3000
+    )
+    await asyncio.sleep(3.0)  # the watcher does not read meanwhile
+    with pytest.raises(ResourceExhaustedError) as err:
+        async for msg in it:
+            received.extend(e.on_hand for e in msg.events)
+            cursor = msg.cursor
+            if len(received) == total:
+                break
+    assert err.value.reason == "WATCHER_TOO_SLOW"
+    assert int(err.value.metadata["cursor"]) == cursor
+    assert len(received) < total
+    rest = await collect(watch_stock(admin, skus=[sku], after_event_id=cursor), total - len(received))
+    assert received + [e.on_hand for e in rest] == list(range(1, total + 1))
+    await slow.close()

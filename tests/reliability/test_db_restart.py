@@ -1,0 +1,295 @@
+"""R6: PostgreSQL restarts under load.
+
+A real server process against a private embedded PostgreSQL (never the machine's), a steady load
+of reads, idempotent channel creates and stock adjustments; PostgreSQL is stopped, then started again:
+- during the outage calls fail fast with UNAVAILABLE (DATABASE_UNAVAILABLE), well inside their
+  deadline, and health reports NOT_SERVING;
+- afterwards health is SERVING and calls succeed, without restarting the server;
+- nothing is half-written: retrying every create that did not get an answer, with its request_id,
+  yields exactly one channel, one outbox event and one idempotency record per request, and every
+  stock adjustment applied exactly once with counters, ledger and outbox in agreement (R1's checks).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import asyncpg
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
+from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
+from tests.reliability.support import LoggedServerProcess, PrivatePostgres, soak, token, wait_until
+
+DEADLINE = 3.0  # per call
+FAST = 2.0  # an outage must be reported well within the deadline (2/3 of it: the machine is noisy)
+
+
+@dataclass
+class Outcome:
+    started: float
+    elapsed: float
+    code: grpc.StatusCode
+    reason: str = ""
+
+
+@dataclass
+class Load:
+    stub: channel_pb2_grpc.ChannelServiceStub
+    metadata: list[tuple[str, str]]
+    prefix: str
+    outcomes: list[Outcome] = field(default_factory=list)
+    # request_id -> slug of every create attempted, and the ids that got an OK answer
+    creates: dict[str, str] = field(default_factory=dict)
+    created_ok: set[str] = field(default_factory=set)
+    inventory: inventory_pb2_grpc.InventoryServiceStub | None = None
+    # request_id of every stock adjustment (+1 on SKU) attempted, and those answered OK
+    adjusts: set[str] = field(default_factory=set)
+    adjusted_ok: set[str] = field(default_factory=set)
+    stop: bool = False
+
+    async def worker(self, n: int) -> None:
+        i = 0
+        while not self.stop:
+            i += 1
+            started = time.monotonic()
+            rid = ""
+            try:
+                if i % 3 == 0 and self.inventory is not None:
+                    rid = f"adj-{self.prefix}-{n}-{i}"
+                    self.adjusts.add(rid)
+                    await self.inventory.AdjustStock(adjust(rid), metadata=self.metadata, timeout=DEADLINE)
+                    self.adjusted_ok.add(rid)
+                elif i % 3 == 1:
+                    rid = f"{self.prefix}-{n}-{i}"
+                    slug = rid
+                    self.creates[rid] = slug
+                    await self.stub.CreateChannel(
+                        channel_pb2.CreateChannelRequest(
+                            channel=channel_pb2.Channel(slug=slug, name="R6", currency="EUR"), request_id=rid
+                        ),
+                        metadata=self.metadata,
+                        timeout=DEADLINE,
+                    )
+                    self.created_ok.add(rid)
+                else:
+                    await self.stub.ListChannels(
+                        channel_pb2.ListChannelsRequest(page_size=5), metadata=self.metadata, timeout=DEADLINE
+                    )
+                code, reason = grpc.StatusCode.OK, ""
+            except grpc.aio.AioRpcError as err:
+                code, reason = err.code(), _reason(err)
+            self.outcomes.append(Outcome(started, time.monotonic() - started, code, reason))
+            await asyncio.sleep(0.02)
+
+
+SKU, WAREHOUSE, INITIAL = "R6-SKU", "R6WH", 100
+
+
+def adjust(rid: str) -> inventory_pb2.AdjustStockRequest:
+    return inventory_pb2.AdjustStockRequest(
+        sku=SKU, warehouse_code=WAREHOUSE, delta=1, reason="r6", request_id=rid
+    )
+
+
+async def seed_stock(stub: inventory_pb2_grpc.InventoryServiceStub, metadata: list[tuple[str, str]]) -> None:
+    await stub.CreateWarehouse(
+        inventory_pb2.CreateWarehouseRequest(warehouse=inventory_pb2.Warehouse(code=WAREHOUSE, name="R6")),
+        metadata=metadata,
+    )
+    await stub.UpsertInventoryItem(
+        inventory_pb2.UpsertInventoryItemRequest(
+            item=inventory_pb2.InventoryItem(sku=SKU, track_inventory=True)
+        ),
+        metadata=metadata,
+    )
+    await stub.SetStock(
+        inventory_pb2.SetStockRequest(sku=SKU, warehouse_code=WAREHOUSE, quantity=INITIAL, reason="seed"),
+        metadata=metadata,
+    )
+
+
+def _reason(err: grpc.aio.AioRpcError) -> str:
+    from google.rpc import error_details_pb2, status_pb2
+
+    for key, value in err.trailing_metadata() or ():
+        if key == "grpc-status-details-bin":
+            status = status_pb2.Status.FromString(value)
+            for d in status.details:
+                info = error_details_pb2.ErrorInfo()
+                if d.Unpack(info):
+                    return info.reason
+    return ""
+
+
+@pytest.fixture(scope="module")
+def private_pg() -> Iterator[PrivatePostgres]:
+    # Not under pytest's tmp dirs: those are private to root, and the embedded server may run
+    # as its own user (when the tests run as root), which must reach its data directory.
+    base = Path(tempfile.mkdtemp(prefix="entrepot-r6-"))
+    base.chmod(0o755)
+    pg = PrivatePostgres(base / "pg")
+    try:
+        yield pg
+    finally:
+        pg.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def r6_database(private_pg: PrivatePostgres) -> str:
+    return private_pg.database("r6_" + uuid.uuid4().hex[:8])
+
+
+def _health(target: str) -> int:
+    with grpc.insecure_channel(target) as ch:
+        try:
+            return int(
+                health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1).status
+            )
+        except grpc.RpcError:
+            return -1
+
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+@pytest.mark.timeout(soak(240, 900))
+async def test_postgres_restart_under_load(
+    private_pg: PrivatePostgres, r6_database: str, tmp_path: Path
+) -> None:
+    url = r6_database
+    restarts = soak(1, 5)
+    outage = soak(2, 10)
+    with LoggedServerProcess(url, tmp_path / "server.log") as server:
+        metadata = [("authorization", f"Bearer {token()}")]
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
+            await seed_stock(inventory, metadata)
+            load = Load(
+                channel_pb2_grpc.ChannelServiceStub(ch),
+                metadata,
+                "r6-" + uuid.uuid4().hex[:6],
+                inventory=inventory,
+            )
+            workers = [asyncio.create_task(load.worker(n)) for n in range(8)]
+            try:
+                await asyncio.sleep(1.5)
+                for _ in range(restarts):
+                    assert _ok_since(load, time.monotonic() - 1.5), "calls fail before the outage"
+                    await asyncio.to_thread(private_pg.stop)
+                    down_at = time.monotonic()
+                    went_down = await asyncio.to_thread(
+                        wait_until, lambda: _health(server.target) == NOT_SERVING, 5
+                    )
+                    assert went_down, "health did not report NOT_SERVING with the database down"
+                    await asyncio.sleep(outage)
+                    await asyncio.to_thread(private_pg.start)
+                    up_at = time.monotonic()
+                    came_back = await asyncio.to_thread(
+                        wait_until, lambda: _health(server.target) == SERVING, 15
+                    )
+                    assert came_back, "health did not come back to SERVING"
+                    back_after = time.monotonic() - up_at
+                    await asyncio.sleep(2.5)
+                    during = [o for o in load.outcomes if down_at + 0.5 < o.started < up_at - FAST]
+                    assert during, "no call was made during the outage"
+                    slow = [o for o in during if o.elapsed > FAST]
+                    worst = max(during, key=lambda o: o.elapsed)
+                    print(
+                        f"R6 outage: {len(during)} calls, slowest {worst.elapsed * 1000:.1f} ms"
+                        f" (started {worst.started - down_at:.1f} s into the outage);"
+                        f" health SERVING {back_after:.1f} s after PostgreSQL started"
+                    )
+                    assert not slow, f"calls hung during the outage: {slow[:3]}"
+                    codes = {(o.code, o.reason) for o in during}
+                    assert codes == {(grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")}, codes
+                    assert _ok_since(load, up_at + 1.5), "calls still fail after recovery"
+            finally:
+                load.stop = True
+                await asyncio.gather(*workers)
+            anything_bad = {o.code for o in load.outcomes} - {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+            assert not anything_bad, anything_bad
+
+            # Every create that got no answer is retried with its request_id: it must now succeed,
+            # whether the first attempt committed (stored answer) or not (runs now).
+            stub = channel_pb2_grpc.ChannelServiceStub(ch)
+            for rid, slug in load.creates.items():
+                if rid not in load.created_ok:
+                    await stub.CreateChannel(
+                        channel_pb2.CreateChannelRequest(
+                            channel=channel_pb2.Channel(slug=slug, name="R6", currency="EUR"), request_id=rid
+                        ),
+                        metadata=metadata,
+                        timeout=DEADLINE,
+                    )
+            for rid in load.adjusts - load.adjusted_ok:
+                await inventory.AdjustStock(adjust(rid), metadata=metadata, timeout=DEADLINE)
+        assert server.alive(), server.log_tail()
+        assert server.terminate() == 0
+
+    failed = len(load.creates) - len(load.created_ok)
+    assert failed > 0, "the outage should have made some creates fail"
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetchval(
+            "SELECT count(*) FROM platform.channels WHERE slug LIKE $1", load.prefix + "%"
+        )
+        events = await conn.fetchval(
+            "SELECT count(*) FROM platform.outbox WHERE topic = 'channel.created' AND aggregate_id LIKE $1",
+            load.prefix + "%",
+        )
+        keys = await conn.fetchval(
+            "SELECT count(*) FROM platform.idempotency_keys WHERE request_id LIKE $1 AND status_code = 0"
+            " AND response IS NOT NULL",
+            load.prefix + "%",
+        )
+    finally:
+        await conn.close()
+    assert rows == events == keys == len(load.creates)
+    # Stock counters: each adjustment applied exactly once, ledger and outbox agree (R1's checks).
+    assert load.adjusts - load.adjusted_ok, "the outage should have made some adjustments fail"
+    on_hand = await _on_hand(url)
+    assert on_hand == INITIAL + len(load.adjusts)
+    assert await _invariants(url) >= 1
+
+
+async def _on_hand(url: str) -> int:
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT on_hand FROM inventory.stock_levels WHERE sku = $1 AND warehouse_code = $2",
+                SKU,
+                WAREHOUSE,
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _invariants(url: str) -> int:
+    from domain.shared.db import make_engine, make_session_factory
+    from tests.inventory_support import check_invariants
+
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    try:
+        async with make_session_factory(engine)() as session:
+            return await check_invariants(session)
+    finally:
+        await engine.dispose()
+
+
+def _ok_since(load: Load, since: float) -> bool:
+    recent = [o for o in load.outcomes if o.started >= since]
+    return bool(recent) and all(o.code == grpc.StatusCode.OK for o in recent)

@@ -1,0 +1,62 @@
+"""Pure rules of the stock streams: event validation and watch filters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from domain.inventory.sync import SyncEvent, check_source, validate_event
+from domain.inventory.types import Cost
+from domain.inventory.watch import StockEvent, make_filter
+from domain.shared.errors import InvalidArgument
+
+
+def reason(e: SyncEvent) -> str | None:
+    ok, err = validate_event(e)
+    assert (ok is None) != (err is None)
+    return err.reason if err else None
+
+
+def test_event_validation_reasons() -> None:
+    assert reason(SyncEvent("1", "SKU", "W1", "set", 0, occurred_us=1)) is None
+    assert reason(SyncEvent("1", "SKU", "W1", "set", -1, occurred_us=1)) == "NEGATIVE_QUANTITY"
+    assert reason(SyncEvent("1", "SKU", "W1", "set", 5)) == "MISSING_OCCURRED_AT"
+    assert reason(SyncEvent("1", "SKU", "W1", "adjust", 0)) == "INVALID_QUANTITY"
+    assert reason(SyncEvent("1", "SKU", "W1", "adjust", -4)) is None
+    assert reason(SyncEvent("1", "SKU", "W1", "receive", 0)) == "INVALID_QUANTITY"
+    assert reason(SyncEvent("1", "SKU", "W1", "unspecified", 1)) == "UNKNOWN_KIND"
+    assert reason(SyncEvent("1", "", "W1", "adjust", 1)) == "INVALID_SKU"
+    assert reason(SyncEvent("1", "SKU", "bad code", "adjust", 1)) == "INVALID_WAREHOUSE_CODE"
+    assert (
+        reason(SyncEvent("1", "SKU", "W1", "adjust", 1, unit_cost=Cost(1, "EUR"))) == "UNEXPECTED_UNIT_COST"
+    )
+    assert reason(SyncEvent("1", "SKU", "W1", "receive", 1, unit_cost=Cost(1, "XXX1"))) == "INVALID_UNIT_COST"
+    assert reason(SyncEvent("1", "SKU", "W1", "receive", 1, unit_cost=Cost(100, "EUR"))) is None
+
+
+def test_sku_is_normalised() -> None:
+    ok, _ = validate_event(SyncEvent("1", "Cafe\u0301", "W1", "adjust", 1))
+    assert ok is not None and ok.sku == "Caf\u00e9"
+
+
+def test_source_names() -> None:
+    assert check_source("wms-paris") == "wms-paris"
+    for bad in ("", " x", "x" * 129, "a\nb"):
+        with pytest.raises(InvalidArgument):
+            check_source(bad)
+
+
+def _event(sku: str, wh: str, below: bool) -> StockEvent:
+    return StockEvent(1, (1, 1), sku, wh, "sync", 1, 0, 1, 0, 1, "", datetime.now(UTC), below)
+
+
+def test_watch_filters() -> None:
+    f = make_filter(["A"], ["W1"], below_threshold_only=True)
+    assert f.matches(_event("A", "W1", True))
+    assert not f.matches(_event("A", "W1", False))
+    assert not f.matches(_event("B", "W1", True))
+    assert not f.matches(_event("A", "W2", True))
+    assert make_filter([], [], False).matches(_event("Z", "W9", False))
+    with pytest.raises(InvalidArgument):
+        make_filter([" bad "], [], False)
