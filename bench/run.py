@@ -33,19 +33,19 @@ def main(argv: list[str] | None = None) -> int:
     print("machine:", machine())
     rows: list[Row] = []
     failed: list[str] = []
-    db = Database()
-    try:
-        for module, what in BENCHES:
-            if args.only and module not in args.only.split(","):
-                continue
-            print(f"running {module} ({what}) ...", flush=True)
-            try:
-                rows += importlib.import_module(module).run(db, duration)
-            except Exception:
-                traceback.print_exc()
-                failed.append(module)
-    finally:
-        db.drop()
+    for module, what in BENCHES:
+        if args.only and module not in args.only.split(","):
+            continue
+        print(f"running {module} ({what}) ...", flush=True)
+        # A fresh database per benchmark: each seeds its own warehouses, items and channels.
+        db = Database()
+        try:
+            rows += importlib.import_module(module).run(db, duration)
+        except Exception:
+            traceback.print_exc()
+            failed.append(module)
+        finally:
+            db.drop()
     print()
     print_table(rows)
     path = write_json(rows, "smoke" if args.smoke else "bench", {"smoke": args.smoke, "failed": failed})
