@@ -14,9 +14,9 @@ import asyncio
 import random
 import time
 import uuid
-from urllib.parse import urlsplit
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
