@@ -64,7 +64,7 @@ def seed(target: str, tok: str, skus: int) -> None:
         )
         ep.inventory.create_warehouse(
             inventory_pb2.CreateWarehouseRequest(
-                warehouse=inventory_pb2.Warehouse(code="W1", name="Bench", priority=1)
+                warehouse=inventory_pb2.Warehouse(code="W-CHECKOUT", name="Bench", priority=1)
             )
         )
         for i in range(skus):
@@ -74,7 +74,7 @@ def seed(target: str, tok: str, skus: int) -> None:
             ep.inventory.receive_stock(
                 inventory_pb2.ReceiveStockRequest(
                     sku=f"CART-{i}",
-                    warehouse_code="W1",
+                    warehouse_code="W-CHECKOUT",
                     quantity=10_000_000,
                     unit_cost=types_pb2.Money(currency_code="EUR", amount_minor=100),
                 )

@@ -55,7 +55,7 @@ def seed(target: str, tok: str) -> None:
             )
         )
         ep.inventory.create_warehouse(
-            inventory_pb2.CreateWarehouseRequest(warehouse=inventory_pb2.Warehouse(code="W1", name="Bench"))
+            inventory_pb2.CreateWarehouseRequest(warehouse=inventory_pb2.Warehouse(code="W-ORDERS", name="Bench"))
         )
         for i in range(SKUS):
             sku = f"ORD-{i}"
@@ -65,7 +65,7 @@ def seed(target: str, tok: str) -> None:
                 )
             )
             ep.inventory.set_stock(
-                inventory_pb2.SetStockRequest(sku=sku, warehouse_code="W1", quantity=10_000_000)
+                inventory_pb2.SetStockRequest(sku=sku, warehouse_code="W-ORDERS", quantity=10_000_000)
             )
 
 

@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 from google.protobuf import timestamp_pb2  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
+from bench.common import Row  # noqa: E402
 from domain.shared.db import make_engine, make_session_factory  # noqa: E402
 from entrepot.inventory.v1 import inventory_pb2 as pb  # noqa: E402
 from entrepot_client import Entrepot  # noqa: E402
@@ -370,3 +371,43 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def run(db: object, duration: float) -> list[Row]:
+    """Entry point for bench/run.py: full sizes unless `duration` is the smoke's."""
+    smoke = duration < 10
+    args = argparse.Namespace(
+        events=20_000 if smoke else 200_000,
+        seconds=duration if smoke else 60.0,
+        full=False,
+        watchers=100 if smoke else 1000,
+        only="",
+    )
+    url, name = migrated_database("bench_sync")
+    try:
+        results = asyncio.run(amain(args, url))
+    finally:
+        drop_database(name)
+    p4, p6 = results["P4"], results["P6"]
+    return [
+        Row(
+            "P4",
+            f"SyncStock {p4['events']:,} events, exactly-once + ledger",
+            float(p4["events_per_s"]),
+            float(p4["copy"]["rows_per_s"]),
+            "events/s",
+            ">= 0.1x copy, >= 50k/s",
+            bool(p4["target_met"]),
+            p4,
+        ),
+        Row(
+            "P6",
+            f"Watch fan-out, {p6['watchers']} watchers, p99 delivery",
+            float(p6["p99_ms"] or 0.0),
+            None,
+            "ms",
+            "p99 <= 250 ms, 0 missing",
+            bool(p6["target_met"]),
+            p6,
+        ),
+    ]

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import Iterator
 from typing import Any
+from urllib.parse import urlsplit
 
 import asyncpg
 import grpc
@@ -220,7 +221,7 @@ async def _updates(url: str, slug: str, rids: list[str]) -> tuple[str, int, int]
 
 async def _assert_no_leaks(app: App, url: str, tasks_before: set[asyncio.Task[Any]]) -> None:
     pool: Any = app.rt.engine.pool
-    dbname = url.rsplit("/", 1)[-1].split("?")[0]
+    dbname = urlsplit(url).path.lstrip("/")
     deadline = time.monotonic() + 10
     while True:
         conn = await asyncpg.connect(url)

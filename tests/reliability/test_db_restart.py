@@ -170,7 +170,7 @@ async def test_postgres_restart_under_load(
 ) -> None:
     url = r6_database
     restarts = soak(1, 5)
-    outage = soak(2, 10)
+    outage = soak(4, 10)  # longer than FAST + 0.5 s, so some calls start well inside it
     with LoggedServerProcess(url, tmp_path / "server.log") as server:
         metadata = [("authorization", f"Bearer {token()}")]
         async with grpc.aio.insecure_channel(server.target) as ch:
