@@ -55,7 +55,9 @@ def seed(target: str, tok: str) -> None:
             )
         )
         ep.inventory.create_warehouse(
-            inventory_pb2.CreateWarehouseRequest(warehouse=inventory_pb2.Warehouse(code="W-ORDERS", name="Bench"))
+            inventory_pb2.CreateWarehouseRequest(
+                warehouse=inventory_pb2.Warehouse(code="W-ORDERS", name="Bench")
+            )
         )
         for i in range(SKUS):
             sku = f"ORD-{i}"
