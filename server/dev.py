@@ -64,10 +64,10 @@ def _wait_serving(target: str, timeout: float) -> None:
         while time.monotonic() < deadline:
             try:
                 r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                if r.status == health_pb2.HealthCheckResponse.SERVING:
-                    return
             except grpc.RpcError:
-                pass
+                r = None  # not listening yet: ask again
+            if r is not None and r.status == health_pb2.HealthCheckResponse.SERVING:
+                return
             time.sleep(0.2)
     raise TimeoutError(f"server at {target} not healthy after {timeout}s")
 

@@ -29,6 +29,7 @@ batch and then sees the first's stored row.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -125,10 +126,8 @@ class ReserveBatcher:
     async def close(self) -> None:
         if self._loop_task is not None:
             self._loop_task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # we cancelled it just above
                 await self._loop_task
-            except asyncio.CancelledError:
-                pass
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         for p in self._pending:

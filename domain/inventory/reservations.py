@@ -12,6 +12,7 @@ involved SKUs in (sku, warehouse_code) order, then lots.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
@@ -1083,7 +1084,6 @@ async def run_sweeper(
             # Anything else is a bug worth a stack trace, but must not stop expiry for good.
             log.exception("expiry sweep failed")
         if swept < limit:
-            try:
+            # Sleep until the next tick, or less if asked to stop.
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(stop.wait(), timeout=interval)
-            except TimeoutError:
-                pass
