@@ -6,7 +6,7 @@ import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC
-from typing import Any, TypeVar
+from typing import Any
 
 import grpc
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -36,7 +36,6 @@ from server.runtime import Runtime
 from server.services import registration_convert as cv
 
 log = logging.getLogger("entrepot.registration")
-T = TypeVar("T")
 MAX_CHUNK = 1024 * 1024
 
 
@@ -88,10 +87,6 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self.esignature: ESignatureProvider = esignature or BuiltinESignature()
 
     # -------------------------------------------------------------- helpers
-
-    async def _read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        result: T = await self.rt.read(fn)
-        return result
 
     async def _mutate(self, request: Any, fn: Callable[[AsyncSession], Awaitable[Any]]) -> Any:
         async def run(uow: UnitOfWork) -> Any:
@@ -190,7 +185,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self, request: pb.GetRegistrationFormRequest, context: Any
     ) -> pb.RegistrationForm:
         channel = current_channel().slug
-        form = await self._read(
+        form = await self.rt.read(
             lambda s: catalog.get_form(
                 s, channel=channel, form_id=request.id, slug=request.slug, version=request.version
             )
@@ -201,7 +196,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self, request: pb.ListRegistrationFormsRequest, context: Any
     ) -> pb.ListRegistrationFormsResponse:
         channel = current_channel().slug
-        forms, token = await self._read(
+        forms, token = await self.rt.read(
             lambda s: catalog.list_forms(s, channel=channel, size=request.page_size, token=request.page_token)
         )
         return pb.ListRegistrationFormsResponse(
@@ -237,7 +232,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self, request: pb.ListRegistrationRulesRequest, context: Any
     ) -> pb.ListRegistrationRulesResponse:
         channel = current_channel().slug
-        rules, token = await self._read(
+        rules, token = await self.rt.read(
             lambda s: catalog.list_rules(
                 s, channel=channel, form_id=request.form_id, size=request.page_size, token=request.page_token
             )
@@ -251,7 +246,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
     ) -> pb.EvaluateRegistrationRulesResponse:
         channel = current_channel().slug
         address = cv.address_from_proto(request.address)
-        ev = await self._read(
+        ev = await self.rt.read(
             lambda s: catalog.evaluate_rules(s, channel=channel, address=address, form_id=request.form_id)
         )
         return cv.evaluation_to_proto(ev)
@@ -271,13 +266,13 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
 
     async def GetDocumentType(self, request: pb.GetDocumentTypeRequest, context: Any) -> pb.DocumentType:
         return cv.document_type_to_proto(
-            await self._read(lambda s: catalog.get_document_type(s, request.code))
+            await self.rt.read(lambda s: catalog.get_document_type(s, request.code))
         )
 
     async def ListDocumentTypes(
         self, request: pb.ListDocumentTypesRequest, context: Any
     ) -> pb.ListDocumentTypesResponse:
-        items, token = await self._read(
+        items, token = await self.rt.read(
             lambda s: catalog.list_document_types(s, size=request.page_size, token=request.page_token)
         )
         return pb.ListDocumentTypesResponse(
@@ -338,13 +333,13 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self, request: pb.GetAgreementTemplateRequest, context: Any
     ) -> pb.AgreementTemplate:
         return cv.agreement_to_proto(
-            await self._read(lambda s: catalog.get_agreement(s, request.code, request.version))
+            await self.rt.read(lambda s: catalog.get_agreement(s, request.code, request.version))
         )
 
     async def ListAgreementTemplates(
         self, request: pb.ListAgreementTemplatesRequest, context: Any
     ) -> pb.ListAgreementTemplatesResponse:
-        items, token = await self._read(
+        items, token = await self.rt.read(
             lambda s: catalog.list_agreements(s, size=request.page_size, token=request.page_token)
         )
         return pb.ListAgreementTemplatesResponse(
@@ -378,14 +373,14 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self, request: pb.GetInvitationCodeRequest, context: Any
     ) -> pb.InvitationCode:
         channel = current_channel().slug
-        ic = await self._read(lambda s: catalog.get_invitation_code(s, channel=channel, code=request.code))
+        ic = await self.rt.read(lambda s: catalog.get_invitation_code(s, channel=channel, code=request.code))
         return cv.invitation_to_proto(ic)
 
     async def ListInvitationCodes(
         self, request: pb.ListInvitationCodesRequest, context: Any
     ) -> pb.ListInvitationCodesResponse:
         channel = current_channel().slug
-        items, token = await self._read(
+        items, token = await self.rt.read(
             lambda s: catalog.list_invitation_codes(
                 s, channel=channel, size=request.page_size, token=request.page_token
             )
@@ -433,10 +428,10 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         cv.check_text(h, "header.")
         if not h.request_id:
             raise InvalidArgument("REQUEST_ID_REQUIRED", "header.request_id is required")
-        await self._read(
+        await self.rt.read(
             lambda s: submissions.check_upload_target(s, channel=channel, registration_id=h.registration_id)
         )
-        doc_type = await self._read(lambda s: catalog.get_document_type(s, h.document_type_code))
+        doc_type = await self.rt.read(lambda s: catalog.get_document_type(s, h.document_type_code))
         guard = UploadGuard(doc_type, h.content_type, h.filename)
         async for message in request_iterator:
             if message.WhichOneof("payload") != "chunk":
@@ -529,7 +524,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
 
     async def GetRegistration(self, request: pb.GetRegistrationRequest, context: Any) -> pb.Registration:
         channel = current_channel().slug
-        reg = await self._read(
+        reg = await self.rt.read(
             lambda s: submissions.get_registration(s, channel=channel, registration_id=request.id)
         )
         return cv.registration_to_proto(reg)
@@ -539,7 +534,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
     ) -> pb.ListRegistrationsResponse:
         channel = current_channel().slug
         states = [cv.state_from_proto(s) for s in request.states]
-        regs, token = await self._read(
+        regs, token = await self.rt.read(
             lambda s: submissions.list_registrations(
                 s,
                 channel=channel,
