@@ -130,8 +130,10 @@ def _transient_db_error(exc: BaseException) -> bool:
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return True
+    # SQLAlchemy wraps the driver's error (orig, whose __cause__ is asyncpg's);
+    # hot paths on the driver connection raise asyncpg's error itself.
     orig = getattr(exc, "orig", None)
-    cause = getattr(orig, "__cause__", None) or orig
+    cause = getattr(orig, "__cause__", None) or orig or exc
     return isinstance(
         cause,
         (
@@ -147,6 +149,8 @@ def _transient_db_error(exc: BaseException) -> bool:
 
 
 def _sqlstate(exc: BaseException) -> str | None:
+    if isinstance(exc, asyncpg.PostgresError):  # raised on the driver connection directly
+        return exc.sqlstate  # type: ignore[no-any-return]
     orig = getattr(exc, "orig", None)
     return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
 
@@ -210,7 +214,9 @@ class ErrorInterceptor(AsyncServerInterceptor):
                     grpc.StatusCode.DEADLINE_EXCEEDED, "STATEMENT_TIMEOUT", "the database took too long"
                 ),
             )
-        if (state and state.startswith("22")) or isinstance(exc, sqlalchemy.exc.DataError):
+        if (state and state.startswith("22")) or isinstance(
+            exc, (sqlalchemy.exc.DataError, asyncpg.exceptions.DataError)
+        ):
             # SQLSTATE class 22 (NUL in text, out-of-range number, ...): the request carried a
             # value the database cannot hold. The caller's fault, not ours; found by the fuzzer.
             await abort(

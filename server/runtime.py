@@ -8,12 +8,13 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import asyncpg
 from google.protobuf.message import Message
 from google.rpc import status_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from domain.platform import idempotency
-from domain.shared.db import make_engine, make_session_factory
+from domain.shared.db import make_engine, make_read_pool, make_session_factory
 from domain.shared.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
 from server.context import current_caller, current_method
@@ -54,9 +55,8 @@ class Runtime:
         self.settings = settings
         self.engine = engine
         self.sessions: async_sessionmaker[AsyncSession] = make_session_factory(engine)
-        self.autocommit_sessions: async_sessionmaker[AsyncSession] = make_session_factory(
-            engine.execution_options(isolation_level="AUTOCOMMIT")
-        )
+        self._read_pool: asyncpg.Pool[Any] | None = None
+        self._read_pool_lock = asyncio.Lock()
         self._temporal: Any = None
         self._temporal_lock = asyncio.Lock()
         # Filled by the app: response message class per full method name.
@@ -77,10 +77,18 @@ class Runtime:
         async with self.sessions() as session, session.begin():
             return await fn(session)
 
-    async def read_one_statement(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        """For reads that are a single statement: autocommit, so no BEGIN/COMMIT round trips."""
-        async with self.autocommit_sessions() as session:
-            return await fn(session)
+    async def read_one_statement(self, fn: Callable[[asyncpg.Connection[Any]], Awaitable[T]]) -> T:
+        """Hot reads that are a single statement: on a connection of the small asyncpg
+        read pool, in autocommit (no BEGIN/COMMIT round trips, no session)."""
+        pool = self._read_pool
+        if pool is None:
+            async with self._read_pool_lock:
+                if self._read_pool is None:
+                    url = self.engine.url.render_as_string(hide_password=False)
+                    self._read_pool = await make_read_pool(url, size=self.settings.db_read_pool_size)
+                pool = self._read_pool
+        async with pool.acquire() as conn:
+            return await fn(conn)
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:
         """Run `fn` in one transaction, idempotently by `request.request_id` (AIP-155).
@@ -163,4 +171,6 @@ class Runtime:
 
     async def close(self) -> None:
         await self.notifier.close()
+        if self._read_pool is not None:
+            await self._read_pool.close()
         await self.engine.dispose()

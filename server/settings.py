@@ -58,6 +58,8 @@ class Settings(BaseSettings):
     # Database.
     db_pool_size: int = 10
     db_max_overflow: int = 10
+    # Connections (asyncpg, autocommit) for coalesced single-statement reads (GetStockLevel).
+    db_read_pool_size: int = 2
     db_statement_timeout_ms: int = 15_000
 
     # TLS (server/tls.py): serve TLS when cert and key are set; with a client CA, client

@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -35,6 +36,7 @@ from domain.inventory.validation import (
     filters_or_raise,
     sku_or_raise,
 )
+from domain.shared.db import driver_connection
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
@@ -507,14 +509,25 @@ _SKU_LEVELS = text(
 )
 
 
+# The same statement with asyncpg's $n placeholders (load_sku_stocks runs it on the driver).
+_SKU_LEVELS_SQL = str(_SKU_LEVELS).replace("CAST(:skus AS text[])", "$1::text[]")
+
+
 async def load_sku_stocks(session: AsyncSession, skus: list[str]) -> dict[str, SkuStock]:
     """Levels of many SKUs in one statement (unknown SKUs are absent)."""
-    rows = (await session.execute(_SKU_LEVELS, {"skus": skus})).all()
+    return await fetch_sku_stocks(await driver_connection(session), skus)
+
+
+async def fetch_sku_stocks(conn: asyncpg.Connection[Any], skus: list[str]) -> dict[str, SkuStock]:
+    """load_sku_stocks on an asyncpg connection: the GetStockLevel hot path (one
+    prepared statement, no ORM result objects)."""
     out: dict[str, SkuStock] = {}
-    for r in rows:
-        st = out.setdefault(r.sku, SkuStock(r.sku, [], int(r.low_stock_threshold)))
-        if r.warehouse_code is not None:
-            st.levels.append(_level(r))
+    for sku, threshold, wh, on_hand, reserved, updated_at in await conn.fetch(_SKU_LEVELS_SQL, skus):
+        st = out.get(sku)
+        if st is None:
+            st = out[sku] = SkuStock(sku, [], threshold)
+        if wh is not None:
+            st.levels.append(StockLevel(sku, wh, on_hand, reserved, updated_at))
     return out
 
 

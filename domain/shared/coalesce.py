@@ -19,7 +19,7 @@ V = TypeVar("V")
 
 class Coalescer(Generic[K, V]):
     def __init__(
-        self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], *, max_batch: int = 1000, in_flight: int = 2
+        self, fetch: Callable[[list[K]], Awaitable[dict[K, V]]], *, max_batch: int = 1000, in_flight: int = 1
     ) -> None:
         self._fetch = fetch
         self._max_batch = max_batch

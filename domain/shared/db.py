@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import asyncpg
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
@@ -29,6 +32,36 @@ def async_url(url: str) -> str:
     raise ValueError("DATABASE_URL must be a postgresql:// URL")
 
 
+def driver_url(url: str) -> str:
+    """The URL asyncpg itself accepts (postgresql://)."""
+    return "postgresql://" + async_url(url)[len("postgresql+asyncpg://") :]
+
+
+async def make_read_pool(url: str, *, size: int = 2, command_timeout: float = 30.0) -> asyncpg.Pool[Any]:
+    """A small asyncpg pool for single-statement hot reads in autocommit (the
+    coalesced GetStockLevel path): asyncpg's own acquire and prepared-statement
+    cache, none of the session machinery. A connection broken by a database
+    restart fails its call (UNAVAILABLE) and is reconnected on the next acquire."""
+
+    async def keep_session(conn: asyncpg.Connection[Any]) -> None:
+        # asyncpg's default reset is a round trip per release (RESET ALL, UNLISTEN,
+        # ...); these connections only run autocommit SELECTs, so there is no
+        # session state to reset (an open transaction is still rolled back).
+        return None
+
+    pool = await asyncpg.create_pool(
+        driver_url(url),
+        min_size=0,
+        max_size=size,
+        command_timeout=command_timeout,
+        timeout=5,
+        server_settings={"application_name": "entrepot"},
+        reset=keep_session,
+    )
+    assert pool is not None
+    return pool
+
+
 def make_engine(
     url: str, *, pool_size: int = 10, max_overflow: int = 10, command_timeout: float = 30.0
 ) -> AsyncEngine:
@@ -51,3 +84,28 @@ def make_engine(
 
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
+
+
+async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
+    """The asyncpg connection under `session`, inside the session's transaction
+    (BEGIN is sent here if the session has not run a statement yet; nothing is
+    begun for an AUTOCOMMIT session).
+
+    Hot paths run their few statements on it directly: SQLAlchemy's
+    per-statement work (compile cache lookup, execution context, result
+    wrapping) costs several times asyncpg's own. Commit, rollback and
+    connection return stay with the session. asyncpg raises its own exceptions
+    here (asyncpg.PostgresError with .sqlstate), which the server maps like
+    SQLAlchemy's."""
+    conn = await session.connection()
+    fairy = await conn.get_raw_connection()
+    adapted: Any = fairy.dbapi_connection
+    # SQLAlchemy's asyncpg adapter begins its transaction lazily on the first
+    # statement it runs; a statement sent around it must begin it first, or it
+    # would run outside the transaction.
+    if adapted._transaction is None and not adapted.autocommit:
+        async with adapted._execute_mutex:
+            if adapted._transaction is None:
+                await adapted._start_transaction()
+    driver: asyncpg.Connection[Any] = adapted.driver_connection
+    return driver

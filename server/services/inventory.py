@@ -58,7 +58,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
         s = rt.settings
         # Concurrent GetStockLevel calls share one autocommit statement per batch.
         self._stocks: Coalescer[str, inv.SkuStock] = Coalescer(
-            lambda skus: rt.read_one_statement(lambda session: inv.load_sku_stocks(session, skus))
+            lambda skus: rt.read_one_statement(lambda conn: inv.fetch_sku_stocks(conn, skus))
         )
         self.batcher: inv.ReserveBatcher | None = None
         if getattr(s, "reserve_batching", True):

@@ -1,7 +1,7 @@
 """R6: PostgreSQL restarts under load.
 
 A real server process against a private embedded PostgreSQL (never the machine's), a steady load
-of reads, idempotent channel creates and stock adjustments; PostgreSQL is stopped, then started again:
+of reads (sessions and the GetStockLevel read pool), idempotent channel creates and stock adjustments; PostgreSQL is stopped, then started again:
 - during the outage calls fail fast with UNAVAILABLE (DATABASE_UNAVAILABLE), well inside their
   deadline, and health reports NOT_SERVING;
 - afterwards health is SERVING and calls succeed, without restarting the server;
@@ -81,6 +81,11 @@ class Load:
                         timeout=DEADLINE,
                     )
                     self.created_ok.add(rid)
+                elif self.inventory is not None and (i // 3) % 2:
+                    # The coalesced hot read, on its own asyncpg pool.
+                    await self.inventory.GetStockLevel(
+                        inventory_pb2.GetStockLevelRequest(sku=SKU), metadata=self.metadata, timeout=DEADLINE
+                    )
                 else:
                     await self.stub.ListChannels(
                         channel_pb2.ListChannelsRequest(page_size=5), metadata=self.metadata, timeout=DEADLINE
