@@ -40,6 +40,8 @@ class StockEvent:
     reason: str
     time: datetime
     below_threshold: bool
+    # The ledger id: increases with every change of one level, in application order.
+    movement_id: int
 
 
 def to_stock_event(e: outbox.StoredEvent) -> StockEvent:
@@ -58,6 +60,7 @@ def to_stock_event(e: outbox.StoredEvent) -> StockEvent:
         reason=str(p.get("reason") or ""),
         time=e.created_at,
         below_threshold=bool(p.get("below_threshold", False)),
+        movement_id=int(p.get("ledger_id", 0)),
     )
 
 

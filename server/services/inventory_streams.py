@@ -130,6 +130,7 @@ def event_to_proto(e: watch.StockEvent) -> pb.StockChangeEvent:
         reason=e.reason,
         time=ts(e.time),
         below_threshold=e.below_threshold,
+        movement_id=e.movement_id,
     )
 
 

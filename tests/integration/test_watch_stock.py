@@ -82,6 +82,14 @@ async def test_filters_order_and_cursor_advancing_past_filtered_events(
     assert [e.on_hand for e in got_all] == [10, 5, 11, 3, 15, 10]
     ids = [e.event_id for e in got_all]
     assert ids == sorted(ids)
+    # Each event names its ledger movement.
+    moves = await admin.inventory.list_stock_movements(pb.ListStockMovementsRequest(sku=a))
+    by_id = {m.id: m for m in moves.movements}
+    assert [(by_id[e.movement_id].on_hand_after, by_id[e.movement_id].sku) for e in got_a] == [
+        (10, a),
+        (11, a),
+        (15, a),
+    ]
 
     # The filtered watcher's cursor moves past B's last change (heartbeat) without events.
     last_b = await last_event_id(sessions, b)

@@ -48,7 +48,7 @@ def test_source_names() -> None:
 
 
 def _event(sku: str, wh: str, below: bool) -> StockEvent:
-    return StockEvent(1, (1, 1), sku, wh, "sync", 1, 0, 1, 0, 1, "", datetime.now(UTC), below)
+    return StockEvent(1, (1, 1), sku, wh, "sync", 1, 0, 1, 0, 1, "", datetime.now(UTC), below, 1)
 
 
 def test_watch_filters() -> None:
