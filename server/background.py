@@ -86,3 +86,13 @@ async def _refund_reconciler(rt: Runtime, holder: str) -> None:
 
 
 JOBS.append(_refund_reconciler)
+
+
+async def _registration_reconciler(rt: Runtime, holder: str) -> None:
+    from server.services.registration import reconciler
+
+    await reconciler(rt, holder)
+
+
+# Registration: starts workflows a SubmitRegistration committed but never started.
+JOBS.append(_registration_reconciler)

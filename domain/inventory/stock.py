@@ -8,9 +8,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -46,6 +45,9 @@ from domain.shared.errors import (
 )
 from domain.shared.money import is_currency
 from domain.shared.pagination import decode_token, encode_token, page_size
+
+if TYPE_CHECKING:
+    import asyncpg  # run-time import would be repeated in Temporal's workflow sandbox (crash)
 
 MAX_BATCH_GET = 1000
 MAX_BULK = 1000

@@ -5,7 +5,7 @@ The public interface of the module; other modules and the servicer import
 from here only.
 """
 
-from domain.registration import catalog, forms, rules, submissions
+from domain.registration import catalog, forms, rules, starter, submissions
 from domain.registration.activities import RegistrationActivities
 from domain.registration.storage import DocumentStorage, PostgresDocumentStorage
 from domain.registration.strategies import (
@@ -45,5 +45,6 @@ __all__ = [
     "catalog",
     "forms",
     "rules",
+    "starter",
     "submissions",
 ]

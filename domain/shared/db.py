@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import asyncpg
 from sqlalchemy import MetaData
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
+
+if TYPE_CHECKING:
+    # Not imported at run time here: Temporal's workflow sandbox re-imports domain
+    # modules, and a second import of asyncpg's extension modules crashes the process.
+    import asyncpg
 
 NAMING = {
     "ix": "ix_%(column_0_label)s",
@@ -42,6 +46,7 @@ async def make_read_pool(url: str, *, size: int = 2, command_timeout: float = 30
     coalesced GetStockLevel path): asyncpg's own acquire and prepared-statement
     cache, none of the session machinery. A connection broken by a database
     restart fails its call (UNAVAILABLE) and is reconnected on the next acquire."""
+    import asyncpg
 
     async def keep_session(conn: asyncpg.Connection[Any]) -> None:
         # asyncpg's default reset is a round trip per release (RESET ALL, UNLISTEN,

@@ -20,10 +20,9 @@ from domain.registration import (
     DocumentVerificationWorkflow,
     ESignatureProvider,
     PostgresDocumentStorage,
-    RegistrationInput,
-    RegistrationWorkflow,
     UploadGuard,
     catalog,
+    starter,
     submissions,
 )
 from domain.registration.workflows import REQUIREMENTS_SIGNAL, REVIEW_SIGNAL
@@ -31,6 +30,7 @@ from domain.shared.errors import InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
 from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
+from server.background import run_leased
 from server.context import current_caller, current_channel
 from server.runtime import Runtime
 from server.services import registration_convert as cv
@@ -109,12 +109,14 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             raise _temporal_unavailable(exc) from exc
 
     async def _start_registration_workflow(self, reg: pb.Registration) -> None:
+        """After the commit; if this never happens (crash, Temporal down), the
+        reconciler below starts it (domain/registration/starter.py)."""
         expires_at = reg.expire_time.ToDatetime(tzinfo=UTC).isoformat()
-        await self._start(
-            RegistrationWorkflow.run,
-            RegistrationInput(reg.id, expires_at),
-            submissions.registration_workflow_id(reg.id),
-        )
+        client = await self.rt.temporal()
+        try:
+            await starter.start_registration(client, self.rt.settings.temporal_task_queue, reg.id, expires_at)
+        except RPCError as exc:
+            raise _temporal_unavailable(exc) from exc
 
     async def _signal(self, registration_id: str, signal: str) -> None:
         client = await self.rt.temporal()
@@ -563,3 +565,14 @@ def _guard_text(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitabl
 for _name in pb.DESCRIPTOR.services_by_name["RegistrationService"].methods_by_name:
     if _name != "UploadRegistrationDocument":
         setattr(RegistrationServicer, _name, _guard_text(getattr(RegistrationServicer, _name)))
+
+
+async def reconcile_step(rt: Runtime) -> int:
+    """Background step: start the workflows of registrations a commit left without one."""
+    if not rt.settings.temporal_address:
+        return 0
+    return await starter.reconcile(rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue)
+
+
+async def reconciler(rt: Runtime, holder: str) -> None:
+    await run_leased(rt, holder, "registration-reconciler", 10.0, reconcile_step)

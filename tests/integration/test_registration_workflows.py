@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 
 import pytest
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client, WorkflowHandle
 from temporalio.testing import WorkflowEnvironment
@@ -23,6 +24,7 @@ from domain.registration import (
     RegistrationInput,
     RegistrationWorkflow,
     catalog,
+    starter,
     submissions,
 )
 from domain.registration.storage import PostgresDocumentStorage
@@ -178,6 +180,34 @@ async def test_expire_on_timer(
     final = await _state(reg_sessions, reg.id)
     assert final.account is not None and final.account.status == "expired"
     assert final.history[-1].to_state == "expired" and final.history[-1].actor == submissions.WORKFLOW_ACTOR
+
+
+async def test_reconciler_starts_the_workflow_a_submit_never_started(
+    temporal: Client, worker: str, reg_sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The process died between SubmitRegistration's commit and its workflow start."""
+    form = await make_form(reg_sessions, "wf-stranded")
+    reg = await submit(reg_sessions, form.slug)  # committed; no workflow started
+    fresh = await submit(reg_sessions, form.slug)  # just submitted: its own start may be on its way
+    async with UnitOfWork(reg_sessions) as uow:
+        await uow.session.execute(
+            text("UPDATE registration.registrations SET updated_at = now() - interval '1 hour' WHERE id = :id"),
+            {"id": reg.id},
+        )
+        await uow.commit()
+    assert await starter.reconcile(reg_sessions, temporal, worker, older_than_seconds=1800) == 1
+    handle = temporal.get_workflow_handle(submissions.registration_workflow_id(reg.id))
+    HANDLES.append(handle)
+    # The started workflow moves the registration on, so the next pass finds nothing.
+    await _wait_state(reg_sessions, reg.id, "in_review")
+    assert await starter.reconcile(reg_sessions, temporal, worker, older_than_seconds=1800) == 0
+    assert (await _state(reg_sessions, fresh.id)).state == "submitted"
+    # A start that finds the workflow running changes nothing.
+    expires = (await _state(reg_sessions, reg.id)).expires_at.isoformat()
+    assert not await starter.start_registration(temporal, worker, reg.id, expires)
+    await _review(reg_sessions, reg.id, "approve")
+    await handle.signal(REVIEW_SIGNAL)
+    assert await asyncio.wait_for(handle.result(), 20) == "approved"
 
 
 async def test_replay_recorded_histories(temporal: Client, worker: str) -> None:
