@@ -191,7 +191,9 @@ async def test_reconciler_starts_the_workflow_a_submit_never_started(
     fresh = await submit(reg_sessions, form.slug)  # just submitted: its own start may be on its way
     async with UnitOfWork(reg_sessions) as uow:
         await uow.session.execute(
-            text("UPDATE registration.registrations SET updated_at = now() - interval '1 hour' WHERE id = :id"),
+            text(
+                "UPDATE registration.registrations SET updated_at = now() - interval '1 hour' WHERE id = :id"
+            ),
             {"id": reg.id},
         )
         await uow.commit()
