@@ -1,42 +1,45 @@
 """SyncStock ingestion: batches of WMS/ERP events applied exactly once, set-based.
 
-One batch = one transaction:
+One batch = one transaction, four round trips in the common case:
 
 1. lock the source's cursor row (batches of one source apply one at a time,
-   in order, on any replica);
+   in order, on any replica; every writer of a source's claims, watermarks
+   and cursor holds this lock);
 2. validate each event on its own (malformed, negative SET, unknown
    warehouse, unknown SKU under the `reject` policy): a bad event is rejected
    with a reason and never fails its batch;
-3. claim the event ids with one multi-row `INSERT ... ON CONFLICT DO NOTHING
-   RETURNING`: ids that come back are new, the others were seen before
-   (duplicates; a replayed rejection answers with its recorded reason);
-4. lock the affected stock levels in (sku, warehouse) order, read the SET
+3. one lookup: warehouses, items, and the batch's event ids already claimed
+   by the source (duplicates; a replayed rejection answers with its recorded
+   reason);
+4. lock the affected stock levels in (sku, warehouse) order with their SET
    watermarks, and run the events in order in memory (stale SETs, stock rules
    identical to apply_stock_change: never below 0, never below reserved unless
    the item allows backorders);
-5. write everything with a handful of statements whatever the batch size: one
+5. write everything in ONE statement whatever the batch size: the
    conditional UPDATE of the levels (compare-and-set on the locked rows'
-   counters), one ledger+outbox statement (type `sync`, the payload of ledger.write), lots,
-   watermarks, outcomes and the cursor.
+   counters), ledger+outbox rows (type `sync`, the payload of ledger.write),
+   the claims of the new event ids with their outcome, watermarks and the
+   cursor (lots, for RECEIVEs with a unit cost, follow).
 
 The caller commits; an ack is sent only after that commit.
 """
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, NamedTuple
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory import ledger
-from domain.inventory.types import Cost, is_below_threshold
+from domain.inventory.types import Cost
 from domain.inventory.validation import MAX_QUANTITY, MAX_TEXT, WAREHOUSE_CODE, normalize_sku
 from domain.shared import outbox
+from domain.shared.db import driver_connection
 from domain.shared.errors import InvalidArgument
 from domain.shared.money import is_currency
 
@@ -48,8 +51,9 @@ MAX_BATCH = 10_000
 LEDGER_TYPE = "sync"
 
 
-@dataclass(frozen=True, slots=True)
-class SyncEvent:
+class SyncEvent(NamedTuple):
+    """One event of a batch (a NamedTuple: thousands are built per batch)."""
+
     event_id: str
     sku: str
     warehouse_code: str
@@ -106,193 +110,180 @@ def check_policy(policy: str) -> str:
 
 def validate_event(e: SyncEvent) -> tuple[SyncEvent | None, EventError | None]:
     """Pure checks of one event: (normalised event, None) or (None, error)."""
+    sku = normalize_sku(e.sku) if e.kind in KINDS else None
+    err = _problem(e, sku)
+    if err is not None:
+        return None, err
+    assert sku is not None
+    if sku != e.sku:
+        e = e._replace(sku=sku)
+    return e, None
 
-    def bad(reason: str, message: str) -> tuple[None, EventError]:
-        return None, EventError(e.event_id, reason, message)
 
-    if e.kind not in KINDS:
+def _problem(e: SyncEvent, sku: str | None) -> EventError | None:
+    """The first rule `e` breaks, given its normalised SKU (None when invalid)."""
+
+    def bad(reason: str, message: str) -> EventError:
+        return EventError(e.event_id, reason, message)
+
+    kind = e.kind
+    if kind not in KINDS:
         return bad("UNKNOWN_KIND", "kind must be SET, ADJUST or RECEIVE")
-    sku = normalize_sku(e.sku)
     if sku is None:
         return bad("INVALID_SKU", "sku must be 1 to 128 printable characters")
     if not WAREHOUSE_CODE.match(e.warehouse_code):
         return bad("INVALID_WAREHOUSE_CODE", "warehouse_code must match [A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
     q = e.quantity
-    if e.kind == "set" and q < 0:
+    if kind == "set" and q < 0:
         return bad("NEGATIVE_QUANTITY", "a SET quantity must not be negative")
-    if e.kind == "receive" and q <= 0:
+    if kind == "receive" and q <= 0:
         return bad("INVALID_QUANTITY", "a RECEIVE quantity must be positive")
-    if e.kind == "adjust" and q == 0:
+    if kind == "adjust" and q == 0:
         return bad("INVALID_QUANTITY", "an ADJUST quantity must not be 0")
     if abs(q) > MAX_QUANTITY:
         return bad("INVALID_QUANTITY", f"quantity must be at most {MAX_QUANTITY} in magnitude")
-    if e.kind == "set" and e.occurred_us is None:
+    if kind == "set" and e.occurred_us is None:
         return bad("MISSING_OCCURRED_AT", "a SET needs occurred_at (it orders SETs)")
     if len(e.reason) > MAX_TEXT:
         return bad("INVALID_REASON", f"reason must be at most {MAX_TEXT} characters")
-    if e.unit_cost is not None:
-        if e.kind != "receive":
+    cost = e.unit_cost
+    if cost is not None:
+        if kind != "receive":
             return bad("UNEXPECTED_UNIT_COST", "unit_cost is only for RECEIVE")
-        if not is_currency(e.unit_cost.currency) or not 0 <= e.unit_cost.amount_minor <= MAX_QUANTITY:
+        if not is_currency(cost.currency) or not 0 <= cost.amount_minor <= MAX_QUANTITY:
             return bad("INVALID_UNIT_COST", "unit_cost needs a supported currency and a non-negative amount")
-    if sku != e.sku:
-        e = SyncEvent(e.event_id, sku, e.warehouse_code, e.kind, q, e.reason, e.occurred_us, e.unit_cost)
-    return e, None
+    return None
 
 
-_NEW_SOURCE = text("INSERT INTO inventory.sync_sources (source) VALUES (:source) ON CONFLICT DO NOTHING")
-# A separate statement so its snapshot sees a row another transaction just inserted.
-_LOCK_SOURCE = text("SELECT source FROM inventory.sync_sources WHERE source = :source FOR UPDATE")
+# Hot statements run on the asyncpg connection under the session (driver_connection):
+# typed arrays + unnest cost the server less than JSON documents, and joins against
+# unnest() stay cheap under the generic plans of prepared statements (a
+# `col = ANY($n)` filter there is a linear search per row).
 
-_LOOKUP = text(
-    """
-    SELECT 'w' AS k, code AS key, false AS track, false AS bo, 0::bigint AS maxbo, 0::bigint AS thr
-      FROM inventory.warehouses WHERE code = ANY(CAST(:whs AS text[]))
+_LOCK_SOURCE = "SELECT 1 FROM inventory.sync_sources WHERE source = $1 FOR UPDATE"
+# A separate statement from the lock above, so the next lock's snapshot sees a
+# row another transaction just inserted.
+_NEW_SOURCE = "INSERT INTO inventory.sync_sources (source) VALUES ($1) ON CONFLICT DO NOTHING"
+
+# Warehouses ('w'), items ('i') and the ids of this batch already claimed by the
+# source (their outcome 'a' / 's' / 'r'), in one round trip. Claims read here are
+# stable: every writer of a source's claims holds its cursor lock.
+_LOOKUP = """
+    SELECT 'w' AS k, w.code AS key, false AS track, false AS bo, 0::bigint AS maxbo, 0::bigint AS thr,
+           NULL::text AS reason, NULL::text AS message
+      FROM inventory.warehouses w WHERE w.code = ANY($1::text[])
     UNION ALL
-    SELECT 'i', sku, track_inventory, allow_backorder, max_backorder, low_stock_threshold
-      FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
-    """
-)
+    SELECT 'i', i.sku, i.track_inventory, i.allow_backorder, i.max_backorder, i.low_stock_threshold, NULL, NULL
+      FROM unnest($2::text[]) AS x(sku) JOIN inventory.items i ON i.sku = x.sku
+    UNION ALL
+    SELECT CAST(e.outcome AS text), e.event_id, false, false, 0, 0, e.reason, e.message
+      FROM unnest($4::text[]) AS x(id) JOIN inventory.sync_events e ON e.source = $3 AND e.event_id = x.id
+"""
 
-# Hot-path statements take their rows as ONE json document (json_to_recordset):
-# binding thousands of array elements costs more in the driver than the SQL.
-_CLAIM = text(
-    """
-    WITH ins AS (
-        INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
-        SELECT :source, t.id, CAST(t.o AS "char"), t.r, t.m
-        FROM json_to_recordset(CAST(:rows AS json)) AS t(id text, o text, r text, m text)
-        ON CONFLICT DO NOTHING
-        RETURNING event_id
-    )
-    SELECT coalesce(array_agg(event_id), '{}') FROM ins
-    """
-)
-
-_RECORDED = text(
-    """
-    SELECT event_id, CAST(outcome AS text) AS outcome, reason, message FROM inventory.sync_events
-    WHERE source = :source AND event_id = ANY(CAST(:ids AS text[]))
-    """
-)
-
-_CREATE_ITEMS = text(
-    """
+_CREATE_ITEMS = """
     INSERT INTO inventory.items (sku, track_inventory)
-    SELECT s, true FROM unnest(CAST(:skus AS text[])) AS s
+    SELECT s, true FROM unnest($1::text[]) AS s ORDER BY s
     ON CONFLICT DO NOTHING
-    """
-)
+"""
 
-_ITEMS = text(
-    """
-    SELECT sku, track_inventory, allow_backorder, max_backorder, low_stock_threshold
-    FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
-    """
-)
+_ITEMS = """
+    SELECT 'i' AS k, i.sku, i.track_inventory, i.allow_backorder, i.max_backorder, i.low_stock_threshold
+    FROM unnest($1::text[]) AS x(sku) JOIN inventory.items i ON i.sku = x.sku
+"""
 
-_ENSURE_LEVELS = text(
-    """
+_ENSURE_LEVELS = """
     INSERT INTO inventory.stock_levels (sku, warehouse_code)
-    SELECT s, w FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[])) AS t(s, w)
+    SELECT s, w FROM unnest($1::text[], $2::text[]) AS t(s, w)
     ORDER BY s, w
     ON CONFLICT DO NOTHING
-    """
-)
+"""
 
 # Every level of the affected SKUs (the totals decide the below-threshold
 # flag), locked in one global order so concurrent writers cannot deadlock on
-# them among themselves.
-_LOCK_LEVELS = text(
-    """
-    SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
-    WHERE sku = ANY(CAST(:skus AS text[]))
-    ORDER BY sku, warehouse_code
-    FOR NO KEY UPDATE
-    """
-)
+# them among themselves, with this source's SET watermark of each.
+_LOCK_LEVELS = """
+    SELECT l.sku, l.warehouse_code, l.on_hand, l.reserved, m.last_set_us
+    FROM unnest($1::text[]) AS x(sku)
+    JOIN inventory.stock_levels l ON l.sku = x.sku
+    LEFT JOIN inventory.sync_watermarks m
+           ON m.source = $2 AND m.sku = l.sku AND m.warehouse_code = l.warehouse_code
+    ORDER BY l.sku, l.warehouse_code
+    FOR NO KEY UPDATE OF l
+"""
 
-_WATERMARKS = text(
-    """
-    SELECT sku, warehouse_code, last_set_us FROM inventory.sync_watermarks
-    WHERE source = :source AND sku = ANY(CAST(:skus AS text[]))
-    """
-)
-
-# Compare-and-set on counters read under the row lock above: the row changes
-# only if it still holds exactly what the computation started from.
-_UPDATE_LEVELS = text(
-    """
-    UPDATE inventory.stock_levels s
-    SET on_hand = v.new, updated_at = now()
-    FROM json_to_recordset(CAST(:rows AS json)) AS v(sku text, wh text, old bigint, new bigint, reserved bigint)
-    WHERE s.sku = v.sku AND s.warehouse_code = v.wh AND s.on_hand = v.old AND s.reserved = v.reserved
-    """
-)
-
-# Ledger rows and their outbox events in one statement, like ledger.write (same
-# payload) without building a Movement per row. Ids are drawn in input order.
-_WRITE = text(
-    """
-    WITH src AS MATERIALIZED (
+# Everything a batch writes, in one statement:
+# - upd: compare-and-set on counters read under the row lock above (a row
+#   changes only if it still holds exactly what the computation started from);
+# - src/l/o: ledger rows and their outbox events like ledger.write (same
+#   payload), ids drawn in input order;
+# - c: the claims of every new keyed event id with its final outcome: the
+#   applied ones are the ledger rows' references, the others come with their
+#   outcome (plain INSERT: the lookup under the cursor lock found none of them;
+#   a claim that exists anyway fails the batch rather than apply an event twice);
+# - marks/wu/wi: SET watermarks, updated or inserted (the lock query saw which
+#   exist; only holders of the cursor lock write them); a: the cursor.
+_WRITE = """
+    WITH upd AS (
+        UPDATE inventory.stock_levels s
+        SET on_hand = v.new, updated_at = now()
+        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+             AS v(sku, wh, old, new, reserved)
+        WHERE s.sku = v.sku AND s.warehouse_code = v.wh AND s.on_hand = v.old AND s.reserved = v.reserved
+        RETURNING 1
+    ), src AS MATERIALIZED (
         SELECT nextval('inventory.ledger_id_seq') AS id, t.*
-        FROM ROWS FROM (json_to_recordset(CAST(:rows AS json))
-             AS (sku text, wh text, ohb bigint, oha bigint, r bigint, reason text, ref text, cost bigint,
-                 cur text, below boolean)) WITH ORDINALITY AS t(sku, wh, ohb, oha, r, reason, ref, cost, cur, below, ord)
+        FROM unnest($6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[],
+                    $12::text[], $13::bigint[], $14::text[], $15::boolean[])
+             WITH ORDINALITY AS t(sku, wh, ohb, oha, r, reason, ref, cost, cur, below, ord)
     ), l AS (
         INSERT INTO inventory.ledger (id, sku, warehouse_code, type, on_hand_before, on_hand_after,
             reserved_before, reserved_after, reason, source, actor, reference, cost_minor, cost_currency)
-        SELECT id, sku, wh, 'sync', ohb, oha, r, r, reason, :source, :actor, ref, cost, cur
+        SELECT id, sku, wh, 'sync', ohb, oha, r, r, reason, $16, $17, ref, cost, cur
         FROM src ORDER BY ord
     ), o AS (
         INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
-        SELECT :topic, 'sku', sku, jsonb_build_object(
+        SELECT $18, 'sku', sku, jsonb_build_object(
             'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', 'sync',
             'on_hand_delta', oha - ohb, 'reserved_delta', 0,
             'on_hand', oha, 'reserved', r, 'available', oha - r,
-            'reason', reason, 'source', :source, 'reference', ref,
+            'reason', reason, 'source', $16::text, 'reference', ref,
             'reservation_id', NULL, 'below_threshold', below)
         FROM src ORDER BY ord
+    ), c AS (
+        INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
+        SELECT $16, ref, 'a', NULL, NULL FROM src
+        UNION ALL
+        SELECT $16, t.id, CAST(t.o AS "char"), t.r, t.m
+        FROM unnest($19::text[], $20::text[], $21::text[], $22::text[]) AS t(id, o, r, m)
+    ), marks AS (
+        SELECT * FROM unnest($23::text[], $24::text[], $25::bigint[], $26::boolean[]) AS t(sku, wh, us, known)
+    ), wu AS (
+        UPDATE inventory.sync_watermarks m SET last_set_us = greatest(m.last_set_us, t.us)
+        FROM marks t
+        WHERE t.known AND m.source = $16 AND m.sku = t.sku AND m.warehouse_code = t.wh
+    ), wi AS (
+        INSERT INTO inventory.sync_watermarks (source, sku, warehouse_code, last_set_us)
+        SELECT $16, t.sku, t.wh, t.us FROM marks t WHERE NOT t.known
+    ), a AS (
+        UPDATE inventory.sync_sources
+        SET last_event_id = $27, events_seen = events_seen + $28,
+            events_applied = events_applied + $29, updated_at = now()
+        WHERE source = $16
+        RETURNING source, last_event_id, events_seen, events_applied, updated_at
     )
-    SELECT coalesce(array_agg(id ORDER BY ord) FILTER (WHERE cost IS NOT NULL), '{}') FROM src
-    """
-)
+    SELECT (SELECT count(*) FROM upd) AS updated,
+           (SELECT coalesce(array_agg(id ORDER BY ord) FILTER (WHERE cost IS NOT NULL), '{}') FROM src) AS lot_ids,
+           a.source, a.last_event_id, a.events_seen, a.events_applied, a.updated_at
+    FROM a
+"""
 
-_LOTS = text(
-    """
+_LOTS = """
     INSERT INTO inventory.lots (sku, warehouse_code, received_quantity, remaining_quantity,
                                 unit_cost_minor, currency, ledger_id)
     SELECT sku, wh, qty, qty, cost, cur, lid
-    FROM json_to_recordset(CAST(:rows AS json)) AS t(sku text, wh text, qty bigint, cost bigint, cur text, lid bigint)
-    """
-)
-
-_UPSERT_WATERMARKS = text(
-    """
-    INSERT INTO inventory.sync_watermarks (source, sku, warehouse_code, last_set_us)
-    SELECT :source, t.sku, t.wh, t.us FROM json_to_recordset(CAST(:rows AS json)) AS t(sku text, wh text, us bigint)
-    ON CONFLICT (source, sku, warehouse_code)
-    DO UPDATE SET last_set_us = greatest(inventory.sync_watermarks.last_set_us, EXCLUDED.last_set_us)
-    """
-)
-
-_SET_OUTCOMES = text(
-    """
-    UPDATE inventory.sync_events e SET outcome = CAST(t.o AS "char"), reason = t.r, message = t.m
-    FROM json_to_recordset(CAST(:rows AS json)) AS t(id text, o text, r text, m text)
-    WHERE e.source = :source AND e.event_id = t.id
-    """
-)
-
-_ADVANCE = text(
-    """
-    UPDATE inventory.sync_sources
-    SET last_event_id = :last, events_seen = events_seen + :seen,
-        events_applied = events_applied + :applied, updated_at = now()
-    WHERE source = :source
-    RETURNING source, last_event_id, events_seen, events_applied, updated_at
-    """
-)
+    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[])
+         AS t(sku, wh, qty, cost, cur, lid)
+"""
 
 _CURSOR = text(
     """
@@ -304,91 +295,163 @@ _CURSOR = text(
 
 def _cursor(row: Any) -> Cursor:
     return Cursor(
-        row.source, row.last_event_id, int(row.events_seen), int(row.events_applied), row.updated_at
+        row["source"],
+        row["last_event_id"],
+        int(row["events_seen"]),
+        int(row["events_applied"]),
+        row["updated_at"],
     )
 
 
 async def get_cursor(session: AsyncSession, source: str) -> Cursor:
     """Where a source stands; an unknown source starts from the beginning."""
     source = check_source(source)
-    row = (await session.execute(_CURSOR, {"source": source})).one_or_none()
+    row = (await session.execute(_CURSOR, {"source": source})).mappings().one_or_none()
     return _cursor(row) if row is not None else Cursor(source, "", 0, 0, None)
 
 
-@dataclass
-class _Item:
-    track: bool
-    backorder: bool
-    max_backorder: int
-    threshold: int
+# An item as the lookups return it (asyncpg records, used as they come):
+# (kind, sku, track_inventory, allow_backorder, max_backorder, low_stock_threshold).
+_TRACK, _BACKORDER, _MAX_BACKORDER, _THRESHOLD = 2, 3, 4, 5
 
 
-def _allowed(new: int, old: int, reserved: int, item: _Item) -> bool:
+def _allowed(new: int, old: int, reserved: int, item: Any) -> bool:
     """The stock rule of apply_stock_change, for one level."""
     if new < 0:
         return False
-    if new >= old or new >= reserved or not item.track:
+    if new >= old or new >= reserved or not item[_TRACK]:
         return True
-    return item.backorder and (item.max_backorder == 0 or reserved - new <= item.max_backorder)
+    max_backorder: int = item[_MAX_BACKORDER]
+    return bool(item[_BACKORDER]) and (max_backorder == 0 or reserved - new <= max_backorder)
+
+
+@dataclass(slots=True)
+class _Writes:
+    """Column arrays of the batch's write statement."""
+
+    # Ledger + outbox rows, in event order.
+    sku: list[str] = field(default_factory=list)
+    wh: list[str] = field(default_factory=list)
+    ohb: list[int] = field(default_factory=list)
+    oha: list[int] = field(default_factory=list)
+    reserved: list[int] = field(default_factory=list)
+    reason: list[str] = field(default_factory=list)
+    ref: list[str] = field(default_factory=list)
+    cost: list[int | None] = field(default_factory=list)
+    cur: list[str | None] = field(default_factory=list)
+    below: list[bool] = field(default_factory=list)
+    # Claims of the events not applied (stale or rejected).
+    claim_id: list[str] = field(default_factory=list)
+    claim_outcome: list[str] = field(default_factory=list)
+    claim_reason: list[str | None] = field(default_factory=list)
+    claim_message: list[str | None] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedBatch:
+    """A batch after every check that needs no database (`prepare`): the SyncStock
+    servicer prepares the next batch while the current one is in its transaction."""
+
+    size: int
+    last_event_id: str
+    # Repeats of an id earlier in the batch (the first occurrence wins).
+    duplicate: int
+    # Events without a usable id: reported, but cannot be recorded.
+    invalid_ids: list[EventError]
+    # Keyed event ids (first occurrences), in order.
+    order: list[str]
+    # Normalised events that passed validation, in order.
+    valid: list[SyncEvent]
+    # Ids rejected by validation.
+    rejected: dict[str, EventError]
+    skus: list[str]
+    warehouses: list[str]
+
+
+def prepare(events: Sequence[SyncEvent]) -> PreparedBatch:
+    """Pure validation of a batch; in-batch duplicates (first occurrence wins)."""
+    if not 1 <= len(events) <= MAX_BATCH:
+        raise InvalidArgument(
+            "INVALID_BATCH", f"a batch holds 1 to {MAX_BATCH} events", metadata={"events": str(len(events))}
+        )
+    seen_ids: set[str] = set()
+    valid: list[SyncEvent] = []
+    pre: dict[str, EventError] = {}
+    order: list[str] = []
+    invalid: list[EventError] = []
+    duplicate = 0
+    for e in events:
+        eid = e.event_id
+        if eid in seen_ids:
+            duplicate += 1
+            continue
+        if not 1 <= len(eid) <= MAX_EVENT_ID:
+            invalid.append(EventError(eid, "INVALID_EVENT_ID", "event_id must be 1 to 128 characters"))
+            continue
+        seen_ids.add(eid)
+        order.append(eid)
+        # validate_event, without a result tuple per event.
+        sku = normalize_sku(e.sku) if e.kind in KINDS else None
+        err = _problem(e, sku)
+        if err is not None:
+            pre[eid] = err
+        elif sku == e.sku:
+            valid.append(e)
+        else:
+            assert sku is not None
+            valid.append(e._replace(sku=sku))
+    return PreparedBatch(
+        len(events),
+        events[-1].event_id,
+        duplicate,
+        invalid,
+        order,
+        valid,
+        pre,
+        list({e.sku for e in valid}),
+        list({e.warehouse_code for e in valid}),
+    )
 
 
 async def apply_batch(
     session: AsyncSession,
     source: str,
-    events: Sequence[SyncEvent],
+    events: Sequence[SyncEvent] | PreparedBatch,
     *,
     unknown_sku: str = "create",
     actor: str = "",
 ) -> BatchResult:
-    """Apply one batch in the caller's transaction (see the module docstring)."""
+    """Apply one batch (events, or a batch already `prepare`d) in the caller's
+    transaction (see the module docstring)."""
     source = check_source(source)
     check_policy(unknown_sku)
-    if not 1 <= len(events) <= MAX_BATCH:
-        raise InvalidArgument(
-            "INVALID_BATCH", f"a batch holds 1 to {MAX_BATCH} events", metadata={"events": str(len(events))}
-        )
-    await session.execute(_NEW_SOURCE, {"source": source})
-    await session.execute(_LOCK_SOURCE, {"source": source})
-    res = BatchResult()
+    batch = events if isinstance(events, PreparedBatch) else prepare(events)
+    conn = await driver_connection(session)
+    if await conn.fetchval(_LOCK_SOURCE, source) is None:
+        await conn.execute(_NEW_SOURCE, source)
+        await conn.fetchval(_LOCK_SOURCE, source)
+    res = BatchResult(
+        duplicate=batch.duplicate, rejected=len(batch.invalid_ids), errors=list(batch.invalid_ids)
+    )
+    valid = batch.valid
+    order = batch.order
+    pre = dict(batch.rejected)
+    skus = batch.skus
+    whs = batch.warehouses
 
-    # 2. Pure validation; in-batch duplicates (first occurrence wins).
-    seen_ids: set[str] = set()
-    valid: list[SyncEvent] = []
-    # Claims: event id -> (outcome, reason, message) known before applying.
-    pre: dict[str, EventError] = {}
-    order: list[str] = []
-    for e in events:
-        if not 1 <= len(e.event_id) <= MAX_EVENT_ID:
-            # No usable key: reported, but cannot be recorded.
-            res.rejected += 1
-            res.errors.append(
-                EventError(e.event_id, "INVALID_EVENT_ID", "event_id must be 1 to 128 characters")
-            )
-            continue
-        if e.event_id in seen_ids:
-            res.duplicate += 1
-            continue
-        seen_ids.add(e.event_id)
-        order.append(e.event_id)
-        ok, err = validate_event(e)
-        if err is not None:
-            pre[e.event_id] = err
-        else:
-            assert ok is not None
-            valid.append(ok)
-
-    # Warehouses and items referenced by the valid events.
-    skus = sorted({e.sku for e in valid})
-    whs = sorted({e.warehouse_code for e in valid})
+    # 3. Warehouses and items referenced by the valid events, and earlier claims.
     known_wh: set[str] = set()
-    items: dict[str, _Item] = {}
-    if valid:
-        for r in (await session.execute(_LOOKUP, {"whs": whs, "skus": skus})).all():
-            if r.k == "w":
-                known_wh.add(r.key)
+    items: dict[str, Any] = {}
+    recorded: dict[str, tuple[str, str, str]] = {}
+    if order:
+        for r in await conn.fetch(_LOOKUP, whs, skus, source, order):
+            k = r[0]
+            if k == "i":
+                items[r[1]] = r
+            elif k == "w":
+                known_wh.add(r[1])
             else:
-                items[r.key] = _Item(bool(r.track), bool(r.bo), int(r.maxbo), int(r.thr))
-    candidates: list[SyncEvent] = []
+                recorded[r[1]] = (k, r[6] or "", r[7] or "")
     for e in valid:
         if e.warehouse_code not in known_wh:
             pre[e.event_id] = EventError(
@@ -398,188 +461,214 @@ async def apply_batch(
             pre[e.event_id] = EventError(
                 e.event_id, "UNKNOWN_SKU", f"inventory item {e.sku!r} does not exist"
             )
-        else:
-            candidates.append(e)
-
-    # 3. Claim every keyed event id at once.
-    claim_ids = order
-    new_ids: set[str] = set()
-    if claim_ids:
-        rows = [
-            {"id": i, "o": "r", "r": pre[i].reason, "m": pre[i].message} if i in pre else {"id": i, "o": "a"}
-            for i in claim_ids
-        ]
-        inserted = (await session.execute(_CLAIM, {"source": source, "rows": _json(rows)})).scalar_one()
-        new_ids = set(inserted)
-    dup_ids = [i for i in claim_ids if i not in new_ids]
-    if dup_ids:
-        for r in (await session.execute(_RECORDED, {"source": source, "ids": dup_ids})).all():
-            if r.outcome == "r":
+    w = _Writes()
+    for eid in order:
+        rec = recorded.get(eid)
+        if rec is not None:
+            if rec[0] == "r":
                 # A replayed rejection answers the same.
                 res.rejected += 1
-                res.errors.append(EventError(r.event_id, r.reason or "", r.message or ""))
+                res.errors.append(EventError(eid, rec[1], rec[2]))
             else:
                 res.duplicate += 1
-    for i in claim_ids:
-        if i in new_ids and i in pre:
+        elif eid in pre:
+            err = pre[eid]
             res.rejected += 1
-            res.errors.append(pre[i])
-    todo = [e for e in candidates if e.event_id in new_ids]
+            res.errors.append(err)
+            w.claim_id.append(eid)
+            w.claim_outcome.append("r")
+            w.claim_reason.append(err.reason)
+            w.claim_message.append(err.message)
+    todo = [e for e in valid if e.event_id not in recorded and e.event_id not in pre]
 
-    late: list[EventError] = []
-    stale_ids: list[str] = []
-    applied_ids: list[str] = []
+    # 4. Apply in memory; 5. write everything in one statement.
+    level_rows: tuple[list[str], list[str], list[int], list[int], list[int]] = ([], [], [], [], [])
+    marks: tuple[list[str], list[str], list[int], list[bool]] = ([], [], [], [])
+    lots: list[SyncEvent] = []
     if todo:
-        await _apply(session, source, todo, items, res, late, stale_ids, applied_ids, actor)
-    if late or stale_ids:
-        outcome_rows = [{"id": e.event_id, "o": "r", "r": e.reason, "m": e.message} for e in late]
-        outcome_rows += [{"id": i, "o": "s"} for i in stale_ids]
-        await session.execute(_SET_OUTCOMES, {"source": source, "rows": _json(outcome_rows)})
-    last = events[-1].event_id
-    row = (
-        await session.execute(
-            _ADVANCE, {"source": source, "last": last, "seen": len(events), "applied": res.applied}
+        level_rows, marks, lots = await _apply(conn, source, todo, items, res, w)
+    row = await conn.fetchrow(
+        _WRITE,
+        *level_rows,
+        w.sku,
+        w.wh,
+        w.ohb,
+        w.oha,
+        w.reserved,
+        w.reason,
+        w.ref,
+        w.cost,
+        w.cur,
+        w.below,
+        source,
+        actor,
+        ledger.TOPIC,
+        w.claim_id,
+        w.claim_outcome,
+        w.claim_reason,
+        w.claim_message,
+        *marks,
+        batch.last_event_id,
+        batch.size,
+        res.applied,
+    )
+    assert row is not None
+    if row["updated"] != len(level_rows[0]):
+        # Cannot happen while the rows are locked; refuse rather than write a wrong ledger.
+        raise RuntimeError("stock levels changed under a sync batch's lock")
+    if w.sku:
+        # Outbox rows written by hand: wake the watchers after commit.
+        outbox.mark_written(session)
+    if lots:
+        lot_ids = row["lot_ids"]
+        await conn.execute(
+            _LOTS,
+            [e.sku for e in lots],
+            [e.warehouse_code for e in lots],
+            [e.quantity for e in lots],
+            [e.unit_cost.amount_minor if e.unit_cost else 0 for e in lots],
+            [e.unit_cost.currency if e.unit_cost else "" for e in lots],
+            list(lot_ids),
         )
-    ).one()
     res.cursor = _cursor(row)
     return res
 
 
 async def _apply(
-    session: AsyncSession,
+    conn: asyncpg.Connection[Any],
     source: str,
     todo: list[SyncEvent],
-    items: dict[str, _Item],
+    items: dict[str, Any],
     res: BatchResult,
-    late: list[EventError],
-    stale_ids: list[str],
-    applied_ids: list[str],
-    actor: str,
-) -> None:
-    skus = sorted({e.sku for e in todo})
+    w: _Writes,
+) -> tuple[
+    tuple[list[str], list[str], list[int], list[int], list[int]],
+    tuple[list[str], list[str], list[int], list[bool]],
+    list[SyncEvent],
+]:
+    # Levels are keyed by "sku NUL warehouse" (neither can hold NUL): strings, unlike
+    # tuples, are not tracked by the garbage collector, which thousands of
+    # short-lived containers per batch keep busy.
+    skus = list({e.sku for e in todo})
     missing = [s for s in skus if s not in items]
     if missing:
         # Policy "create": an unknown SKU becomes a tracked item with defaults.
-        await session.execute(_CREATE_ITEMS, {"skus": missing})
-        for r in (await session.execute(_ITEMS, {"skus": missing})).all():
-            items[r.sku] = _Item(
-                bool(r.track_inventory),
-                bool(r.allow_backorder),
-                int(r.max_backorder),
-                int(r.low_stock_threshold),
-            )
-    pairs = sorted({(e.sku, e.warehouse_code) for e in todo})
-    levels: dict[tuple[str, str], list[int]] = {}
-    per_sku: dict[str, list[tuple[str, str]]] = {}
+        await conn.execute(_CREATE_ITEMS, missing)
+        for r in await conn.fetch(_ITEMS, missing):
+            items[r[1]] = r
+    # Locked rows (sku, warehouse_code, on_hand, reserved, watermark) by key, in lock order.
+    rows: dict[str, Any] = {}
+    # Keys of the levels of SKUs with more than one level (their total decides `below`).
+    groups: dict[str, list[str]] = {}
     for attempt in range(2):
-        levels.clear()
-        per_sku.clear()
-        for r in (await session.execute(_LOCK_LEVELS, {"skus": skus})).all():
-            levels[(r.sku, r.warehouse_code)] = [int(r.on_hand), int(r.reserved)]
-            per_sku.setdefault(r.sku, []).append((r.sku, r.warehouse_code))
-        missing_pairs = [p for p in pairs if p not in levels]
-        if not missing_pairs or attempt:
+        rows.clear()
+        groups.clear()
+        prev_sku = prev_key = ""
+        for r in await conn.fetch(_LOCK_LEVELS, skus, source):
+            sku = r[0]
+            key = sku + "\0" + r[1]
+            rows[key] = r
+            if sku == prev_sku:  # rows come ordered by sku
+                group = groups.get(sku)
+                if group is None:
+                    groups[sku] = [prev_key, key]
+                else:
+                    group.append(key)
+            prev_sku = sku
+            prev_key = key
+        missing_keys = {e.sku + "\0" + e.warehouse_code for e in todo}.difference(rows)
+        if not missing_keys or attempt:
             break
         # First change of a SKU in a warehouse: create its level, then lock again.
-        await session.execute(
-            _ENSURE_LEVELS, {"skus": [p[0] for p in missing_pairs], "whs": [p[1] for p in missing_pairs]}
-        )
-    original = {k: v[0] for k, v in levels.items()}
-    marks: dict[tuple[str, str], int] = {
-        (r.sku, r.warehouse_code): int(r.last_set_us)
-        for r in (await session.execute(_WATERMARKS, {"source": source, "skus": skus})).all()
-    }
-    new_marks: dict[tuple[str, str], int] = {}
-    drafts: list[dict[str, Any]] = []
+        pairs = [k.split("\0") for k in missing_keys]
+        await conn.execute(_ENSURE_LEVELS, [p[0] for p in pairs], [p[1] for p in pairs])
+    # Current on_hand and SET watermark of the levels this batch changed.
+    on_hand: dict[str, int] = {}
+    marks: dict[str, int] = {}
     lots: list[SyncEvent] = []
+    applied = 0
     for e in todo:
-        key = (e.sku, e.warehouse_code)
-        item = items[e.sku]
-        level = levels[key]
-        old, reserved = level
+        sku = e.sku
+        key = sku + "\0" + e.warehouse_code
+        row = rows[key]
+        old = on_hand.get(key)
+        if old is None:
+            old = row[2]
+        reserved = row[3]
+        occurred = e.occurred_us
         if e.kind == "set":
-            mark = marks.get(key)
-            assert e.occurred_us is not None
-            if mark is not None and e.occurred_us < mark:
+            mark = marks.get(key, row[4])
+            assert occurred is not None
+            if mark is not None and occurred < mark:
                 res.stale += 1
-                stale_ids.append(e.event_id)
+                w.claim_id.append(e.event_id)
+                w.claim_outcome.append("s")
+                w.claim_reason.append(None)
+                w.claim_message.append(None)
                 continue
             new = e.quantity
         else:
             new = old + e.quantity
+        item = items[sku]
         if not _allowed(new, old, reserved, item):
             if new < 0:
                 err = EventError(
-                    e.event_id, "INSUFFICIENT_STOCK", f"on_hand {old} of {e.sku!r} would go below 0"
+                    e.event_id, "INSUFFICIENT_STOCK", f"on_hand {old} of {sku!r} would go below 0"
                 )
             else:
                 err = EventError(
                     e.event_id,
                     "STOCK_RESERVED",
-                    f"on_hand of {e.sku!r} would be {new}, below the {reserved} reserved units",
+                    f"on_hand of {sku!r} would be {new}, below the {reserved} reserved units",
                 )
             res.rejected += 1
             res.errors.append(err)
-            late.append(err)
+            w.claim_id.append(e.event_id)
+            w.claim_outcome.append("r")
+            w.claim_reason.append(err.reason)
+            w.claim_message.append(err.message)
             continue
         if e.kind == "set":
-            marks[key] = new_marks[key] = e.occurred_us  # type: ignore[assignment]
-        level[0] = new
-        group = per_sku[e.sku]
-        total = new - reserved if len(group) == 1 else sum(levels[k][0] - levels[k][1] for k in group)
-        row: dict[str, Any] = {
-            "sku": e.sku,
-            "wh": e.warehouse_code,
-            "ohb": old,
-            "oha": new,
-            "r": reserved,
-            "reason": e.reason,
-            "ref": e.event_id,
-            "below": is_below_threshold(total, item.threshold),
-        }
+            assert occurred is not None
+            marks[key] = occurred
+        on_hand[key] = new
+        group = groups.get(sku)
+        if group is None:
+            total = new - reserved
+        else:
+            total = sum(on_hand.get(k, rows[k][2]) - rows[k][3] for k in group)
+        threshold: int = item[_THRESHOLD]
+        w.sku.append(sku)
+        w.wh.append(e.warehouse_code)
+        w.ohb.append(old)
+        w.oha.append(new)
+        w.reserved.append(reserved)
+        w.reason.append(e.reason)
+        w.ref.append(e.event_id)
+        w.below.append(threshold > 0 and total <= threshold)  # is_below_threshold, inlined
         if e.unit_cost is not None:
-            row["cost"] = e.unit_cost.amount_minor * e.quantity
-            row["cur"] = e.unit_cost.currency
+            w.cost.append(e.unit_cost.amount_minor * e.quantity)
+            w.cur.append(e.unit_cost.currency)
             lots.append(e)
-        drafts.append(row)
-        applied_ids.append(e.event_id)
-    res.applied += len(drafts)
-    if not drafts:
-        return
-    changed = [k for k in sorted(levels) if levels[k][0] != original[k]]
-    if changed:
-        rows = [
-            {"sku": k[0], "wh": k[1], "old": original[k], "new": levels[k][0], "reserved": levels[k][1]}
-            for k in changed
-        ]
-        result = await session.execute(_UPDATE_LEVELS, {"rows": _json(rows)})
-        if (getattr(result, "rowcount", -1) or 0) != len(changed):
-            # Cannot happen while the rows are locked; refuse rather than write a wrong ledger.
-            raise RuntimeError("stock levels changed under a sync batch's lock")
-    lot_ledger_ids = (
-        await session.execute(
-            _WRITE, {"rows": _json(drafts), "source": source, "actor": actor, "topic": ledger.TOPIC}
-        )
-    ).scalar_one()
-    # Outbox rows written by hand: wake the watchers after commit.
-    outbox.mark_written(session)
-    if lots:
-        lot_rows = [
-            {
-                "sku": e.sku,
-                "wh": e.warehouse_code,
-                "qty": e.quantity,
-                "cost": e.unit_cost.amount_minor if e.unit_cost else 0,
-                "cur": e.unit_cost.currency if e.unit_cost else "",
-                "lid": lid,
-            }
-            for e, lid in zip(lots, lot_ledger_ids, strict=True)
-        ]
-        await session.execute(_LOTS, {"rows": _json(lot_rows)})
-    if new_marks:
-        wm_rows = [{"sku": k[0], "wh": k[1], "us": new_marks[k]} for k in sorted(new_marks)]
-        await session.execute(_UPSERT_WATERMARKS, {"source": source, "rows": _json(wm_rows)})
-
-
-def _json(rows: list[dict[str, Any]]) -> str:
-    return json.dumps(rows, separators=(",", ":"), ensure_ascii=False)
+        else:
+            w.cost.append(None)
+            w.cur.append(None)
+        applied += 1
+    res.applied += applied
+    # In lock order (the rows are locked already).
+    changed = [rows[k] for k in rows if k in on_hand and on_hand[k] != rows[k][2]]
+    level_rows = (
+        [r[0] for r in changed],
+        [r[1] for r in changed],
+        [r[2] for r in changed],
+        [on_hand[r[0] + "\0" + r[1]] for r in changed],
+        [r[3] for r in changed],
+    )
+    mark_rows = [rows[k] for k in marks]
+    mark_cols = (
+        [r[0] for r in mark_rows],
+        [r[1] for r in mark_rows],
+        list(marks.values()),
+        [r[4] is not None for r in mark_rows],
+    )
+    return level_rows, mark_cols, lots

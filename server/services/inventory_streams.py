@@ -23,6 +23,7 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Literal, TypeAlias
 
+import asyncpg
 import grpc
 import sqlalchemy.exc
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -71,19 +72,24 @@ class StreamSettings(BaseSettings):
 
 
 def events_from_proto(batch: pb.SyncBatch) -> list[sync.SyncEvent]:
-    out = []
+    kinds = _KINDS
+    event = sync.SyncEvent
+    out: list[sync.SyncEvent] = []
+    append = out.append
     for e in batch.events:
-        occurred = e.occurred_at
-        occurred_us = (
-            occurred.seconds * 1_000_000 + occurred.nanos // 1000 if e.HasField("occurred_at") else None
-        )
-        cost = Cost(e.unit_cost.amount_minor, e.unit_cost.currency_code) if e.HasField("unit_cost") else None
-        out.append(
-            sync.SyncEvent(
+        occurred_us = None
+        if e.HasField("occurred_at"):
+            occurred = e.occurred_at
+            occurred_us = occurred.seconds * 1_000_000 + occurred.nanos // 1000
+        cost = None
+        if e.HasField("unit_cost"):
+            cost = Cost(e.unit_cost.amount_minor, e.unit_cost.currency_code)
+        append(
+            event(
                 e.event_id,
                 e.sku,
                 e.warehouse_code,
-                _KINDS.get(e.kind, "unspecified"),
+                kinds.get(e.kind, "unspecified"),
                 e.quantity,
                 e.reason,
                 occurred_us,
@@ -135,7 +141,11 @@ def event_to_proto(e: watch.StockEvent) -> pb.StockChangeEvent:
 
 
 async def apply_batch(
-    rt: Runtime, source: str, events: list[sync.SyncEvent], unknown_sku: str, actor: str
+    rt: Runtime,
+    source: str,
+    events: list[sync.SyncEvent] | sync.PreparedBatch,
+    unknown_sku: str,
+    actor: str,
 ) -> sync.BatchResult:
     """One batch, one transaction; retried whole on deadlock/serialization failure."""
     for attempt in range(5):
@@ -146,9 +156,11 @@ async def apply_batch(
                 )
                 await uow.commit()
                 return result
-        except sqlalchemy.exc.DBAPIError as exc:
-            state = getattr(exc.orig, "sqlstate", None) or getattr(
-                getattr(exc.orig, "__cause__", None), "sqlstate", None
+        except (sqlalchemy.exc.DBAPIError, asyncpg.PostgresError) as exc:
+            # Hot statements run on asyncpg directly (its errors carry .sqlstate).
+            orig = getattr(exc, "orig", exc)
+            state = getattr(orig, "sqlstate", None) or getattr(
+                getattr(orig, "__cause__", None), "sqlstate", None
             )
             if state not in _RETRY_STATES or attempt == 4:
                 raise
@@ -210,7 +222,8 @@ class InventoryStreamsMixin:
                             f"a batch holds 1 to {sync.MAX_BATCH} events",
                             metadata={"batch_seq": str(req.batch.batch_seq)},
                         )
-                    await queue.put((req.batch.batch_seq, events))
+                    # Validation too: it runs while the previous batch is in its transaction.
+                    await queue.put((req.batch.batch_seq, sync.prepare(events)))
             except DomainError as err:
                 await queue.put(err)
             finally:
@@ -226,8 +239,8 @@ class InventoryStreamsMixin:
                     raise item
                 assert isinstance(item, tuple)
                 seq: int = item[0]
-                events: list[sync.SyncEvent] = item[1]
-                result = await apply_batch(self.rt, source, events, cfg.sync_unknown_sku, actor)
+                batch: sync.PreparedBatch = item[1]
+                result = await apply_batch(self.rt, source, batch, cfg.sync_unknown_sku, actor)
                 slots.release()
                 yield pb.SyncStockResponse(ack=ack_to_proto(seq, result))
         finally:

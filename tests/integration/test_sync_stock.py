@@ -104,6 +104,64 @@ async def test_events_apply_once_and_a_replay_changes_nothing(
         await check_invariants(s)
 
 
+async def test_one_batch_over_several_warehouses_flags_the_sku_total(
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """Levels of one SKU in two warehouses change in one batch: each ledger row's
+    outbox event carries the below-threshold flag of the SKU's running total."""
+    w1, w2 = await make_warehouse(admin), await make_warehouse(admin)
+    source = unique("wms")
+    sku = unique("SKU")
+    await admin.inventory.upsert_inventory_item(
+        pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=sku, low_stock_threshold=10))
+    )
+    events = [
+        ev("m1", sku, w1, "set", 4, 1),  # total 4: below
+        ev("m2", sku, w2, "receive", 5, 2),  # total 9: below
+        ev("m3", sku, w2, "adjust", 3, 3),  # total 12: not below
+        ev("m4", sku, w1, "set", 1, 0),  # older SET in w1: stale
+        ev("m5", sku, w1, "adjust", -3, 4),  # total 9: below
+        ev("m6", sku, w2, "set", 2, 0),  # first SET in w2 (no watermark yet): total 3
+    ]
+    p = await sync_stock(admin, source, events, batch_size=100)
+    assert (p.applied, p.stale, p.rejected) == (5, 1, 0)
+    assert (await on_hand(admin, sku, w1), await on_hand(admin, sku, w2)) == (1, 2)
+    async with sessions() as s:
+        rows = (
+            await s.execute(
+                text(
+                    "SELECT payload->>'reference', payload->>'warehouse_code', (payload->>'on_hand')::int,"
+                    " (payload->>'below_threshold')::bool FROM platform.outbox"
+                    " WHERE aggregate_id = :sku AND payload->>'source' = :src ORDER BY id"
+                ),
+                {"sku": sku, "src": source},
+            )
+        ).all()
+        assert [tuple(r) for r in rows] == [
+            ("m1", w1, 4, True),
+            ("m2", w2, 5, True),
+            ("m3", w2, 8, False),
+            ("m5", w1, 1, True),
+            ("m6", w2, 2, True),
+        ]
+        marks = (
+            await s.execute(
+                text(
+                    "SELECT warehouse_code FROM inventory.sync_watermarks WHERE source = :src AND sku = :sku"
+                ),
+                {"src": source, "sku": sku},
+            )
+        ).scalars()
+        assert sorted(marks) == sorted([w1, w2])
+        await check_invariants(s)
+    # A later batch: the watermarks now exist (updated in place), the replay is a no-op.
+    again = await sync_stock(
+        admin, source, [*events, ev("m7", sku, w2, "set", 6, -1), ev("m8", sku, w2, "set", 7, 9)]
+    )
+    assert (again.applied, again.duplicate, again.stale) == (1, 6, 1)
+    assert await on_hand(admin, sku, w2) == 7
+
+
 async def test_older_set_is_stale_across_batches(admin: Entrepot) -> None:
     wh = await make_warehouse(admin)
     source = unique("wms")

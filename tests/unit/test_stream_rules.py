@@ -6,7 +6,7 @@ from datetime import UTC, datetime
 
 import pytest
 
-from domain.inventory.sync import SyncEvent, check_source, validate_event
+from domain.inventory.sync import MAX_BATCH, SyncEvent, check_source, prepare, validate_event
 from domain.inventory.types import Cost
 from domain.inventory.watch import StockEvent, make_filter
 from domain.shared.errors import InvalidArgument
@@ -38,6 +38,32 @@ def test_event_validation_reasons() -> None:
 def test_sku_is_normalised() -> None:
     ok, _ = validate_event(SyncEvent("1", "Cafe\u0301", "W1", "adjust", 1))
     assert ok is not None and ok.sku == "Caf\u00e9"
+
+
+def test_prepare_checks_a_batch_without_the_database() -> None:
+    batch = prepare(
+        [
+            SyncEvent("a", "Cafe\u0301", "W1", "adjust", 1),
+            SyncEvent("", "S", "W1", "adjust", 1),  # no usable id: reported, never recorded
+            SyncEvent("b", "S", "W1", "adjust", 0),  # invalid: rejected with its reason
+            SyncEvent("a", "S", "W2", "adjust", 5),  # repeated id: the first occurrence wins
+            SyncEvent("c", "S", "W2", "set", 3, occurred_us=7),
+            SyncEvent("x" * 129, "S", "W1", "adjust", 1),
+        ]
+    )
+    assert (batch.size, batch.last_event_id, batch.duplicate) == (6, "x" * 129, 1)
+    assert [e.reason for e in batch.invalid_ids] == ["INVALID_EVENT_ID", "INVALID_EVENT_ID"]
+    assert batch.order == ["a", "b", "c"]
+    assert [(e.event_id, e.sku, e.warehouse_code) for e in batch.valid] == [
+        ("a", "Caf\u00e9", "W1"),
+        ("c", "S", "W2"),
+    ]
+    assert {k: e.reason for k, e in batch.rejected.items()} == {"b": "INVALID_QUANTITY"}
+    assert sorted(batch.skus) == ["Caf\u00e9", "S"]
+    assert sorted(batch.warehouses) == ["W1", "W2"]
+    for size in (0, MAX_BATCH + 1):
+        with pytest.raises(InvalidArgument):
+            prepare([SyncEvent(str(i), "S", "W1", "adjust", 1) for i in range(size)])
 
 
 def test_source_names() -> None:
