@@ -29,9 +29,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -42,6 +41,9 @@ from domain.shared import outbox
 from domain.shared.db import driver_connection
 from domain.shared.errors import InvalidArgument
 from domain.shared.money import is_currency
+
+if TYPE_CHECKING:
+    import asyncpg  # a run-time import would be repeated in Temporal's workflow sandbox (crash)
 
 KINDS = ("set", "adjust", "receive")
 UNKNOWN_SKU_POLICIES = ("create", "reject")
@@ -144,8 +146,8 @@ def _problem(e: SyncEvent, sku: str | None) -> EventError | None:
         return bad("INVALID_QUANTITY", f"quantity must be at most {MAX_QUANTITY} in magnitude")
     if kind == "set" and e.occurred_us is None:
         return bad("MISSING_OCCURRED_AT", "a SET needs occurred_at (it orders SETs)")
-    if len(e.reason) > MAX_TEXT:
-        return bad("INVALID_REASON", f"reason must be at most {MAX_TEXT} characters")
+    if len(e.reason) > MAX_TEXT or "\0" in e.reason:
+        return bad("INVALID_REASON", f"reason must be at most {MAX_TEXT} characters, without NUL")
     cost = e.unit_cost
     if cost is not None:
         if kind != "receive":
@@ -385,8 +387,11 @@ def prepare(events: Sequence[SyncEvent]) -> PreparedBatch:
         if eid in seen_ids:
             duplicate += 1
             continue
-        if not 1 <= len(eid) <= MAX_EVENT_ID:
-            invalid.append(EventError(eid, "INVALID_EVENT_ID", "event_id must be 1 to 128 characters"))
+        if not 1 <= len(eid) <= MAX_EVENT_ID or "\0" in eid:
+            # Not claimable (PostgreSQL text cannot hold NUL): rejected, never stored.
+            invalid.append(
+                EventError(eid, "INVALID_EVENT_ID", "event_id must be 1 to 128 characters, without NUL")
+            )
             continue
         seen_ids.add(eid)
         order.append(eid)

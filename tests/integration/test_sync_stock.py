@@ -198,6 +198,8 @@ async def test_bad_events_are_rejected_alone_and_a_replay_answers_the_same(admin
         ev("sku", " padded ", wh, "adjust", 1),
         StockEvent("no-time", sku, wh, "set", 3),
         ev("below0", sku, wh, "adjust", -6),
+        ev("nul\0id", sku, wh, "adjust", 1),  # PostgreSQL text cannot hold NUL: alone, never stored
+        ev("nul-reason", sku, wh, "adjust", 1, reason="a\0b"),
         ev("ok2", sku, wh, "adjust", -5),
     ]
     p = await sync_stock(admin, source, events, batch_size=100)
@@ -209,13 +211,15 @@ async def test_bad_events_are_rejected_alone_and_a_replay_answers_the_same(admin
         "sku": "INVALID_SKU",
         "no-time": "MISSING_OCCURRED_AT",
         "below0": "INSUFFICIENT_STOCK",
+        "nul\0id": "INVALID_EVENT_ID",
+        "nul-reason": "INVALID_REASON",
     }
-    assert (p.applied, p.rejected) == (2, 6)
+    assert (p.applied, p.rejected) == (2, 8)
     assert await on_hand(admin, sku, wh) == 0
 
     replay = await sync_stock(admin, source, events, batch_size=3)
     assert {e.event_id: e.reason for e in replay.errors} == reasons
-    assert (replay.applied, replay.duplicate, replay.rejected) == (0, 2, 6)
+    assert (replay.applied, replay.duplicate, replay.rejected) == (0, 2, 8)
 
 
 async def test_stream_must_start_with_the_source(admin: Entrepot) -> None:
