@@ -6,7 +6,7 @@ import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, select, update
@@ -49,7 +49,7 @@ from domain.shared.errors import (
     Violations,
 )
 from domain.shared.money import Money
-from domain.shared.outbox import Event, emit_many
+from domain.shared.outbox import Event, emit_many, mark_written
 from domain.shared.pagination import decode_token, encode_token, page_size
 
 # Outbox topics (WatchOrderEvents tails these).
@@ -476,14 +476,42 @@ _ENTRY_INSERT = """INSERT INTO orders.status_entries
         FROM {source}
         ORDER BY e.n
         RETURNING id, recorded_at, created_at"""
-_ENTRY_RESULT = """ARRAY(SELECT s.id FROM s ORDER BY s.id) AS entry_ids,
-       ARRAY(SELECT s.recorded_at FROM s ORDER BY s.id) AS entry_recorded,
-       ARRAY(SELECT s.created_at FROM s ORDER BY s.id) AS entry_created"""
+
+
+def _iso_sql(column: str) -> str:
+    """SQL for datetime.isoformat() of a timestamptz read through asyncpg (UTC):
+    microseconds only when not zero, offset +00:00."""
+    utc = f"({column} AT TIME ZONE 'UTC')"
+    return (
+        f"""(to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS')"""
+        f" || CASE WHEN extract(microseconds FROM {column})::bigint % 1000000 = 0 THEN ''"
+        f" ELSE to_char({utc}, '.US') END || '+00:00')"
+    )
+
+
+# The events of the entries just inserted (s), in the same statement: each
+# payload is the template built in Python (entry_payload) with the entry's
+# id and timestamps set from the inserted row. `before` events come first.
+_ENTRY_EVENTS = f"""INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
+        SELECT y.topic, 'order', $e8, $e9, y.payload FROM (
+            SELECT b.n AS k, b.topic, b.payload
+            FROM {{before}} unnest($e10::text[], $e11::jsonb[]) WITH ORDINALITY AS b(topic, payload, n)
+            UNION ALL
+            SELECT 1000000 + w.n, '{STATUS_APPENDED}',
+                   jsonb_set(jsonb_set(jsonb_set(w.payload,
+                       '{{{{entry,id}}}}', to_jsonb(w.id)),
+                       '{{{{entry,recorded_at}}}}', to_jsonb({_iso_sql("w.recorded_at")})),
+                       '{{{{entry,created_at}}}}', to_jsonb({_iso_sql("w.created_at")}))
+            FROM (SELECT s.id, s.recorded_at, s.created_at, t.payload, t.n
+                  FROM (SELECT s.*, row_number() OVER (ORDER BY s.id) AS n FROM s) s
+                  JOIN unnest($e12::jsonb[]) WITH ORDINALITY AS t(payload, n) ON t.n = s.n) w
+        ) y
+        ORDER BY y.k"""
 
 
 def _numbered(sql: str, first: int) -> str:
-    """$e1..$e7 -> $<first>..$<first+6> (the entry arrays follow a statement's own parameters)."""
-    for i in range(7, 0, -1):
+    """$e1..$e12 -> $<first>..$<first+11> (the entry parameters follow a statement's own)."""
+    for i in range(12, 0, -1):
         sql = sql.replace(f"$e{i}", f"${first + i - 1}")
     return sql
 
@@ -510,9 +538,10 @@ _INSERT_INTENT = _numbered(
             WITH ORDINALITY AS x(tender_id, method, captured, ref, n)
     ), s AS (
         {_ENTRY_INSERT.format(order_id="o.id", source="o, " + _ENTRY_ARRAYS)}
+    ), ev AS (
+        {_ENTRY_EVENTS.format(before="o,")}
     )
-    SELECT o.submitted_at, o.created_at, o.updated_at, {_ENTRY_RESULT}
-    FROM o
+    SELECT o.submitted_at, o.created_at, o.updated_at FROM o
     """,
     26,
 )
@@ -523,14 +552,45 @@ _SET_RESERVATION = _numbered(
         UPDATE orders.orders SET reservation_id = $2, updated_at = now() WHERE id = $1
     ), s AS (
         {_ENTRY_INSERT.format(order_id="$1::uuid", source=_ENTRY_ARRAYS)}
+    ), ev AS (
+        {_ENTRY_EVENTS.format(before="")}
     )
-    SELECT {_ENTRY_RESULT}
+    SELECT count(*) FROM s
     """,
     3,
 )
 
 
-def _entry_columns(specs: Sequence[_EntrySpec]) -> list[list[Any]]:
+_TEMPLATE_TIME = datetime(2000, 1, 1, tzinfo=UTC)  # replaced in SQL by the row's own
+
+
+def _entry_params(head: _OrderHead, specs: Sequence[_EntrySpec], before: Sequence[Event] = ()) -> list[Any]:
+    """$e1..$e12: the entries as arrays, then what their events need."""
+    templates = [
+        {
+            "order_id": str(head.id),
+            "entry": entry_payload(
+                StatusEntry(
+                    id=0,
+                    order_id=str(head.id),
+                    code=x.code,
+                    module=x.code.split(":", 1)[0],
+                    category=x.category,
+                    severity=x.severity,
+                    payload=x.payload or {},
+                    recorded_at=_TEMPLATE_TIME,
+                    written_by=x.written_by,
+                    created_at=_TEMPLATE_TIME,
+                    closed_at=None,
+                    closed_by=None,
+                    close_note=None,
+                )
+            ),
+        }
+        for x in specs
+    ]
+    for e in before:
+        assert (e.aggregate_type, e.aggregate_id, e.channel) == ("order", str(head.id), head.channel)
     return [
         [x.code for x in specs],
         [x.code.split(":", 1)[0] for x in specs],
@@ -539,44 +599,12 @@ def _entry_columns(specs: Sequence[_EntrySpec]) -> list[list[Any]]:
         [json.dumps(x.payload or {}) for x in specs],
         [x.recorded_at for x in specs],
         [x.written_by for x in specs],
-    ]
-
-
-def _entries(
-    head: _OrderHead,
-    specs: Sequence[_EntrySpec],
-    ids: Sequence[int],
-    recorded: Sequence[datetime],
-    created: Sequence[datetime],
-) -> list[StatusEntry]:
-    return [
-        StatusEntry(
-            id=i,
-            order_id=str(head.id),
-            code=x.code,
-            module=x.code.split(":", 1)[0],
-            category=x.category,
-            severity=x.severity,
-            payload=x.payload or {},
-            recorded_at=r,
-            written_by=x.written_by,
-            created_at=c,
-            closed_at=None,
-            closed_by=None,
-            close_note=None,
-        )
-        for x, i, r, c in zip(specs, ids, recorded, created, strict=True)
-    ]
-
-
-def _appended(head: _OrderHead, e: StatusEntry) -> Event:
-    return Event(
-        STATUS_APPENDED,
-        "order",
         str(head.id),
-        {"order_id": str(head.id), "entry": entry_payload(e)},
         head.channel,
-    )
+        [e.topic for e in before],
+        [json.dumps(e.payload) for e in before],
+        [json.dumps(t) for t in templates],
+    ]
 
 
 async def _reserve_new(
@@ -606,10 +634,8 @@ async def _reserve_new(
     else:
         spec = _EntrySpec("inventory:reservation_confirmed", actor, category="inventory", payload=payload)
     conn = await driver_connection(session)
-    done = await conn.fetchrow(_SET_RESERVATION, head.id, res.reservation_id, *_entry_columns([spec]))
-    assert done is not None
-    entries = _entries(head, [spec], done["entry_ids"], done["entry_recorded"], done["entry_created"])
-    await emit_many(session, [_appended(head, e) for e in entries])
+    await conn.execute(_SET_RESERVATION, head.id, res.reservation_id, *_entry_params(head, [spec]))
+    mark_written(session)
     return res.reservation_id
 
 
@@ -757,7 +783,15 @@ async def submit_intent(
                 payload={"reservation_id": reservation_id, "adopted": True},
             )
         )
-    # The order, its lines, payments and entries in one statement (checkout
+    head = _OrderHead(order_id, channel.slug)
+    created = Event(
+        CREATED,
+        "order",
+        str(order_id),
+        {"order_id": str(order_id), "state": State.PENDING.value},
+        channel.slug,
+    )
+    # The order, its lines, payments, entries and events in one statement (checkout
     # holds locks meanwhile). No conflict target: a clash on the intent key or
     # on the external id both end here; the loser waits for the winner's
     # commit, then sees its row.
@@ -789,22 +823,11 @@ async def submit_intent(
         [p.method for p in intent.payments],
         [p.captured.amount_minor for p in intent.payments],
         [p.gateway_reference for p in intent.payments],
-        *_entry_columns(specs),
+        *_entry_params(head, specs, [created]),
     )
     if inserted is None:
         return await _existing_intent(session, intent, channel, content, digest)
-    head = _OrderHead(order_id, channel.slug)
-    entries = _entries(
-        head, specs, inserted["entry_ids"], inserted["entry_recorded"], inserted["entry_created"]
-    )
-    created = Event(
-        CREATED,
-        "order",
-        str(order_id),
-        {"order_id": str(order_id), "state": State.PENDING.value},
-        channel.slug,
-    )
-    await emit_many(session, [created, *(_appended(head, e) for e in entries)])
+    mark_written(session)
     reserved_id = reservation_id
     if not reservation_id and reserve_inventory:
         wanted = [(li.sku, li.quantity) for li in intent.lines]
