@@ -56,6 +56,7 @@ from domain.cart.rules import (
     raise_limit_violations,
     window_start,
 )
+from domain.platform import idempotency
 from domain.shared.caller import ChannelRef
 from domain.shared.db import driver_connection
 from domain.shared.errors import (
@@ -1006,10 +1007,20 @@ async def _order_reservation(
 # purchase limits. Reading the lines in the bump's snapshot is safe: every
 # change of lines bumps the cart in its own transaction, so a concurrent
 # change either committed before this snapshot or makes the bump match nothing.
-_CHECKOUT_BUMP = f"""
-    WITH b AS (
+
+
+def _checkout_bump(claiming: bool) -> str:
+    """With `claiming`, the statement first makes the RPC's idempotency claim
+    ($4..$7) and changes nothing unless the key is ours; it then always
+    returns one row (`claimed`, and the cart columns when bumped)."""
+    claim = f"{idempotency.claim_cte(4)}," if claiming else ""
+    guard = "AND EXISTS (SELECT FROM claim)" if claiming else ""
+    head = "(SELECT count(*) FROM claim) > 0 AS claimed," if claiming else ""
+    source = "(SELECT) one LEFT JOIN b ON true" if claiming else "b"
+    return f"""
+    WITH {claim} b AS (
         UPDATE carts.carts SET version = version + 1, updated_at = now()
-        WHERE id = $1 AND channel = $2 AND version = $3
+        WHERE id = $1 AND channel = $2 AND version = $3 {guard}
         RETURNING {_COLS}
     ), l AS (
         SELECT line_id, sku, quantity, unit_price_minor, line_no FROM carts.cart_lines WHERE cart_id = $1
@@ -1017,15 +1028,19 @@ _CHECKOUT_BUMP = f"""
         SELECT sku, min_quantity, order_multiple, max_per_order, max_per_customer, updated_at
         FROM carts.purchase_limits WHERE channel = $2 AND sku IN (SELECT sku FROM l)
     )
-    SELECT b.*,
+    SELECT {head} b.*,
         ARRAY(SELECT line_id FROM l ORDER BY line_no) AS line_ids,
         ARRAY(SELECT sku FROM l ORDER BY line_no) AS line_skus,
         ARRAY(SELECT quantity FROM l ORDER BY line_no) AS line_quantities,
         ARRAY(SELECT unit_price_minor FROM l ORDER BY line_no) AS line_prices,
         ARRAY(SELECT row(sku, min_quantity, order_multiple, max_per_order, max_per_customer, updated_at)
               FROM pl ORDER BY sku) AS limits
-    FROM b
+    FROM {source}
 """
+
+
+_CHECKOUT_BUMP = _checkout_bump(claiming=False)
+_CHECKOUT_BUMP_CLAIMING = _checkout_bump(claiming=True)
 
 # The purchase rows, the conversion and its event in one statement.
 _CONVERT = """
@@ -1070,8 +1085,12 @@ async def checkout(
     external_order_id: str,
     actor: str,
     refunds: RefundedQuantities = NO_REFUNDS,
+    claim: idempotency.Claim | None = None,
 ) -> CheckoutResult:
-    """One transaction: any refusal leaves the cart, its hold and stock as they were."""
+    """One transaction: any refusal leaves the cart, its hold and stock as they were.
+
+    `claim`: the RPC's idempotency claim, made by the first statement (see
+    idempotency.Claim); KeyTaken when its request_id was used before."""
     v = Violations()
     check_text(v, "external_order_id", external_order_id, 128)
     for i, p in enumerate(payments):
@@ -1083,7 +1102,14 @@ async def checkout(
     v.raise_if_any("the request is invalid")
     cid = _parse_id(cart_id)
     conn = await driver_connection(session)
-    record = await conn.fetchrow(_CHECKOUT_BUMP, cid, channel.slug, version)
+    if claim is None:
+        record = await conn.fetchrow(_CHECKOUT_BUMP, cid, channel.slug, version)
+    else:
+        record = await conn.fetchrow(_CHECKOUT_BUMP_CLAIMING, cid, channel.slug, version, *claim.params())
+        assert record is not None
+        claim.made(record["claimed"])  # KeyTaken when the request_id was used before
+        if record["id"] is None:
+            record = None
     if record is None:
         raise await _bump_refused(session, cart_id, cid, version, channel.slug)
     row = _cart_row(record)
