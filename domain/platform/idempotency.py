@@ -11,20 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, text
+from sqlalchemy import select, text, update
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.shared.db import driver_connection
 from domain.shared.models import IdempotencyKey
-
-# Every mutating RPC runs these two: plain SQL on the driver connection (inside the
-# session's transaction), without SQLAlchemy's per-statement work.
-_CLAIM = """INSERT INTO platform.idempotency_keys
-                (principal, request_id, method, request_hash, status_code, response)
-            VALUES ($1, $2, $3, $4, $5, $6)
-            ON CONFLICT (principal, request_id) DO NOTHING RETURNING true"""
-_COMPLETE = """UPDATE platform.idempotency_keys SET status_code = $3, response = $4
-               WHERE principal = $1 AND request_id = $2"""
 
 
 @dataclass
@@ -86,16 +77,32 @@ async def claim(
     response: bytes | None = None,
 ) -> bool:
     """True when this call owns the key (first use); False when it was used before."""
-    conn = await driver_connection(session)
-    owned = await conn.fetchval(_CLAIM, principal, request_id, method, request_hash, status_code, response)
-    return owned is not None
+    row = (
+        await session.execute(
+            insert(IdempotencyKey)
+            .values(
+                principal=principal,
+                request_id=request_id,
+                method=method,
+                request_hash=request_hash,
+                status_code=status_code,
+                response=response,
+            )
+            .on_conflict_do_nothing(index_elements=["principal", "request_id"])
+            .returning(IdempotencyKey.request_id)
+        )
+    ).scalar_one_or_none()
+    return row is not None
 
 
 async def complete(
     session: AsyncSession, principal: str, request_id: str, status_code: int, response: bytes
 ) -> None:
-    conn = await driver_connection(session)
-    await conn.execute(_COMPLETE, principal, request_id, status_code, response)
+    await session.execute(
+        update(IdempotencyKey)
+        .where(IdempotencyKey.principal == principal, IdempotencyKey.request_id == request_id)
+        .values(status_code=status_code, response=response)
+    )
 
 
 async def get(session: AsyncSession, principal: str, request_id: str) -> StoredResponse:

@@ -19,17 +19,16 @@ and also poll on a timer, so a lost wake-up only delays delivery.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, text
+from sqlalchemy import event, insert, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from domain.shared.db import driver_connection
+from domain.shared.models import OutboxEvent
 
 NOTIFY_CHANNEL = "entrepot_outbox"
 _WRITTEN = "entrepot_outbox_written"
@@ -76,32 +75,20 @@ async def emit(session: AsyncSession, event: Event) -> None:
     await emit_many(session, [event])
 
 
-# One statement for any number of events, on the driver connection (inside the
-# session's transaction). Rows are inserted in the order given, so their ids
-# (one sequence) follow it.
-_INSERT_MANY = """
-    INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
-    SELECT t.topic, t.aggregate_type, t.aggregate_id, t.channel, t.payload
-    FROM unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::jsonb[])
-        WITH ORDINALITY AS t(topic, aggregate_type, aggregate_id, channel, payload, n)
-    ORDER BY t.n
-"""
-
-
 async def emit_many(session: AsyncSession, events: Iterable[Event]) -> None:
-    batch = list(events)
-    if not batch:
-        return
-    conn = await driver_connection(session)
-    await conn.execute(
-        _INSERT_MANY,
-        [e.topic for e in batch],
-        [e.aggregate_type for e in batch],
-        [e.aggregate_id for e in batch],
-        [e.channel for e in batch],
-        [json.dumps(e.payload) for e in batch],
-    )
-    mark_written(session)
+    rows = [
+        {
+            "topic": e.topic,
+            "aggregate_type": e.aggregate_type,
+            "aggregate_id": e.aggregate_id,
+            "channel": e.channel,
+            "payload": e.payload,
+        }
+        for e in events
+    ]
+    if rows:
+        await session.execute(insert(OutboxEvent), rows)
+        mark_written(session)
 
 
 @dataclass(frozen=True)
