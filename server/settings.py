@@ -55,8 +55,10 @@ class Settings(BaseSettings):
     # Between reporting NOT_SERVING and refusing new calls, so load balancers notice first.
     shutdown_delay_seconds: float = 1.0
 
-    # Database.
-    db_pool_size: int = 10
+    # Database. The pool keeps enough connections for a busy replica's concurrent
+    # transactions (plus the notifier, sweeper and health checks): connections
+    # past it are opened and closed per burst, a new PostgreSQL backend each time.
+    db_pool_size: int = 20
     db_max_overflow: int = 10
     # Connections (asyncpg, autocommit) for coalesced single-statement reads (GetStockLevel).
     db_read_pool_size: int = 2

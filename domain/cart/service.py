@@ -21,6 +21,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from types import SimpleNamespace
 from typing import Any
 
 from sqlalchemy import text
@@ -55,7 +56,9 @@ from domain.cart.rules import (
     raise_limit_violations,
     window_start,
 )
+from domain.platform import idempotency
 from domain.shared.caller import ChannelRef
+from domain.shared.db import driver_connection
 from domain.shared.errors import (
     Aborted,
     AlreadyExists,
@@ -65,7 +68,7 @@ from domain.shared.errors import (
     Violations,
 )
 from domain.shared.money import Money
-from domain.shared.outbox import Event, emit
+from domain.shared.outbox import Event, emit, mark_written
 from domain.shared.pagination import decode_token, encode_token, page_size
 
 SOURCE_SYSTEM = "cart"
@@ -184,10 +187,17 @@ async def _bump(session: AsyncSession, cart_id: str, version: int, channel: str)
     row = (await session.execute(_BUMP, {"id": cid, "ch": channel, "v": version})).one_or_none()
     if row is not None:
         return row
+    raise await _bump_refused(session, cart_id, cid, version, channel)
+
+
+async def _bump_refused(
+    session: AsyncSession, cart_id: str, cid: uuid.UUID, version: int, channel: str
+) -> NotFound | Aborted:
+    """Why a conditional bump matched nothing."""
     current = (await session.execute(_CURRENT_VERSION, {"id": cid, "ch": channel})).scalar_one_or_none()
     if current is None:
-        raise _not_found(cart_id)
-    raise Aborted(
+        return _not_found(cart_id)
+    return Aborted(
         "CART_VERSION_MISMATCH",
         f"cart {cart_id} is at version {current}, not {version}: read it again and retry",
         metadata={"cart_id": cart_id, "current_version": str(current), "version": str(version)},
@@ -316,13 +326,16 @@ async def _enforce_limits(
     now: datetime,
     refunds: RefundedQuantities,
     lock: bool,
+    limits: dict[str, Limit] | None = None,
 ) -> None:
     """Raises PURCHASE_LIMIT_EXCEEDED listing every broken rule. With `lock`,
     the per-customer counts are read under the customer's SKU locks, held to
-    commit, so two checkouts cannot both pass on the same remaining allowance."""
+    commit, so two checkouts cannot both pass on the same remaining allowance.
+    `limits`: the limits of these SKUs when the caller read them already."""
     if not quantities:
         return
-    limits = await _limits(session, channel.slug, sorted(quantities))
+    if limits is None:
+        limits = await _limits(session, channel.slug, sorted(quantities))
     per_customer = sorted(s for s, lim in limits.items() if lim.max_per_customer)
     bought: dict[str, int] = {}
     if per_customer:
@@ -987,20 +1000,72 @@ async def _order_reservation(
     )
 
 
-_CONVERT = text(
-    """
+# Checkout runs on the driver connection (inside the session's transaction):
+# it is the hot path, and every statement here runs while rows are locked.
+#
+# One statement bumps the cart (locking it) and reads its lines and their
+# purchase limits. Reading the lines in the bump's snapshot is safe: every
+# change of lines bumps the cart in its own transaction, so a concurrent
+# change either committed before this snapshot or makes the bump match nothing.
+
+
+def _checkout_bump(claiming: bool) -> str:
+    """With `claiming`, the statement first makes the RPC's idempotency claim
+    ($4..$7) and changes nothing unless the key is ours; it then always
+    returns one row (`claimed`, and the cart columns when bumped)."""
+    claim = f"{idempotency.claim_cte(4)}," if claiming else ""
+    guard = "AND EXISTS (SELECT FROM claim)" if claiming else ""
+    head = "(SELECT count(*) FROM claim) > 0 AS claimed," if claiming else ""
+    source = "(SELECT) one LEFT JOIN b ON true" if claiming else "b"
+    return f"""
+    WITH {claim} b AS (
+        UPDATE carts.carts SET version = version + 1, updated_at = now()
+        WHERE id = $1 AND channel = $2 AND version = $3 {guard}
+        RETURNING {_COLS}
+    ), l AS (
+        SELECT line_id, sku, quantity, unit_price_minor, line_no FROM carts.cart_lines WHERE cart_id = $1
+    ), pl AS (
+        SELECT sku, min_quantity, order_multiple, max_per_order, max_per_customer, updated_at
+        FROM carts.purchase_limits WHERE channel = $2 AND sku IN (SELECT sku FROM l)
+    )
+    SELECT {head} b.*,
+        ARRAY(SELECT line_id FROM l ORDER BY line_no) AS line_ids,
+        ARRAY(SELECT sku FROM l ORDER BY line_no) AS line_skus,
+        ARRAY(SELECT quantity FROM l ORDER BY line_no) AS line_quantities,
+        ARRAY(SELECT unit_price_minor FROM l ORDER BY line_no) AS line_prices,
+        ARRAY(SELECT row(sku, min_quantity, order_multiple, max_per_order, max_per_customer, updated_at)
+              FROM pl ORDER BY sku) AS limits
+    FROM {source}
+"""
+
+
+_CHECKOUT_BUMP = _checkout_bump(claiming=False)
+_CHECKOUT_BUMP_CLAIMING = _checkout_bump(claiming=True)
+
+# The purchase rows, the conversion and its event in one statement.
+_CONVERT = """
     WITH p AS (
         INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id)
-        SELECT :ch, :cust, s, q, :cid, :oid FROM unnest(CAST(:skus AS text[]), CAST(:qs AS bigint[])) AS t(s, q)
+        SELECT $1, $2, t.s, t.q, $3, $4 FROM unnest($5::text[], $6::bigint[]) AS t(s, q)
     ), c AS (
-        UPDATE carts.carts SET state = 'converted', order_id = :oid, hold_reservation_id = NULL,
+        UPDATE carts.carts SET state = 'converted', order_id = $4, hold_reservation_id = NULL,
             hold_ttl_us = NULL, hold_expires_at = NULL
-        WHERE id = :cid
+        WHERE id = $3
     )
     INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
-    VALUES ('cart.converted', 'cart', CAST(:cid AS text), :ch, CAST(:payload AS jsonb))
-    """
-)
+    VALUES ('cart.converted', 'cart', $7, $1, $8::jsonb)
+"""
+
+
+class _CartRow(SimpleNamespace):
+    """A cart row read on the driver connection, with the attribute access of a SQLAlchemy row."""
+
+
+def _cart_row(record: Any) -> Any:
+    row = _CartRow(**dict(record))
+    if isinstance(row.shortages, str):  # jsonb arrives as text on the driver connection
+        row.shortages = json.loads(row.shortages)
+    return row
 
 
 def _money_or_zero(m: Money | None, currency: str) -> Money:
@@ -1020,17 +1085,42 @@ async def checkout(
     external_order_id: str,
     actor: str,
     refunds: RefundedQuantities = NO_REFUNDS,
+    claim: idempotency.Claim | None = None,
 ) -> CheckoutResult:
-    """One transaction: any refusal leaves the cart, its hold and stock as they were."""
+    """One transaction: any refusal leaves the cart, its hold and stock as they were.
+
+    `claim`: the RPC's idempotency claim, made by the first statement (see
+    idempotency.Claim); KeyTaken when its request_id was used before."""
     v = Violations()
     check_text(v, "external_order_id", external_order_id, 128)
     for i, p in enumerate(payments):
         for name in ("tender_id", "method", "gateway_reference"):
             check_text(v, f"payments[{i}].{name}", getattr(p, name), 256)
     v.raise_if_any("the checkout request is invalid")
-    row = await _bump(session, cart_id, version, channel.slug)
+    v = Violations()
+    check_version(v, version)
+    v.raise_if_any("the request is invalid")
+    cid = _parse_id(cart_id)
+    conn = await driver_connection(session)
+    if claim is None:
+        record = await conn.fetchrow(_CHECKOUT_BUMP, cid, channel.slug, version)
+    else:
+        record = await conn.fetchrow(_CHECKOUT_BUMP_CLAIMING, cid, channel.slug, version, *claim.params())
+        assert record is not None
+        claim.made(record["claimed"])  # KeyTaken when the request_id was used before
+        if record["id"] is None:
+            record = None
+    if record is None:
+        raise await _bump_refused(session, cart_id, cid, version, channel.slug)
+    row = _cart_row(record)
     check_can_checkout(cart_id, CartState(row.state), row.approval_required)
-    lines = (await _lines(session, [row.id], {row.id: row.currency}))[row.id]
+    cur = row.currency
+    lines = [
+        CartLine(line_id, sku, int(q), Money(cur, int(p)))
+        for line_id, sku, q, p in zip(
+            row.line_ids, row.line_skus, row.line_quantities, row.line_prices, strict=True
+        )
+    ]
     if not lines:
         raise FailedPrecondition("CART_EMPTY", f"cart {cart_id} has no lines", metadata={"cart_id": cart_id})
     await _enforce_limits(
@@ -1041,9 +1131,9 @@ async def checkout(
         now=row.now,
         refunds=refunds,
         lock=True,
+        limits={r[0]: Limit(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4]), r[5]) for r in row.limits},
     )
     res = await _order_reservation(session, row, lines, actor=actor)
-    cur = row.currency
     sub = sum(x.line_total.amount_minor for x in lines)
     t, s, d = (_money_or_zero(m, cur) for m in (tax, shipping, discount))
     intent = order.Intent(
@@ -1076,18 +1166,18 @@ async def checkout(
     order_id = submitted.order.id
     # One statement for the purchase rows, the conversion and its event: this
     # runs while the stock rows are locked, so every round trip counts.
-    await session.execute(
+    await conn.execute(
         _CONVERT,
-        {
-            "ch": channel.slug,
-            "cust": row.customer_ref,
-            "cid": row.id,
-            "oid": order_id,
-            "skus": [x.sku for x in lines],
-            "qs": [x.quantity for x in lines],
-            "payload": _json({"cart_id": str(row.id), "order_id": order_id, "reservation_id": str(res.id)}),
-        },
+        channel.slug,
+        row.customer_ref,
+        row.id,
+        order_id,
+        [x.sku for x in lines],
+        [x.quantity for x in lines],
+        str(row.id),
+        _json({"cart_id": str(row.id), "order_id": order_id, "reservation_id": str(res.id)}),
     )
+    mark_written(session)
     cart = Cart(
         id=str(row.id),
         channel=row.channel,

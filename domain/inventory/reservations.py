@@ -46,6 +46,7 @@ from domain.inventory.validation import (
     filters_or_raise,
 )
 from domain.shared import outbox
+from domain.shared.db import driver_connection
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
@@ -979,8 +980,23 @@ async def retarget(
     if ttl is not None and not timedelta(0) < ttl <= MAX_TTL:
         v.add("ttl", "must be positive and at most 30 days")
     v.raise_if_any("the request is invalid")
-    # Three statements (checkout runs this while it holds locks): lock + now(),
-    # the lines, and the UPDATE returning the row; retarget never changes lines.
+    # Checkout runs this while it holds locks: one statement on the driver
+    # connection in the common case, the locking read below otherwise.
+    conn = await driver_connection(session)
+    done = await conn.fetchrow(_RETARGET, rid, reference, actor, _ttl_us(ttl))
+    if done is not None:
+        return Reservation(
+            id=done["id"],
+            reference=done["reference"],
+            state=done["state"],
+            lines=[_line(r) for r in done["lines"]],
+            expires_at=done["expires_at"],
+            created_at=done["created_at"],
+            updated_at=done["updated_at"],
+            actor=done["actor"],
+        )
+    # Missing, not active, expired, or changed since the statement's snapshot:
+    # lock it, then look (three statements).
     row = (
         await session.execute(
             text(f"SELECT {_COLUMNS}, now() AS now FROM inventory.reservations WHERE id = :id FOR UPDATE"),
@@ -1022,6 +1038,38 @@ async def retarget(
         updated_at=updated.updated_at,
         actor=updated.actor,
     )
+
+
+def _line(r: Any) -> ReservationLine:
+    return ReservationLine(int(r[0]), r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), int(r[7]))
+
+
+# retarget in one statement: the UPDATE locks the row and re-checks that it is
+# active and unexpired. Its lines are read in the statement's snapshot, which is
+# only current if nobody changed the reservation since: every change of lines
+# also updates the reservation row (_finish_states) in the same transaction, so
+# the row version (xmin) the UPDATE ends up on must be the snapshot's. If the
+# UPDATE had to wait for such a change, it matches nothing, nothing is returned
+# and retarget takes the locking path.
+_RETARGET = f"""
+    WITH seen AS (
+        SELECT xmin AS v FROM inventory.reservations WHERE id = $1
+    ), u AS (
+        UPDATE inventory.reservations r SET reference = $2,
+            actor = CASE WHEN $3 = '' THEN r.actor ELSE $3 END,
+            expires_at = CASE WHEN $4::bigint IS NULL THEN NULL
+                              ELSE now() + $4::bigint * interval '1 microsecond' END,
+            updated_at = now()
+        FROM seen
+        WHERE r.id = $1 AND r.xmin = seen.v AND r.state = 'active'
+          AND (r.expires_at IS NULL OR r.expires_at > now())
+        RETURNING {", ".join("r." + c for c in _COLUMNS.split(", "))}
+    )
+    SELECT u.*, ARRAY(
+        SELECT row(line_no, sku, warehouse_code, tracked, quantity, backordered, fulfilled, released)
+        FROM inventory.reservation_lines WHERE reservation_id = $1 ORDER BY line_no) AS lines
+    FROM u
+"""
 
 
 # ------------------------------------------------------------------ expiry

@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import and_, exists, func, insert, select, update
 from sqlalchemy.dialects.postgresql import distinct_on
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm.attributes import set_committed_value
 
@@ -38,6 +38,7 @@ from domain.order.rules import (
     validate_status,
 )
 from domain.shared.caller import Caller, ChannelRef
+from domain.shared.db import driver_connection
 from domain.shared.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -48,7 +49,7 @@ from domain.shared.errors import (
     Violations,
 )
 from domain.shared.money import Money
-from domain.shared.outbox import Event, emit_many
+from domain.shared.outbox import Event, emit_many, mark_written
 from domain.shared.pagination import decode_token, encode_token, page_size
 
 # Outbox topics (WatchOrderEvents tails these).
@@ -452,6 +453,192 @@ async def _append_many(
     return entries
 
 
+# ---------------------------------------------------------------- hot path (driver connection)
+
+
+@dataclass(frozen=True)
+class _OrderHead:
+    """What appending entries needs of an order (no ORM row on the hot path)."""
+
+    id: uuid.UUID
+    channel: str
+
+
+# Status entries from parallel arrays, inserted in array order (ids from one
+# sequence follow it); returned sorted by id, so they pair with the specs.
+_ENTRY_ARRAYS = """unnest($e1::text[], $e2::text[], $e3::text[], $e4::text[], $e5::jsonb[], $e6::timestamptz[],
+                       $e7::text[]) WITH ORDINALITY AS e(code, module, category, severity, payload, recorded_at,
+                                                         written_by, n)"""
+_ENTRY_INSERT = """INSERT INTO orders.status_entries
+           (order_id, code, module, category, severity, payload, recorded_at, written_by)
+        SELECT {order_id}, e.code, e.module, e.category, e.severity, e.payload, coalesce(e.recorded_at, now()),
+               e.written_by
+        FROM {source}
+        ORDER BY e.n
+        RETURNING id, recorded_at, created_at"""
+
+
+def _iso_sql(column: str) -> str:
+    """SQL for datetime.isoformat() of a timestamptz read through asyncpg (UTC):
+    microseconds only when not zero, offset +00:00."""
+    utc = f"({column} AT TIME ZONE 'UTC')"
+    return (
+        f"""(to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS')"""
+        f" || CASE WHEN extract(microseconds FROM {column})::bigint % 1000000 = 0 THEN ''"
+        f" ELSE to_char({utc}, '.US') END || '+00:00')"
+    )
+
+
+# The events of the entries just inserted (s), in the same statement: each
+# payload is the template built in Python (entry_payload) with the entry's
+# id and timestamps set from the inserted row. `before` events come first.
+_ENTRY_EVENTS = f"""INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
+        SELECT y.topic, 'order', $e8, $e9, y.payload FROM (
+            SELECT b.n AS k, b.topic, b.payload
+            FROM {{before}} unnest($e10::text[], $e11::jsonb[]) WITH ORDINALITY AS b(topic, payload, n)
+            UNION ALL
+            SELECT 1000000 + w.n, '{STATUS_APPENDED}',
+                   jsonb_set(jsonb_set(jsonb_set(w.payload,
+                       '{{{{entry,id}}}}', to_jsonb(w.id)),
+                       '{{{{entry,recorded_at}}}}', to_jsonb({_iso_sql("w.recorded_at")})),
+                       '{{{{entry,created_at}}}}', to_jsonb({_iso_sql("w.created_at")}))
+            FROM (SELECT s.id, s.recorded_at, s.created_at, t.payload, t.n
+                  FROM (SELECT s.*, row_number() OVER (ORDER BY s.id) AS n FROM s) s
+                  JOIN unnest($e12::jsonb[]) WITH ORDINALITY AS t(payload, n) ON t.n = s.n) w
+        ) y
+        ORDER BY y.k"""
+
+
+def _numbered(sql: str, first: int) -> str:
+    """$e1..$e12 -> $<first>..$<first+11> (the entry parameters follow a statement's own)."""
+    for i in range(12, 0, -1):
+        sql = sql.replace(f"$e{i}", f"${first + i - 1}")
+    return sql
+
+
+_INSERT_INTENT = _numbered(
+    f"""
+    WITH o AS (
+        INSERT INTO orders.orders (id, channel, source_system, intent_id, external_order_id, customer_ref,
+            currency, subtotal_minor, tax_minor, shipping_minor, discount_minor, grand_total_minor, state,
+            content_hash, content, reservation_id, submitted_at)
+        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb, $16,
+                coalesce($17::timestamptz, now()))
+        ON CONFLICT DO NOTHING
+        RETURNING id, submitted_at, created_at, updated_at
+    ), l AS (
+        INSERT INTO orders.order_lines (order_id, line_id, position, sku, quantity, unit_price_minor)
+        SELECT o.id, x.line_id, x.n - 1, x.sku, x.quantity, x.price
+        FROM o, unnest($18::text[], $19::text[], $20::bigint[], $21::bigint[])
+            WITH ORDINALITY AS x(line_id, sku, quantity, price, n)
+    ), p AS (
+        INSERT INTO orders.payments (order_id, tender_id, position, method, captured_minor, gateway_reference)
+        SELECT o.id, x.tender_id, x.n - 1, x.method, x.captured, x.ref
+        FROM o, unnest($22::text[], $23::text[], $24::bigint[], $25::text[])
+            WITH ORDINALITY AS x(tender_id, method, captured, ref, n)
+    ), s AS (
+        {_ENTRY_INSERT.format(order_id="o.id", source="o, " + _ENTRY_ARRAYS)}
+    ), ev AS (
+        {_ENTRY_EVENTS.format(before="o,")}
+    )
+    SELECT o.submitted_at, o.created_at, o.updated_at FROM o
+    """,
+    26,
+)
+
+_SET_RESERVATION = _numbered(
+    f"""
+    WITH u AS (
+        UPDATE orders.orders SET reservation_id = $2, updated_at = now() WHERE id = $1
+    ), s AS (
+        {_ENTRY_INSERT.format(order_id="$1::uuid", source=_ENTRY_ARRAYS)}
+    ), ev AS (
+        {_ENTRY_EVENTS.format(before="")}
+    )
+    SELECT count(*) FROM s
+    """,
+    3,
+)
+
+
+_TEMPLATE_TIME = datetime(2000, 1, 1, tzinfo=UTC)  # replaced in SQL by the row's own
+
+
+def _entry_params(head: _OrderHead, specs: Sequence[_EntrySpec], before: Sequence[Event] = ()) -> list[Any]:
+    """$e1..$e12: the entries as arrays, then what their events need."""
+    templates = [
+        {
+            "order_id": str(head.id),
+            "entry": entry_payload(
+                StatusEntry(
+                    id=0,
+                    order_id=str(head.id),
+                    code=x.code,
+                    module=x.code.split(":", 1)[0],
+                    category=x.category,
+                    severity=x.severity,
+                    payload=x.payload or {},
+                    recorded_at=_TEMPLATE_TIME,
+                    written_by=x.written_by,
+                    created_at=_TEMPLATE_TIME,
+                    closed_at=None,
+                    closed_by=None,
+                    close_note=None,
+                )
+            ),
+        }
+        for x in specs
+    ]
+    for e in before:
+        assert (e.aggregate_type, e.aggregate_id, e.channel) == ("order", str(head.id), head.channel)
+    return [
+        [x.code for x in specs],
+        [x.code.split(":", 1)[0] for x in specs],
+        [x.category for x in specs],
+        [x.severity.value for x in specs],
+        [json.dumps(x.payload or {}) for x in specs],
+        [x.recorded_at for x in specs],
+        [x.written_by for x in specs],
+        str(head.id),
+        head.channel,
+        [e.topic for e in before],
+        [json.dumps(e.payload) for e in before],
+        [json.dumps(t) for t in templates],
+    ]
+
+
+async def _reserve_new(
+    session: AsyncSession,
+    head: _OrderHead,
+    wanted: list[tuple[str, int]],
+    *,
+    actor: str,
+    inventory: InventoryPort,
+) -> str:
+    """`_reserve` for an order just inserted: the order update and its entry in one statement."""
+    demand = _sum_by_sku(wanted)
+    res = await inventory.reserve(session, demand, reference=f"order:{head.id}", actor=actor)
+    payload: dict[str, Any] = {
+        "reservation_id": res.reservation_id,
+        "lines": [{"sku": s.sku, "quantity": s.quantity} for s in demand],
+    }
+    if res.backordered:
+        payload["backordered"] = [{"sku": k, "quantity": v} for k, v in sorted(res.backordered.items())]
+        spec = _EntrySpec(
+            "inventory:reservation_backordered",
+            actor,
+            Severity.WARNING,
+            category="inventory",
+            payload=payload,
+        )
+    else:
+        spec = _EntrySpec("inventory:reservation_confirmed", actor, category="inventory", payload=payload)
+    conn = await driver_connection(session)
+    await conn.execute(_SET_RESERVATION, head.id, res.reservation_id, *_entry_params(head, [spec]))
+    mark_written(session)
+    return res.reservation_id
+
+
 async def _update_order(session: AsyncSession, row: OrderRow, **values: Any) -> None:
     # Core UPDATE ... RETURNING, then mark the loaded row as current without
     # making it dirty (a later flush would write it again).
@@ -573,74 +760,6 @@ async def submit_intent(
     digest = content_hash(content)
     order_id = uuid.uuid4()
     t = intent.totals
-    # No conflict target: a clash on the intent key or on the external id both
-    # end here; the loser waits for the winner's commit, then sees its row.
-    inserted = (
-        await session.execute(
-            pg_insert(OrderRow)
-            .values(
-                id=order_id,
-                channel=channel.slug,
-                source_system=intent.source_system,
-                intent_id=intent.intent_id,
-                external_order_id=intent.external_order_id,
-                customer_ref=intent.customer_ref,
-                currency=channel.currency,
-                subtotal_minor=t.subtotal.amount_minor,
-                tax_minor=t.tax.amount_minor,
-                shipping_minor=t.shipping.amount_minor,
-                discount_minor=t.discount.amount_minor,
-                grand_total_minor=t.grand_total.amount_minor,
-                state=State.PENDING.value,
-                content_hash=digest,
-                content=content,
-                reservation_id=reservation_id,
-                submitted_at=intent.submitted_at or func.now(),
-            )
-            .on_conflict_do_nothing()
-            .returning(OrderRow)
-        )
-    ).scalar_one_or_none()
-    if inserted is None:
-        return await _existing_intent(session, intent, channel, content, digest)
-
-    row = inserted
-    await session.execute(
-        insert(OrderLineRow),
-        [
-            {
-                "order_id": order_id,
-                "line_id": li.line_id,
-                "position": i,
-                "sku": li.sku,
-                "quantity": li.quantity,
-                "unit_price_minor": li.unit_price.amount_minor,
-            }
-            for i, li in enumerate(intent.lines)
-        ],
-    )
-    if intent.payments:
-        await session.execute(
-            insert(PaymentRow),
-            [
-                {
-                    "order_id": order_id,
-                    "tender_id": p.tender_id,
-                    "position": i,
-                    "method": p.method,
-                    "captured_minor": p.captured.amount_minor,
-                    "gateway_reference": p.gateway_reference,
-                }
-                for i, p in enumerate(intent.payments)
-            ],
-        )
-    created = Event(
-        CREATED,
-        "order",
-        str(order_id),
-        {"order_id": str(order_id), "state": State.PENDING.value},
-        channel.slug,
-    )
     specs = [
         _EntrySpec(
             "order:submitted",
@@ -664,11 +783,55 @@ async def submit_intent(
                 payload={"reservation_id": reservation_id, "adopted": True},
             )
         )
-    # Both entries and their events in two statements (checkout holds locks meanwhile).
-    await _append_many(session, row, specs, events_before=[created])
+    head = _OrderHead(order_id, channel.slug)
+    created = Event(
+        CREATED,
+        "order",
+        str(order_id),
+        {"order_id": str(order_id), "state": State.PENDING.value},
+        channel.slug,
+    )
+    # The order, its lines, payments, entries and events in one statement (checkout
+    # holds locks meanwhile). No conflict target: a clash on the intent key or
+    # on the external id both end here; the loser waits for the winner's
+    # commit, then sees its row.
+    conn = await driver_connection(session)
+    inserted = await conn.fetchrow(
+        _INSERT_INTENT,
+        order_id,
+        channel.slug,
+        intent.source_system,
+        intent.intent_id,
+        intent.external_order_id,
+        intent.customer_ref,
+        channel.currency,
+        t.subtotal.amount_minor,
+        t.tax.amount_minor,
+        t.shipping.amount_minor,
+        t.discount.amount_minor,
+        t.grand_total.amount_minor,
+        State.PENDING.value,
+        digest,
+        json.dumps(content),
+        reservation_id,
+        intent.submitted_at,
+        [li.line_id for li in intent.lines],
+        [li.sku for li in intent.lines],
+        [li.quantity for li in intent.lines],
+        [li.unit_price.amount_minor for li in intent.lines],
+        [p.tender_id for p in intent.payments],
+        [p.method for p in intent.payments],
+        [p.captured.amount_minor for p in intent.payments],
+        [p.gateway_reference for p in intent.payments],
+        *_entry_params(head, specs, [created]),
+    )
+    if inserted is None:
+        return await _existing_intent(session, intent, channel, content, digest)
+    mark_written(session)
+    reserved_id = reservation_id
     if not reservation_id and reserve_inventory:
         wanted = [(li.sku, li.quantity) for li in intent.lines]
-        await _reserve(session, row, wanted, actor=actor, inventory=inventory)
+        reserved_id = await _reserve_new(session, head, wanted, actor=actor, inventory=inventory)
     # Everything is known: build the answer without reading the rows back.
     c = channel.currency
     order = Order(
@@ -686,10 +849,11 @@ async def submit_intent(
             Tender(p.tender_id, p.method, p.captured, p.gateway_reference, Money(c, 0))
             for p in intent.payments
         ),
-        submitted_at=row.submitted_at,
-        created_at=row.created_at,
-        updated_at=row.updated_at,
-        reservation_id=row.reservation_id,
+        submitted_at=inserted["submitted_at"],
+        created_at=inserted["created_at"],
+        # Every write of this transaction stamps now(): the reservation's update too.
+        updated_at=inserted["updated_at"],
+        reservation_id=reserved_id,
         blocked=False,
     )
     return SubmitResult(order, created=True)

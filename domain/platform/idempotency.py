@@ -18,6 +18,46 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.shared.models import IdempotencyKey
 
 
+@dataclass
+class Claim:
+    """A claim made by the mutation's own first statement instead of a statement
+    of its own (Runtime.mutate_claiming): one round trip less on hot paths.
+
+    That statement includes `claim_cte(first)` as its first CTE (named `claim`,
+    one row when the key is ours) and makes every change conditional on
+    `EXISTS (SELECT FROM claim)`, so a used key changes nothing; then it calls
+    `made(owned)`. The INSERT ... ON CONFLICT waits for a concurrent holder of
+    the key exactly like `claim()` does, before anything else is locked."""
+
+    principal: str
+    request_id: str
+    method: str
+    request_hash: bytes
+    owned: bool | None = None
+
+    def params(self) -> list[object]:
+        return [self.principal, self.request_id, self.method, self.request_hash]
+
+    def made(self, owned: bool) -> None:
+        self.owned = owned
+        if not owned:
+            raise KeyTaken(self.request_id)
+
+
+class KeyTaken(Exception):
+    """The claim found the key used before: the caller answers with the stored response."""
+
+
+def claim_cte(first: int) -> str:
+    """The `claim` CTE, its four parameters numbered from `first` (Claim.params order)."""
+    p, r, m, h = (f"${first + i}" for i in range(4))
+    return f"""claim AS (
+        INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash)
+        VALUES ({p}, {r}, {m}, {h})
+        ON CONFLICT (principal, request_id) DO NOTHING RETURNING true AS owned
+    )"""
+
+
 @dataclass(frozen=True)
 class StoredResponse:
     method: str

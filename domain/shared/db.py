@@ -91,6 +91,9 @@ def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession
     return async_sessionmaker(engine, expire_on_commit=False, autoflush=False)
 
 
+_DRIVER = "entrepot_driver_connection"
+
+
 async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
     """The asyncpg connection under `session`, inside the session's transaction
     (BEGIN is sent here if the session has not run a statement yet; nothing is
@@ -102,6 +105,10 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
     connection return stay with the session. asyncpg raises its own exceptions
     here (asyncpg.PostgresError with .sqlstate), which the server maps like
     SQLAlchemy's."""
+    transaction = session.sync_session.get_transaction()
+    cached = session.info.get(_DRIVER)
+    if cached is not None and transaction is not None and cached[0] is transaction:
+        return cached[1]  # type: ignore[no-any-return]
     conn = await session.connection()
     fairy = await conn.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
@@ -113,4 +120,7 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
             if adapted._transaction is None:
                 await adapted._start_transaction()
     driver: asyncpg.Connection[Any] = adapted.driver_connection
+    # Same session transaction, same connection and driver transaction: hot
+    # paths call this several times per RPC.
+    session.info[_DRIVER] = (session.sync_session.get_transaction(), driver)
     return driver

@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from types import TracebackType
 
+import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+# Errors of the driver connection itself (raised by statements sent on it directly).
+_CONNECTION_ERRORS = (asyncpg.InterfaceError, asyncpg.exceptions.PostgresConnectionError, OSError)
 
 
 class UnitOfWork:
@@ -35,6 +39,18 @@ class UnitOfWork:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         session = self.session
+        if exc is not None and (not isinstance(exc, Exception) or isinstance(exc, _CONNECTION_ERRORS)):
+            # Cancelled (or interrupted otherwise) mid-transaction, or the
+            # connection broke. Statements sent on the driver connection directly
+            # (domain.shared.db.driver_connection) bypass SQLAlchemy, which would
+            # otherwise invalidate the connection itself: its state is unknown (a
+            # BEGIN or a statement may be half done), so it is closed, never
+            # returned to the pool.
+            try:
+                await session.invalidate()
+            finally:
+                self._session = None
+            return
         try:
             if not self.committed:
                 await session.rollback()

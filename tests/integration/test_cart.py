@@ -963,3 +963,48 @@ async def test_refunded_units_are_credited_back_end_to_end(
     with pytest.raises(FailedPreconditionError) as exc:
         await new_cart(shop, line(sku, 1), customer=customer)
     assert [v.type for v in exc.value.precondition_violations] == ["MAX_PER_CUSTOMER"]
+
+
+async def test_checkout_claims_its_request_id_in_its_first_statement(
+    admin: Entrepot, sessions: Sessions
+) -> None:
+    # CheckoutCart makes the idempotency claim inside the cart's bump: the
+    # answers are those of a separate claim.
+    sku = unique("IDEM")
+    await stock(sessions, sku, 100)
+    carts_ = [await new_cart(admin, line(sku, 1)) for _ in range(3)]
+    a, b, c = carts_
+    rid = unique("co-idem")
+    req = pb.CheckoutCartRequest(cart_id=a.id, version=a.version, request_id=rid)
+    answers = await asyncio.gather(*(admin.cart.checkout_cart(req) for _ in range(8)))
+    assert all(x == answers[0] for x in answers) and answers[0].cart.state == pb.Cart.STATE_CONVERTED
+    orders = await scalar(sessions, "SELECT count(*) FROM orders.orders WHERE intent_id = :c", c=a.id)
+    assert orders == 1 and await levels(sessions, sku) == (100, 1)
+    # The same request_id for another cart: refused, and that cart is left alone.
+    with pytest.raises(AlreadyExistsError) as reused:
+        await admin.cart.checkout_cart(
+            pb.CheckoutCartRequest(cart_id=b.id, version=b.version, request_id=rid)
+        )
+    assert reused.value.reason == "REQUEST_ID_REUSED"
+    got = await admin.cart.get_cart(pb.GetCartRequest(cart_id=b.id))
+    assert got.version == b.version and got.state == pb.Cart.STATE_ACTIVE
+    # A refusal is the answer for its request_id too, even once the cause is gone.
+    rid2 = unique("co-stale")
+    stale = pb.CheckoutCartRequest(cart_id=c.id, version=c.version + 1, request_id=rid2)
+    with pytest.raises(AbortedError):
+        await admin.cart.checkout_cart(stale)
+    c = await admin.cart.update_cart_line(
+        pb.UpdateCartLineRequest(
+            cart_id=c.id,
+            version=c.version,
+            line=pb.CartLine(line_id=c.lines[0].line_id, quantity=2),
+            update_mask={"paths": ["quantity"]},
+        )
+    )
+    assert c.version == stale.version
+    with pytest.raises(AbortedError):
+        await admin.cart.checkout_cart(stale)
+    assert (await admin.cart.get_cart(pb.GetCartRequest(cart_id=c.id))).state == pb.Cart.STATE_ACTIVE
+    # Without a request_id there is nothing to claim.
+    done = await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=c.id, version=c.version))
+    assert done.cart.state == pb.Cart.STATE_CONVERTED and await levels(sessions, sku) == (100, 3)

@@ -478,3 +478,46 @@ async def test_short_soak_keeps_every_invariant(sessions, warehouses) -> None:  
     await tx(sessions, lambda s: inv.sweep_expired(s, 10_000))
     async with sessions() as s:
         assert await check_invariants(s) >= 40
+
+
+async def test_retarget_waiting_on_a_partial_release_returns_the_lines_after_it(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
+    # retarget reads the lines in its UPDATE's snapshot; when it had to wait for
+    # another transaction that changed them, it must not return the old lines.
+    code = await new_item(sessions, {"WH-A": 5})
+    hold = await tx(
+        sessions,
+        lambda s: inv.reserve(s, [LineRequest(code, 3)], reference="cart:11", ttl=timedelta(minutes=5)),
+    )
+    async with sessions() as a, a.begin():
+        await inv.release(a, hold.id, [LineQuantity(code, 1)], reason="partial")
+        waiting = asyncio.create_task(tx(sessions, lambda s: inv.retarget(s, hold.id, reference="order:11")))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()  # blocked on the reservation row
+    moved = await waiting
+    assert moved.reference == "order:11" and moved.expires_at is None
+    assert [(x.quantity, x.released, x.open_quantity) for x in moved.lines] == [(3, 1, 2)]
+    assert moved == await tx(sessions, lambda s: inv.get_reservation(s, hold.id))
+
+
+async def test_retarget_refuses_expired_missing_and_closed_holds(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
+    code = await new_item(sessions, {"WH-A": 5})
+    hold = await tx(
+        sessions,
+        lambda s: inv.reserve(s, [LineRequest(code, 1)], reference="cart:12", ttl=timedelta(minutes=5)),
+    )
+    async with sessions() as s, s.begin():
+        await s.execute(
+            text("UPDATE inventory.reservations SET expires_at = now() - interval '1 second' WHERE id = :id"),
+            {"id": hold.id},
+        )
+    with pytest.raises(FailedPrecondition) as expired:
+        await tx(sessions, lambda s: inv.retarget(s, hold.id, reference="order:12"))
+    assert expired.value.reason == "RESERVATION_EXPIRED"
+    with pytest.raises(NotFound):
+        await tx(sessions, lambda s: inv.retarget(s, uuid.uuid4(), reference="order:12"))
+    await tx(sessions, lambda s: inv.release(s, hold.id))
+    with pytest.raises(FailedPrecondition) as closed:
+        await tx(sessions, lambda s: inv.retarget(s, hold.id, reference="order:12"))
+    assert closed.value.reason == "RESERVATION_NOT_ACTIVE"
+    # Nothing moved: the hold kept its reference.
+    assert (await tx(sessions, lambda s: inv.get_reservation(s, hold.id))).reference == "cart:12"

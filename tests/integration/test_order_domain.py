@@ -428,3 +428,64 @@ async def test_cart_adopts_its_reservation(sessions: async_sessionmaker[AsyncSes
         hist, _ = await orders.list_status_history(s, r.order.id, channel="test", module="inventory")
     assert inv.calls == [("release", "res-cart-1")] and o.state is State.CANCELLED
     assert hist[0].payload == {"reservation_id": "res-cart-1", "adopted": True}
+
+
+async def _outbox(sessions: async_sessionmaker[AsyncSession], order_id: str) -> list[tuple[str, Any]]:
+    async with sessions() as s:
+        rows = (
+            await s.execute(
+                text("SELECT topic, payload FROM platform.outbox WHERE aggregate_id = :o ORDER BY id"),
+                {"o": order_id},
+            )
+        ).all()
+    return [(r.topic, r.payload) for r in rows]
+
+
+@pytest.mark.parametrize("variant", ["plain", "adopted", "reserved", "backordered"])
+async def test_intent_events_carry_the_stored_entries(
+    sessions: async_sessionmaker[AsyncSession], variant: str
+) -> None:
+    inv = RecordingInventory(backorder={"SKU-A": 1} if variant == "backordered" else None)
+    kw: dict[str, Any] = {"inventory": inv}
+    if variant == "adopted":
+        kw["reservation_id"] = "res-cart-7"
+    if variant in ("reserved", "backordered"):
+        kw["reserve_inventory"] = True
+    r = await submit(sessions, make_intent(), **kw)
+    async with sessions() as s, s.begin():
+        hist, _ = await orders.list_status_history(s, r.order.id, channel="test")
+    from domain.order.service import entry_payload
+
+    assert len(hist) == (1 if variant == "plain" else 2)
+    assert await _outbox(sessions, r.order.id) == [
+        (orders.CREATED, {"order_id": r.order.id, "state": "pending"}),
+        *((orders.STATUS_APPENDED, {"order_id": r.order.id, "entry": entry_payload(e)}) for e in hist),
+    ]
+    if variant != "plain":
+        assert r.order.reservation_id == hist[1].payload["reservation_id"]
+    if variant == "backordered":
+        assert hist[1].code == "inventory:reservation_backordered" and hist[1].severity is Severity.WARNING
+
+
+async def test_event_timestamps_are_written_like_python_isoformat(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    # Entry events are built in SQL on the hot path; they must read exactly as
+    # entry_payload (datetime.isoformat of a UTC datetime) writes them.
+    from datetime import UTC, datetime
+
+    from domain.order.service import _iso_sql
+
+    cases = [
+        datetime(2026, 3, 29, 1, 30, 0, 0, tzinfo=UTC),
+        datetime(2026, 3, 29, 1, 30, 0, 120, tzinfo=UTC),
+        datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
+        datetime(2026, 11, 22, 2, 0, 7, 100000, tzinfo=UTC),
+    ]
+    async with sessions() as s:
+        await s.execute(text("SET LOCAL TimeZone = 'America/New_York'"))  # the session's zone plays no part
+        for dt in cases:
+            got = (
+                await s.execute(text(f"SELECT {_iso_sql('CAST(:t AS timestamptz)')}"), {"t": dt})
+            ).scalar_one()
+            assert got == dt.isoformat()

@@ -132,3 +132,22 @@ async def test_idempotent_replay_of_an_error(admin) -> None:
         with pytest.raises(AlreadyExistsError) as exc:
             await admin.channel.create_channel(again)
         assert exc.value.reason == "CHANNEL_EXISTS"
+
+
+async def test_driver_connection_follows_the_session_transaction(sessions) -> None:  # type: ignore[no-untyped-def]
+    from sqlalchemy import text
+
+    from domain.shared.db import driver_connection
+
+    xid = "SELECT pg_current_xact_id()::text"
+    seen: list[str] = []
+    async with sessions() as s:
+        for _ in range(3):  # one session, several transactions one after the other
+            await s.begin()
+            first = await driver_connection(s)
+            assert await driver_connection(s) is first
+            on_driver = await first.fetchval(xid)
+            assert on_driver == (await s.execute(text(xid))).scalar_one()
+            seen.append(on_driver)
+            await s.rollback()
+    assert len(set(seen)) == 3
