@@ -34,6 +34,7 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -99,8 +100,10 @@ class ReserveBatcher:
         window: float = 0.0,
         max_batch: int = 256,
         max_inflight: int = 2,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._sessions = sessions
+        self._on_batch = on_batch
         self._encode = encode
         self._window = window
         self._max_batch = max_batch
@@ -170,14 +173,20 @@ class ReserveBatcher:
                 try:
                     outcome = await self._transaction(batch)
                     break
-                except DBAPIError as exc:
-                    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+                except (DBAPIError, asyncpg.PostgresError) as exc:
+                    # The reserve statements run on the asyncpg connection (asyncpg's own
+                    # errors); commit/rollback go through SQLAlchemy (wrapped errors).
+                    state = getattr(exc, "sqlstate", None) or getattr(
+                        getattr(exc, "orig", None), "sqlstate", None
+                    )
                     if state not in RETRYABLE_SQLSTATES or attempt == 3:
                         raise
                     log.info("reserve batch retried after %s", state)
             executed, duplicates = outcome
             self.batches += 1
             self.requests += len(batch)
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
             for p, result in executed:
                 if p.future.done():
                     continue

@@ -21,6 +21,7 @@ from domain.shared.errors import DomainError, InvalidArgument
 from domain.shared.uow import UnitOfWork
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.inventory.v1 import inventory_pb2_grpc
+from server import metrics
 from server.context import current_caller, current_method
 from server.convert import from_duration, from_ts, mask_paths
 from server.errors import status_from_domain
@@ -67,6 +68,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 encode=_encode,
                 window=getattr(s, "reserve_batch_window_ms", 0.0) / 1000,
                 max_inflight=getattr(s, "reserve_batch_inflight", 2),
+                on_batch=metrics.RESERVE_BATCH_SIZE.observe,
             )
 
     @staticmethod
