@@ -74,11 +74,20 @@ class Stored:
 Encoder = Callable[[Reservation | DomainError], tuple[int, bytes]]
 
 
+@dataclass(frozen=True)
+class Executed:
+    """A granted request: the reservation and, when it had an idempotency key, the
+    response bytes stored for it (the caller can answer with exactly those)."""
+
+    reservation: Reservation
+    response: bytes | None
+
+
 @dataclass
 class _Pending:
     request: ReserveRequest
     claim: IdemClaim | None
-    future: asyncio.Future[Reservation | Stored]
+    future: asyncio.Future[Executed | Stored]
 
 
 _READ_STORED = text(
@@ -117,9 +126,17 @@ class ReserveBatcher:
 
     async def submit(self, request: ReserveRequest, claim: IdemClaim | None = None) -> Reservation | Stored:
         """Reservation, or Stored for a replayed key; raises the request's DomainError."""
+        out = await self.submit_encoded(request, claim)
+        return out.reservation if isinstance(out, Executed) else out
+
+    async def submit_encoded(
+        self, request: ReserveRequest, claim: IdemClaim | None = None
+    ) -> Executed | Stored:
+        """Like submit, with the stored response bytes of a granted keyed request (so the
+        server does not build and encode the response a second time)."""
         if claim is not None and self._encode is None:
             raise RuntimeError("a batcher without an encoder cannot store idempotent responses")
-        fut: asyncio.Future[Reservation | Stored] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Executed | Stored] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(request, claim, fut))
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
@@ -187,13 +204,13 @@ class ReserveBatcher:
             self.requests += len(batch)
             if self._on_batch is not None:
                 self._on_batch(len(batch))
-            for p, result in executed:
+            for p, result, body in executed:
                 if p.future.done():
                     continue
                 if isinstance(result, DomainError):
                     p.future.set_exception(result)
                 else:
-                    p.future.set_result(result)
+                    p.future.set_result(Executed(result, body))
             if duplicates:
                 stored = await self._read_stored([p.claim for p in duplicates if p.claim])
                 for p in duplicates:
@@ -215,7 +232,7 @@ class ReserveBatcher:
 
     async def _transaction(
         self, batch: Sequence[_Pending]
-    ) -> tuple[list[tuple[_Pending, Reservation | DomainError]], list[_Pending]]:
+    ) -> tuple[list[tuple[_Pending, Reservation | DomainError, bytes | None]], list[_Pending]]:
         async with self._sessions() as session, session.begin():
             claims = [
                 None
@@ -224,28 +241,33 @@ class ReserveBatcher:
                 for p in batch
             ]
 
+            bodies: dict[int, bytes] = {}  # batch index -> stored response of a granted request
+
             def store(results: list[Reservation | DomainError | None]) -> StoreRows:
                 rows = StoreRows()
+                bodies.clear()  # (results of this attempt only)
                 if self._encode is None:
                     return rows
-                for p, r in zip(batch, results, strict=True):
+                for i, (p, r) in enumerate(zip(batch, results, strict=True)):
                     if p.claim is not None and r is not None:
                         code, body = self._encode(r)
                         rows.principals.append(p.claim.principal)
                         rows.request_ids.append(p.claim.request_id)
                         rows.codes.append(code)
                         rows.bodies.append(body)
+                        if not isinstance(r, DomainError):
+                            bodies[i] = body
                 return rows
 
             # The claim goes with the load statement (see reserve_claimed).
             results = await reserve_claimed(session, [p.request for p in batch], claims, store=store)
-        executed: list[tuple[_Pending, Reservation | DomainError]] = []
+        executed: list[tuple[_Pending, Reservation | DomainError, bytes | None]] = []
         dups: list[_Pending] = []
-        for p, r in zip(batch, results, strict=True):
+        for i, (p, r) in enumerate(zip(batch, results, strict=True)):
             if r is None:
                 dups.append(p)
             else:
-                executed.append((p, r))
+                executed.append((p, r, bodies.get(i)))
         return executed, dups
 
     async def _read_stored(self, claims: Sequence[IdemClaim]) -> dict[tuple[str, str], Stored]:

@@ -357,6 +357,32 @@ async def test_batcher_grants_exactly_the_stock_and_keeps_idempotency(sessions, 
         await check_invariants(s)
 
 
+async def test_batcher_hands_back_the_stored_response(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
+    code = await new_item(sessions, {"WH-A": 2})
+
+    def encode(result: object) -> tuple[int, bytes]:
+        return (9, b"refused") if isinstance(result, DomainError) else (0, b"id:" + str(result.id).encode())  # type: ignore[attr-defined]
+
+    batcher = inv.ReserveBatcher(sessions, encode=encode)
+    try:
+        key = f"enc-{uuid.uuid4().hex}"
+        got = await batcher.submit_encoded(
+            inv.reserve_request([LineRequest(code, 1)]), inv.IdemClaim("tester", key, "ReserveStock", b"h")
+        )
+        assert isinstance(got, inv.Executed)
+        assert got.response == b"id:" + str(got.reservation.id).encode()
+        # Without a key nothing is stored, so there are no bytes to hand back.
+        plain = await batcher.submit_encoded(inv.reserve_request([LineRequest(code, 1)]))
+        assert isinstance(plain, inv.Executed) and plain.response is None
+        # A replay gets the very bytes the first call got.
+        replay = await batcher.submit_encoded(
+            inv.reserve_request([LineRequest(code, 1)]), inv.IdemClaim("tester", key, "ReserveStock", b"h")
+        )
+        assert isinstance(replay, inv.Stored) and replay.response == got.response
+    finally:
+        await batcher.close()
+
+
 async def test_two_batchers_on_separate_engines_never_oversell(sessions, warehouses, db_url) -> None:  # type: ignore[no-untyped-def]
     # Two "server processes": separate engines (connections) and batchers, one database,
     # mixed with naive single-call transactions.
