@@ -67,7 +67,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 rt.sessions,
                 encode=_encode,
                 window=getattr(s, "reserve_batch_window_ms", 0.0) / 1000,
-                max_inflight=getattr(s, "reserve_batch_inflight", 2),
+                max_inflight=getattr(s, "reserve_batch_inflight", 1),
                 on_batch=metrics.RESERVE_BATCH_SIZE.observe,
             )
 
