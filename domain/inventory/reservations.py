@@ -46,7 +46,7 @@ from domain.inventory.validation import (
     filters_or_raise,
 )
 from domain.shared import outbox
-from domain.shared.db import DriverStatement, driver_connection
+from domain.shared.db import DriverStatement, driver_statements
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
@@ -380,7 +380,17 @@ async def reserve_claimed(
     `store` (batcher) turns the results into idempotency rows written in the
     same statement.
     """
-    conn = await driver_connection(session)
+    async with driver_statements(session) as conn:
+        return await _reserve_claimed(session, conn, requests, claims, store)
+
+
+async def _reserve_claimed(
+    session: AsyncSession,
+    conn: asyncpg.Connection[Any],
+    requests: Sequence[ReserveRequest],
+    claims: Sequence[Claim | None],
+    store: Callable[[list[Reservation | DomainError | None]], StoreRows] | None,
+) -> list[Reservation | DomainError | None]:
     skus = sorted({line.sku for r in requests for line in r.lines})
     to_claim = sorted((c for c in claims if c is not None), key=lambda c: (c[0], c[1]))
     claimed: set[tuple[str, str]] = set()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData
@@ -115,6 +117,23 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
                 await adapted._start_transaction()
     driver: asyncpg.Connection[Any] = adapted.driver_connection
     return driver
+
+
+@contextlib.asynccontextmanager
+async def driver_statements(session: AsyncSession) -> AsyncIterator[asyncpg.Connection[Any]]:
+    """driver_connection for a block of statements, keeping SQLAlchemy's pool honest:
+    an error raised on the driver connection bypasses SQLAlchemy, so when the
+    connection turns out closed (database restart, terminated backend) the block
+    invalidates it; otherwise the pool would hand the dead connection out again."""
+    sa_conn = await session.connection()
+    try:
+        yield await driver_connection(session)
+    except BaseException:
+        fairy = await sa_conn.get_raw_connection()
+        driver = getattr(fairy.dbapi_connection, "driver_connection", None)
+        if driver is None or driver.is_closed():
+            await sa_conn.invalidate()
+        raise
 
 
 _NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
