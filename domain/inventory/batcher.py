@@ -34,7 +34,6 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import asyncpg
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -46,6 +45,13 @@ from domain.shared.errors import DomainError
 log = logging.getLogger("entrepot.inventory.batcher")
 
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    if isinstance(exc, DBAPIError):
+        return getattr(exc.orig, "sqlstate", None)
+    state = getattr(exc, "sqlstate", None)  # asyncpg.PostgresError
+    return state if isinstance(state, str) else None
 
 
 @dataclass(frozen=True)
@@ -190,12 +196,12 @@ class ReserveBatcher:
                 try:
                     outcome = await self._transaction(batch)
                     break
-                except (DBAPIError, asyncpg.PostgresError) as exc:
+                except Exception as exc:
+                    # Retry deadlocks and serialization failures, re-raise everything else.
                     # The reserve statements run on the asyncpg connection (asyncpg's own
-                    # errors); commit/rollback go through SQLAlchemy (wrapped errors).
-                    state = getattr(exc, "sqlstate", None) or getattr(
-                        getattr(exc, "orig", None), "sqlstate", None
-                    )
+                    # errors carry .sqlstate; asyncpg is not imported here, see db.py);
+                    # commit/rollback go through SQLAlchemy (DBAPIError, .orig.sqlstate).
+                    state = _sqlstate(exc)
                     if state not in RETRYABLE_SQLSTATES or attempt == 3:
                         raise
                     log.info("reserve batch retried after %s", state)
