@@ -6,11 +6,13 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,17 @@ def _wait_healthy(target: str, timeout: float = 30) -> None:
     raise RuntimeError("the server did not become healthy")
 
 
+def _batch_sizes(metrics_port: int) -> tuple[int, int] | None:
+    """(batches, requests) of the server's group-commit batcher, from its Prometheus
+    endpoint (None when it did not batch)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as resp:
+        body = resp.read().decode()
+    found = dict(re.findall(r"^entrepot_reserve_batch_size_(count|sum) ([0-9.e+]+)$", body, re.MULTILINE))
+    if not found or not float(found.get("count", 0)):
+        return None
+    return int(float(found["count"])), int(float(found["sum"]))
+
+
 def run_server_case(
     url: str, *, spread: bool, batched: bool, clients: int, seconds: int, op: str = "reserve"
 ) -> dict[str, Any]:
@@ -59,6 +72,7 @@ def run_server_case(
 
     asyncio.run(prepare())
     port = _free_port()
+    metrics_port = _free_port()
     target = f"127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -72,7 +86,14 @@ def run_server_case(
     }
     env.pop("TEMPORAL_ADDRESS", None)
     server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "entrepot"), "serve", "--listen", target, "--metrics-port", "0"],
+        [
+            str(Path(sys.executable).parent / "entrepot"),
+            "serve",
+            "--listen",
+            target,
+            "--metrics-port",
+            str(metrics_port),
+        ],
         env=env,
         cwd=ROOT,
     )
@@ -110,6 +131,7 @@ def run_server_case(
             check=True,
         ).stdout
         server_cpu = sum(proc.cpu_times()[:2]) - cpu_before
+        batches = _batch_sizes(metrics_port)
     finally:
         server.send_signal(signal.SIGTERM)
         try:
@@ -121,6 +143,8 @@ def run_server_case(
     result: dict[str, Any] = {"tps": load["ok"] / load["elapsed"], **load}
     calls = load["ok"] + load["refused"] + load["errors"]
     result["server_cpu_ms_per_call"] = round(server_cpu * 1000 / max(calls, 1), 3)
+    if batches:
+        result["batches"], result["avg_batch"] = batches[0], round(batches[1] / max(batches[0], 1), 2)
     if op != "reserve":
         return result
 

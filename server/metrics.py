@@ -12,6 +12,11 @@ RPC_SECONDS = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 RPC_IN_FLIGHT = Gauge("entrepot_rpc_in_flight", "RPCs in progress, by method", ["method"])
+RESERVE_BATCH_SIZE = Histogram(
+    "entrepot_reserve_batch_size",
+    "ReserveStock requests per group-committed transaction",
+    buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+)
 
 
 class MethodMetrics:

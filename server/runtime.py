@@ -74,8 +74,10 @@ class Runtime:
         return UnitOfWork(self.sessions)
 
     async def read(self, fn: Callable[[AsyncSession], Awaitable[T]]) -> T:
-        async with self.sessions() as session, session.begin():
-            return await fn(session)
+        # A UnitOfWork (rolled back at the end): reads may run on the driver
+        # connection, and the unit of work closes it when it died or was interrupted.
+        async with self.uow() as uow:
+            return await fn(uow.session)
 
     async def read_one_statement(self, fn: Callable[[asyncpg.Connection[Any]], Awaitable[T]]) -> T:
         """Hot reads that are a single statement: on a connection of the small asyncpg

@@ -80,9 +80,12 @@ class Settings(BaseSettings):
 
     # Inventory: group commit for ReserveStock (false = one transaction per call),
     # an optional collection window, batches in flight, expiry sweep period.
+    # One batch in flight: the server is CPU-bound before the database is, and
+    # requests that arrive during a batch make the next one bigger (measured on
+    # P2/P3: batches ~12 instead of ~6, ~20% more reservations/s than 2).
     reserve_batching: bool = True
     reserve_batch_window_ms: float = 0.0
-    reserve_batch_inflight: int = 2
+    reserve_batch_inflight: int = 1
     reservation_sweep_seconds: float = 1.0
 
     @field_validator("jwt_algorithms", mode="before")

@@ -49,7 +49,7 @@ transaction; run_sweeper(sessions, stop) is the server's background loop
 Group commit: ReserveBatcher (batcher.py) for the ReserveStock RPC hot path.
 """
 
-from domain.inventory.batcher import IdemClaim, ReserveBatcher, Stored
+from domain.inventory.batcher import Executed, IdemClaim, ReserveBatcher, Stored
 from domain.inventory.catalog import (
     WAREHOUSE_UPDATABLE,
     create_warehouse,
@@ -120,6 +120,7 @@ __all__ = [
     "WAREHOUSE_UPDATABLE",
     "Adjustment",
     "Cost",
+    "Executed",
     "Fulfilment",
     "IdemClaim",
     "Item",

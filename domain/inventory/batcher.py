@@ -41,10 +41,18 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from domain.inventory.reservations import ReserveRequest, StoreRows, reserve_claimed
 from domain.inventory.types import Reservation
 from domain.shared.errors import DomainError
+from domain.shared.uow import UnitOfWork
 
 log = logging.getLogger("entrepot.inventory.batcher")
 
 RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
+
+
+def _sqlstate(exc: BaseException) -> str | None:
+    if isinstance(exc, DBAPIError):
+        return getattr(exc.orig, "sqlstate", None)
+    state = getattr(exc, "sqlstate", None)  # asyncpg.PostgresError
+    return state if isinstance(state, str) else None
 
 
 @dataclass(frozen=True)
@@ -73,11 +81,20 @@ class Stored:
 Encoder = Callable[[Reservation | DomainError], tuple[int, bytes]]
 
 
+@dataclass(frozen=True)
+class Executed:
+    """A granted request: the reservation and, when it had an idempotency key, the
+    response bytes stored for it (the caller can answer with exactly those)."""
+
+    reservation: Reservation
+    response: bytes | None
+
+
 @dataclass
 class _Pending:
     request: ReserveRequest
     claim: IdemClaim | None
-    future: asyncio.Future[Reservation | Stored]
+    future: asyncio.Future[Executed | Stored]
 
 
 _READ_STORED = text(
@@ -99,8 +116,10 @@ class ReserveBatcher:
         window: float = 0.0,
         max_batch: int = 256,
         max_inflight: int = 2,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
         self._sessions = sessions
+        self._on_batch = on_batch
         self._encode = encode
         self._window = window
         self._max_batch = max_batch
@@ -114,9 +133,17 @@ class ReserveBatcher:
 
     async def submit(self, request: ReserveRequest, claim: IdemClaim | None = None) -> Reservation | Stored:
         """Reservation, or Stored for a replayed key; raises the request's DomainError."""
+        out = await self.submit_encoded(request, claim)
+        return out.reservation if isinstance(out, Executed) else out
+
+    async def submit_encoded(
+        self, request: ReserveRequest, claim: IdemClaim | None = None
+    ) -> Executed | Stored:
+        """Like submit, with the stored response bytes of a granted keyed request (so the
+        server does not build and encode the response a second time)."""
         if claim is not None and self._encode is None:
             raise RuntimeError("a batcher without an encoder cannot store idempotent responses")
-        fut: asyncio.Future[Reservation | Stored] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Executed | Stored] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(request, claim, fut))
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
@@ -170,21 +197,27 @@ class ReserveBatcher:
                 try:
                     outcome = await self._transaction(batch)
                     break
-                except DBAPIError as exc:
-                    state = getattr(getattr(exc, "orig", None), "sqlstate", None)
+                except Exception as exc:
+                    # Retry deadlocks and serialization failures, re-raise everything else.
+                    # The reserve statements run on the asyncpg connection (asyncpg's own
+                    # errors carry .sqlstate; asyncpg is not imported here, see db.py);
+                    # commit/rollback go through SQLAlchemy (DBAPIError, .orig.sqlstate).
+                    state = _sqlstate(exc)
                     if state not in RETRYABLE_SQLSTATES or attempt == 3:
                         raise
                     log.info("reserve batch retried after %s", state)
             executed, duplicates = outcome
             self.batches += 1
             self.requests += len(batch)
-            for p, result in executed:
+            if self._on_batch is not None:
+                self._on_batch(len(batch))
+            for p, result, body in executed:
                 if p.future.done():
                     continue
                 if isinstance(result, DomainError):
                     p.future.set_exception(result)
                 else:
-                    p.future.set_result(result)
+                    p.future.set_result(Executed(result, body))
             if duplicates:
                 stored = await self._read_stored([p.claim for p in duplicates if p.claim])
                 for p in duplicates:
@@ -206,8 +239,11 @@ class ReserveBatcher:
 
     async def _transaction(
         self, batch: Sequence[_Pending]
-    ) -> tuple[list[tuple[_Pending, Reservation | DomainError]], list[_Pending]]:
-        async with self._sessions() as session, session.begin():
+    ) -> tuple[list[tuple[_Pending, Reservation | DomainError, bytes | None]], list[_Pending]]:
+        # A UnitOfWork, not a bare session: the batch runs on the driver connection,
+        # and the unit of work closes that connection when it died or was interrupted.
+        async with UnitOfWork(self._sessions) as uow:
+            session = uow.session
             claims = [
                 None
                 if p.claim is None
@@ -215,28 +251,34 @@ class ReserveBatcher:
                 for p in batch
             ]
 
+            bodies: dict[int, bytes] = {}  # batch index -> stored response of a granted request
+
             def store(results: list[Reservation | DomainError | None]) -> StoreRows:
                 rows = StoreRows()
+                bodies.clear()  # (results of this attempt only)
                 if self._encode is None:
                     return rows
-                for p, r in zip(batch, results, strict=True):
+                for i, (p, r) in enumerate(zip(batch, results, strict=True)):
                     if p.claim is not None and r is not None:
                         code, body = self._encode(r)
                         rows.principals.append(p.claim.principal)
                         rows.request_ids.append(p.claim.request_id)
                         rows.codes.append(code)
                         rows.bodies.append(body)
+                        if not isinstance(r, DomainError):
+                            bodies[i] = body
                 return rows
 
             # The claim goes with the load statement (see reserve_claimed).
             results = await reserve_claimed(session, [p.request for p in batch], claims, store=store)
-        executed: list[tuple[_Pending, Reservation | DomainError]] = []
+            await uow.commit()
+        executed: list[tuple[_Pending, Reservation | DomainError, bytes | None]] = []
         dups: list[_Pending] = []
-        for p, r in zip(batch, results, strict=True):
+        for i, (p, r) in enumerate(zip(batch, results, strict=True)):
             if r is None:
                 dups.append(p)
             else:
-                executed.append((p, r))
+                executed.append((p, r, bodies.get(i)))
         return executed, dups
 
     async def _read_stored(self, claims: Sequence[IdemClaim]) -> dict[tuple[str, str], Stored]:

@@ -18,7 +18,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
@@ -46,7 +46,7 @@ from domain.inventory.validation import (
     filters_or_raise,
 )
 from domain.shared import outbox
-from domain.shared.db import driver_connection
+from domain.shared.db import DriverStatement, driver_connection
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
@@ -57,6 +57,9 @@ from domain.shared.errors import (
     Violations,
 )
 from domain.shared.pagination import decode_token, encode_token, page_size
+
+if TYPE_CHECKING:
+    import asyncpg  # run-time import would be repeated in Temporal's workflow sandbox (crash)
 
 log = logging.getLogger("entrepot.inventory")
 
@@ -114,7 +117,7 @@ _LOCK_LEVELS = text(
     """SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
        WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE"""
 )
-_ENSURE_LEVELS = text(
+_ENSURE_LEVELS = DriverStatement(
     """INSERT INTO inventory.stock_levels (sku, warehouse_code)
        SELECT * FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[])) ON CONFLICT DO NOTHING"""
 )
@@ -187,9 +190,13 @@ async def _apply(session: AsyncSession, deltas: dict[Key, tuple[int, int]], expe
 
 # ------------------------------------------------------------------ reserve
 
+# The reserve path's statements run on the session's asyncpg connection
+# (DriverStatement): they carry ~40 array parameters, and SQLAlchemy's
+# per-statement work costs more than the round trip itself.
+
 # One statement loads everything a plan needs and locks the levels (in one
 # global order): levels ('l'), item policies ('i'), warehouses ('w'), and now().
-_LOAD = text(
+_LOAD = DriverStatement(
     """
     WITH lv AS (
         SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
@@ -211,7 +218,7 @@ _LOAD = text(
 # (INSERT ... ON CONFLICT DO NOTHING, keys sorted) in the same statement, one
 # round trip less per batch. The claim branch comes first in the UNION ALL, so
 # it runs before the levels are locked, the same order as a separate claim.
-_LOAD_CLAIMING = text(
+_LOAD_CLAIMING = DriverStatement(
     """
     WITH c AS (
         INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash)
@@ -239,7 +246,7 @@ _LOAD_CLAIMING = text(
 
 # One statement writes everything a batch granted: guarded counter UPDATE,
 # reservations, lines, ledger + outbox, and (batcher) the idempotency answers.
-_WRITE = text(
+_WRITE = DriverStatement(
     """
     WITH upd AS (
         UPDATE inventory.stock_levels s SET reserved = s.reserved + d.dr, updated_at = now()
@@ -279,7 +286,7 @@ _WRITE = text(
     SELECT NULL, NULL, NULL, NULL, (SELECT count(*) FROM res), (SELECT count(*) FROM lin), (SELECT count(*) FROM st)
     """
 )
-_STORE_ONLY = text(
+_STORE_ONLY = DriverStatement(
     """
     UPDATE platform.idempotency_keys k SET status_code = d.code, response = d.body
     FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
@@ -310,7 +317,7 @@ Claim = tuple[str, str, str, bytes]  # principal, request_id, method, request ha
 
 
 async def _load_for_plan(
-    session: AsyncSession, skus: list[str], claims: Sequence[Claim] = ()
+    conn: asyncpg.Connection[Any], skus: list[str], claims: Sequence[Claim] = ()
 ) -> tuple[dict[str, Policy], list[WarehouseInfo], dict[Key, Level], datetime, set[tuple[str, str]]]:
     if claims:
         params: dict[str, object] = {
@@ -320,23 +327,23 @@ async def _load_for_plan(
             "c_m": [c[2] for c in claims],
             "c_h": [c[3] for c in claims],
         }
-        rows = (await session.execute(_LOAD_CLAIMING, params)).all()
+        rows = await _LOAD_CLAIMING.fetch(conn, params)
     else:
-        rows = (await session.execute(_LOAD, {"skus": skus})).all()
+        rows = await _LOAD.fetch(conn, {"skus": skus})
     policies: dict[str, Policy] = {}
     warehouses: list[WarehouseInfo] = []
     levels: dict[Key, Level] = {}
     claimed: set[tuple[str, str]] = set()
-    now: datetime = rows[-1].ts
-    for r in rows:
-        if r.kind == "l":
-            levels[(r.sku, r.code)] = Level(int(r.n1), int(r.n2))
-        elif r.kind == "i":
-            policies[r.sku] = Policy(bool(r.b1), bool(r.b2), int(r.n1), int(r.n2))
-        elif r.kind == "w":
-            warehouses.append(WarehouseInfo(r.code, int(r.n1), bool(r.b1)))
-        elif r.kind == "c":
-            claimed.add((r.sku, r.code))
+    now: datetime = rows[-1][7]
+    for kind, sku, code, n1, n2, b1, b2, _ in rows:
+        if kind == "l":
+            levels[(sku, code)] = Level(n1, n2)
+        elif kind == "i":
+            policies[sku] = Policy(b1, b2, n1, n2)
+        elif kind == "w":
+            warehouses.append(WarehouseInfo(code, n1, b1))
+        elif kind == "c":
+            claimed.add((sku, code))
     warehouses.sort(key=lambda w: (w.priority, w.code))
     return policies, warehouses, levels, now, claimed
 
@@ -373,12 +380,22 @@ async def reserve_claimed(
     `store` (batcher) turns the results into idempotency rows written in the
     same statement.
     """
+    return await _reserve_claimed(session, await driver_connection(session), requests, claims, store)
+
+
+async def _reserve_claimed(
+    session: AsyncSession,
+    conn: asyncpg.Connection[Any],
+    requests: Sequence[ReserveRequest],
+    claims: Sequence[Claim | None],
+    store: Callable[[list[Reservation | DomainError | None]], StoreRows] | None,
+) -> list[Reservation | DomainError | None]:
     skus = sorted({line.sku for r in requests for line in r.lines})
     to_claim = sorted((c for c in claims if c is not None), key=lambda c: (c[0], c[1]))
     claimed: set[tuple[str, str]] = set()
     for attempt in range(2):
         policies, warehouses, locked, now, got_claims = await _load_for_plan(
-            session, skus, to_claim if attempt == 0 else ()
+            conn, skus, to_claim if attempt == 0 else ()
         )
         if attempt == 0:
             claimed = got_claims
@@ -405,9 +422,7 @@ async def reserve_claimed(
             break
         # A backorder into a level that never had stock: create it, then re-plan
         # under the lock (the new row was not locked when we planned).
-        await session.execute(
-            _ENSURE_LEVELS, {"skus": [m[0] for m in missing], "whs": [m[1] for m in missing]}
-        )
+        await _ENSURE_LEVELS.execute(conn, {"skus": [m[0] for m in missing], "whs": [m[1] for m in missing]})
     else:
         raise RuntimeError("stock levels kept appearing while reserving")
 
@@ -467,7 +482,7 @@ async def reserve_claimed(
     stored = store(results) if store is not None else StoreRows()
     if not granted:
         if stored.request_ids:
-            await session.execute(_STORE_ONLY, stored.params())
+            await _STORE_ONLY.execute(conn, stored.params())
         return results
     keys = sorted(deltas)
     lines = [(r, line) for r in granted for line in r.lines]
@@ -489,10 +504,10 @@ async def reserve_claimed(
         **ledger.params(drafts),
         **stored.params(),
     }
-    rows = (await session.execute(_WRITE, params)).all()
+    rows = await _WRITE.fetch(conn, params)
     outbox.mark_written(session)
-    got = {(r.sku, r.warehouse_code): (int(r.on_hand), int(r.reserved)) for r in rows if r.sku is not None}
-    counts = (rows[-1].n_res, rows[-1].n_lin, rows[-1].n_st)
+    got = {(r[0], r[1]): (r[2], r[3]) for r in rows if r[0] is not None}
+    counts = (rows[-1][4], rows[-1][5], rows[-1][6])
     for k in keys:
         if got.get(k) != (running[k].on_hand, running[k].reserved):
             # Cannot happen while the rows are locked; refusing (rolling back) is the safe side.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import MetaData
@@ -92,6 +93,7 @@ def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession
 
 
 _DRIVER = "entrepot_driver_connection"
+_DRIVER_USED = "entrepot_driver_used"
 
 
 async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
@@ -112,6 +114,10 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
     conn = await session.connection()
     fairy = await conn.get_raw_connection()
     adapted: Any = fairy.dbapi_connection
+    driver: asyncpg.Connection[Any] = adapted.driver_connection
+    # Recorded before anything is sent, so that a failure from here on (even the
+    # BEGIN below) lets the unit of work check this connection (driver_if_used).
+    session.info[_DRIVER_USED] = driver
     # SQLAlchemy's asyncpg adapter begins its transaction lazily on the first
     # statement it runs; a statement sent around it must begin it first, or it
     # would run outside the transaction.
@@ -119,8 +125,47 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
         async with adapted._execute_mutex:
             if adapted._transaction is None:
                 await adapted._start_transaction()
-    driver: asyncpg.Connection[Any] = adapted.driver_connection
     # Same session transaction, same connection and driver transaction: hot
     # paths call this several times per RPC.
     session.info[_DRIVER] = (session.sync_session.get_transaction(), driver)
     return driver
+
+
+def driver_if_used(session: AsyncSession) -> asyncpg.Connection[Any] | None:
+    """The driver connection driver_connection handed out in this session, if any."""
+    driver: asyncpg.Connection[Any] | None = session.info.get(_DRIVER_USED)
+    return driver
+
+
+_NAMED = re.compile(r"(?<![:\w]):([A-Za-z_]\w*)")
+
+
+class DriverStatement:
+    """A statement written with SQLAlchemy-style `:name` parameters, run on an
+    asyncpg connection as `$n` (one number per distinct name, so a name used
+    twice is bound once). Lets hot paths share SQL text with text() statements."""
+
+    __slots__ = ("names", "sql")
+
+    def __init__(self, sql: str) -> None:
+        names: list[str] = []
+
+        def number(m: re.Match[str]) -> str:
+            if m.group(1) not in names:
+                names.append(m.group(1))
+            return f"${names.index(m.group(1)) + 1}"
+
+        self.sql = _NAMED.sub(number, sql)
+        self.names = tuple(names)
+
+    def args(self, params: dict[str, object]) -> list[object]:
+        """Positional arguments in `$n` order; a missing name is a KeyError."""
+        return [params[n] for n in self.names]
+
+    async def fetch(self, conn: asyncpg.Connection[Any], params: dict[str, object]) -> list[asyncpg.Record]:
+        rows: list[asyncpg.Record] = await conn.fetch(self.sql, *self.args(params))
+        return rows
+
+    async def execute(self, conn: asyncpg.Connection[Any], params: dict[str, object]) -> str:
+        status: str = await conn.execute(self.sql, *self.args(params))
+        return status

@@ -4,11 +4,27 @@ from __future__ import annotations
 
 from types import TracebackType
 
-import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-# Errors of the driver connection itself (raised by statements sent on it directly).
-_CONNECTION_ERRORS = (asyncpg.InterfaceError, asyncpg.exceptions.PostgresConnectionError, OSError)
+from domain.shared.db import driver_if_used
+
+
+def _connection_unusable(session: AsyncSession, exc: BaseException) -> bool:
+    """After `exc` left a transaction: may its connection go back to the pool?
+
+    Statements sent on the driver connection directly (driver_connection)
+    bypass SQLAlchemy, which would otherwise invalidate a connection itself.
+    Unusable: cancelled (or interrupted otherwise) mid-transaction, so a BEGIN
+    or a statement may be half done; a driver-level connection error; or the
+    driver connection is closed (database restart, terminated backend)."""
+    if not isinstance(exc, Exception):
+        return True
+    import asyncpg  # here, not at import: Temporal's workflow sandbox re-imports this module
+
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.PostgresConnectionError, OSError)):
+        return True
+    driver = driver_if_used(session)
+    return driver is not None and driver.is_closed()
 
 
 class UnitOfWork:
@@ -39,13 +55,8 @@ class UnitOfWork:
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         session = self.session
-        if exc is not None and (not isinstance(exc, Exception) or isinstance(exc, _CONNECTION_ERRORS)):
-            # Cancelled (or interrupted otherwise) mid-transaction, or the
-            # connection broke. Statements sent on the driver connection directly
-            # (domain.shared.db.driver_connection) bypass SQLAlchemy, which would
-            # otherwise invalidate the connection itself: its state is unknown (a
-            # BEGIN or a statement may be half done), so it is closed, never
-            # returned to the pool.
+        if exc is not None and _connection_unusable(session, exc):
+            # Closed, never returned to the pool (see _connection_unusable).
             try:
                 await session.invalidate()
             finally:

@@ -357,6 +357,60 @@ async def test_batcher_grants_exactly_the_stock_and_keeps_idempotency(sessions, 
         await check_invariants(s)
 
 
+async def test_batcher_hands_back_the_stored_response(sessions, warehouses) -> None:  # type: ignore[no-untyped-def]
+    code = await new_item(sessions, {"WH-A": 2})
+
+    def encode(result: object) -> tuple[int, bytes]:
+        return (9, b"refused") if isinstance(result, DomainError) else (0, b"id:" + str(result.id).encode())  # type: ignore[attr-defined]
+
+    batcher = inv.ReserveBatcher(sessions, encode=encode)
+    try:
+        key = f"enc-{uuid.uuid4().hex}"
+        got = await batcher.submit_encoded(
+            inv.reserve_request([LineRequest(code, 1)]), inv.IdemClaim("tester", key, "ReserveStock", b"h")
+        )
+        assert isinstance(got, inv.Executed)
+        assert got.response == b"id:" + str(got.reservation.id).encode()
+        # Without a key nothing is stored, so there are no bytes to hand back.
+        plain = await batcher.submit_encoded(inv.reserve_request([LineRequest(code, 1)]))
+        assert isinstance(plain, inv.Executed) and plain.response is None
+        # A replay gets the very bytes the first call got.
+        replay = await batcher.submit_encoded(
+            inv.reserve_request([LineRequest(code, 1)]), inv.IdemClaim("tester", key, "ReserveStock", b"h")
+        )
+        assert isinstance(replay, inv.Stored) and replay.response == got.response
+    finally:
+        await batcher.close()
+
+
+async def test_batcher_recovers_when_its_connection_is_killed(sessions, warehouses, db_url) -> None:  # type: ignore[no-untyped-def]
+    # The reserve statements run on the asyncpg connection under the session, where
+    # SQLAlchemy does not see their errors: a dead connection must still leave the pool.
+    code = await new_item(sessions, {"WH-A": 10})
+    engine = make_engine(db_url, pool_size=1, max_overflow=0)
+    batcher = inv.ReserveBatcher(make_session_factory(engine))
+    try:
+        assert isinstance(await batcher.submit(inv.reserve_request([LineRequest(code, 1)])), inv.Reservation)
+        async with make_session_factory(engine)() as s:
+            pid = (await s.execute(text("SELECT pg_backend_pid()"))).scalar_one()
+        async with sessions() as s:
+            assert (await s.execute(text("SELECT pg_terminate_backend(:p)"), {"p": pid})).scalar_one()
+        outcomes = []
+        for _ in range(3):
+            try:
+                outcomes.append(
+                    type(await batcher.submit(inv.reserve_request([LineRequest(code, 1)]))).__name__
+                )
+            except Exception as exc:  # the call that meets the dead connection fails (UNAVAILABLE upstream)
+                outcomes.append(type(exc).__name__)
+        assert outcomes[1:] == ["Reservation", "Reservation"], outcomes
+    finally:
+        await batcher.close()
+        await engine.dispose()
+    async with sessions() as s:
+        await check_invariants(s)
+
+
 async def test_two_batchers_on_separate_engines_never_oversell(sessions, warehouses, db_url) -> None:  # type: ignore[no-untyped-def]
     # Two "server processes": separate engines (connections) and batchers, one database,
     # mixed with naive single-call transactions.
