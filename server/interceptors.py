@@ -142,6 +142,9 @@ def _transient_db_error(exc: BaseException) -> bool:
             asyncpg.exceptions.AdminShutdownError,
             asyncpg.exceptions.ConnectionFailureError,
             asyncpg.exceptions.TooManyConnectionsError,
+            # A connection the database dropped mid-operation can be left "busy"
+            # ("another operation is in progress") until it is discarded.
+            asyncpg.InternalClientError,
             ConnectionError,
             OSError,
         ),

@@ -90,7 +90,13 @@ class Runtime:
                     self._read_pool = await make_read_pool(url, size=self.settings.db_read_pool_size)
                 pool = self._read_pool
         async with pool.acquire() as conn:
-            return await fn(conn)
+            try:
+                return await fn(conn)
+            except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
+                # The connection's state is unknown (dropped mid-operation): never
+                # hand it out again; the pool opens a new one on the next acquire.
+                conn.terminate()
+                raise
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:
         """Run `fn` in one transaction, idempotently by `request.request_id` (AIP-155).

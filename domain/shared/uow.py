@@ -21,7 +21,15 @@ def _connection_unusable(session: AsyncSession, exc: BaseException) -> bool:
         return True
     import asyncpg  # here, not at import: Temporal's workflow sandbox re-imports this module
 
-    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.exceptions.PostgresConnectionError, OSError)):
+    if isinstance(
+        exc,
+        (
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            asyncpg.exceptions.PostgresConnectionError,
+            OSError,
+        ),
+    ):
         return True
     driver = driver_if_used(session)
     return driver is not None and driver.is_closed()

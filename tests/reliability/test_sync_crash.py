@@ -28,7 +28,8 @@ from tests.reliability.servers import ServerProcess, admin_token
 
 LONG = os.environ.get("ENTREPOT_SOAK") == "long"
 KILLS = 20 if LONG else 3
-EVENTS = 60_000 if LONG else 12_000
+# Long enough that the stream outlives the kills (SyncStock applies ~15,000+ events/s here).
+EVENTS = 200_000 if LONG else 40_000
 SKUS = 300
 T0 = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -111,7 +112,7 @@ async def test_sigkill_during_sync_then_resume_applies_every_event_once(
             )
             kills = 0
             while kills < KILLS and not sync.done():
-                await asyncio.sleep(rng.uniform(0.2, 1.0) if kills == 0 else rng.uniform(0.3, 2.0))
+                await asyncio.sleep(rng.uniform(0.1, 0.5) if kills == 0 else rng.uniform(0.3, 1.5))
                 if sync.done():
                     break
                 await server.restart()
