@@ -20,6 +20,7 @@ import sqlalchemy.exc
 from grpc_interceptor.server import AsyncServerInterceptor
 
 from domain.shared.caller import ChannelRef
+from domain.shared.db import RETRYABLE_SQLSTATES, sqlstate
 from domain.shared.errors import DomainError, NotFound
 from server import context as ctx
 from server import metrics
@@ -151,13 +152,6 @@ def _transient_db_error(exc: BaseException) -> bool:
     )
 
 
-def _sqlstate(exc: BaseException) -> str | None:
-    if isinstance(exc, asyncpg.PostgresError):  # raised on the driver connection directly
-        return exc.sqlstate  # type: ignore[no-any-return]
-    orig = getattr(exc, "orig", None)
-    return getattr(orig, "sqlstate", None) or getattr(getattr(orig, "__cause__", None), "sqlstate", None)
-
-
 class ErrorInterceptor(AsyncServerInterceptor):
     """Domain errors -> status + ErrorInfo (+ BadRequest / PreconditionFailure).
     Database outages -> UNAVAILABLE. Anything unexpected -> INTERNAL with a
@@ -202,8 +196,8 @@ class ErrorInterceptor(AsyncServerInterceptor):
                     grpc.StatusCode.UNIMPLEMENTED, "NOT_IMPLEMENTED", f"{name} is not implemented yet"
                 ),
             )
-        state = _sqlstate(exc)
-        if state in ("40001", "40P01"):
+        state = sqlstate(exc)
+        if state in RETRYABLE_SQLSTATES:
             await abort(
                 context,
                 build_status(

@@ -14,7 +14,7 @@ from google.rpc import status_pb2
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from domain.platform import idempotency
-from domain.shared.db import make_engine, make_read_pool, make_session_factory
+from domain.shared.db import connection_lost, make_engine, make_read_pool, make_session_factory
 from domain.shared.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
 from server.context import current_caller, current_method
@@ -92,10 +92,11 @@ class Runtime:
         async with pool.acquire() as conn:
             try:
                 return await fn(conn)
-            except (asyncpg.InterfaceError, asyncpg.InternalClientError, OSError):
-                # The connection's state is unknown (dropped mid-operation): never
-                # hand it out again; the pool opens a new one on the next acquire.
-                conn.terminate()
+            except Exception as exc:
+                if connection_lost(exc):
+                    # Its state is unknown (dropped mid-operation): never hand it out
+                    # again; the pool opens a new one on the next acquire.
+                    conn.terminate()
                 raise
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:

@@ -35,24 +35,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from sqlalchemy import text
-from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.inventory.reservations import ReserveRequest, StoreRows, reserve_claimed
 from domain.inventory.types import Reservation
+from domain.shared.db import RETRYABLE_SQLSTATES, sqlstate
 from domain.shared.errors import DomainError
 from domain.shared.uow import UnitOfWork
 
 log = logging.getLogger("entrepot.inventory.batcher")
-
-RETRYABLE_SQLSTATES = {"40001", "40P01"}  # serialization failure, deadlock
-
-
-def _sqlstate(exc: BaseException) -> str | None:
-    if isinstance(exc, DBAPIError):
-        return getattr(exc.orig, "sqlstate", None)
-    state = getattr(exc, "sqlstate", None)  # asyncpg.PostgresError
-    return state if isinstance(state, str) else None
 
 
 @dataclass(frozen=True)
@@ -199,10 +190,7 @@ class ReserveBatcher:
                     break
                 except Exception as exc:
                     # Retry deadlocks and serialization failures, re-raise everything else.
-                    # The reserve statements run on the asyncpg connection (asyncpg's own
-                    # errors carry .sqlstate; asyncpg is not imported here, see db.py);
-                    # commit/rollback go through SQLAlchemy (DBAPIError, .orig.sqlstate).
-                    state = _sqlstate(exc)
+                    state = sqlstate(exc)
                     if state not in RETRYABLE_SQLSTATES or attempt == 3:
                         raise
                     log.info("reserve batch retried after %s", state)

@@ -35,7 +35,7 @@ from domain.inventory.validation import (
     filters_or_raise,
     sku_or_raise,
 )
-from domain.shared.db import driver_connection
+from domain.shared.db import DriverStatement, driver_connection
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
@@ -500,7 +500,8 @@ def _level(row: Any) -> StockLevel:
     return StockLevel(row.sku, row.warehouse_code, int(row.on_hand), int(row.reserved), row.updated_at)
 
 
-_SKU_LEVELS = text(
+# Run on the driver connection (fetch_sku_stocks): the GetStockLevel hot path.
+_SKU_LEVELS = DriverStatement(
     """
     SELECT i.sku, i.low_stock_threshold, l.warehouse_code, l.on_hand, l.reserved, l.updated_at
     FROM inventory.items i
@@ -509,10 +510,6 @@ _SKU_LEVELS = text(
     ORDER BY i.sku, l.warehouse_code
     """
 )
-
-
-# The same statement with asyncpg's $n placeholders (load_sku_stocks runs it on the driver).
-_SKU_LEVELS_SQL = str(_SKU_LEVELS).replace("CAST(:skus AS text[])", "$1::text[]")
 
 
 async def load_sku_stocks(session: AsyncSession, skus: list[str]) -> dict[str, SkuStock]:
@@ -524,7 +521,7 @@ async def fetch_sku_stocks(conn: asyncpg.Connection[Any], skus: list[str]) -> di
     """load_sku_stocks on an asyncpg connection: the GetStockLevel hot path (one
     prepared statement, no ORM result objects)."""
     out: dict[str, SkuStock] = {}
-    for sku, threshold, wh, on_hand, reserved, updated_at in await conn.fetch(_SKU_LEVELS_SQL, skus):
+    for sku, threshold, wh, on_hand, reserved, updated_at in await _SKU_LEVELS.fetch(conn, {"skus": skus}):
         st = out.get(sku)
         if st is None:
             st = out[sku] = SkuStock(sku, [], threshold)

@@ -131,6 +131,41 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
     return driver
 
 
+# Serialization failure, deadlock: the whole transaction may be retried.
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
+
+
+def sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE behind `exc`, whichever layer raised it: asyncpg's own errors
+    (statements on the driver connection) carry .sqlstate; SQLAlchemy wraps the
+    driver's error as .orig (whose __cause__ is asyncpg's)."""
+    for candidate in (
+        exc,
+        getattr(exc, "orig", None),
+        getattr(getattr(exc, "orig", None), "__cause__", None),
+    ):
+        state = getattr(candidate, "sqlstate", None)
+        if isinstance(state, str):
+            return state
+    return None
+
+
+def connection_lost(exc: BaseException) -> bool:
+    """`exc` says the driver connection itself is unusable (dropped, closed, or
+    left mid-operation), as opposed to a statement failing on a healthy one."""
+    import asyncpg  # here, not at import: Temporal's workflow sandbox re-imports this module
+
+    return isinstance(
+        exc,
+        (
+            asyncpg.InterfaceError,
+            asyncpg.InternalClientError,
+            asyncpg.exceptions.PostgresConnectionError,
+            OSError,
+        ),
+    )
+
+
 def driver_if_used(session: AsyncSession) -> asyncpg.Connection[Any] | None:
     """The driver connection driver_connection handed out in this session, if any."""
     driver: asyncpg.Connection[Any] | None = session.info.get(_DRIVER_USED)

@@ -6,7 +6,7 @@ from types import TracebackType
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.shared.db import driver_if_used
+from domain.shared.db import connection_lost, driver_if_used
 
 
 def _connection_unusable(session: AsyncSession, exc: BaseException) -> bool:
@@ -17,19 +17,7 @@ def _connection_unusable(session: AsyncSession, exc: BaseException) -> bool:
     Unusable: cancelled (or interrupted otherwise) mid-transaction, so a BEGIN
     or a statement may be half done; a driver-level connection error; or the
     driver connection is closed (database restart, terminated backend)."""
-    if not isinstance(exc, Exception):
-        return True
-    import asyncpg  # here, not at import: Temporal's workflow sandbox re-imports this module
-
-    if isinstance(
-        exc,
-        (
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-            asyncpg.exceptions.PostgresConnectionError,
-            OSError,
-        ),
-    ):
+    if not isinstance(exc, Exception) or connection_lost(exc):
         return True
     driver = driver_if_used(session)
     return driver is not None and driver.is_closed()

@@ -23,13 +23,12 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Literal, TypeAlias
 
-import asyncpg
 import grpc
-import sqlalchemy.exc
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.inventory import sync, watch
 from domain.inventory.types import Cost
+from domain.shared.db import RETRYABLE_SQLSTATES, sqlstate
 from domain.shared.errors import DomainError, InvalidArgument
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from server.context import current_caller
@@ -58,7 +57,6 @@ _MOVEMENTS = {
     "sync": pb.MOVEMENT_TYPE_SYNC,
 }
 # Deadlock / serialization failure against concurrent writers: the batch is retried whole.
-_RETRY_STATES = ("40P01", "40001")
 _END = object()
 
 
@@ -156,13 +154,8 @@ async def apply_batch(
                 )
                 await uow.commit()
                 return result
-        except (sqlalchemy.exc.DBAPIError, asyncpg.PostgresError) as exc:
-            # Hot statements run on asyncpg directly (its errors carry .sqlstate).
-            orig = getattr(exc, "orig", exc)
-            state = getattr(orig, "sqlstate", None) or getattr(
-                getattr(orig, "__cause__", None), "sqlstate", None
-            )
-            if state not in _RETRY_STATES or attempt == 4:
+        except Exception as exc:
+            if sqlstate(exc) not in RETRYABLE_SQLSTATES or attempt == 4:
                 raise
             await asyncio.sleep(0.01 * (attempt + 1))
     raise AssertionError("unreachable")
