@@ -117,10 +117,13 @@ _READ = text(
 
 _POSITION = text("SELECT txid::text::bigint FROM platform.outbox WHERE id = :id")
 
+# The last committed event in delivery order: one backward step on ix_outbox_txid_id
+# (max() over a cast read the whole table).
 _HEAD = text(
     """
-    SELECT coalesce(max(id), 0), coalesce(max(txid::text::bigint), 0)
-    FROM platform.outbox WHERE txid < pg_snapshot_xmin(pg_current_snapshot())
+    SELECT o.txid::text::bigint AS last_txid, o.id FROM platform.outbox o
+    WHERE o.txid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY o.txid DESC, o.id DESC LIMIT 1
     """
 )
 
@@ -143,8 +146,8 @@ async def position_of(session: AsyncSession, event_id: int) -> tuple[int, int] |
 
 async def head_position(session: AsyncSession) -> tuple[int, int]:
     """A position at or after every event committed so far ("from now on")."""
-    max_id, max_txid = (await session.execute(_HEAD)).one()
-    return (int(max_txid), int(max_id))
+    last = (await session.execute(_HEAD)).one_or_none()
+    return (int(last[0]), int(last[1])) if last else (0, 0)
 
 
 async def purge_older_than(session: AsyncSession, age: timedelta, limit: int = 10_000) -> int:

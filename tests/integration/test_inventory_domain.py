@@ -575,3 +575,31 @@ async def test_retarget_refuses_expired_missing_and_closed_holds(sessions, wareh
     assert closed.value.reason == "RESERVATION_NOT_ACTIVE"
     # Nothing moved: the hold kept its reference.
     assert (await tx(sessions, lambda s: inv.get_reservation(s, hold.id))).reference == "cart:12"
+
+
+async def test_counter_updates_can_stay_heap_only(sessions) -> None:  # type: ignore[no-untyped-def]
+    """Every reservation and sync event updates a stock level; PostgreSQL can skip
+    the index writes (a HOT update) only while no index reads the counters, and
+    only with free room on the page. An index on on_hand/reserved (even in a
+    partial index's predicate) would make every one of those updates touch every
+    index again (inventory_0003)."""
+    async with sessions() as s:
+        defs = (
+            (
+                await s.execute(
+                    text(
+                        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'inventory' AND tablename = 'stock_levels'"
+                    )
+                )
+            )
+            .scalars()
+            .all()
+        )
+        options = (
+            await s.execute(
+                text("SELECT reloptions FROM pg_class WHERE oid = 'inventory.stock_levels'::regclass")
+            )
+        ).scalar_one()
+    assert defs, "stock_levels has its primary key at least"
+    assert [d for d in defs if any(c in d for c in ("on_hand", "reserved", "updated_at"))] == []
+    assert "fillfactor=70" in (options or [])
