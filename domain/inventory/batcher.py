@@ -251,6 +251,8 @@ class ReserveBatcher:
                         code, body = self._encode(r)
                         rows.principals.append(p.claim.principal)
                         rows.request_ids.append(p.claim.request_id)
+                        rows.methods.append(p.claim.method)
+                        rows.hashes.append(p.claim.request_hash)
                         rows.codes.append(code)
                         rows.bodies.append(body)
                         if not isinstance(r, DomainError):

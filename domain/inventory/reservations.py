@@ -244,6 +244,19 @@ _LOAD_CLAIMING = DriverStatement(
     """
 )
 
+# The batcher's idempotency answers, written to the rows its load statement claimed.
+# An upsert, not an UPDATE joined with unnest: ON CONFLICT finds each claimed row
+# through the primary key whatever plan the statement got. The cached generic plan
+# of the UPDATE, made while the table was small, was a sequential scan of the whole
+# table per batch (2.4 ms of a 3 ms batch statement at 4,000 keys, and growing).
+# The insert branch never runs: every row was claimed earlier in this transaction.
+_STORE = """
+    INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash, status_code, response)
+    SELECT * FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_m AS text[]),
+                         CAST(:s_h AS bytea[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
+    ON CONFLICT (principal, request_id) DO UPDATE SET status_code = excluded.status_code, response = excluded.response
+"""
+
 # One statement writes everything a batch granted: guarded counter UPDATE,
 # reservations, lines, ledger + outbox, and (batcher) the idempotency answers.
 _WRITE = DriverStatement(
@@ -273,12 +286,9 @@ _WRITE = DriverStatement(
         RETURNING reservation_id
     ), """
     + ledger.CTES
-    + """, st AS (
-        UPDATE platform.idempotency_keys k SET status_code = d.code, response = d.body
-        FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
-             AS d(p, r, code, body)
-        WHERE k.principal = d.p AND k.request_id = d.r
-        RETURNING 1
+    + """, st AS ("""
+    + _STORE
+    + """ RETURNING 1
     )
     SELECT sku, warehouse_code, on_hand, reserved, (SELECT count(*) FROM res) AS n_res,
            (SELECT count(*) FROM lin) AS n_lin, (SELECT count(*) FROM st) AS n_st FROM upd
@@ -286,14 +296,7 @@ _WRITE = DriverStatement(
     SELECT NULL, NULL, NULL, NULL, (SELECT count(*) FROM res), (SELECT count(*) FROM lin), (SELECT count(*) FROM st)
     """
 )
-_STORE_ONLY = DriverStatement(
-    """
-    UPDATE platform.idempotency_keys k SET status_code = d.code, response = d.body
-    FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
-         AS d(p, r, code, body)
-    WHERE k.principal = d.p AND k.request_id = d.r
-    """
-)
+_STORE_ONLY = DriverStatement(_STORE)
 
 
 def _ttl_us(ttl: timedelta | None) -> int | None:
@@ -306,11 +309,20 @@ class StoreRows:
 
     principals: list[str] = field(default_factory=list)
     request_ids: list[str] = field(default_factory=list)
+    methods: list[str] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
     codes: list[int] = field(default_factory=list)
     bodies: list[bytes] = field(default_factory=list)
 
     def params(self) -> dict[str, object]:
-        return {"s_p": self.principals, "s_r": self.request_ids, "s_c": self.codes, "s_b": self.bodies}
+        return {
+            "s_p": self.principals,
+            "s_r": self.request_ids,
+            "s_m": self.methods,
+            "s_h": self.hashes,
+            "s_c": self.codes,
+            "s_b": self.bodies,
+        }
 
 
 Claim = tuple[str, str, str, bytes]  # principal, request_id, method, request hash
