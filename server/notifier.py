@@ -6,20 +6,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
-from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncEngine
+from collections.abc import Awaitable, Callable
 
 from domain.shared import outbox
 
 log = logging.getLogger("entrepot.notifier")
 
-_NOTIFY = text(f"SELECT pg_notify('{outbox.NOTIFY_CHANNEL}', '')")
+NOTIFY_SQL = f"SELECT pg_notify('{outbox.NOTIFY_CHANNEL}', '')"
 
 
 class OutboxNotifier:
-    def __init__(self, engine: AsyncEngine, interval: float = 0.005) -> None:
-        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+    """`send` runs NOTIFY_SQL in autocommit (the runtime's asyncpg read pool: one round
+    trip; a pooled session connection cost a checkout and a reset ROLLBACK per NOTIFY)."""
+
+    def __init__(self, send: Callable[[], Awaitable[object]], interval: float = 0.005) -> None:
+        self.send = send
         self.interval = interval
         self._pending = False
         self._tasks: set[asyncio.Task[None]] = set()
@@ -44,8 +45,7 @@ class OutboxNotifier:
         await asyncio.sleep(self.interval)
         self._pending = False
         try:
-            async with self.engine.connect() as conn:
-                await conn.execute(_NOTIFY)
+            await self.send()
         except Exception as exc:  # readers also poll; a lost wake-up only delays delivery
             log.warning("outbox notify failed", extra={"error": type(exc).__name__})
 

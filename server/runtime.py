@@ -19,7 +19,7 @@ from domain.shared.errors import AlreadyExists, DomainError, FieldViolation, Inv
 from domain.shared.uow import UnitOfWork
 from server.context import current_caller, current_method
 from server.errors import ReplayedStatus, status_from_domain
-from server.notifier import OutboxNotifier
+from server.notifier import NOTIFY_SQL, OutboxNotifier
 from server.settings import Settings
 
 log = logging.getLogger("entrepot.runtime")
@@ -64,7 +64,7 @@ class Runtime:
         # Set by the app: drops a channel from the interceptor's cache after an update.
         self.on_channel_changed: Callable[[str], None] = lambda slug: None
         # Wakes outbox readers on every replica after commits that wrote events.
-        self.notifier = OutboxNotifier(engine)
+        self.notifier = OutboxNotifier(lambda: self.read_one_statement(lambda conn: conn.execute(NOTIFY_SQL)))
         self.notifier.install()
 
     def channel_changed(self, slug: str) -> None:
@@ -80,8 +80,9 @@ class Runtime:
             return await fn(uow.session)
 
     async def read_one_statement(self, fn: Callable[[asyncpg.Connection[Any]], Awaitable[T]]) -> T:
-        """Hot reads that are a single statement: on a connection of the small asyncpg
-        read pool, in autocommit (no BEGIN/COMMIT round trips, no session)."""
+        """Hot reads that are a single statement (and the notifier's NOTIFY): on a
+        connection of the small asyncpg read pool, in autocommit (no BEGIN/COMMIT
+        round trips, no session)."""
         pool = self._read_pool
         if pool is None:
             async with self._read_pool_lock:

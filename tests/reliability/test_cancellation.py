@@ -221,24 +221,37 @@ async def _updates(url: str, slug: str, rids: list[str]) -> tuple[str, int, int]
 
 async def _assert_no_leaks(app: App, url: str, tasks_before: set[asyncio.Task[Any]]) -> None:
     pool: Any = app.rt.engine.pool
+    # The asyncpg read pool (GetStockLevel, the outbox NOTIFY) has its own connections.
+    read_pool: Any = app.rt._read_pool
     dbname = urlsplit(url).path.lstrip("/")
     deadline = time.monotonic() + 10
     while True:
         conn = await asyncpg.connect(url)
         try:
             sessions = await conn.fetch(
-                "SELECT state FROM pg_stat_activity WHERE datname = $1 AND application_name = 'entrepot'",
+                "SELECT application_name, state FROM pg_stat_activity WHERE datname = $1 "
+                "AND application_name IN ('entrepot', 'entrepot-read')",
                 dbname,
             )
         finally:
             await conn.close()
-        states = [r["state"] for r in sessions]
-        settled = pool.checkedout() == 0 and states == ["idle"] * pool.checkedin()
+        states = [r["state"] for r in sessions if r["application_name"] == "entrepot"]
+        read_states = [r["state"] for r in sessions if r["application_name"] == "entrepot-read"]
+        read_open = read_pool.get_size() if read_pool is not None else 0
+        read_idle = read_pool.get_idle_size() if read_pool is not None else 0
+        settled = (
+            pool.checkedout() == 0
+            and states == ["idle"] * pool.checkedin()
+            and read_idle == read_open
+            and read_states == ["idle"] * read_open
+        )
         if settled or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)
     assert pool.checkedout() == 0, f"{pool.checkedout()} connections still checked out"
     assert states == ["idle"] * pool.checkedin(), (states, pool.checkedin())
+    assert read_idle == read_open, f"{read_open - read_idle} read-pool connections still acquired"
+    assert read_states == ["idle"] * read_open, (read_states, read_open)
     # Background loops start short-lived tasks all the time (wait_for(event.wait(), 1s) ticks);
     # a leaked task is one that is still the same pending task after a while.
     first = _new_pending(tasks_before)
