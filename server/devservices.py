@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -53,8 +54,28 @@ def temporal_binary() -> str:
     return found
 
 
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
+    """A port nothing is bound to now, for a server started a moment later. Chosen below
+    the kernel's ephemeral range: a port handed out by bind(0) comes from that range and
+    can meanwhile become the local end of an outgoing connection (seen in CI: `entrepot
+    dev` failed to bind its metrics port a few seconds after the test picked it)."""
+    top = _ephemeral_low() - 1
+    for _ in range(200):
+        port = random.randint(max(1024, top - 10_000), top)
+        with socket.socket() as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue  # taken: try another
+            return port
+    with socket.socket() as s:  # everything tried was taken: any port the kernel gives
         s.bind((host, 0))
         return int(s.getsockname()[1])
 
