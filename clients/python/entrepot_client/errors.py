@@ -85,10 +85,18 @@ _BY_CODE: dict[grpc.StatusCode, type[EntrepotError]] = {
 }
 
 
+# grpc core fails a call whose connection broke under a pending write with this local
+# INTERNAL (grpc/grpc#36066; seen when a server is killed mid-SyncStock): a transport
+# failure, not an answer from the server, so it is UNAVAILABLE and retried as such.
+_CORE_TRANSPORT_FAILURE = "Internal error from Core"
+
+
 def from_rpc_error(err: grpc.RpcError) -> EntrepotError:
     """Build the typed error from a failed call (sync or aio)."""
     code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
     message = err.details() if hasattr(err, "details") else str(err)
+    if code == grpc.StatusCode.INTERNAL and message == _CORE_TRANSPORT_FAILURE:
+        code = grpc.StatusCode.UNAVAILABLE
     cls = _BY_CODE.get(code, EntrepotError)
     out = cls(code=code, message=message or "")
     status = None
