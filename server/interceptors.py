@@ -20,7 +20,7 @@ import sqlalchemy.exc
 from grpc_interceptor.server import AsyncServerInterceptor
 
 from domain.shared.caller import ChannelRef
-from domain.shared.db import RETRYABLE_SQLSTATES, sqlstate
+from domain.shared.db import RETRYABLE_SQLSTATES, connection_lost, sqlstate
 from domain.shared.errors import DomainError, NotFound
 from server import context as ctx
 from server import metrics
@@ -126,30 +126,17 @@ class ObservabilityInterceptor(AsyncServerInterceptor):
             )
 
 
+# Shutting down, crashed, starting up; too many connections (class 08 is added below).
+_UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
+
+
 def _transient_db_error(exc: BaseException) -> bool:
-    if isinstance(exc, (ConnectionError, OSError, sqlalchemy.exc.TimeoutError, asyncio.TimeoutError)):
+    if isinstance(exc, sqlalchemy.exc.TimeoutError) or connection_lost(exc):
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
         return True
-    # SQLAlchemy wraps the driver's error (orig, whose __cause__ is asyncpg's);
-    # hot paths on the driver connection raise asyncpg's error itself.
-    orig = getattr(exc, "orig", None)
-    cause = getattr(orig, "__cause__", None) or orig or exc
-    return isinstance(
-        cause,
-        (
-            asyncpg.exceptions.ConnectionDoesNotExistError,
-            asyncpg.exceptions.CannotConnectNowError,
-            asyncpg.exceptions.AdminShutdownError,
-            asyncpg.exceptions.ConnectionFailureError,
-            asyncpg.exceptions.TooManyConnectionsError,
-            # A connection the database dropped mid-operation can be left "busy"
-            # ("another operation is in progress") until it is discarded.
-            asyncpg.InternalClientError,
-            ConnectionError,
-            OSError,
-        ),
-    )
+    state = sqlstate(exc) or ""
+    return state.startswith("08") or state in _UNAVAILABLE_SQLSTATES
 
 
 class ErrorInterceptor(AsyncServerInterceptor):

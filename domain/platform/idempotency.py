@@ -11,11 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import timedelta
 
-from sqlalchemy import select, text, update
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.shared.models import IdempotencyKey
+from domain.shared.db import DriverStatement, driver_connection
 
 
 @dataclass
@@ -66,6 +65,30 @@ class StoredResponse:
     response: bytes | None
 
 
+# Every mutating RPC runs these: plain statements on the session's asyncpg
+# connection (building and compiling an ORM statement per call cost more than
+# the round trip; `complete` was 8% of CheckoutCart's server time in py-spy).
+_CLAIM = DriverStatement(
+    """
+    INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash, status_code, response)
+    VALUES (:p, :r, :m, CAST(:h AS bytea), CAST(:c AS int), CAST(:b AS bytea))
+    ON CONFLICT (principal, request_id) DO NOTHING RETURNING true
+    """
+)
+_COMPLETE = DriverStatement(
+    """
+    UPDATE platform.idempotency_keys SET status_code = :c, response = :b
+    WHERE principal = :p AND request_id = :r
+    """
+)
+_GET = DriverStatement(
+    """
+    SELECT method, request_hash, status_code, response FROM platform.idempotency_keys
+    WHERE principal = :p AND request_id = :r
+    """
+)
+
+
 async def claim(
     session: AsyncSession,
     principal: str,
@@ -77,43 +100,34 @@ async def claim(
     response: bytes | None = None,
 ) -> bool:
     """True when this call owns the key (first use); False when it was used before."""
-    row = (
-        await session.execute(
-            insert(IdempotencyKey)
-            .values(
-                principal=principal,
-                request_id=request_id,
-                method=method,
-                request_hash=request_hash,
-                status_code=status_code,
-                response=response,
-            )
-            .on_conflict_do_nothing(index_elements=["principal", "request_id"])
-            .returning(IdempotencyKey.request_id)
-        )
-    ).scalar_one_or_none()
-    return row is not None
+    conn = await driver_connection(session)
+    params: dict[str, object] = {
+        "p": principal,
+        "r": request_id,
+        "m": method,
+        "h": request_hash,
+        "c": status_code,
+        "b": response,
+    }
+    return bool(await _CLAIM.fetch(conn, params))
 
 
 async def complete(
     session: AsyncSession, principal: str, request_id: str, status_code: int, response: bytes
 ) -> None:
-    await session.execute(
-        update(IdempotencyKey)
-        .where(IdempotencyKey.principal == principal, IdempotencyKey.request_id == request_id)
-        .values(status_code=status_code, response=response)
-    )
+    conn = await driver_connection(session)
+    await _COMPLETE.execute(conn, {"p": principal, "r": request_id, "c": status_code, "b": response})
 
 
 async def get(session: AsyncSession, principal: str, request_id: str) -> StoredResponse:
-    row = (
-        await session.execute(
-            select(IdempotencyKey).where(
-                IdempotencyKey.principal == principal, IdempotencyKey.request_id == request_id
-            )
-        )
-    ).scalar_one()
-    return StoredResponse(row.method, row.request_hash, row.status_code, row.response)
+    conn = await driver_connection(session)
+    rows = await _GET.fetch(conn, {"p": principal, "r": request_id})
+    if len(rows) != 1:
+        raise LookupError(f"idempotency key {request_id!r} not found")  # the caller saw it claimed
+    method, request_hash, status_code, response = rows[0]
+    return StoredResponse(
+        method, bytes(request_hash), status_code, None if response is None else bytes(response)
+    )
 
 
 _PURGE = text(

@@ -61,7 +61,8 @@ async def make_read_pool(url: str, *, size: int = 2, command_timeout: float = 30
         max_size=size,
         command_timeout=command_timeout,
         timeout=5,
-        server_settings={"application_name": "entrepot"},
+        # Its own name in pg_stat_activity: these connections are not the engine's.
+        server_settings={"application_name": "entrepot-read"},
         reset=keep_session,
     )
     assert pool is not None
@@ -135,19 +136,28 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
 RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})
 
 
+def _layers(exc: BaseException) -> tuple[BaseException, ...]:
+    """`exc` and the driver errors inside it: asyncpg's own errors come from
+    statements on the driver connection; SQLAlchemy wraps the driver's error as
+    .orig, whose __cause__ is asyncpg's."""
+    orig = getattr(exc, "orig", None)
+    return tuple(e for e in (exc, orig, getattr(orig, "__cause__", None)) if isinstance(e, BaseException))
+
+
 def sqlstate(exc: BaseException) -> str | None:
-    """The SQLSTATE behind `exc`, whichever layer raised it: asyncpg's own errors
-    (statements on the driver connection) carry .sqlstate; SQLAlchemy wraps the
-    driver's error as .orig (whose __cause__ is asyncpg's)."""
-    for candidate in (
-        exc,
-        getattr(exc, "orig", None),
-        getattr(getattr(exc, "orig", None), "__cause__", None),
-    ):
-        state = getattr(candidate, "sqlstate", None)
+    """The SQLSTATE behind `exc`, whichever layer raised it."""
+    for layer in _layers(exc):
+        state = getattr(layer, "sqlstate", None)
         if isinstance(state, str):
             return state
     return None
+
+
+# asyncpg raises a plain InterfaceError for a connection that is closed or left
+# mid-operation, and the same class for misuse (wrong argument count); only
+# these messages say the connection is unusable (SQLAlchemy's is_disconnect
+# reads the message the same way).
+_UNUSABLE = ("connection is closed", "another operation is in progress", "another operation is cancelling")
 
 
 def connection_lost(exc: BaseException) -> bool:
@@ -155,15 +165,14 @@ def connection_lost(exc: BaseException) -> bool:
     left mid-operation), as opposed to a statement failing on a healthy one."""
     import asyncpg  # here, not at import: Temporal's workflow sandbox re-imports this module
 
-    return isinstance(
-        exc,
-        (
-            asyncpg.InterfaceError,
-            asyncpg.InternalClientError,
-            asyncpg.exceptions.PostgresConnectionError,
-            OSError,
-        ),
-    )
+    for layer in _layers(exc):
+        if isinstance(
+            layer, (asyncpg.InternalClientError, asyncpg.exceptions.PostgresConnectionError, OSError)
+        ):
+            return True
+        if isinstance(layer, asyncpg.InterfaceError) and any(m in str(layer) for m in _UNUSABLE):
+            return True
+    return False
 
 
 def driver_if_used(session: AsyncSession) -> asyncpg.Connection[Any] | None:
