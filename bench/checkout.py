@@ -30,6 +30,7 @@ import grpc
 
 from bench.common import (
     ROOT,
+    CpuMeter,
     Database,
     Row,
     cpu_seconds,
@@ -133,6 +134,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
         await checkout(pool.pop())  # warm up
         latencies: list[float] = []
         errors: dict[str, int] = {}
+        meter = CpuMeter(args.server_pid)  # the timed window only: the pool above is setup
         start = time.perf_counter()
         deadline = start + args.duration
 
@@ -147,6 +149,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
                     errors[err.code().name] = errors.get(err.code().name, 0) + 1
 
         await asyncio.gather(*(worker() for _ in range(args.concurrency)))
+        window_cpu = meter.per_call(len(latencies) + sum(errors.values()))
         elapsed = time.perf_counter() - start
     latencies.sort()
 
@@ -169,6 +172,7 @@ async def _generate(args: argparse.Namespace) -> dict[str, Any]:
         "max_ms": round(latencies[-1] * 1000, 3) if latencies else 0.0,
         "setup_carts_per_s": round(args.pool / setup_s, 1) if setup_s else 0.0,
         "client_cpu_s": round(usage.ru_utime + usage.ru_stime, 3),
+        **window_cpu,
         "pid": os.getpid(),
     }
 
@@ -196,6 +200,8 @@ def _checkout_load(
             str(skus),
             "--pool",
             str(pool),
+            "--server-pid",
+            str(pid),
         ],
         cwd=ROOT,
         capture_output=True,
@@ -264,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--token", default="")
     p.add_argument("--skus", type=int, default=SKUS)
     p.add_argument("--pool", type=int, default=500)
+    p.add_argument("--server-pid", type=int, default=0, help="loadgen: the server whose CPU is reported")
     args = p.parse_args(argv)
     if args.mode == "loadgen":
         print(json.dumps(asyncio.run(_generate(args))))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import time
@@ -78,6 +79,47 @@ def cpu_seconds(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def database_cpu_seconds() -> float:
+    """CPU seconds of every PostgreSQL process on this machine (machine or embedded
+    server). A lower bound over a run: a backend that exits takes its count with it,
+    so take both readings while the server under test still holds its pool."""
+    total = 0.0
+    for proc in psutil.process_iter(["name"]):
+        if proc.info["name"] != "postgres":
+            continue
+        try:
+            t = proc.cpu_times()
+        except psutil.Error:
+            continue  # exited between listing and reading
+        total += t.user + t.system
+    return total
+
+
+class CpuMeter:
+    """CPU of each side of a measurement, from construction to `per_call`: the server
+    process, every PostgreSQL process, and the client (this process, or with
+    `children=True` the child processes it has waited for). On 2 cores the sum of the
+    three per call bounds the rate (README, Performance)."""
+
+    def __init__(self, server_pid: int, *, children: bool = False) -> None:
+        self.server = psutil.Process(server_pid)
+        self.who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
+        self.start = self._read()
+
+    def _read(self) -> tuple[float, float, float]:
+        t = self.server.cpu_times()
+        own = resource.getrusage(self.who)
+        return t.user + t.system, database_cpu_seconds(), own.ru_utime + own.ru_stime
+
+    def per_call(self, calls: int, *, unit: str = "ms_per_call", scale: float = 1e3) -> dict[str, float]:
+        end, n = self._read(), max(calls, 1)
+        sides = ("server", "db", "client")
+        return {
+            f"{side}_cpu_{unit}": round((b - a) * scale / n, 3)
+            for side, a, b in zip(sides, self.start, end, strict=True)
+        }
+
+
 def loadgen(
     target: str,
     scenario: str,
@@ -89,8 +131,10 @@ def loadgen(
     skus: int = 1,
     server_pid: int | None = None,
 ) -> dict[str, Any]:
-    """Run bench.loadgen in its own process; adds the server's CPU seconds over the run."""
+    """Run bench.loadgen in its own process; adds the server's and the database's CPU
+    seconds over the run."""
     before = cpu_seconds(server_pid) if server_pid else 0.0
+    db_before = database_cpu_seconds()
     out = subprocess.run(
         [
             sys.executable,
@@ -119,6 +163,7 @@ def loadgen(
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     if server_pid:
         result["server_cpu_s"] = round(cpu_seconds(server_pid) - before, 3)
+    result["db_cpu_s"] = round(database_cpu_seconds() - db_before, 3)
     return result
 
 

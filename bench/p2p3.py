@@ -1,6 +1,7 @@
 """P2 / P3 for `make bench`: ReserveStock(1) with 64 callers through a real server
 (group commit and, for comparison, one transaction per call) next to `pgbench -c 64`
-running the plain conditional UPDATE, hot SKU (P2) and spread over 10,000 SKUs (P3).
+running the plain conditional UPDATE, hot SKU (P2) and spread over 10,000 SKUs (P3),
+and the ceiling: the same client against a bare grpc.aio server answering a constant.
 
 The cases live in bench/reserve.py (also runnable alone: `python -m bench.reserve`);
 each case gets its own fresh database on the same PostgreSQL as `db`.
@@ -12,7 +13,7 @@ from typing import Any
 
 from bench.common import Database, Row
 from bench.reserve import run_pgbench
-from bench.reserve_server import run_server_case
+from bench.reserve_server import run_bare_case, run_server_case
 from tests.inventory_support import migrated_database
 from tests.pg import drop_database
 
@@ -30,6 +31,10 @@ def _case(fn: Any) -> dict[str, Any]:
 def run(db: Database, duration: float) -> list[Row]:
     secs = max(1, int(duration))
     rows: list[Row] = []
+    # What any ReserveStock server can reach here with this client: a bare grpc.aio
+    # server answering a constant. Its ratio to pgbench is the best a Python server
+    # on this machine could show (rows P2c/P3c).
+    ceiling = run_bare_case(clients=CLIENTS, seconds=secs)
     for pid, spread, target, need in (
         ("P2", False, ">= 1.0x, zero oversell", 1.0),
         ("P3", True, ">= 0.3x", 0.3),
@@ -65,6 +70,18 @@ def run(db: Database, duration: float) -> list[Row]:
                 "(comparison)",
                 None,
                 {"naive": naive},
+            )
+        )
+        rows.append(
+            Row(
+                pid + "c",
+                "ReserveStock on bare grpc.aio (constant): ceiling",
+                ceiling["tps"],
+                base["tps"],
+                "calls/s",
+                "(no server can do more)",
+                None,
+                {"bare": ceiling},
             )
         )
     return rows

@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,17 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-import psutil
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from server.devservices import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-not-for-production-0123456789"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_healthy(target: str, timeout: float = 30) -> None:
@@ -55,6 +49,58 @@ def _batch_sizes(metrics_port: int) -> tuple[int, int] | None:
     return int(float(found["count"])), int(float(found["sum"]))
 
 
+def _drive(
+    target: str, server_pid: int, token: str, *, skus: int, clients: int, seconds: int, op: str
+) -> dict[str, Any]:
+    """Run bench.reserve_client against `target`: its summary plus the CPU per call of
+    server, client and database (CpuMeter)."""
+    from bench.common import CpuMeter
+
+    meter = CpuMeter(server_pid, children=True)  # the client is the child process below
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bench.reserve_client",
+            "--target",
+            target,
+            "--token",
+            token,
+            "--skus",
+            str(skus),
+            "--clients",
+            str(clients),
+            "--seconds",
+            str(seconds),
+            "--op",
+            op,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=True,
+    ).stdout
+    load = json.loads(out.strip().splitlines()[-1])
+    return {
+        "tps": load["ok"] / load["elapsed"],
+        **load,
+        **meter.per_call(load["ok"] + load["refused"] + load["errors"]),
+    }
+
+
+def run_bare_case(*, clients: int, seconds: int) -> dict[str, Any]:
+    """The ceiling of ReserveStock on this machine with this client: the bare grpc.aio
+    server answering a constant reservation (no interceptors, no database)."""
+    from bench.common import start_bare_server
+
+    bare, target = start_bare_server()
+    try:
+        return _drive(target, bare.pid, "unused", skus=1, clients=clients, seconds=seconds, op="reserve")
+    finally:
+        bare.terminate()
+        bare.wait(10)
+
+
 def run_server_case(
     url: str, *, spread: bool, batched: bool, clients: int, seconds: int, op: str = "reserve"
 ) -> dict[str, Any]:
@@ -71,8 +117,8 @@ def run_server_case(
             await engine.dispose()
 
     asyncio.run(prepare())
-    port = _free_port()
-    metrics_port = _free_port()
+    port = free_port()
+    metrics_port = free_port()
     target = f"127.0.0.1:{port}"
     env = {
         **os.environ,
@@ -99,38 +145,21 @@ def run_server_case(
     )
     try:
         _wait_healthy(target)
-        proc = psutil.Process(server.pid)
-        cpu_before = sum(proc.cpu_times()[:2])
         token = mint_token(
             Settings(jwt_hs256_secret=SECRET),
             sub="bench",
             permissions=["inventory.reserve", "inventory.read"],
             channels=[],
         )
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "bench.reserve_client",
-                "--target",
-                target,
-                "--token",
-                token,
-                "--skus",
-                str(SPREAD if spread else 1),
-                "--clients",
-                str(clients),
-                "--seconds",
-                str(seconds),
-                "--op",
-                op,
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
-            check=True,
-        ).stdout
-        server_cpu = sum(proc.cpu_times()[:2]) - cpu_before
+        result = _drive(
+            target,
+            server.pid,
+            token,
+            skus=SPREAD if spread else 1,
+            clients=clients,
+            seconds=seconds,
+            op=op,
+        )
         batches = _batch_sizes(metrics_port)
     finally:
         server.send_signal(signal.SIGTERM)
@@ -139,10 +168,6 @@ def run_server_case(
         except subprocess.TimeoutExpired:
             server.kill()
             server.wait()
-    load = json.loads(out.strip().splitlines()[-1])
-    result: dict[str, Any] = {"tps": load["ok"] / load["elapsed"], **load}
-    calls = load["ok"] + load["refused"] + load["errors"]
-    result["server_cpu_ms_per_call"] = round(server_cpu * 1000 / max(calls, 1), 3)
     if batches:
         result["batches"], result["avg_batch"] = batches[0], round(batches[1] / max(batches[0], 1), 2)
     if op != "reserve":
@@ -151,7 +176,7 @@ def run_server_case(
     async def verify() -> dict[str, Any]:
         engine = make_engine(url, pool_size=1, max_overflow=0)
         try:
-            return await check_no_oversell(make_session_factory(engine), load["ok"])
+            return await check_no_oversell(make_session_factory(engine), result["ok"])
         finally:
             await engine.dispose()
 

@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 from google.protobuf import timestamp_pb2  # noqa: E402
 from sqlalchemy import text  # noqa: E402
 
-from bench.common import Row  # noqa: E402
+from bench.common import CpuMeter, Row  # noqa: E402
 from domain.shared.db import make_engine, make_session_factory  # noqa: E402
 from entrepot.inventory.v1 import inventory_pb2 as pb  # noqa: E402
 from entrepot_client import Entrepot  # noqa: E402
@@ -118,10 +118,13 @@ async def run_p4(url: str, server: ServerProcess, token: str, n: int) -> dict[st
                 event_id=eid, sku=sku, warehouse_code=w, kind=KINDS[kind], quantity=qty, occurred_at=ts
             )
         )
+    assert server.proc is not None
+    meter = CpuMeter(server.proc.pid)  # this process is the adapter
     async with Entrepot(server.target, token) as ep:
         start = time.perf_counter()
         progress = await sync_stock(ep, "bench-p4", events, batch_size=5000, window=4)
         elapsed = time.perf_counter() - start
+    cpu_us = meter.per_call(n, unit="us_per_event", scale=1e6)
     async with sessions() as s:
         ledger = (
             await s.execute(text("SELECT count(*) FROM inventory.ledger WHERE source = 'bench-p4'"))
@@ -142,6 +145,7 @@ async def run_p4(url: str, server: ServerProcess, token: str, n: int) -> dict[st
         "stale": progress.stale,
         "rejected": progress.rejected,
         "exactly_once": ledger == progress.applied and claims == n and outbox >= progress.applied,
+        **cpu_us,
         "target_met": rate >= 50_000 and rate / copy["rows_per_s"] >= 0.1,
     }
 
