@@ -131,6 +131,7 @@ _UNAVAILABLE_SQLSTATES = frozenset({"57P01", "57P02", "57P03", "53300"})
 
 
 def _transient_db_error(exc: BaseException) -> bool:
+    # connection_lost covers OSError, and with it asyncio.TimeoutError (connect timeouts).
     if isinstance(exc, sqlalchemy.exc.TimeoutError) or connection_lost(exc):
         return True
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
