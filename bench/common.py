@@ -10,6 +10,7 @@ import resource
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,15 +102,16 @@ class CpuMeter:
     `children=True` the child processes it has waited for). On 2 cores the sum of the
     three per call bounds the rate (README, Performance)."""
 
-    def __init__(self, server_pid: int, *, children: bool = False) -> None:
-        self.server = psutil.Process(server_pid)
+    def __init__(self, server_pid: int | Sequence[int], *, children: bool = False) -> None:
+        pids = [server_pid] if isinstance(server_pid, int) else list(server_pid)
+        self.servers = [psutil.Process(pid) for pid in pids]  # several: their sum
         self.who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
         self.start = self._read()
 
     def _read(self) -> tuple[float, float, float]:
-        t = self.server.cpu_times()
+        server = sum(t.user + t.system for t in (p.cpu_times() for p in self.servers))
         own = resource.getrusage(self.who)
-        return t.user + t.system, database_cpu_seconds(), own.ru_utime + own.ru_stime
+        return server, database_cpu_seconds(), own.ru_utime + own.ru_stime
 
     def per_call(self, calls: int, *, unit: str = "ms_per_call", scale: float = 1e3) -> dict[str, float]:
         end, n = self._read(), max(calls, 1)

@@ -4,13 +4,16 @@ One command, short by default (a few seconds per case):
 
     .venv/bin/python -m bench.reserve                # server cases need the gRPC server (see --modes)
     .venv/bin/python -m bench.reserve --seconds 10 --modes pgbench,domain,server
+    .venv/bin/python -m bench.reserve --seconds 10 --modes pgbench,server --servers 1,2,1,2
 
 Database: embedded PostgreSQL (project-local) unless ENTREPOT_BENCH_DATABASE_URL is set.
 Cases, each on a fresh database with the same concurrency (64):
   pgbench hot     `UPDATE stock SET reserved = reserved + 1 WHERE id = 1 AND on_hand - reserved >= 1`
   pgbench spread  the same UPDATE on random rows of 10,000
   server          ReserveStock(1) through the real server (auth, interceptors, idempotency),
-                  client load in a separate process; batched (group commit) and naive
+                  client load in a separate process; batched (group commit) and naive;
+                  `--servers 1,2` also runs them with 2 server processes (own ports, the
+                  client's connections spread over them)
   domain          the same calls in-process without gRPC (isolates the database path)
 Every reservation case checks zero oversell afterwards (reserved <= on_hand,
 reserved == successful calls == reserve ledger rows). Prints a table and writes
@@ -219,6 +222,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=int, default=int(os.environ.get("ENTREPOT_BENCH_SECONDS", "4")))
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--modes", default="pgbench,domain,server")
+    ap.add_argument(
+        "--servers",
+        default="1",
+        help="server cases: server process counts to compare, e.g. 1,2 (replicas on their own ports)",
+    )
     args = ap.parse_args()
     # Its own PostgreSQL by default (embedded, project-local): 64 pgbench clients
     # must not eat a shared server's connection budget. ENTREPOT_BENCH_DATABASE_URL
@@ -247,13 +255,14 @@ def main() -> None:
         if "server" in modes:
             from bench.reserve_server import run_server_case
 
-            for batched in (True, False):
-                case(
-                    f"server {label} {'batched' if batched else 'naive'}",
-                    lambda u, sp=spread, b=batched: run_server_case(
-                        u, spread=sp, batched=b, clients=c, seconds=secs
-                    ),
-                )
+            for n in (int(x) for x in args.servers.split(",")):
+                for batched in (True, False):
+                    case(
+                        f"server{'' if n == 1 else f' x{n}'} {label} {'batched' if batched else 'naive'}",
+                        lambda u, sp=spread, b=batched, n=n: run_server_case(
+                            u, spread=sp, batched=b, clients=c, seconds=secs, servers=n
+                        ),
+                    )
         if "domain" in modes:
             for batched in (True, False):
                 case(

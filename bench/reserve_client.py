@@ -1,7 +1,9 @@
 """Load generator for bench/reserve.py (runs in its own process).
 
-64 callers (asyncio tasks) over one grpc.aio channel call ReserveStock(1) on a
+64 callers (asyncio tasks) over grpc.aio channels call ReserveStock(1) on a
 random SKU of the given set until the time is up; prints a JSON summary.
+`--target a,b` spreads the channels (and so the callers) round-robin over
+several server processes.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from entrepot.inventory.v1 import inventory_pb2_grpc
 
 async def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--target", required=True)
+    ap.add_argument("--target", required=True, help="host:port, or several separated by commas")
     ap.add_argument("--token", required=True)
     ap.add_argument("--skus", type=int, default=1)
     ap.add_argument("--clients", type=int, default=64)
@@ -30,11 +32,12 @@ async def main() -> None:
     args = ap.parse_args()
     skus = [f"B{i:05d}" for i in range(args.skus)]
     md = (("authorization", f"Bearer {args.token}"),)
-    # Two connections (own subchannel pools), so 64 callers stay far below the
-    # server's max_concurrent_streams per connection.
+    # At least two connections (own subchannel pools), so 64 callers stay far below
+    # the server's max_concurrent_streams per connection; one or more per target.
+    targets = args.target.split(",")
     channels = [
-        grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
-        for _ in range(2)
+        grpc.aio.insecure_channel(targets[i % len(targets)], options=[("grpc.use_local_subchannel_pool", 1)])
+        for i in range(max(2, len(targets)))
     ]
     stubs = [inventory_pb2_grpc.InventoryServiceStub(c) for c in channels]
     ok = refused = errors = 0

@@ -50,10 +50,11 @@ def _batch_sizes(metrics_port: int) -> tuple[int, int] | None:
 
 
 def _drive(
-    target: str, server_pid: int, token: str, *, skus: int, clients: int, seconds: int, op: str
+    target: str, server_pid: int | list[int], token: str, *, skus: int, clients: int, seconds: int, op: str
 ) -> dict[str, Any]:
-    """Run bench.reserve_client against `target`: its summary plus the CPU per call of
-    server, client and database (CpuMeter)."""
+    """Run bench.reserve_client against `target` (one or several, comma-separated):
+    its summary plus the CPU per call of the server processes, client and database
+    (CpuMeter)."""
     from bench.common import CpuMeter
 
     meter = CpuMeter(server_pid, children=True)  # the client is the child process below
@@ -102,8 +103,17 @@ def run_bare_case(*, clients: int, seconds: int) -> dict[str, Any]:
 
 
 def run_server_case(
-    url: str, *, spread: bool, batched: bool, clients: int, seconds: int, op: str = "reserve"
+    url: str,
+    *,
+    spread: bool,
+    batched: bool,
+    clients: int,
+    seconds: int,
+    op: str = "reserve",
+    servers: int = 1,
 ) -> dict[str, Any]:
+    """`servers` processes on one database, each on its own port (replicas, as behind a
+    load balancer); the client spreads its connections over them."""
     from bench.reserve import SPREAD, _prepare, check_no_oversell
     from domain.shared.db import make_engine, make_session_factory
     from server.auth import mint_token
@@ -117,9 +127,8 @@ def run_server_case(
             await engine.dispose()
 
     asyncio.run(prepare())
-    port = free_port()
-    metrics_port = free_port()
-    target = f"127.0.0.1:{port}"
+    targets = [f"127.0.0.1:{free_port()}" for _ in range(servers)]
+    metrics_ports = [free_port() for _ in range(servers)]
     env = {
         **os.environ,
         "DATABASE_URL": url,
@@ -131,20 +140,17 @@ def run_server_case(
         "ENTREPOT_DB_MAX_OVERFLOW": "20",
     }
     env.pop("TEMPORAL_ADDRESS", None)
-    server = subprocess.Popen(
-        [
-            str(Path(sys.executable).parent / "entrepot"),
-            "serve",
-            "--listen",
-            target,
-            "--metrics-port",
-            str(metrics_port),
-        ],
-        env=env,
-        cwd=ROOT,
-    )
+    procs = [
+        subprocess.Popen(
+            [str(Path(sys.executable).parent / "entrepot"), "serve", "--listen", t, "--metrics-port", str(m)],
+            env=env,
+            cwd=ROOT,
+        )
+        for t, m in zip(targets, metrics_ports, strict=True)
+    ]
     try:
-        _wait_healthy(target)
+        for t in targets:
+            _wait_healthy(t)
         token = mint_token(
             Settings(jwt_hs256_secret=SECRET),
             sub="bench",
@@ -152,24 +158,28 @@ def run_server_case(
             channels=[],
         )
         result = _drive(
-            target,
-            server.pid,
+            ",".join(targets),
+            [p.pid for p in procs],
             token,
             skus=SPREAD if spread else 1,
             clients=clients,
             seconds=seconds,
             op=op,
         )
-        batches = _batch_sizes(metrics_port)
+        counted = [b for b in (_batch_sizes(m) for m in metrics_ports) if b]
     finally:
-        server.send_signal(signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-    if batches:
-        result["batches"], result["avg_batch"] = batches[0], round(batches[1] / max(batches[0], 1), 2)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+    result["servers"] = servers
+    if counted:
+        batches, requests = sum(b for b, _ in counted), sum(r for _, r in counted)
+        result["batches"], result["avg_batch"] = batches, round(requests / max(batches, 1), 2)
     if op != "reserve":
         return result
 
