@@ -26,8 +26,11 @@ from server import context as ctx
 from server import metrics
 from server.auth import AuthError, Policy, TokenVerifier
 from server.errors import ReplayedStatus, build_status, status_from_domain, to_grpc_status
+from server.logs import Throttled
 
 log = logging.getLogger("entrepot.rpc")
+# During a database outage every call fails the same way: one line per method per second.
+_outage_log = Throttled(log)
 access = logging.getLogger("entrepot.access")
 
 Method = Callable[[Any, grpc.aio.ServicerContext], Any]
@@ -214,7 +217,7 @@ class ErrorInterceptor(AsyncServerInterceptor):
                 ),
             )
         if _transient_db_error(exc):
-            log.warning("database unavailable", extra={"method": name, "error": type(exc).__name__})
+            _outage_log.warning(name, "database unavailable", {"method": name, "error": type(exc).__name__})
             await abort(
                 context,
                 build_status(

@@ -6,6 +6,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 _RESERVED = set(vars(logging.makeLogRecord({})).keys()) | {"message", "asctime"}
@@ -36,3 +37,25 @@ def configure(level: str = "INFO") -> None:
     root.setLevel(level.upper())
     # Temporal's and SQLAlchemy's own loggers are chatty at INFO.
     logging.getLogger("temporalio").setLevel(max(logging.WARNING, root.level))
+
+
+class Throttled:
+    """One warning per `every` seconds per key; the next one written carries how many
+    were left out (`suppressed`). For messages an outage repeats on every call
+    (thousands per second), where each line would say the same thing."""
+
+    def __init__(
+        self, logger: logging.Logger, every: float = 1.0, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.logger, self.every, self.clock = logger, every, clock
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, extra: dict[str, Any]) -> None:
+        now = self.clock()
+        last = self._last.get(key)
+        if last is not None and now - last < self.every:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        self.logger.warning(msg, extra={**extra, "suppressed": self._suppressed.pop(key, 0)})
