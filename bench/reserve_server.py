@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -18,15 +17,17 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from server.devservices import free_port
+from server.devservices import free_port, stop_processes
 
 ROOT = Path(__file__).resolve().parent.parent
 SECRET = "bench-secret-not-for-production-0123456789"
 
 
-def _wait_healthy(target: str, timeout: float = 30) -> None:
+def _wait_healthy(target: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server for {target} exited with {proc.returncode} before it was healthy")
         try:
             with grpc.insecure_channel(target) as ch:
                 resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=1)
@@ -35,7 +36,7 @@ def _wait_healthy(target: str, timeout: float = 30) -> None:
         except grpc.RpcError:
             pass  # not up yet; polled again until the deadline
         time.sleep(0.2)
-    raise RuntimeError("the server did not become healthy")
+    raise RuntimeError(f"the server for {target} was not healthy after {timeout:.0f} s")
 
 
 def _batch_sizes(metrics_port: int) -> tuple[int, int] | None:
@@ -149,8 +150,8 @@ def run_server_case(
         for t, m in zip(targets, metrics_ports, strict=True)
     ]
     try:
-        for t in targets:
-            _wait_healthy(t)
+        for t, p in zip(targets, procs, strict=True):
+            _wait_healthy(t, p)
         token = mint_token(
             Settings(jwt_hs256_secret=SECRET),
             sub="bench",
@@ -168,14 +169,7 @@ def run_server_case(
         )
         counted = [b for b in (_batch_sizes(m) for m in metrics_ports) if b]
     finally:
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        for p in procs:
-            try:
-                p.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+        stop_processes(procs, timeout=30)
     result["servers"] = servers
     if counted:
         batches, requests = sum(b for b, _ in counted), sum(r for _, r in counted)

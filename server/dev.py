@@ -28,6 +28,7 @@ from server.devservices import (
     free_port,
     start_temporal_dev_server,
     stop_embedded_postgres,
+    stop_processes,
 )
 
 
@@ -152,14 +153,7 @@ def run_dev(args: argparse.Namespace) -> int:
             return_code = 0
         return return_code
     finally:
-        for c in children:
-            if c.poll() is None:
-                c.send_signal(signal.SIGTERM)
-        for c in children:
-            try:
-                c.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                c.kill()
+        stop_processes(children, timeout=20)
         if temporal is not None:
             os.killpg(temporal.pid, signal.SIGTERM)
             try:

