@@ -2,6 +2,9 @@
 VENV := .venv
 PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
+# The TypeScript client (prerequisites below are expanded where they are read: define first).
+TS := clients/typescript
+TS_DEPS := $(TS)/node_modules/.package-lock.json
 
 .PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke soak clean \
 	ts ts-deps ts-gen ts-gen-check ts-build
@@ -41,8 +44,6 @@ buf-lint: venv
 ## TypeScript client (clients/typescript): node deps from package-lock.json only (npm ci),
 ## generated code from proto/ with buf + the local protoc-gen-es, compiled with tsc.
 ## The interop test (tests/e2e/test_typescript_interop.py) needs node and these deps.
-TS := clients/typescript
-TS_DEPS := $(TS)/node_modules/.package-lock.json
 
 $(TS_DEPS): $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci

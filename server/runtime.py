@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -15,9 +14,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from domain.platform import idempotency
 from domain.shared.db import connection_lost, make_engine, make_read_pool, make_session_factory
-from domain.shared.errors import AlreadyExists, DomainError, FieldViolation, InvalidArgument, Unavailable
+from domain.shared.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
-from server.context import current_caller, current_method
+from server.context import current_caller, current_method, optional_channel
 from server.errors import ReplayedStatus, status_from_domain
 from server.notifier import NOTIFY_SQL, OutboxNotifier
 from server.settings import Settings
@@ -31,7 +30,8 @@ MAX_REQUEST_ID = 128
 
 
 def request_digest(method: str, request: Message) -> bytes:
-    """What identifies a request under its request_id (validated here)."""
+    """What identifies a request under its request_id (validated here): the
+    method, the channel the call is bound to, and the body (idempotency.request_hash)."""
     request_id: str = getattr(request, "request_id", "")
     if len(request_id) > MAX_REQUEST_ID or not request_id.isprintable():
         raise InvalidArgument(
@@ -41,7 +41,10 @@ def request_digest(method: str, request: Message) -> bytes:
                 FieldViolation("request_id", f"printable, at most {MAX_REQUEST_ID} characters")
             ],
         )
-    return hashlib.sha256(method.encode() + b"\0" + request.SerializeToString(deterministic=True)).digest()
+    channel = optional_channel()
+    return idempotency.request_hash(
+        method, None if channel is None else channel.slug, request.SerializeToString(deterministic=True)
+    )
 
 
 class Runtime:
@@ -103,8 +106,8 @@ class Runtime:
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:
         """Run `fn` in one transaction, idempotently by `request.request_id` (AIP-155).
 
-        Same caller + id + request: the first answer again (errors included).
-        Same id, another request: ALREADY_EXISTS / REQUEST_ID_REUSED.
+        Same caller + id + channel + request: the first answer again (errors included).
+        Same id, another request or another channel: ALREADY_EXISTS / REQUEST_ID_REUSED.
         """
         return await self._mutate(request, lambda uow, claim: fn(uow), claim_in_fn=False)
 
@@ -132,59 +135,48 @@ class Runtime:
                 await uow.commit()
                 return result
         method = current_method()
-        principal = current_caller().subject
-        digest = request_digest(method, request)
+        claim = idempotency.Claim(
+            current_caller().subject, request_id, method, request_digest(method, request)
+        )
 
         async with self.uow() as uow:
-            claim: idempotency.Claim | None = None
             if claim_in_fn:
-                claim = idempotency.Claim(principal, request_id, method, digest)
                 owned = True  # or KeyTaken from fn's first statement
             else:
-                owned = await idempotency.claim(uow.session, principal, request_id, method, digest)
+                owned = await idempotency.claim(uow.session, claim)
             if owned:
                 try:
-                    result = await fn(uow, claim)
+                    result = await fn(uow, claim if claim_in_fn else None)
                 except idempotency.KeyTaken:
                     owned = False
                 except DomainError as err:
                     failure = err
                 else:
-                    if claim is not None and claim.owned is not True:
+                    if claim_in_fn and claim.owned is not True:
                         raise RuntimeError(f"{method} did not make its idempotency claim")
-                    await idempotency.complete(
-                        uow.session, principal, request_id, 0, result.SerializeToString()
-                    )
+                    await idempotency.store(uow.session, claim, 0, result.SerializeToString())
                     await uow.commit()
                     return result
             if not owned:
-                stored = await idempotency.get(uow.session, principal, request_id)
-                return self._replay(stored, method, digest)  # type: ignore[no-any-return]
+                stored = await idempotency.get(uow.session, claim.key)
+                return self.replay(stored, method, claim.request_hash)  # type: ignore[no-any-return]
 
         # The domain refused: the refusal is the answer for this request_id too.
         status = status_from_domain(failure)
         async with self.uow() as uow:
             if await idempotency.claim(
-                uow.session,
-                principal,
-                request_id,
-                method,
-                digest,
-                status_code=status.code,
-                response=status.SerializeToString(),
+                uow.session, claim, status_code=status.code, response=status.SerializeToString()
             ):
                 await uow.commit()
                 raise failure
-            stored = await idempotency.get(uow.session, principal, request_id)
-        return self._replay(stored, method, digest)  # type: ignore[no-any-return]
+            stored = await idempotency.get(uow.session, claim.key)
+        return self.replay(stored, method, claim.request_hash)  # type: ignore[no-any-return]
 
-    def _replay(self, stored: idempotency.StoredResponse, method: str, digest: bytes) -> Any:
-        if stored.request_hash != digest:
-            raise AlreadyExists(
-                "REQUEST_ID_REUSED",
-                "this request_id was already used for a different request",
-                metadata={"method": stored.method},
-            )
+    def replay(self, stored: idempotency.StoredResponse, method: str, request_hash: bytes) -> Any:
+        """The stored answer of an earlier call with the same key, decoded: the
+        response message, or its error raised again; REQUEST_ID_REUSED when the
+        key was used for another request (another body, method or channel)."""
+        idempotency.check_replay(stored, request_hash)
         if stored.status_code:
             status = status_pb2.Status()
             status.ParseFromString(stored.response or b"")

@@ -49,7 +49,7 @@ transaction; run_sweeper(sessions, stop) is the server's background loop
 Group commit: ReserveBatcher (batcher.py) for the ReserveStock RPC hot path.
 """
 
-from domain.inventory.batcher import Executed, IdemClaim, ReserveBatcher, Stored
+from domain.inventory.batcher import Executed, ReserveBatcher
 from domain.inventory.catalog import (
     WAREHOUSE_UPDATABLE,
     create_warehouse,
@@ -122,7 +122,6 @@ __all__ = [
     "Cost",
     "Executed",
     "Fulfilment",
-    "IdemClaim",
     "Item",
     "LineQuantity",
     "LineRequest",
@@ -134,7 +133,6 @@ __all__ = [
     "SkuStock",
     "StockChange",
     "StockLevel",
-    "Stored",
     "Warehouse",
     "adjust_stock",
     "apply_stock_change",

@@ -10,18 +10,16 @@ is unchanged (synchronous_commit stays on). Never oversell: the guarded UPDATE
 holds with any number of processes and batchers on one database.
 
 Idempotency (AIP-155). A batched request cannot go through rt.mutate (one
-transaction per request), so the batch does the same claim/store on the same
-table, platform.idempotency_keys, inside the batch transaction:
-  - claim: INSERT (principal, request_id, method, request_hash) ON CONFLICT DO
-    NOTHING RETURNING, keys in sorted order (no deadlock between batches), in
-    the same statement that loads and locks the levels (claim first);
+transaction per request), so the batch uses the batch forms of the same
+idempotency API (domain/platform/idempotency.py) inside the batch transaction:
+  - claim: idempotency.BATCH_CLAIM_CTE, keys in sorted order (no deadlock
+    between batches), in the same statement that loads and locks the levels;
   - a key already present (committed by an earlier call, or by a concurrent
     transaction we waited for) is not executed: after commit the caller gets
-    `Stored` (the row's hash, status code and response) and the server
-    replays it or answers REQUEST_ID_REUSED, exactly as rt.mutate does;
-  - store: the response bytes (or the error's status) of every executed
-    request are written to its claimed row by the batch's write statement,
-    before the same commit.
+    its StoredResponse and the server replays it or answers REQUEST_ID_REUSED,
+    exactly as rt.mutate does;
+  - store: the answers of every executed keyed request (idempotency.Answers)
+    are written by the batch's write statement, before the same commit.
 Two requests with the same key in one batch: the second waits for the next
 batch and then sees the first's stored row.
 """
@@ -34,38 +32,16 @@ import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.inventory.reservations import ReserveRequest, StoreRows, reserve_claimed
+from domain.inventory.reservations import ReserveRequest, reserve_claimed
 from domain.inventory.types import Reservation
+from domain.platform.idempotency import Answers, Claim, StoredResponse, get_many
 from domain.shared.db import RETRYABLE_SQLSTATES, sqlstate
 from domain.shared.errors import DomainError
 from domain.shared.uow import UnitOfWork
 
 log = logging.getLogger("entrepot.inventory.batcher")
-
-
-@dataclass(frozen=True)
-class IdemClaim:
-    principal: str
-    request_id: str
-    method: str
-    request_hash: bytes
-
-    @property
-    def key(self) -> tuple[str, str]:
-        return (self.principal, self.request_id)
-
-
-@dataclass(frozen=True)
-class Stored:
-    """The stored outcome of an earlier call with the same key."""
-
-    request_hash: bytes
-    method: str
-    status_code: int | None
-    response: bytes | None
 
 
 # Encodes an outcome for the idempotency store: (status code, bytes); 0 = OK.
@@ -84,16 +60,8 @@ class Executed:
 @dataclass
 class _Pending:
     request: ReserveRequest
-    claim: IdemClaim | None
-    future: asyncio.Future[Executed | Stored]
-
-
-_READ_STORED = text(
-    """
-    SELECT principal, request_id, method, request_hash, status_code, response FROM platform.idempotency_keys
-    WHERE (principal, request_id) IN (SELECT * FROM unnest(CAST(:p AS text[]), CAST(:r AS text[])))
-    """
-)
+    claim: Claim | None
+    future: asyncio.Future[Executed | StoredResponse]
 
 
 class ReserveBatcher:
@@ -122,19 +90,21 @@ class ReserveBatcher:
         self.batches = 0
         self.requests = 0
 
-    async def submit(self, request: ReserveRequest, claim: IdemClaim | None = None) -> Reservation | Stored:
-        """Reservation, or Stored for a replayed key; raises the request's DomainError."""
+    async def submit(
+        self, request: ReserveRequest, claim: Claim | None = None
+    ) -> Reservation | StoredResponse:
+        """Reservation, or the StoredResponse of a replayed key; raises the request's DomainError."""
         out = await self.submit_encoded(request, claim)
         return out.reservation if isinstance(out, Executed) else out
 
     async def submit_encoded(
-        self, request: ReserveRequest, claim: IdemClaim | None = None
-    ) -> Executed | Stored:
+        self, request: ReserveRequest, claim: Claim | None = None
+    ) -> Executed | StoredResponse:
         """Like submit, with the stored response bytes of a granted keyed request (so the
         server does not build and encode the response a second time)."""
         if claim is not None and self._encode is None:
             raise RuntimeError("a batcher without an encoder cannot store idempotent responses")
-        fut: asyncio.Future[Executed | Stored] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[Executed | StoredResponse] = asyncio.get_running_loop().create_future()
         self._pending.append(_Pending(request, claim, fut))
         self._wake.set()
         if self._loop_task is None or self._loop_task.done():
@@ -232,29 +202,19 @@ class ReserveBatcher:
         # and the unit of work closes that connection when it died or was interrupted.
         async with UnitOfWork(self._sessions) as uow:
             session = uow.session
-            claims = [
-                None
-                if p.claim is None
-                else (p.claim.principal, p.claim.request_id, p.claim.method, p.claim.request_hash)
-                for p in batch
-            ]
+            claims = [p.claim for p in batch]
 
             bodies: dict[int, bytes] = {}  # batch index -> stored response of a granted request
 
-            def store(results: list[Reservation | DomainError | None]) -> StoreRows:
-                rows = StoreRows()
+            def store(results: list[Reservation | DomainError | None]) -> Answers:
+                rows = Answers()
                 bodies.clear()  # (results of this attempt only)
                 if self._encode is None:
                     return rows
                 for i, (p, r) in enumerate(zip(batch, results, strict=True)):
                     if p.claim is not None and r is not None:
                         code, body = self._encode(r)
-                        rows.principals.append(p.claim.principal)
-                        rows.request_ids.append(p.claim.request_id)
-                        rows.methods.append(p.claim.method)
-                        rows.hashes.append(p.claim.request_hash)
-                        rows.codes.append(code)
-                        rows.bodies.append(body)
+                        rows.add(p.claim, code, body)
                         if not isinstance(r, DomainError):
                             bodies[i] = body
                 return rows
@@ -271,16 +231,6 @@ class ReserveBatcher:
                 executed.append((p, r, bodies.get(i)))
         return executed, dups
 
-    async def _read_stored(self, claims: Sequence[IdemClaim]) -> dict[tuple[str, str], Stored]:
-        async with self._sessions() as session:
-            rows = (
-                await session.execute(
-                    _READ_STORED, {"p": [c.principal for c in claims], "r": [c.request_id for c in claims]}
-                )
-            ).all()
-        return {
-            (r.principal, r.request_id): Stored(
-                bytes(r.request_hash), r.method, r.status_code, bytes(r.response) if r.response else None
-            )
-            for r in rows
-        }
+    async def _read_stored(self, claims: Sequence[Claim]) -> dict[tuple[str, str], StoredResponse]:
+        async with UnitOfWork(self._sessions) as uow:
+            return await get_many(uow.session, [c.key for c in claims])

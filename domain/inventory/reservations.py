@@ -45,6 +45,8 @@ from domain.inventory.validation import (
     check_warehouse_code,
     filters_or_raise,
 )
+from domain.platform import idempotency
+from domain.platform.idempotency import Answers, Claim
 from domain.shared import outbox
 from domain.shared.db import DriverStatement, driver_connection
 from domain.shared.errors import (
@@ -214,24 +216,20 @@ _LOAD = DriverStatement(
     """
 )
 
-# The batcher's variant: the same load, preceded by the idempotency claim
-# (INSERT ... ON CONFLICT DO NOTHING, keys sorted) in the same statement, one
-# round trip less per batch. The claim branch comes first in the UNION ALL, so
-# it runs before the levels are locked, the same order as a separate claim.
+# The batcher's variant: the same load, preceded by the idempotency claims
+# (idempotency.BATCH_CLAIM_CTE, keys sorted) in the same statement, one round
+# trip less per batch. The claim branch comes first in the UNION ALL, so it runs
+# before the levels are locked, the same order as a separate claim.
 _LOAD_CLAIMING = DriverStatement(
     """
-    WITH c AS (
-        INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash)
-        SELECT * FROM unnest(CAST(:c_p AS text[]), CAST(:c_r AS text[]), CAST(:c_m AS text[]),
-                             CAST(:c_h AS bytea[]))
-        ON CONFLICT DO NOTHING
-        RETURNING principal, request_id
-    ), lv AS (
+    WITH """
+    + idempotency.BATCH_CLAIM_CTE
+    + """, lv AS (
         SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
         WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE
     )
     SELECT 'c' AS kind, principal AS sku, request_id AS code, NULL::bigint AS n1, NULL::bigint AS n2,
-           NULL::boolean AS b1, NULL::boolean AS b2, now() AS ts FROM c
+           NULL::boolean AS b1, NULL::boolean AS b2, now() AS ts FROM claimed
     UNION ALL
     SELECT 'l', sku, warehouse_code, on_hand, reserved, NULL, NULL, now() FROM lv
     UNION ALL
@@ -243,19 +241,6 @@ _LOAD_CLAIMING = DriverStatement(
     SELECT 'n', NULL, NULL, NULL, NULL, NULL, NULL, now()
     """
 )
-
-# The batcher's idempotency answers, written to the rows its load statement claimed.
-# An upsert, not an UPDATE joined with unnest: ON CONFLICT finds each claimed row
-# through the primary key whatever plan the statement got. The cached generic plan
-# of the UPDATE, made while the table was small, was a sequential scan of the whole
-# table per batch (2.4 ms of a 3 ms batch statement at 4,000 keys, and growing).
-# The insert branch never runs: every row was claimed earlier in this transaction.
-_STORE = """
-    INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash, status_code, response)
-    SELECT * FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_m AS text[]),
-                         CAST(:s_h AS bytea[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
-    ON CONFLICT (principal, request_id) DO UPDATE SET status_code = excluded.status_code, response = excluded.response
-"""
 
 # One statement writes everything a batch granted: guarded counter UPDATE,
 # reservations, lines, ledger + outbox, and (batcher) the idempotency answers.
@@ -287,7 +272,7 @@ _WRITE = DriverStatement(
     ), """
     + ledger.CTES
     + """, st AS ("""
-    + _STORE
+    + idempotency.BATCH_STORE
     + """ RETURNING 1
     )
     SELECT sku, warehouse_code, on_hand, reserved, (SELECT count(*) FROM res) AS n_res,
@@ -296,50 +281,18 @@ _WRITE = DriverStatement(
     SELECT NULL, NULL, NULL, NULL, (SELECT count(*) FROM res), (SELECT count(*) FROM lin), (SELECT count(*) FROM st)
     """
 )
-_STORE_ONLY = DriverStatement(_STORE)
+_STORE_ONLY = DriverStatement(idempotency.BATCH_STORE)
 
 
 def _ttl_us(ttl: timedelta | None) -> int | None:
     return None if ttl is None else ttl // timedelta(microseconds=1)
 
 
-@dataclass
-class StoreRows:
-    """Idempotency answers to write with the batch (see batcher.py)."""
-
-    principals: list[str] = field(default_factory=list)
-    request_ids: list[str] = field(default_factory=list)
-    methods: list[str] = field(default_factory=list)
-    hashes: list[bytes] = field(default_factory=list)
-    codes: list[int] = field(default_factory=list)
-    bodies: list[bytes] = field(default_factory=list)
-
-    def params(self) -> dict[str, object]:
-        return {
-            "s_p": self.principals,
-            "s_r": self.request_ids,
-            "s_m": self.methods,
-            "s_h": self.hashes,
-            "s_c": self.codes,
-            "s_b": self.bodies,
-        }
-
-
-Claim = tuple[str, str, str, bytes]  # principal, request_id, method, request hash
-
-
 async def _load_for_plan(
     conn: asyncpg.Connection[Any], skus: list[str], claims: Sequence[Claim] = ()
 ) -> tuple[dict[str, Policy], list[WarehouseInfo], dict[Key, Level], datetime, set[tuple[str, str]]]:
     if claims:
-        params: dict[str, object] = {
-            "skus": skus,
-            "c_p": [c[0] for c in claims],
-            "c_r": [c[1] for c in claims],
-            "c_m": [c[2] for c in claims],
-            "c_h": [c[3] for c in claims],
-        }
-        rows = await _LOAD_CLAIMING.fetch(conn, params)
+        rows = await _LOAD_CLAIMING.fetch(conn, {"skus": skus, **idempotency.batch_claim_params(claims)})
     else:
         rows = await _LOAD.fetch(conn, {"skus": skus})
     policies: dict[str, Policy] = {}
@@ -377,7 +330,7 @@ async def reserve_claimed(
     requests: Sequence[ReserveRequest],
     claims: Sequence[Claim | None],
     *,
-    store: Callable[[list[Reservation | DomainError | None]], StoreRows] | None = None,
+    store: Callable[[list[Reservation | DomainError | None]], Answers] | None = None,
 ) -> list[Reservation | DomainError | None]:
     """Reserve for several independent requests in the caller's transaction.
 
@@ -400,10 +353,10 @@ async def _reserve_claimed(
     conn: asyncpg.Connection[Any],
     requests: Sequence[ReserveRequest],
     claims: Sequence[Claim | None],
-    store: Callable[[list[Reservation | DomainError | None]], StoreRows] | None,
+    store: Callable[[list[Reservation | DomainError | None]], Answers] | None,
 ) -> list[Reservation | DomainError | None]:
     skus = sorted({line.sku for r in requests for line in r.lines})
-    to_claim = sorted((c for c in claims if c is not None), key=lambda c: (c[0], c[1]))
+    to_claim = sorted((c for c in claims if c is not None), key=lambda c: c.key)
     claimed: set[tuple[str, str]] = set()
     for attempt in range(2):
         policies, warehouses, locked, now, got_claims = await _load_for_plan(
@@ -414,7 +367,7 @@ async def _reserve_claimed(
         state = {k: Level(v.on_hand, v.reserved) for k, v in locked.items()}
         plans: list[list[Alloc] | DomainError | None] = []
         for req, claim in zip(requests, claims, strict=True):
-            if claim is not None and (claim[0], claim[1]) not in claimed:
+            if claim is not None and claim.key not in claimed:
                 plans.append(None)  # key already present: not executed, replayed by the caller
                 continue
             try:
@@ -491,9 +444,9 @@ async def _reserve_claimed(
         )
         results.append(res)
         granted.append(res)
-    stored = store(results) if store is not None else StoreRows()
+    stored = store(results) if store is not None else Answers()
     if not granted:
-        if stored.request_ids:
+        if stored.claims:
             await _STORE_ONLY.execute(conn, stored.params())
         return results
     keys = sorted(deltas)
@@ -526,7 +479,7 @@ async def _reserve_claimed(
             raise RuntimeError(
                 f"stock level {k} changed under a lock: got {got.get(k)}, planned {running[k]}"
             )
-    if counts != (len(granted), len(lines), len(stored.request_ids)):
+    if counts != (len(granted), len(lines), len(stored.claims)):
         raise RuntimeError(f"reservation write incomplete: {counts}")
     return results
 

@@ -1,11 +1,12 @@
-"""Tables of the shared kernel, in the `platform` schema: outbox and idempotency."""
+"""Tables of the shared kernel, in the `platform` schema: the outbox (the idempotency
+store is reached only through domain/platform/idempotency.py's statements)."""
 
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, Index, Integer, LargeBinary, Text, func, text
+from sqlalchemy import BigInteger, DateTime, Index, Text, func, text
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 from sqlalchemy.types import UserDefinedType
@@ -41,22 +42,3 @@ class OutboxEvent(Base):
     channel: Mapped[str | None] = mapped_column(Text)
     payload: Mapped[dict[str, Any]] = mapped_column(JSONB)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
-
-
-class IdempotencyKey(Base):
-    """Stored response per (caller, request_id); see server/mutations.py."""
-
-    __tablename__ = "idempotency_keys"
-    __table_args__ = ({"schema": "platform"},)
-
-    principal: Mapped[str] = mapped_column(Text, primary_key=True)
-    request_id: Mapped[str] = mapped_column(Text, primary_key=True)
-    method: Mapped[str] = mapped_column(Text)
-    request_hash: Mapped[bytes] = mapped_column(LargeBinary)
-    # 0 for OK, else the gRPC status code of the stored error.
-    status_code: Mapped[int | None] = mapped_column(Integer)
-    # Serialized response message (OK) or google.rpc.Status (error).
-    response: Mapped[bytes | None] = mapped_column(LargeBinary)
-    created_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), server_default=func.now(), index=True
-    )

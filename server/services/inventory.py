@@ -330,13 +330,10 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
         if request.request_id:
             # The digest rt.mutate uses, so replays and conflicts behave the same.
             digest = request_digest(method, request)
-            claim = inv.IdemClaim(actor, request.request_id, method, digest)
+            claim = idempotency.Claim(actor, request.request_id, method, digest)
         outcome = await self.batcher.submit_encoded(req, claim)
-        if isinstance(outcome, inv.Stored):
-            stored = idempotency.StoredResponse(
-                outcome.method, outcome.request_hash, outcome.status_code, outcome.response
-            )
-            replayed: pb.Reservation = self.rt._replay(stored, method, digest)
+        if isinstance(outcome, idempotency.StoredResponse):
+            replayed: pb.Reservation = self.rt.replay(outcome, method, digest)
             return replayed
         if outcome.response is not None:
             # The bytes stored for this request_id (built once, by _encode): parsing them

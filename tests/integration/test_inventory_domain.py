@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain import inventory as inv
 from domain.inventory import Adjustment, Cost, LineQuantity, LineRequest
+from domain.platform import idempotency
 from domain.shared.db import make_engine, make_session_factory
 from domain.shared.errors import DomainError, FailedPrecondition, InvalidArgument, NotFound
 from tests.inventory_support import check_invariants, migrated_database
@@ -322,7 +323,7 @@ async def test_batcher_grants_exactly_the_stock_and_keeps_idempotency(sessions, 
 
         async def one(i: int) -> str:
             req = inv.reserve_request([LineRequest(code, 1)], reference=f"r{i}")
-            claim = inv.IdemClaim("tester", f"req-{i}", "ReserveStock", b"h%d" % i)
+            claim = idempotency.Claim("tester", f"req-{i}", "ReserveStock", b"h%d" % i)
             try:
                 got = await batcher.submit(req, claim)
             except FailedPrecondition as err:
@@ -341,15 +342,19 @@ async def test_batcher_grants_exactly_the_stock_and_keeps_idempotency(sessions, 
         winner = out.index(granted[0])
         replay = await batcher.submit(
             inv.reserve_request([LineRequest(code, 1)], reference=f"r{winner}"),
-            inv.IdemClaim("tester", f"req-{winner}", "ReserveStock", b"h%d" % winner),
+            idempotency.Claim("tester", f"req-{winner}", "ReserveStock", b"h%d" % winner),
         )
-        assert isinstance(replay, inv.Stored) and replay.response == granted[0].encode()
+        assert isinstance(replay, idempotency.StoredResponse) and replay.response == granted[0].encode()
         loser = out.index("short")
         replay2 = await batcher.submit(
             inv.reserve_request([LineRequest(code, 1)]),
-            inv.IdemClaim("tester", f"req-{loser}", "ReserveStock", b"x"),
+            idempotency.Claim("tester", f"req-{loser}", "ReserveStock", b"x"),
         )
-        assert isinstance(replay2, inv.Stored) and replay2.status_code == 9 and replay2.request_hash != b"x"
+        assert (
+            isinstance(replay2, idempotency.StoredResponse)
+            and replay2.status_code == 9
+            and replay2.request_hash != b"x"
+        )
         assert (await tx(sessions, lambda s: inv.get_stock_level(s, code))).reserved == 10
     finally:
         await batcher.close()
@@ -367,7 +372,8 @@ async def test_batcher_hands_back_the_stored_response(sessions, warehouses) -> N
     try:
         key = f"enc-{uuid.uuid4().hex}"
         got = await batcher.submit_encoded(
-            inv.reserve_request([LineRequest(code, 1)]), inv.IdemClaim("tester", key, "ReserveStock", b"h")
+            inv.reserve_request([LineRequest(code, 1)]),
+            idempotency.Claim("tester", key, "ReserveStock", b"h"),
         )
         assert isinstance(got, inv.Executed)
         assert got.response == b"id:" + str(got.reservation.id).encode()
@@ -376,9 +382,10 @@ async def test_batcher_hands_back_the_stored_response(sessions, warehouses) -> N
         assert isinstance(plain, inv.Executed) and plain.response is None
         # A replay gets the very bytes the first call got.
         replay = await batcher.submit_encoded(
-            inv.reserve_request([LineRequest(code, 1)]), inv.IdemClaim("tester", key, "ReserveStock", b"h")
+            inv.reserve_request([LineRequest(code, 1)]),
+            idempotency.Claim("tester", key, "ReserveStock", b"h"),
         )
-        assert isinstance(replay, inv.Stored) and replay.response == got.response
+        assert isinstance(replay, idempotency.StoredResponse) and replay.response == got.response
     finally:
         await batcher.close()
 

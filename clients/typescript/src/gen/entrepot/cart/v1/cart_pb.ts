@@ -476,6 +476,10 @@ export type CreateCartRequest = Message<"entrepot.cart.v1.CreateCartRequest"> & 
   cart?: Cart | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -583,6 +587,10 @@ export type AddCartLineRequest = Message<"entrepot.cart.v1.AddCartLineRequest"> 
   line?: CartLine | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -624,6 +632,10 @@ export type UpdateCartLineRequest = Message<"entrepot.cart.v1.UpdateCartLineRequ
   updateMask?: FieldMask | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 5;
    */
   requestId: string;
@@ -656,6 +668,10 @@ export type RemoveCartLineRequest = Message<"entrepot.cart.v1.RemoveCartLineRequ
   lineId: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -690,6 +706,10 @@ export type HoldCartStockRequest = Message<"entrepot.cart.v1.HoldCartStockReques
   ttl?: Duration | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -717,6 +737,10 @@ export type ReleaseCartHoldRequest = Message<"entrepot.cart.v1.ReleaseCartHoldRe
   version: bigint;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;
@@ -739,6 +763,10 @@ export type SetPurchaseLimitRequest = Message<"entrepot.cart.v1.SetPurchaseLimit
   limit?: PurchaseLimit | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -788,6 +816,10 @@ export type SubmitCartForApprovalRequest = Message<"entrepot.cart.v1.SubmitCartF
   note: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -827,6 +859,10 @@ export type DecideCartApprovalRequest = Message<"entrepot.cart.v1.DecideCartAppr
   reason: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 5;
    */
   requestId: string;
@@ -916,6 +952,10 @@ export type CheckoutCartRequest = Message<"entrepot.cart.v1.CheckoutCartRequest"
   externalOrderId: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 8;
    */
   requestId: string;

@@ -85,6 +85,10 @@ export type CreateWarehouseRequest = Message<"entrepot.inventory.v1.CreateWareho
   warehouse?: Warehouse | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -133,6 +137,10 @@ export type UpdateWarehouseRequest = Message<"entrepot.inventory.v1.UpdateWareho
   updateMask?: FieldMask | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;
@@ -155,6 +163,10 @@ export type DeactivateWarehouseRequest = Message<"entrepot.inventory.v1.Deactiva
   code: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -284,6 +296,10 @@ export type UpsertInventoryItemRequest = Message<"entrepot.inventory.v1.UpsertIn
   item?: InventoryItem | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -713,6 +729,10 @@ export type AdjustStockRequest = Message<"entrepot.inventory.v1.AdjustStockReque
   reference: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 6;
    */
   requestId: string;
@@ -765,6 +785,10 @@ export type SetStockRequest = Message<"entrepot.inventory.v1.SetStockRequest"> &
   reference: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 7;
    */
   requestId: string;
@@ -826,6 +850,10 @@ export type BulkAdjustStockRequest = Message<"entrepot.inventory.v1.BulkAdjustSt
   reference: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;
@@ -901,6 +929,10 @@ export type ReceiveStockRequest = Message<"entrepot.inventory.v1.ReceiveStockReq
   reference: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 8;
    */
   requestId: string;
@@ -947,6 +979,10 @@ export type ReturnStockRequest = Message<"entrepot.inventory.v1.ReturnStockReque
   reference: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 6;
    */
   requestId: string;
@@ -1092,6 +1128,10 @@ export type ReserveStockRequest = Message<"entrepot.inventory.v1.ReserveStockReq
   ttl?: Duration | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -1351,6 +1391,10 @@ export type ExtendReservationRequest = Message<"entrepot.inventory.v1.ExtendRese
   ttl?: Duration | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;
@@ -1417,6 +1461,10 @@ export type ReleaseReservationRequest = Message<"entrepot.inventory.v1.ReleaseRe
   reason: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -1453,6 +1501,10 @@ export type FulfillReservationRequest = Message<"entrepot.inventory.v1.FulfillRe
   reference: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;

@@ -394,6 +394,10 @@ export type SubmitOrderIntentRequest = Message<"entrepot.order.v1.SubmitOrderInt
   reserveInventory: boolean;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;
@@ -674,6 +678,10 @@ export type AppendOrderStatusRequest = Message<"entrepot.order.v1.AppendOrderSta
   entry?: OrderStatusEntry | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -706,6 +714,10 @@ export type CloseOrderStatusRequest = Message<"entrepot.order.v1.CloseOrderStatu
   note: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -865,6 +877,10 @@ export type TransitionOrderRequest = Message<"entrepot.order.v1.TransitionOrderR
   carrier: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 6;
    */
   requestId: string;
@@ -931,6 +947,10 @@ export type ShipOrderItemsRequest = Message<"entrepot.order.v1.ShipOrderItemsReq
   carrier: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 5;
    */
   requestId: string;

@@ -78,7 +78,9 @@ export type CreateChannelRequest = Message<"entrepot.platform.v1.CreateChannelRe
   channel?: Channel | undefined;
 
   /**
-   * Idempotency key (AIP-155).
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
    *
    * @generated from field: string request_id = 2;
    */
@@ -174,6 +176,10 @@ export type UpdateChannelRequest = Message<"entrepot.platform.v1.UpdateChannelRe
   updateMask?: FieldMask | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;

@@ -387,7 +387,9 @@ export type SubmitRefundForApprovalRequest = Message<"entrepot.refund.v1.SubmitR
   restockWarehouseCode: string;
 
   /**
-   * Idempotency key (AIP-155).
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
    *
    * @generated from field: string request_id = 7;
    */
@@ -423,6 +425,10 @@ export type DecideRefundApprovalRequest = Message<"entrepot.refund.v1.DecideRefu
   note: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
@@ -471,6 +477,10 @@ export type RetryRefundExecutionRequest = Message<"entrepot.refund.v1.RetryRefun
   refundId: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;

@@ -536,6 +536,10 @@ export type CreateRegistrationFormRequest = Message<"entrepot.registration.v1.Cr
   form?: RegistrationForm | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -568,6 +572,10 @@ export type UpdateRegistrationFormRequest = Message<"entrepot.registration.v1.Up
   updateMask?: FieldMask | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;
@@ -987,6 +995,10 @@ export type CreateRegistrationRuleRequest = Message<"entrepot.registration.v1.Cr
   rule?: RegistrationRule | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -1199,6 +1211,10 @@ export type CreateDocumentTypeRequest = Message<"entrepot.registration.v1.Create
   documentType?: DocumentType | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -1290,6 +1306,10 @@ export type UpdateDocumentTypeRequest = Message<"entrepot.registration.v1.Update
   updateMask?: FieldMask | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 3;
    */
   requestId: string;
@@ -1312,6 +1332,10 @@ export type DeleteDocumentTypeRequest = Message<"entrepot.registration.v1.Delete
   code: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -1402,6 +1426,10 @@ export type CreateAgreementTemplateRequest = Message<"entrepot.registration.v1.C
   agreement?: AgreementTemplate | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -1426,6 +1454,10 @@ export type UpdateAgreementTemplateRequest = Message<"entrepot.registration.v1.U
   agreement?: AgreementTemplate | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -1580,6 +1612,10 @@ export type CreateInvitationCodeRequest = Message<"entrepot.registration.v1.Crea
   invitationCode?: InvitationCode | undefined;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 2;
    */
   requestId: string;
@@ -2351,6 +2387,10 @@ export type SubmitRegistrationRequest = Message<"entrepot.registration.v1.Submit
   invitationCode: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 5;
    */
   requestId: string;
@@ -2438,6 +2478,10 @@ export type UploadRegistrationDocumentRequest_Header = Message<"entrepot.registr
   expirationDate: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 8;
    */
   requestId: string;
@@ -2499,6 +2543,10 @@ export type SignAgreementRequest = Message<"entrepot.registration.v1.SignAgreeme
   externalReference: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 9;
    */
   requestId: string;
@@ -2531,6 +2579,10 @@ export type ReviewRegistrationRequest = Message<"entrepot.registration.v1.Review
   note: string;
 
   /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
    * @generated from field: string request_id = 4;
    */
   requestId: string;
