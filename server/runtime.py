@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 from domain.platform import idempotency
 from domain.shared.db import connection_lost, make_engine, make_read_pool, make_session_factory
 from domain.shared.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
-from domain.shared.uow import UnitOfWork
+from domain.shared.uow import UnitOfWork, retrying
 from server.context import current_caller, current_method, optional_channel
 from server.errors import ReplayedStatus, status_from_domain
 from server.notifier import NOTIFY_SQL, OutboxNotifier
@@ -129,16 +129,28 @@ class Runtime:
         claim_in_fn: bool,
     ) -> M:
         request_id: str = getattr(request, "request_id", "")
-        if not request_id:
-            async with self.uow() as uow:
-                result = await fn(uow, None)
-                await uow.commit()
-                return result
         method = current_method()
+        if not request_id:
+
+            async def unkeyed() -> M:
+                async with self.uow() as uow:
+                    result = await fn(uow, None)
+                    await uow.commit()
+                    return result
+
+            return await retrying(unkeyed, what=method)
         claim = idempotency.Claim(
             current_caller().subject, request_id, method, request_digest(method, request)
         )
+        return await retrying(lambda: self._mutate_keyed(claim, fn, claim_in_fn), what=method)
 
+    async def _mutate_keyed(
+        self,
+        claim: idempotency.Claim,
+        fn: Callable[[UnitOfWork, idempotency.Claim | None], Awaitable[M]],
+        claim_in_fn: bool,
+    ) -> M:
+        method = claim.method
         async with self.uow() as uow:
             if claim_in_fn:
                 owned = True  # or KeyTaken from fn's first statement

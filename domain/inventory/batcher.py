@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -37,12 +36,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from domain.inventory.reservations import ReserveRequest, reserve_claimed
 from domain.inventory.types import Reservation
 from domain.platform.idempotency import Answers, Claim, StoredResponse, get_many
-from domain.shared.db import RETRYABLE_SQLSTATES, sqlstate
 from domain.shared.errors import DomainError
-from domain.shared.uow import UnitOfWork
-
-log = logging.getLogger("entrepot.inventory.batcher")
-
+from domain.shared.uow import UnitOfWork, retrying
 
 # Encodes an outcome for the idempotency store: (status code, bytes); 0 = OK.
 Encoder = Callable[[Reservation | DomainError], tuple[int, bytes]]
@@ -154,17 +149,7 @@ class ReserveBatcher:
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
-            for attempt in range(4):
-                try:
-                    outcome = await self._transaction(batch)
-                    break
-                except Exception as exc:
-                    # Retry deadlocks and serialization failures, re-raise everything else.
-                    state = sqlstate(exc)
-                    if state not in RETRYABLE_SQLSTATES or attempt == 3:
-                        raise
-                    log.info("reserve batch retried after %s", state)
-            executed, duplicates = outcome
+            executed, duplicates = await retrying(lambda: self._transaction(batch), what="reserve batch")
             self.batches += 1
             self.requests += len(batch)
             if self._on_batch is not None:

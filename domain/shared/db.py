@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import MetaData
+from sqlalchemy import Connection, MetaData, event, exc
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -72,7 +72,7 @@ async def make_read_pool(url: str, *, size: int = 2, command_timeout: float = 30
 def make_engine(
     url: str, *, pool_size: int = 10, max_overflow: int = 10, command_timeout: float = 30.0
 ) -> AsyncEngine:
-    return create_async_engine(
+    engine = create_async_engine(
         async_url(url),
         pool_size=pool_size,
         max_overflow=max_overflow,
@@ -81,12 +81,67 @@ def make_engine(
         # invalidates the whole pool, so the next calls reconnect.
         pool_pre_ping=False,
         pool_timeout=10,
+        # The transactions are the connection events' (below), not the adapter's.
+        isolation_level="AUTOCOMMIT",
         connect_args={
             "command_timeout": command_timeout,
             "timeout": 5,
             "server_settings": {"application_name": "entrepot"},
         },
     )
+    _explicit_transactions(engine)
+    return engine
+
+
+def _explicit_transactions(engine: AsyncEngine) -> None:
+    """Transactions begun, committed and rolled back on the driver connection.
+
+    SQLAlchemy's asyncpg adapter would begin its transaction lazily, inside its
+    own cursor, on the first statement it runs itself; a statement sent on the
+    driver connection before that (driver_connection) would run outside any
+    transaction, and there is no public way to begin the adapter's. So the
+    adapter runs in autocommit, and the transaction SQLAlchemy begins for a
+    connection (a session's first use of it) is sent as BEGIN right then:
+    SQLAlchemy's statements and driver statements share it, with the same round
+    trips as before. `run_async` is SQLAlchemy's documented way to await the
+    driver from these synchronous events."""
+    sync = engine.sync_engine
+
+    def send(conn: Connection, sql: str) -> None:
+        conn.connection.dbapi_connection.run_async(lambda driver: driver.execute(sql))  # type: ignore[union-attr]
+
+    @event.listens_for(sync, "begin")
+    def begin(conn: Connection) -> None:
+        send(conn, "BEGIN")
+
+    @event.listens_for(sync, "commit")
+    def commit(conn: Connection) -> None:
+        send(conn, "COMMIT")
+
+    @event.listens_for(sync, "rollback")
+    def rollback(conn: Connection) -> None:
+        if conn.invalidated:
+            return  # closed, never reused
+        driver = conn.connection.driver_connection
+        if driver is not None and not driver.is_closed() and driver.is_in_transaction():
+            send(conn, "ROLLBACK")
+
+    @event.listens_for(sync.pool, "checkout")
+    def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        # The driver already knows the database closed this connection (a restart,
+        # a terminated backend): take a fresh one instead of failing the call, and
+        # retire every connection pooled before now (they are likely closed too).
+        # A local check, not a round trip like pre-ping.
+        if dbapi_connection.driver_connection.is_closed():
+            raise exc.InvalidatePoolError("the database closed this pooled connection")
+
+    @event.listens_for(sync.pool, "reset")
+    def reset(dbapi_connection: Any, record: Any, state: Any) -> None:
+        # A connection going back to the pool inside a transaction (a failure
+        # between BEGIN and the end) must not carry it to its next user.
+        driver = dbapi_connection.driver_connection
+        if not driver.is_closed() and driver.is_in_transaction():
+            dbapi_connection.run_async(lambda d: d.execute("ROLLBACK"))
 
 
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:
@@ -99,8 +154,7 @@ _DRIVER_USED = "entrepot_driver_used"
 
 async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
     """The asyncpg connection under `session`, inside the session's transaction
-    (BEGIN is sent here if the session has not run a statement yet; nothing is
-    begun for an AUTOCOMMIT session).
+    (begun here if the session has not run a statement yet; see make_engine).
 
     Hot paths run their few statements on it directly: SQLAlchemy's
     per-statement work (compile cache lookup, execution context, result
@@ -112,22 +166,12 @@ async def driver_connection(session: AsyncSession) -> asyncpg.Connection[Any]:
     cached = session.info.get(_DRIVER)
     if cached is not None and transaction is not None and cached[0] is transaction:
         return cached[1]  # type: ignore[no-any-return]
-    conn = await session.connection()
+    conn = await session.connection()  # begins the transaction
     fairy = await conn.get_raw_connection()
-    adapted: Any = fairy.dbapi_connection
-    driver: asyncpg.Connection[Any] = adapted.driver_connection
-    # Recorded before anything is sent, so that a failure from here on (even the
-    # BEGIN below) lets the unit of work check this connection (driver_if_used).
+    driver: asyncpg.Connection[Any] = fairy.driver_connection
+    # Recorded for the unit of work's check of this connection (driver_if_used).
     session.info[_DRIVER_USED] = driver
-    # SQLAlchemy's asyncpg adapter begins its transaction lazily on the first
-    # statement it runs; a statement sent around it must begin it first, or it
-    # would run outside the transaction.
-    if adapted._transaction is None and not adapted.autocommit:
-        async with adapted._execute_mutex:
-            if adapted._transaction is None:
-                await adapted._start_transaction()
-    # Same session transaction, same connection and driver transaction: hot
-    # paths call this several times per RPC.
+    # Same session transaction, same connection: hot paths call this several times per RPC.
     session.info[_DRIVER] = (session.sync_session.get_transaction(), driver)
     return driver
 

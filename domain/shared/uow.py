@@ -1,12 +1,42 @@
-"""Unit of work: one database transaction per RPC (cosmicpython style)."""
+"""Unit of work: one database transaction per RPC (cosmicpython style), and the
+one retry policy for transactions (`retrying`)."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable
 from types import TracebackType
+from typing import TypeVar
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.shared.db import connection_lost, driver_if_used
+from domain.shared.db import RETRYABLE_SQLSTATES, connection_lost, driver_if_used, sqlstate
+
+log = logging.getLogger("entrepot.uow")
+
+T = TypeVar("T")
+
+# A transaction refused for a deadlock or a serialization failure is run again
+# whole, up to this many times in all, after a short random pause.
+RETRY_ATTEMPTS = 4
+
+
+async def retrying(attempt: Callable[[], Awaitable[T]], *, what: str) -> T:
+    """`attempt()` (which runs its own UnitOfWork), again while the database
+    refuses it with a retryable SQLSTATE (RETRYABLE_SQLSTATES). Every
+    transaction runner uses this; anything else is raised at once."""
+    for n in range(RETRY_ATTEMPTS):
+        try:
+            return await attempt()
+        except Exception as exc:
+            state = sqlstate(exc)
+            if state not in RETRYABLE_SQLSTATES or n == RETRY_ATTEMPTS - 1:
+                raise
+            log.info("%s retried after SQLSTATE %s", what, state)
+        await asyncio.sleep(random.uniform(0, 0.002 * 2**n))
+    raise AssertionError("unreachable")
 
 
 def _connection_unusable(session: AsyncSession, exc: BaseException) -> bool:
@@ -26,8 +56,11 @@ def _connection_unusable(session: AsyncSession, exc: BaseException) -> bool:
 class UnitOfWork:
     """`async with UnitOfWork(sessions) as uow:` ... `await uow.commit()`.
 
-    Leaving the block without commit rolls back, so a failure anywhere in a
-    call that spans modules leaves nothing behind.
+    The transaction begins on entry. A connection found dead then, before the
+    transaction sent anything else, is dropped and the transaction begun once
+    more on a fresh one: nothing can have happened twice. Leaving the block
+    without commit rolls back, so a failure anywhere in a call that spans
+    modules leaves nothing behind.
     """
 
     def __init__(self, sessions: async_sessionmaker[AsyncSession]) -> None:
@@ -42,9 +75,20 @@ class UnitOfWork:
         return self._session
 
     async def __aenter__(self) -> UnitOfWork:
-        self._session = self._sessions()
-        await self._session.begin()
         self.committed = False
+        for last in (False, True):
+            session = self._sessions()
+            try:
+                await session.begin()
+                await session.connection()  # BEGIN
+            except BaseException as exc:
+                await session.invalidate()
+                if last or not isinstance(exc, Exception) or not connection_lost(exc):
+                    raise
+                log.info("a pooled connection was dead at BEGIN; beginning on a fresh one")
+                continue
+            self._session = session
+            break
         return self
 
     async def __aexit__(

@@ -28,8 +28,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.inventory import sync, watch
 from domain.inventory.types import Cost
-from domain.shared.db import RETRYABLE_SQLSTATES, sqlstate
 from domain.shared.errors import DomainError, InvalidArgument
+from domain.shared.uow import retrying
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from server.context import current_caller
 from server.convert import ts
@@ -146,19 +146,14 @@ async def apply_batch(
     actor: str,
 ) -> sync.BatchResult:
     """One batch, one transaction; retried whole on deadlock/serialization failure."""
-    for attempt in range(5):
-        try:
-            async with rt.uow() as uow:
-                result = await sync.apply_batch(
-                    uow.session, source, events, unknown_sku=unknown_sku, actor=actor
-                )
-                await uow.commit()
-                return result
-        except Exception as exc:
-            if sqlstate(exc) not in RETRYABLE_SQLSTATES or attempt == 4:
-                raise
-            await asyncio.sleep(0.01 * (attempt + 1))
-    raise AssertionError("unreachable")
+
+    async def attempt() -> sync.BatchResult:
+        async with rt.uow() as uow:
+            result = await sync.apply_batch(uow.session, source, events, unknown_sku=unknown_sku, actor=actor)
+            await uow.commit()
+            return result
+
+    return await retrying(attempt, what="SyncStock batch")
 
 
 class InventoryStreamsMixin:
