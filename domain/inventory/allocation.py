@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
+from domain.inventory.stock_rules import Level, Policy, within_allowance
 from domain.inventory.types import LineRequest
 from domain.shared.errors import FailedPrecondition, NotFound, PreconditionViolation
 
@@ -16,28 +17,10 @@ Key = tuple[str, str]  # (sku, warehouse_code)
 
 
 @dataclass(frozen=True)
-class Policy:
-    track_inventory: bool = True
-    allow_backorder: bool = False
-    max_backorder: int = 0  # 0 = unlimited
-    low_stock_threshold: int = 0
-
-
-@dataclass(frozen=True)
 class WarehouseInfo:
     code: str
     priority: int
     active: bool
-
-
-@dataclass
-class Level:
-    on_hand: int = 0
-    reserved: int = 0
-
-    @property
-    def available(self) -> int:
-        return self.on_hand - self.reserved
 
 
 @dataclass
@@ -132,8 +115,7 @@ def allocate(
             # reserved may exceed on_hand there (0 = unlimited).
             target = (sku, candidates[0])
             lv = level(target)
-            after = lv.reserved + remaining - lv.on_hand
-            if policy.max_backorder == 0 or after <= policy.max_backorder:
+            if within_allowance(lv.on_hand, lv.reserved + remaining, policy):
                 add(target, remaining, remaining, True)
                 remaining = 0
         if remaining:

@@ -25,7 +25,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.inventory import ledger
-from domain.inventory.allocation import Alloc, Key, Level, Policy, WarehouseInfo, allocate
+from domain.inventory.allocation import Alloc, Key, WarehouseInfo, allocate
+from domain.inventory.stock_rules import Level, Policy, may_reserve_sql
 from domain.inventory.types import (
     RESERVATION_STATES,
     Cost,
@@ -135,8 +136,9 @@ _APPLY = text(
     WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
       AND s.sku = ANY(CAST(:skus AS text[]))
       AND s.on_hand + d.dh >= 0 AND s.reserved + d.dr >= 0
-      AND (d.dr <= 0 OR s.on_hand - s.reserved >= d.dr
-           OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved + d.dr - s.on_hand <= i.max_backorder)))
+      AND (d.dr <= 0 OR """
+    + may_reserve_sql("d.dr")
+    + """)
     RETURNING s.sku, s.warehouse_code, s.on_hand, s.reserved
     """
 )
@@ -253,8 +255,9 @@ _WRITE = DriverStatement(
         WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
           -- Redundant with the join, but lets the planner use the primary key.
           AND s.sku = ANY(CAST(:u_sku AS text[]))
-          AND (s.on_hand - s.reserved >= d.dr
-               OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved + d.dr - s.on_hand <= i.max_backorder)))
+          AND """
+    + may_reserve_sql("d.dr")
+    + """
         RETURNING s.sku, s.warehouse_code, s.on_hand, s.reserved
     ), res AS (
         INSERT INTO inventory.reservations (id, reference, state, expires_at, actor, created_at, updated_at)

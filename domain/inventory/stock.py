@@ -14,6 +14,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory import ledger
+from domain.inventory.stock_rules import may_set_on_hand_sql
 from domain.inventory.types import (
     MOVEMENT_TYPES,
     Adjustment,
@@ -55,6 +56,7 @@ MAX_BULK = 1000
 # One statement: lock the level, apply the change if every rule holds, return
 # before/after and the SKU's total availability (for the threshold flag).
 # `kind`: 'delta' adds :qty to on_hand, 'set' makes it :qty.
+_NEW_ON_HAND = "(CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END)"
 _CHANGE = text(
     """
     WITH old AS (
@@ -62,22 +64,18 @@ _CHANGE = text(
         WHERE sku = :sku AND warehouse_code = :wh FOR NO KEY UPDATE
     ), u AS (
         UPDATE inventory.stock_levels s
-        SET on_hand = CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END,
-            updated_at = now()
+        SET on_hand = """
+    + _NEW_ON_HAND
+    + """, updated_at = now()
         FROM old, inventory.items i
         WHERE s.sku = :sku AND s.warehouse_code = :wh AND i.sku = s.sku
           AND (CAST(:expected AS bigint) IS NULL OR s.on_hand = CAST(:expected AS bigint))
-          AND (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= 0
-          AND (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END)
-              <= CAST(:ceiling AS bigint)
-          AND (
-            (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= s.on_hand
-            OR (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END) >= s.reserved
-            OR NOT i.track_inventory
-            OR (i.allow_backorder AND (i.max_backorder = 0 OR s.reserved
-                - (CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END)
-                <= i.max_backorder))
-          )
+          AND """
+    + _NEW_ON_HAND
+    + """ <= CAST(:ceiling AS bigint)
+          AND """
+    + may_set_on_hand_sql(_NEW_ON_HAND)
+    + """
         RETURNING old.on_hand AS ohb, old.reserved AS rb, s.on_hand AS oha, s.reserved AS ra, s.updated_at,
                   i.low_stock_threshold AS threshold
     )

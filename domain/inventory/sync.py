@@ -35,6 +35,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory import ledger
+from domain.inventory.stock_rules import Policy, may_set_on_hand
 from domain.inventory.types import Cost
 from domain.inventory.validation import MAX_QUANTITY, MAX_TEXT, WAREHOUSE_CODE, normalize_sku
 from domain.shared import outbox
@@ -317,14 +318,10 @@ async def get_cursor(session: AsyncSession, source: str) -> Cursor:
 _TRACK, _BACKORDER, _MAX_BACKORDER, _THRESHOLD = 2, 3, 4, 5
 
 
-def _allowed(new: int, old: int, reserved: int, item: Any) -> bool:
-    """The stock rule of apply_stock_change, for one level."""
-    if new < 0:
-        return False
-    if new >= old or new >= reserved or not item[_TRACK]:
-        return True
-    max_backorder: int = item[_MAX_BACKORDER]
-    return bool(item[_BACKORDER]) and (max_backorder == 0 or reserved - new <= max_backorder)
+def _policy(item: Any) -> Policy:
+    return Policy(
+        bool(item[_TRACK]), bool(item[_BACKORDER]), int(item[_MAX_BACKORDER]), int(item[_THRESHOLD])
+    )
 
 
 @dataclass(slots=True)
@@ -591,6 +588,7 @@ async def _apply(
     on_hand: dict[str, int] = {}
     marks: dict[str, int] = {}
     lots: list[SyncEvent] = []
+    policies: dict[str, Policy] = {}
     applied = 0
     for e in todo:
         sku = e.sku
@@ -615,7 +613,10 @@ async def _apply(
         else:
             new = old + e.quantity
         item = items[sku]
-        if not _allowed(new, old, reserved, item):
+        policy = policies.get(sku)
+        if policy is None:
+            policy = policies[sku] = _policy(item)
+        if not may_set_on_hand(new, old, reserved, policy):
             if new < 0:
                 err = EventError(
                     e.event_id, "INSUFFICIENT_STOCK", f"on_hand {old} of {sku!r} would go below 0"

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from domain.inventory.allocation import Level, Policy, WarehouseInfo, allocate, sum_lines
+from domain.inventory.allocation import WarehouseInfo, allocate, sum_lines
+from domain.inventory.stock_rules import Level, Policy
 from domain.inventory.types import LineRequest
 from domain.inventory.validation import normalize_sku
 from domain.shared.errors import FailedPrecondition, NotFound
