@@ -3,9 +3,27 @@
 Every function takes the caller's AsyncSession, so a cart checkout or a
 refund can create or change an order inside its own transaction. Nothing
 here commits. Other modules must not import domain.order.models.
+
+Layout: types.py (read models, event topics), rules.py (pure decisions),
+store/ (every statement; see its docstring for the data-access style), and
+one module per concern that loads, decides with the rules, saves and emits:
+intents.py (SubmitOrderIntent), queries.py, history.py (status entries),
+lifecycle.py (transitions, shipments), refunds.py (refund records), with
+reserving.py for the inventory reservation both intents and lifecycle make.
 """
 
+from domain.order.history import (
+    append_status,
+    close_status,
+    list_status_history,
+    record_manual_adjustment,
+    status_summary,
+)
+from domain.order.intents import submit_intent
 from domain.order.inventory_port import DEFAULT_INVENTORY, InventoryPort, Reserved, StockLine
+from domain.order.lifecycle import ship_items, shipment_status, transition
+from domain.order.queries import get_order, get_order_by_external_id, list_orders
+from domain.order.refunds import list_refunds, record_refund
 from domain.order.rules import (
     Intent,
     LineIn,
@@ -16,7 +34,7 @@ from domain.order.rules import (
     TotalsIn,
     parse_payload,
 )
-from domain.order.service import (
+from domain.order.types import (
     CREATED,
     STATUS_APPENDED,
     STATUS_CLOSED,
@@ -33,21 +51,7 @@ from domain.order.service import (
     SubmitResult,
     Tender,
     Totals,
-    append_status,
-    close_status,
     entry_from_payload,
-    get_order,
-    get_order_by_external_id,
-    list_orders,
-    list_refunds,
-    list_status_history,
-    record_manual_adjustment,
-    record_refund,
-    ship_items,
-    shipment_status,
-    status_summary,
-    submit_intent,
-    transition,
 )
 
 # Names the refund module reads: an order's lines (with shipped and refunded

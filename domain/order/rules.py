@@ -1,4 +1,5 @@
-"""Pure rules of orders: intent validation, canonical content, lifecycle, status codes.
+"""Pure rules of orders: intent validation, canonical content, lifecycle, status
+codes, what may ship and what may be refunded.
 
 No I/O here, so all of it is unit-tested without a database.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -18,6 +20,7 @@ from domain.shared.errors import (
     FieldViolation,
     InvalidArgument,
     PermissionDenied,
+    PreconditionViolation,
     Violations,
 )
 from domain.shared.money import Money, is_currency
@@ -345,3 +348,120 @@ def validate_status(entry: StatusIn, namespaces: frozenset[str], *, external: bo
                 metadata={"code": entry.code},
             )
     return module, status
+
+
+# ---------------------------------------------------------------- shipments
+
+
+def validate_shipment(lines: Sequence[tuple[str, int]], tracking_number: str, carrier: str) -> None:
+    """The shape of a ShipOrderItems request: (line_id, quantity) pairs."""
+    v = Violations()
+    if not lines:
+        v.add("lines", "ship at least one line")
+    seen: set[str] = set()
+    for i, (line_id, qty) in enumerate(lines):
+        if line_id in seen:
+            v.add(f"lines[{i}].line_id", f"line {line_id!r} appears twice")
+        seen.add(line_id)
+        if qty <= 0:
+            v.add(f"lines[{i}].quantity", "must be positive")
+    if len(tracking_number) > 128:
+        v.add("tracking_number", "at most 128 characters")
+    if len(carrier) > 64:
+        v.add("carrier", "at most 64 characters")
+    v.raise_if_any("the shipment is invalid")
+
+
+def check_shippable(
+    order_id: str, left_to_ship: Mapping[str, int], wanted: Sequence[tuple[str, int]]
+) -> None:
+    """Every wanted line exists (INVALID_ARGUMENT) and has that much left to
+    ship (FAILED_PRECONDITION, QUANTITY_EXCEEDS_REMAINING)."""
+    v = Violations()
+    over: list[PreconditionViolation] = []
+    for i, (line_id, qty) in enumerate(wanted):
+        left = left_to_ship.get(line_id)
+        if left is None:
+            v.add(f"lines[{i}].line_id", f"order has no line {line_id!r}")
+        elif qty > left:
+            over.append(
+                PreconditionViolation(
+                    "QUANTITY_EXCEEDS_REMAINING",
+                    f"orders/{order_id}/lines/{line_id}",
+                    f"asked {qty}, {left} left to ship",
+                )
+            )
+    v.raise_if_any("the shipment is invalid")
+    if over:
+        raise FailedPrecondition(
+            "QUANTITY_EXCEEDS_REMAINING",
+            "a line would ship more than was ordered",
+            metadata={"order_id": order_id},
+            precondition_violations=over,
+        )
+
+
+# ---------------------------------------------------------------- refunds
+
+
+def validate_refund(refund_id: str, lines: Mapping[str, int], amounts: Mapping[str, int]) -> None:
+    """The shape of a refund: quantities per line id, amounts per tender id."""
+    v = Violations()
+    if not refund_id or len(refund_id) > 128:
+        v.add("refund_id", "must be 1 to 128 characters")
+    for lid, q in lines.items():
+        if q <= 0:
+            v.add(f"lines[{lid}]", "quantity must be positive")
+    for tid, a in amounts.items():
+        if a <= 0:
+            v.add(f"amounts[{tid}]", "amount must be positive")
+    if not lines and not amounts:
+        v.add("lines", "record at least one line or amount")
+    v.raise_if_any("the refund is invalid")
+
+
+@dataclass(frozen=True)
+class Refundable:
+    """How much of one line (units) or one tender (minor units) there is and how much was refunded."""
+
+    total: int
+    refunded: int
+
+
+def check_refundable(
+    order_id: str,
+    refund_id: str,
+    lines: Mapping[str, int],
+    amounts: Mapping[str, int],
+    *,
+    line_counts: Mapping[str, Refundable],
+    tender_amounts: Mapping[str, Refundable],
+) -> None:
+    """No line refunds more units than it was ordered with, no tender more than
+    it captured (FAILED_PRECONDITION, REFUND_EXCEEDS_REFUNDABLE, every excess listed)."""
+    over: list[PreconditionViolation] = []
+    for lid, q in sorted(lines.items()):
+        li = line_counts.get(lid)
+        if li is None or li.refunded + q > li.total:
+            left = "unknown line" if li is None else f"{li.total - li.refunded} refundable"
+            over.append(
+                PreconditionViolation(
+                    "REFUND_EXCEEDS_REFUNDABLE", f"orders/{order_id}/lines/{lid}", f"{q} asked, {left}"
+                )
+            )
+    for tid, a in sorted(amounts.items()):
+        pay = tender_amounts.get(tid)
+        if pay is None or pay.refunded + a > pay.total:
+            left = "unknown tender" if pay is None else f"{pay.total - pay.refunded} refundable"
+            over.append(
+                PreconditionViolation(
+                    "REFUND_EXCEEDS_REFUNDABLE", f"orders/{order_id}/payments/{tid}", f"{a} asked, {left}"
+                )
+            )
+    if over:
+        raise FailedPrecondition(
+            "REFUND_EXCEEDS_REFUNDABLE",
+            "the refund exceeds what is refundable",
+            metadata={"order_id": order_id, "refund_id": refund_id},
+            precondition_violations=over,
+        )

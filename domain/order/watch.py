@@ -19,7 +19,7 @@ from typing import Any
 import asyncpg
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.order.service import TOPICS
+from domain.order.types import TOPICS
 from domain.shared.errors import OutOfRange
 from domain.shared.outbox import NOTIFY_CHANNEL, StoredEvent, head_position, position_of, read_after
 

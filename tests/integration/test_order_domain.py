@@ -454,7 +454,7 @@ async def test_intent_events_carry_the_stored_entries(
     r = await submit(sessions, make_intent(), **kw)
     async with sessions() as s, s.begin():
         hist, _ = await orders.list_status_history(s, r.order.id, channel="test")
-    from domain.order.service import entry_payload
+    from domain.order.types import entry_payload
 
     assert len(hist) == (1 if variant == "plain" else 2)
     assert await _outbox(sessions, r.order.id) == [
@@ -474,7 +474,7 @@ async def test_event_timestamps_are_written_like_python_isoformat(
     # entry_payload (datetime.isoformat of a UTC datetime) writes them.
     from datetime import UTC, datetime
 
-    from domain.order.service import _iso_sql
+    from domain.order.store.entries import _iso_sql
 
     cases = [
         datetime(2026, 3, 29, 1, 30, 0, 0, tzinfo=UTC),
