@@ -5,11 +5,15 @@ refund can create or change an order inside its own transaction. Nothing
 here commits. Other modules must not import domain.order.models.
 
 Layout: types.py (read models, event topics), rules.py (pure decisions),
-store/ (every statement; see its docstring for the data-access style), and
+store/ (every statement), and
 one module per concern that loads, decides with the rules, saves and emits:
 intents.py (SubmitOrderIntent), queries.py, history.py (status entries),
 lifecycle.py (transitions, shipments), refunds.py (refund records), with
 reserving.py for the inventory reservation both intents and lifecycle make.
+
+Data access: SQLAlchemy (ORM queries, Core inserts and updates) over
+models.py, except SubmitOrderIntent's statements, which run on the session's
+asyncpg connection (domain.shared.db.driver_connection) in the same transaction.
 """
 
 from domain.order.history import (

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from domain.order.models import OrderRow
 from domain.order.rules import Refundable, check_refundable, content_hash, validate_refund
 from domain.order.store import entries, orders, refunds
 from domain.order.types import RefundRecord
@@ -47,20 +48,7 @@ async def record_refund(
         return record
     # Checked before anything is written (the order lock keeps the counters
     # still), so a refused refund leaves no trace even if the caller goes on.
-    check_refundable(
-        order_id,
-        refund_id,
-        lines,
-        amounts,
-        line_counts={
-            li.line_id: Refundable(li.quantity, li.refunded_quantity)
-            for li in await orders.order_lines(session, row.id)
-        },
-        tender_amounts={
-            p.tender_id: Refundable(p.captured_minor, p.refunded_minor)
-            for p in await orders.payments(session, row.id)
-        },
-    )
+    await _check_refundable(session, row, order_id, refund_id, lines, amounts)
     for line_id, quantity in sorted(lines.items()):
         await refunds.add_refunded_quantity(session, row.id, line_id, quantity)
     for tender_id, amount in sorted(amounts.items()):
@@ -80,6 +68,31 @@ async def record_refund(
     )
     await entries.append_entry(session, row, spec)
     return record
+
+
+async def _check_refundable(
+    session: AsyncSession,
+    row: OrderRow,
+    order_id: str,
+    refund_id: str,
+    lines: Mapping[str, int],
+    amounts: Mapping[str, int],
+) -> None:
+    """REFUND_EXCEEDS_REFUNDABLE unless every line and tender has that much left to refund."""
+    check_refundable(
+        order_id,
+        refund_id,
+        lines,
+        amounts,
+        line_counts={
+            li.line_id: Refundable(li.quantity, li.refunded_quantity)
+            for li in await orders.order_lines(session, row.id)
+        },
+        tender_amounts={
+            p.tender_id: Refundable(p.captured_minor, p.refunded_minor)
+            for p in await orders.payments(session, row.id)
+        },
+    )
 
 
 async def list_refunds(

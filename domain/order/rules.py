@@ -130,6 +130,14 @@ def _money(v: Violations, path: str, m: Money, currency: str, *, allow_zero: boo
 def validate_intent(intent: Intent, channel_currency: str) -> None:
     """Raises InvalidArgument (reason INVALID_ORDER_INTENT) listing every problem."""
     v = Violations()
+    _check_intent_ids(v, intent, channel_currency)
+    subtotal = _check_intent_lines(v, intent.lines, channel_currency)
+    _check_intent_totals(v, intent.totals, subtotal, channel_currency)
+    _check_intent_payments(v, intent.payments, intent.totals.grand_total, channel_currency)
+    v.raise_if_any("the order intent is invalid", reason="INVALID_ORDER_INTENT")
+
+
+def _check_intent_ids(v: Violations, intent: Intent, channel_currency: str) -> None:
     p = "intent."
     if not ID_TEXT.match(intent.intent_id):
         v.add(p + "intent_id", "must be 1 to 128 printable ASCII characters without spaces")
@@ -144,13 +152,17 @@ def validate_intent(intent: Intent, channel_currency: str) -> None:
             p + "totals.grand_total.currency_code", f"channel currency {channel_currency!r} is not supported"
         )
 
-    if not intent.lines:
+
+def _check_intent_lines(v: Violations, lines: Sequence[LineIn], channel_currency: str) -> int:
+    """Checks the lines; the sum of their totals (negative parts counted as 0)."""
+    p = "intent."
+    if not lines:
         v.add(p + "lines", "an order needs at least one line")
-    if len(intent.lines) > MAX_LINES:
+    if len(lines) > MAX_LINES:
         v.add(p + "lines", f"at most {MAX_LINES} lines")
     seen: set[str] = set()
     subtotal = 0
-    for i, line in enumerate(intent.lines[:MAX_LINES]):
+    for i, line in enumerate(lines[:MAX_LINES]):
         lp = f"{p}lines[{i}]."
         if not SHORT_ID.match(line.line_id):
             v.add(lp + "line_id", "must be 1 to 64 printable ASCII characters without spaces")
@@ -163,8 +175,11 @@ def validate_intent(intent: Intent, channel_currency: str) -> None:
             v.add(lp + "quantity", f"must be between 1 and {MAX_QUANTITY}")
         _money(v, lp + "unit_price", line.unit_price, channel_currency)
         subtotal += max(line.quantity, 0) * max(line.unit_price.amount_minor, 0)
+    return subtotal
 
-    t = intent.totals
+
+def _check_intent_totals(v: Violations, t: TotalsIn, subtotal: int, channel_currency: str) -> None:
+    p = "intent."
     for name in ("subtotal", "tax", "shipping", "discount", "grand_total"):
         _money(v, f"{p}totals.{name}", getattr(t, name), channel_currency)
     if t.subtotal.amount_minor != subtotal:
@@ -181,11 +196,16 @@ def validate_intent(intent: Intent, channel_currency: str) -> None:
             f"must equal subtotal + tax + shipping - discount ({expected}), got {t.grand_total.amount_minor}",
         )
 
-    if len(intent.payments) > MAX_PAYMENTS:
+
+def _check_intent_payments(
+    v: Violations, payments: Sequence[PaymentIn], grand_total: Money, channel_currency: str
+) -> None:
+    p = "intent."
+    if len(payments) > MAX_PAYMENTS:
         v.add(p + "payments", f"at most {MAX_PAYMENTS} payments")
     tenders: set[str] = set()
     captured = 0
-    for i, pay in enumerate(intent.payments[:MAX_PAYMENTS]):
+    for i, pay in enumerate(payments[:MAX_PAYMENTS]):
         pp = f"{p}payments[{i}]."
         if not SHORT_ID.match(pay.tender_id):
             v.add(pp + "tender_id", "must be 1 to 64 printable ASCII characters without spaces")
@@ -198,12 +218,11 @@ def validate_intent(intent: Intent, channel_currency: str) -> None:
             v.add(pp + "gateway_reference", "must be at most 256 characters")
         _money(v, pp + "captured", pay.captured, channel_currency)
         captured += max(pay.captured.amount_minor, 0)
-    if captured > t.grand_total.amount_minor:
+    if captured > grand_total.amount_minor:
         v.add(
             p + "payments",
-            f"captured amounts ({captured}) exceed the grand total ({t.grand_total.amount_minor})",
+            f"captured amounts ({captured}) exceed the grand total ({grand_total.amount_minor})",
         )
-    v.raise_if_any("the order intent is invalid", reason="INVALID_ORDER_INTENT")
 
 
 def _m(m: Money) -> list[Any]:

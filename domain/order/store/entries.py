@@ -117,40 +117,41 @@ async def append_entries(
         key=lambda r: r.id,
     )
     entries = [
-        StatusEntry(
-            id=w.id,
-            order_id=str(order.id),
-            code=x.code,
-            module=x.code.split(":", 1)[0],
-            category=x.category,
-            severity=x.severity,
-            payload=x.payload or {},
-            recorded_at=w.recorded_at,
-            written_by=x.written_by,
-            created_at=w.created_at,
-            closed_at=None,
-            closed_by=None,
-            close_note=None,
-        )
-        for x, w in zip(specs, written, strict=True)
+        _appended(order, x, w.id, w.recorded_at, w.created_at) for x, w in zip(specs, written, strict=True)
     ]
-    await emit_many(
-        session,
-        [
-            *events_before,
-            *(
-                Event(
-                    STATUS_APPENDED,
-                    "order",
-                    str(order.id),
-                    {"order_id": str(order.id), "entry": entry_payload(e)},
-                    order.channel,
-                )
-                for e in entries
-            ),
-        ],
-    )
+    await emit_many(session, [*events_before, *(_appended_event(order, e) for e in entries)])
     return entries
+
+
+def _appended(
+    order: OrderRow, spec: EntrySpec, entry_id: int, recorded_at: datetime, created_at: datetime
+) -> StatusEntry:
+    """The entry `spec` became, with what the database gave it."""
+    return StatusEntry(
+        id=entry_id,
+        order_id=str(order.id),
+        code=spec.code,
+        module=spec.code.split(":", 1)[0],
+        category=spec.category,
+        severity=spec.severity,
+        payload=spec.payload or {},
+        recorded_at=recorded_at,
+        written_by=spec.written_by,
+        created_at=created_at,
+        closed_at=None,
+        closed_by=None,
+        close_note=None,
+    )
+
+
+def _appended_event(order: OrderRow, entry: StatusEntry) -> Event:
+    return Event(
+        STATUS_APPENDED,
+        "order",
+        str(order.id),
+        {"order_id": str(order.id), "entry": entry_payload(entry)},
+        order.channel,
+    )
 
 
 async def entry_for_update(
