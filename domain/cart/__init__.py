@@ -10,8 +10,21 @@ implementation as `refunds=` to create_cart / add_line / update_line /
 remove_line / checkout; the default NO_REFUNDS credits nothing back.
 RefundModuleQuantities adapts domain.refund.refunded_quantity; the servicer
 uses it (server/services/cart.py).
+
+Layout: types.py (what the module answers with), rules.py (pure decisions),
+store.py (every statement), and modules that load, decide with the rules,
+save and emit: service.py (carts, lines, holds), limits.py (purchase
+limits), approval.py, checkout.py.
+
+Data access: SQL text with named parameters, run as SQLAlchemy text()
+statements, except CheckoutCart's own two statements, which run on the
+session's asyncpg connection (domain.shared.db.driver_connection,
+DriverStatement) in the same transaction.
 """
 
+from domain.cart.approval import decide_approval, submit_for_approval
+from domain.cart.checkout import checkout
+from domain.cart.limits import get_purchase_limit, set_purchase_limit
 from domain.cart.ports import NO_REFUNDS, NoRefunds, RefundedQuantities, RefundModuleQuantities
 from domain.cart.rules import (
     DEFAULT_HOLD_TTL,
@@ -25,27 +38,16 @@ from domain.cart.rules import (
     window_start,
 )
 from domain.cart.service import (
-    LINE_UPDATABLE,
-    SOURCE_SYSTEM,
-    Cart,
-    CartLine,
-    CheckoutResult,
-    Hold,
-    Payment,
     add_line,
-    checkout,
     create_cart,
-    decide_approval,
     get_cart,
-    get_purchase_limit,
     hold_stock,
     list_carts,
     release_hold,
     remove_line,
-    set_purchase_limit,
-    submit_for_approval,
     update_line,
 )
+from domain.cart.types import LINE_UPDATABLE, SOURCE_SYSTEM, Cart, CartLine, CheckoutResult, Hold, Payment
 
 __all__ = [
     "DEFAULT_HOLD_TTL",

@@ -4,6 +4,7 @@ their time window. No I/O here, so all of it is unit-tested without a database.
 
 from __future__ import annotations
 
+import unicodedata
 import zoneinfo
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -72,6 +73,11 @@ class LineDraft:
     sku: str
     quantity: int
     unit_price: Money
+
+
+def nfc(sku: str) -> str:
+    """SKUs are compared and stored in Unicode normal form C."""
+    return unicodedata.normalize("NFC", sku)
 
 
 def check_sku(v: Violations, path: str, sku: str) -> None:
