@@ -13,8 +13,9 @@ venv:
 	@bash scripts/venv.sh
 
 ## Start everything (embedded PostgreSQL + Temporal dev server unless DATABASE_URL / TEMPORAL_ADDRESS are set).
+## Flags go through ARGS: make run ARGS="--listen 127.0.0.1:50052 --metrics-port 0"
 run: venv
-	$(BIN)/entrepot dev
+	$(BIN)/entrepot dev $(ARGS)
 
 ## The test command: static checks, contracts, then the whole test suite.
 test: venv check ts
