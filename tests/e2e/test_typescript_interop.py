@@ -21,7 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot
 from tests.conftest import unique
-from tests.e2e.bff_support import BFF_PERMISSIONS, Reply, bff_process, read_json_line, request
+from tests.e2e.bff_support import BFF_PERMISSIONS, TS, Reply, bff_process, read_json_line, request
 
 
 async def outbox_head(sessions: async_sessionmaker[AsyncSession]) -> int:
@@ -296,3 +296,20 @@ async def test_bff_routes_share_one_json_style_cors_and_idempotency_keys(
         assert "access-control-allow-origin" not in r.headers
         r = await acall("POST", "/carts", {"customerRef": "evil"}, key="k-evil")
         assert r.status == 201 and r.body["customerRef"] == "evil"  # the key was never used by the refusal
+
+
+async def test_bff_without_watch_permission_exits_with_one_line(
+    node_client: Path, target: str, make_token: Callable[..., str], test_channel: str
+) -> None:
+    token = make_token(permissions=["inventory.read", "cart.read"], channels=[test_channel], sub="bff")
+    proc = await asyncio.create_subprocess_exec(
+        "node",
+        str(TS / "dist" / "bff" / "server.js"),
+        env={**os.environ, "ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token, "BFF_PORT": "0"},
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, err.decode()
+    assert "permission_denied" in lines[0] and "inventory.watch" in lines[0]

@@ -302,7 +302,11 @@ if (import.meta.url === `file://${process.argv[1]}`) {
     heartbeatMs: intEnv("BFF_SSE_HEARTBEAT_MS", 15_000),
     buffer: intEnv("BFF_SSE_BUFFER", 10_000),
   });
-  const watching = feed.run();
+  const watching = feed.run().catch((err: unknown) => {
+    const { code, reason, message } = entrepotError(err);
+    console.error(`the BFF cannot watch stock (${code} ${reason}): ${message}; its token needs inventory.watch`);
+    process.exit(2);
+  });
   server.listen(intEnv("BFF_PORT", 8080), process.env.BFF_HOST ?? "127.0.0.1", () => {
     const { address, port } = server.address() as AddressInfo;
     console.log(JSON.stringify({ listening: `http://${address}:${port}`, entrepot: target }));

@@ -88,8 +88,6 @@ export class StockFeed {
   private readonly log: (line: Record<string, unknown>) => void;
   /** Newest cursor of the watch (undefined until its first message). */
   cursor: string | undefined;
-  /** How many WatchStockChanges calls this process has opened (one, plus reconnects). */
-  watchesOpened = 0;
 
   constructor(
     private readonly ep: Entrepot,
@@ -105,12 +103,14 @@ export class StockFeed {
     return this.subs.size;
   }
 
-  /** Runs the watch until stop(): reconnects from the last cursor after a failure. */
+  /**
+   * Runs the watch until stop(): reconnects from the last cursor after a failure. A token
+   * that may not watch is the BFF's misconfiguration: thrown, not retried.
+   */
   async run(): Promise<void> {
     let backoff = 250;
     while (!this.abort.signal.aborted) {
       try {
-        this.watchesOpened += 1;
         const stream = this.ep.inventory.watchStockChanges(
           { afterEventId: BigInt(this.cursor ?? "0") },
           { signal: this.abort.signal },
@@ -122,6 +122,7 @@ export class StockFeed {
       } catch (err) {
         if (this.abort.signal.aborted) return;
         const code = ConnectError.from(err).code;
+        if (code === Code.PermissionDenied || code === Code.Unauthenticated) throw err;
         const info = entrepotError(err);
         this.log({ watch: "failed", code: info.code, reason: info.reason, cursor: this.cursor ?? null });
         if (code === Code.OutOfRange || code === Code.InvalidArgument) {
