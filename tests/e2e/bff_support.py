@@ -110,22 +110,31 @@ class Sse:
         self.conn.close()
 
 
+async def start_node(script: str, env: dict[str, str], *args: str) -> asyncio.subprocess.Process:
+    """node clients/typescript/dist/<script> args with `env` on top of ours; stdin, stdout and stderr piped."""
+    return await asyncio.create_subprocess_exec(
+        "node",
+        str(TS / "dist" / script),
+        *args,
+        env={**os.environ, **env},
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+
+
 @asynccontextmanager
 async def bff_process(target: str, token: str, channel: str, **env: str) -> AsyncIterator[str]:
     """node dist/bff/server.js on a free port; yields its base URL; stops it afterwards."""
-    proc = await asyncio.create_subprocess_exec(
-        "node",
-        str(TS / "dist" / "bff" / "server.js"),
-        env={
-            **os.environ,
+    proc = await start_node(
+        "bff/server.js",
+        {
             "ENTREPOT_TARGET": target,
             "ENTREPOT_TOKEN": token,
             "ENTREPOT_CHANNEL": channel,
             "BFF_PORT": "0",
             **env,
         },
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:

@@ -14,7 +14,6 @@ cannot, this test fails with the one line saying what to install.
 from __future__ import annotations
 
 import asyncio
-import os
 import socket
 import threading
 import uuid
@@ -30,7 +29,16 @@ from entrepot_client import Entrepot
 from server.app import App
 from server.stock_watch import hub_for
 from tests.conftest import unique
-from tests.e2e.bff_support import BFF_PERMISSIONS, ROOT, TS, Sse, SseEvent, bff_process, read_json_line
+from tests.e2e.bff_support import (
+    BFF_PERMISSIONS,
+    ROOT,
+    TS,
+    Sse,
+    SseEvent,
+    bff_process,
+    read_json_line,
+    start_node,
+)
 
 ARTIFACTS = ROOT / ".entrepot" / "artifacts"
 
@@ -118,7 +126,7 @@ async def test_bff_page_in_headless_chromium(
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
 
     hub = hub_for(app.rt)
-    baseline = len(hub.watchers)
+    others = set(hub.watchers)
     port = free_port()
     cross_origin = f"http://localhost:{port}"
     token = make_token(permissions=BFF_PERMISSIONS, channels=[test_channel], sub="bff")
@@ -126,18 +134,17 @@ async def test_bff_page_in_headless_chromium(
         target, token, test_channel,
         BFF_PORT=str(port), BFF_ALLOWED_ORIGINS=cross_origin, BFF_SSE_HEARTBEAT_MS="300",
     ) as base:  # fmt: skip
-        await wait_for(lambda: len(hub.watchers) == baseline + 1, "the BFF's WatchStockChanges")
+        await wait_for(lambda: len(hub.watchers - others) == 1, "the BFF's WatchStockChanges")
+        bff_watch = hub.watchers - others
         # A third browser on the same SKU, connected before any change.
         raw = await asyncio.to_thread(Collector, f"{base}/stock/{sku}/events")
         await wait_for(lambda: bool(raw.events), "the raw stream's snapshot")
         assert raw.events[0].event == "snapshot" and raw.events[0].data["onHand"] == "10"
 
         admin_token = make_token(sub="browser-test")
-        driver = await asyncio.create_subprocess_exec(
-            "node",
-            str(TS / "dist" / "tests" / "browser.js"),
-            env={
-                **os.environ,
+        driver = await start_node(
+            "tests/browser.js",
+            {
                 "BFF_URL": base,
                 "CROSS_ORIGIN": cross_origin,
                 "ENTREPOT_TARGET": target,
@@ -150,9 +157,6 @@ async def test_bff_page_in_headless_chromium(
                 "WH_B": wh_b,
                 "ARTIFACTS": str(ARTIFACTS),
             },
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
         )
         assert driver.stdin is not None and driver.stdout is not None and driver.stderr is not None
         steps: dict[str, dict[str, Any]] = {}
@@ -169,7 +173,7 @@ async def test_bff_page_in_headless_chromium(
                 steps[line["step"]] = line
                 if line["step"] == "tabs":
                     # Two tabs and one raw stream on the SKU: still one gRPC watch for the BFF.
-                    assert len(hub.watchers) == baseline + 1
+                    assert hub.watchers - others == bff_watch
                     driver.stdin.write(b"go\n")
                     await driver.stdin.drain()
             assert await asyncio.wait_for(driver.wait(), 20) == 0, (await driver.stderr.read()).decode()[
@@ -234,7 +238,7 @@ async def test_bff_page_in_headless_chromium(
             assert (snap.event, snap.data["onHand"], snap.data["reserved"]) == ("snapshot", "20", "3")
         finally:
             fresh.close()
-        assert len(hub.watchers) == baseline + 1
+        assert hub.watchers - others == bff_watch
 
     shots = [Path(steps["short"]["screenshot"]), ARTIFACTS / "bff-page-order.png"]
     assert all(p.stat().st_size > 10_000 for p in shots)

@@ -9,7 +9,6 @@ A missing node or missing deps fails this test: it is never skipped.
 from __future__ import annotations
 
 import asyncio
-import os
 import uuid
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot
 from tests.conftest import unique
-from tests.e2e.bff_support import BFF_PERMISSIONS, TS, Reply, bff_process, read_json_line, request
+from tests.e2e.bff_support import BFF_PERMISSIONS, Reply, bff_process, read_json_line, request, start_node
 
 
 async def outbox_head(sessions: async_sessionmaker[AsyncSession]) -> int:
@@ -58,15 +57,8 @@ async def test_node_client_unary_errors_and_server_stream(
     )
 
     token = make_token(permissions=["inventory.read", "inventory.watch"], sub="bff")
-    proc = await asyncio.create_subprocess_exec(
-        "node",
-        str(node_client),
-        sku,
-        str(cursor),
-        "3",
-        env={**os.environ, "ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    proc = await start_node(
+        "examples/interop.js", {"ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token}, sku, str(cursor), "3"
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:
@@ -302,12 +294,8 @@ async def test_bff_without_watch_permission_exits_with_one_line(
     node_client: Path, target: str, make_token: Callable[..., str], test_channel: str
 ) -> None:
     token = make_token(permissions=["inventory.read", "cart.read"], channels=[test_channel], sub="bff")
-    proc = await asyncio.create_subprocess_exec(
-        "node",
-        str(TS / "dist" / "bff" / "server.js"),
-        env={**os.environ, "ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token, "BFF_PORT": "0"},
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.PIPE,
+    proc = await start_node(
+        "bff/server.js", {"ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token, "BFF_PORT": "0"}
     )
     _, err = await asyncio.wait_for(proc.communicate(), 20)
     lines = err.decode().strip().splitlines()

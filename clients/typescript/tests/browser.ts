@@ -79,8 +79,9 @@ async function main(): Promise<void> {
     // 3. Leave mid-stream, miss two changes, come back: resumed from the kept cursor, each
     // missed change exactly once; then a plain reload.
     const before = await changeIds(page);
+    // Leave for a page of the same origin without the app: this tab's kept cursor stays put.
+    await page.goto(`${BFF}/channel`);
     const cursor = await page.evaluate((k) => JSON.parse(sessionStorage.getItem(k) ?? "{}").cursor as string, `entrepot.stock.${SKU}`);
-    await page.goto("about:blank");
     await adjust(SKU, WH_B, -1, "gap 1");
     await adjust(SKU, WH_A, 2, "gap 2");
     await page.goto(`${BFF}/?sku=${encodeURIComponent(SKU)}`);
