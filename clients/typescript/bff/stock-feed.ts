@@ -99,10 +99,6 @@ export class StockFeed {
     this.heartbeat = setInterval(() => this.beat(), options.heartbeatMs ?? 15_000);
   }
 
-  get subscribers(): number {
-    return this.subs.size;
-  }
-
   /**
    * Runs the watch until stop(): reconnects from the last cursor after a failure. A token
    * that may not watch is the BFF's misconfiguration: thrown, not retried.
