@@ -243,4 +243,6 @@ async def test_bff_page_in_headless_chromium(
     shots = [Path(steps["short"]["screenshot"]), ARTIFACTS / "bff-page-order.png"]
     assert all(p.stat().st_size > 10_000 for p in shots)
     with capsys.disabled():
-        print(f"\nBFF page screenshots: {', '.join(str(p) for p in shots)}")
+        print(
+            f"\nBFF page: stock change shown in {steps['live']['ms']} ms; screenshots: {', '.join(map(str, shots))}"
+        )
