@@ -7,7 +7,7 @@ TS := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
 .PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke soak clean \
-	ts ts-deps ts-gen ts-gen-check ts-build
+	ts ts-deps ts-gen ts-gen-check ts-build browser
 
 venv:
 	@bash scripts/venv.sh
@@ -18,7 +18,7 @@ run: venv
 	$(BIN)/entrepot dev $(ARGS)
 
 ## The test command: static checks, contracts, then the whole test suite.
-test: venv check ts
+test: venv check ts browser
 	$(BIN)/pytest -q tests
 
 check: venv gen-check buf-lint lint
@@ -44,7 +44,7 @@ buf-lint: venv
 
 ## TypeScript client (clients/typescript): node deps from package-lock.json only (npm ci),
 ## generated code from proto/ with buf + the local protoc-gen-es, compiled with tsc.
-## The interop test (tests/e2e/test_typescript_interop.py) needs node and these deps.
+## The interop and BFF tests (tests/e2e/test_typescript_interop.py, test_bff_browser.py) need node and these deps.
 
 $(TS_DEPS): $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci
@@ -63,6 +63,11 @@ ts-build: $(TS_DEPS)
 	$(TS)/node_modules/.bin/tsc -p $(TS)
 
 ts: ts-gen-check ts-build
+
+## Headless Chromium for tests/e2e/test_bff_browser.py: Debian's `chromium` (apt-get, as root;
+## otherwise one line says what to install), driven by playwright-core from package-lock.json.
+browser: $(TS_DEPS)
+	@bash scripts/ensure_chromium.sh
 
 ## Guard contracts already landed: compare proto/ with the commit named in .ci/contract-baseline
 ## (moved forward deliberately when a landing is accepted).
