@@ -99,6 +99,12 @@ async def _with_lines_and_tenders(session: AsyncSession, rows: Sequence[Any]) ->
     ids = [r.id for r in rows]
     if not ids:
         return []
+    lines = await _lines_of(session, ids)
+    tenders = await _tenders_of(session, ids)
+    return [_refund(r, lines[r.id], tenders[r.id]) for r in rows]
+
+
+async def _lines_of(session: AsyncSession, ids: list[uuid.UUID]) -> dict[uuid.UUID, list[RefundLine]]:
     lines: dict[uuid.UUID, list[RefundLine]] = {i: [] for i in ids}
     for r in await session.execute(
         text(
@@ -108,6 +114,10 @@ async def _with_lines_and_tenders(session: AsyncSession, rows: Sequence[Any]) ->
         {"ids": ids},
     ):
         lines[r.refund_id].append(RefundLine(r.line_id, r.sku, int(r.quantity), int(r.amount_minor)))
+    return lines
+
+
+async def _tenders_of(session: AsyncSession, ids: list[uuid.UUID]) -> dict[uuid.UUID, list[RefundTender]]:
     tenders: dict[uuid.UUID, list[RefundTender]] = {i: [] for i in ids}
     for t in await session.execute(
         text(
@@ -133,31 +143,32 @@ async def _with_lines_and_tenders(session: AsyncSession, rows: Sequence[Any]) ->
                 t.refunded_at,
             )
         )
-    return [
-        Refund(
-            id=str(r.id),
-            order_id=r.order_id,
-            channel=r.channel,
-            customer_ref=r.customer_ref,
-            state=r.state,
-            currency=r.currency,
-            amount_minor=int(r.amount_minor),
-            reason=r.reason,
-            restock=r.restock,
-            restock_warehouse_code=r.restock_warehouse_code,
-            lines=tuple(lines[r.id]),
-            tenders=tuple(tenders[r.id]),
-            requested_by=r.requested_by,
-            decided_by=r.decided_by,
-            decision_note=r.decision_note,
-            execution_attempt=int(r.execution_attempt),
-            fault_message=r.fault_message,
-            created_at=r.created_at,
-            decided_at=r.decided_at,
-            completed_at=r.completed_at,
-        )
-        for r in rows
-    ]
+    return tenders
+
+
+def _refund(r: Any, lines: list[RefundLine], tenders: list[RefundTender]) -> Refund:
+    return Refund(
+        id=str(r.id),
+        order_id=r.order_id,
+        channel=r.channel,
+        customer_ref=r.customer_ref,
+        state=r.state,
+        currency=r.currency,
+        amount_minor=int(r.amount_minor),
+        reason=r.reason,
+        restock=r.restock,
+        restock_warehouse_code=r.restock_warehouse_code,
+        lines=tuple(lines),
+        tenders=tuple(tenders),
+        requested_by=r.requested_by,
+        decided_by=r.decided_by,
+        decision_note=r.decision_note,
+        execution_attempt=int(r.execution_attempt),
+        fault_message=r.fault_message,
+        created_at=r.created_at,
+        decided_at=r.decided_at,
+        completed_at=r.completed_at,
+    )
 
 
 async def refunded_quantity(
