@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 
 .PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke soak clean \
-	ts ts-deps ts-gen ts-gen-check ts-build
+	ts ts-deps ts-gen ts-gen-check ts-build haproxy
 
 venv:
 	@bash scripts/venv.sh
@@ -14,7 +14,7 @@ run: venv
 	$(BIN)/entrepot dev
 
 ## The test command: static checks, contracts, then the whole test suite.
-test: venv check ts
+test: venv check ts haproxy
 	$(BIN)/pytest -q tests
 
 check: venv gen-check buf-lint lint
@@ -61,6 +61,11 @@ ts-build: $(TS_DEPS)
 	$(TS)/node_modules/.bin/tsc -p $(TS)
 
 ts: ts-gen-check ts-build
+
+## HAProxy from Debian for R10 (tests/reliability/test_rolling_restart.py): apt-get install
+## when missing (as root), or one line saying what to install.
+haproxy:
+	@bash scripts/ensure-haproxy.sh
 
 ## Guard contracts already landed: compare proto/ with the commit named in .ci/contract-baseline
 ## (moved forward deliberately when a landing is accepted).
