@@ -38,11 +38,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from server import logs
-    from server.worker import run_worker
+    from server.worker import MetricsPortError, run_worker
 
     s = _settings()
     logs.configure(s.log_level)
-    asyncio.run(run_worker(s))
+    try:
+        asyncio.run(run_worker(s))
+    except MetricsPortError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     return 0
 
 

@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # 0 disables the metrics endpoint.
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
+    # The worker's Prometheus port (Temporal SDK metrics and activity outcomes); 0 disables.
+    worker_metrics_port: int = 0
     data_dir: Path = Path(".entrepot")
     log_level: str = "INFO"
     access_log: bool = True
