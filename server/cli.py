@@ -147,6 +147,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--kid", help="key id for RS256")
     t.set_defaults(fn=cmd_token)
 
+    from server import keys
+
+    keys.add_parser(sub)
+
     c = sub.add_parser("channel", help="manage channels").add_subparsers(
         dest="channel_command", required=True
     )

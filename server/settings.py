@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     # "inventory.v1.InventoryService/BulkAdjustStock=20/s,order.v1.OrderService/*=100/m:20".
     rate_limits: str = ""
 
+    # Proxies (addresses or networks, comma-separated) whose x-forwarded-for is believed:
+    # the client address SignAgreement records (server/client_address.py).
+    trusted_proxies: str = ""
+
     # Retention of idempotency keys and outbox events (hours).
     idempotency_retention_hours: int = 72
     outbox_retention_hours: int = 168
