@@ -112,8 +112,9 @@ def temporal_runtime(settings: Settings) -> TemporalRuntime | None:
 
 
 async def run_worker(settings: Settings) -> None:
+    metrics = temporal_runtime(settings)
     rt = Runtime(settings)
-    rt.temporal_runtime = temporal_runtime(settings)
+    rt.temporal_runtime = metrics
     client = await rt.temporal()
     worker = build_worker(client, rt, settings.temporal_task_queue)
     loop = asyncio.get_running_loop()

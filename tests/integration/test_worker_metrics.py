@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -102,3 +103,21 @@ async def test_worker_serves_sdk_metrics_and_activity_outcomes(
     # The SDK's own metrics, from the same endpoint (worker slots, polls, latencies in seconds).
     assert any(n.startswith("temporal_worker_task_slots_available") for n in names), sorted(names)[:40]
     assert any(n.startswith("temporal_activity_execution_latency") for n in names), sorted(names)[:40]
+
+
+def test_a_taken_worker_metrics_port_is_one_line_and_exit_2(database_url: str) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "DATABASE_URL": database_url, "ENTREPOT_WORKER_METRICS_PORT": str(port)}
+        done = subprocess.run(
+            [sys.executable, "-m", "server.cli", "worker"],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1 and "ENTREPOT_WORKER_METRICS_PORT" in done.stderr, done.stderr
