@@ -24,17 +24,12 @@ import pytest
 from google.rpc import error_details_pb2
 
 from server.auth import mint_token
+from server.services import SERVICES as SERVED
 from tests.conftest import make_settings, unique
 from tests.procs import ServerProcess
 
 BIN = Path(sys.executable).parent
-SERVICES = {
-    "entrepot.cart.v1.CartService",
-    "entrepot.inventory.v1.InventoryService",
-    "entrepot.order.v1.OrderService",
-    "entrepot.platform.v1.ChannelService",
-    "entrepot.refund.v1.RefundService",
-    "entrepot.registration.v1.RegistrationService",
+SERVICES = {spec.descriptor.full_name for spec in SERVED} | {
     "grpc.health.v1.Health",
     "grpc.reflection.v1.ServerReflection",
     "grpc.reflection.v1alpha.ServerReflection",
