@@ -7,7 +7,7 @@ TS := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
 .PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke soak clean \
-	ts ts-deps ts-gen ts-gen-check ts-build browser
+	ts ts-deps ts-gen ts-gen-check ts-build browser haproxy
 
 venv:
 	@bash scripts/venv.sh
@@ -18,7 +18,7 @@ run: venv
 	$(BIN)/entrepot dev $(ARGS)
 
 ## The test command: static checks, contracts, then the whole test suite.
-test: venv check ts browser
+test: venv check ts browser haproxy
 	$(BIN)/pytest -q tests
 
 check: venv gen-check buf-lint lint
@@ -67,7 +67,12 @@ ts: ts-gen-check ts-build
 ## Headless Chromium for tests/e2e/test_bff_browser.py: Debian's `chromium` (apt-get, as root;
 ## otherwise one line says what to install), driven by playwright-core from package-lock.json.
 browser: $(TS_DEPS)
-	@bash scripts/ensure_chromium.sh
+	@bash scripts/ensure-debian-package.sh chromium $${CHROMIUM_PATH:-/usr/bin/chromium} >/dev/null
+
+## HAProxy from Debian for R10 (tests/reliability/test_rolling_restart.py): apt-get install
+## when missing (as root), or one line saying what to install.
+haproxy:
+	@bash scripts/ensure-debian-package.sh haproxy /usr/sbin/haproxy >/dev/null
 
 ## Guard contracts already landed: compare proto/ with the commit named in .ci/contract-baseline
 ## (moved forward deliberately when a landing is accepted).

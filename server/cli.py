@@ -104,7 +104,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from server import logs
-    from server.worker import run_worker
+    from server.worker import MetricsPortError, run_worker
 
     s = _settings()
     if not s.database_url:
@@ -117,7 +117,11 @@ def cmd_worker(args: argparse.Namespace) -> int:
     if not listening(*split_address(s.temporal_address, "TEMPORAL_ADDRESS")):
         raise CommandError(f"cannot reach Temporal at TEMPORAL_ADDRESS={s.temporal_address}")
     logs.configure(s.log_level)
-    asyncio.run(run_worker(s))
+    try:
+        asyncio.run(run_worker(s))
+    except MetricsPortError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     _exit_now(0)
     return 0
 
@@ -236,6 +240,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--private-key", help="RS256 private key PEM file (default: HS256 dev secret)")
     t.add_argument("--kid", help="key id for RS256")
     t.set_defaults(fn=cmd_token)
+
+    from server import keys
+
+    keys.add_parser(sub)
 
     c = sub.add_parser("channel", help="manage channels").add_subparsers(
         dest="channel_command", required=True

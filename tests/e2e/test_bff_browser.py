@@ -7,14 +7,14 @@ missed change once, fills a cart, holds, checks out and shows the order id, show
 for a stale cart version and for short stock, and calls the BFF from an allowed origin.
 Around it this test checks the server side: one WatchStockChanges for every tab, the order
 in Entrepot, and SSE resume by the Last-Event-ID header. Screenshots go to
-.entrepot/artifacts/. `make test` installs chromium (scripts/ensure_chromium.sh); when it
+.entrepot/artifacts/. `make test` installs chromium (scripts/ensure-debian-package.sh); when it
 cannot, this test fails with the one line saying what to install.
 """
 
 from __future__ import annotations
 
 import asyncio
-import socket
+import os
 import threading
 import uuid
 from collections.abc import Callable
@@ -27,6 +27,7 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.order.v1 import order_pb2
 from entrepot_client import Entrepot
 from server.app import App
+from server.devservices import free_port
 from server.stock_watch import hub_for
 from tests.conftest import unique
 from tests.e2e.bff_support import (
@@ -46,20 +47,15 @@ ARTIFACTS = ROOT / ".entrepot" / "artifacts"
 async def chromium_path() -> str:
     proc = await asyncio.create_subprocess_exec(
         "bash",
-        str(ROOT / "scripts" / "ensure_chromium.sh"),
+        str(ROOT / "scripts" / "ensure-debian-package.sh"),
+        "chromium",
+        os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
     out, err = await asyncio.wait_for(proc.communicate(), 600)
     assert proc.returncode == 0, err.decode().strip()
     return out.decode().strip()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 class Collector:
