@@ -15,8 +15,8 @@ if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
   echo "$package is missing ($executable): run \`apt-get install $package\` as root" >&2
   exit 1
 fi
-apt() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -qq "$@" >/dev/null; }
-if ! apt install -y --no-install-recommends "$package" 2>/dev/null; then
+apt() { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=300 -qq "$@" >/dev/null 2>&1; }
+if ! apt install -y --no-install-recommends "$package"; then
   apt update && apt install -y --no-install-recommends "$package" || {
     echo "installing $package failed: run \`apt-get install $package\` as root" >&2
     exit 1
