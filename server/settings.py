@@ -1,4 +1,4 @@
-"""Configuration from the environment (pydantic-settings). See the README's table."""
+"""Configuration from the environment (pydantic-settings). The table of every setting: docs/operations.md (Configuration)."""
 
 from __future__ import annotations
 
