@@ -47,7 +47,6 @@ from domain.inventory.validation import (
 )
 from domain.platform import idempotency
 from domain.platform.idempotency import Answers, Claim
-from domain.shared import outbox
 from domain.shared.db import DriverStatement, driver_connection
 from domain.shared.errors import (
     DomainError,
@@ -466,11 +465,10 @@ async def _reserve_claimed(
         "n_tracked": [x.tracked for _, x in lines],
         "n_q": [x.quantity for _, x in lines],
         "n_bo": [x.backordered for _, x in lines],
-        **ledger.params(drafts),
+        **ledger.params(session, drafts),
         **stored.params(),
     }
     rows = await _WRITE.fetch(conn, params)
-    outbox.mark_written(session)
     got = {(r[0], r[1]): (r[2], r[3]) for r in rows if r[0] is not None}
     counts = (rows[-1][4], rows[-1][5], rows[-1][6])
     for k in keys:

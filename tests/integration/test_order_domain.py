@@ -7,6 +7,7 @@ runs the same flows against real inventory through the gRPC server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -441,6 +442,27 @@ async def _outbox(sessions: async_sessionmaker[AsyncSession], order_id: str) -> 
     return [(r.topic, r.payload) for r in rows]
 
 
+def entry_json(e: orders.StatusEntry) -> dict[str, Any]:
+    """What an order status event's `entry` has always held (the Python builder
+    the events were first made with): the stored entry, timestamps as
+    datetime.isoformat of the UTC values asyncpg reads."""
+    return {
+        "id": e.id,
+        "order_id": e.order_id,
+        "code": e.code,
+        "module": e.module,
+        "category": e.category,
+        "severity": e.severity.value,
+        "payload": e.payload,
+        "recorded_at": e.recorded_at.isoformat(),
+        "written_by": e.written_by,
+        "created_at": e.created_at.isoformat(),
+        "closed_at": e.closed_at.isoformat() if e.closed_at else None,
+        "closed_by": e.closed_by,
+        "close_note": e.close_note,
+    }
+
+
 @pytest.mark.parametrize("variant", ["plain", "adopted", "reserved", "backordered"])
 async def test_intent_events_carry_the_stored_entries(
     sessions: async_sessionmaker[AsyncSession], variant: str
@@ -454,12 +476,11 @@ async def test_intent_events_carry_the_stored_entries(
     r = await submit(sessions, make_intent(), **kw)
     async with sessions() as s, s.begin():
         hist, _ = await orders.list_status_history(s, r.order.id, channel="test")
-    from domain.order.service import entry_payload
 
     assert len(hist) == (1 if variant == "plain" else 2)
     assert await _outbox(sessions, r.order.id) == [
         (orders.CREATED, {"order_id": r.order.id, "state": "pending"}),
-        *((orders.STATUS_APPENDED, {"order_id": r.order.id, "entry": entry_payload(e)}) for e in hist),
+        *((orders.STATUS_APPENDED, {"order_id": r.order.id, "entry": entry_json(e)}) for e in hist),
     ]
     if variant != "plain":
         assert r.order.reservation_id == hist[1].payload["reservation_id"]
@@ -467,11 +488,67 @@ async def test_intent_events_carry_the_stored_entries(
         assert hist[1].code == "inventory:reservation_backordered" and hist[1].severity is Severity.WARNING
 
 
+async def test_append_transition_and_close_events_carry_the_stored_entries(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    from datetime import UTC, datetime
+
+    r = await submit(sessions, make_intent())
+    oid = r.order.id
+    crm = Caller("crm-bot", status_namespaces=frozenset({"crm"}))
+    async with sessions() as s, s.begin():
+        appended = await orders.append_status(
+            s,
+            oid,
+            StatusIn(
+                code="crm:called",
+                severity=Severity.BLOCKING,
+                category="contact",
+                payload={"n": 1, "who": "Zoë", "nested": {"ok": True, "list": [1, "2", None]}},
+                recorded_at=datetime(2026, 3, 29, 1, 30, 0, 120, tzinfo=UTC),
+            ),
+            channel="test",
+            caller=crm,
+        )
+    async with sessions() as s, s.begin():
+        closed = await orders.close_status(s, oid, appended.id, "done", channel="test", caller=crm)
+    async with sessions() as s, s.begin():
+        await orders.transition(
+            s, oid, State.CANCELLED, channel="test", actor="ops", inventory=RecordingInventory()
+        )
+    async with sessions() as s, s.begin():
+        hist, _ = await orders.list_status_history(s, oid, channel="test")
+    by_code = {e.code: e for e in hist}
+    assert closed == by_code["crm:called"] and closed.closed_at is not None
+    open_entry = dataclasses.replace(closed, closed_at=None, closed_by=None, close_note=None)
+    assert appended == open_entry
+    assert await _outbox(sessions, oid) == [
+        (orders.CREATED, {"order_id": oid, "state": "pending"}),
+        (orders.STATUS_APPENDED, {"order_id": oid, "entry": entry_json(by_code["order:submitted"])}),
+        (orders.STATUS_APPENDED, {"order_id": oid, "entry": entry_json(open_entry)}),
+        (orders.STATUS_CLOSED, {"order_id": oid, "entry": entry_json(closed)}),
+        (orders.TRANSITIONED, {"order_id": oid, "from": "pending", "to": "cancelled"}),
+        (orders.STATUS_APPENDED, {"order_id": oid, "entry": entry_json(by_code["order:cancelled"])}),
+    ]
+    # The watcher's reading of each entry event is the stored entry.
+    async with sessions() as s:
+        rows = (
+            await s.execute(
+                text(
+                    "SELECT payload FROM platform.outbox WHERE aggregate_id = :o AND topic LIKE 'order.status%'"
+                ),
+                {"o": oid},
+            )
+        ).scalars()
+        seen = [orders.entry_from_payload(p["entry"]) for p in rows]
+    assert seen == [by_code["order:submitted"], open_entry, closed, by_code["order:cancelled"]]
+
+
 async def test_event_timestamps_are_written_like_python_isoformat(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    # Entry events are built in SQL on the hot path; they must read exactly as
-    # entry_payload (datetime.isoformat of a UTC datetime) writes them.
+    # Entry events are built in SQL; their timestamps must read exactly as
+    # datetime.isoformat of a UTC datetime writes them (as they always have).
     from datetime import UTC, datetime
 
     from domain.order.service import _iso_sql
