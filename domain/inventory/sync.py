@@ -17,7 +17,7 @@ One batch = one transaction, four round trips in the common case:
    the item allows backorders);
 5. write everything in ONE statement whatever the batch size: the
    conditional UPDATE of the levels (compare-and-set on the locked rows'
-   counters), ledger+outbox rows (type `sync`, the payload of ledger.write),
+   counters), ledger+outbox rows (type `sync`, through ledger.ctes),
    the claims of the new event ids with their outcome, watermarks and the
    cursor (lots, for RECEIVEs with a unit cost, follow).
 
