@@ -495,3 +495,32 @@ def orders_topics() -> tuple[str, ...]:
     import domain.order
 
     return domain.order.TOPICS
+
+
+async def test_a_watcher_receives_each_entry_as_the_history_reads_it(
+    admin: Entrepot, client_factory: Callable[..., Entrepot], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    crm = client_factory(permissions=["order.status.write", "order.read"], status_namespaces=["crm"])
+    async with sessions() as s:  # a cursor before the order's events
+        after = int((await s.execute(text("SELECT max(id) FROM platform.outbox"))).scalar_one())
+    o = (await submit(admin, intent())).order
+    appended = await crm.order.append_order_status(
+        pb.AppendOrderStatusRequest(
+            entry=pb.OrderStatusEntry(
+                order_id=o.id, code="crm:called", severity=pb.SEVERITY_WARNING, category="contact"
+            )
+        )
+    )
+    closed = await crm.order.close_order_status(
+        pb.CloseOrderStatusRequest(order_id=o.id, entry_id=appended.id, note="done")
+    )
+    received, _ = await _collect(
+        admin,
+        after,
+        lambda ev: any(e.order_id == o.id and e.type == pb.ORDER_EVENT_TYPE_STATUS_CLOSED for e in ev),
+    )
+    entries = [e.entry for e in received if e.order_id == o.id and e.HasField("entry")]
+    history = await admin.order.list_order_status_history(pb.ListOrderStatusHistoryRequest(order_id=o.id))
+    submitted = next(x for x in history.entries if x.code == "order:submitted")
+    assert closed in history.entries and closed.close_note == "done"
+    assert entries == [submitted, appended, closed]
