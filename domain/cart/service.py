@@ -57,8 +57,9 @@ from domain.cart.rules import (
     window_start,
 )
 from domain.platform import idempotency
+from domain.shared import outbox
 from domain.shared.caller import ChannelRef
-from domain.shared.db import driver_connection
+from domain.shared.db import DriverStatement, driver_connection
 from domain.shared.errors import (
     Aborted,
     AlreadyExists,
@@ -68,7 +69,7 @@ from domain.shared.errors import (
     Violations,
 )
 from domain.shared.money import Money
-from domain.shared.outbox import Event, emit, mark_written
+from domain.shared.outbox import Event, emit
 from domain.shared.pagination import decode_token, encode_token, page_size
 
 SOURCE_SYSTEM = "cart"
@@ -276,8 +277,13 @@ async def _reload(session: AsyncSession, cart_id: uuid.UUID, channel: str) -> Ca
     return await _cart(session, row)
 
 
+def _cart_event(topic: str, cart_id: Any, channel: str, **payload: Any) -> Event:
+    """Every cart event: the cart's id first in its payload."""
+    return Event(topic, "cart", str(cart_id), {"cart_id": str(cart_id), **payload}, channel)
+
+
 async def _event(session: AsyncSession, topic: str, cart_id: Any, channel: str, **payload: Any) -> None:
-    await emit(session, Event(topic, "cart", str(cart_id), {"cart_id": str(cart_id), **payload}, channel))
+    await emit(session, _cart_event(topic, cart_id, channel, **payload))
 
 
 # ------------------------------------------------------------------ purchase limits
@@ -1043,18 +1049,20 @@ _CHECKOUT_BUMP = _checkout_bump(claiming=False)
 _CHECKOUT_BUMP_CLAIMING = _checkout_bump(claiming=True)
 
 # The purchase rows, the conversion and its event in one statement.
-_CONVERT = """
+_CONVERT = DriverStatement(
+    f"""
     WITH p AS (
         INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id)
-        SELECT $1, $2, t.s, t.q, $3, $4 FROM unnest($5::text[], $6::bigint[]) AS t(s, q)
+        SELECT :channel, :customer_ref, t.s, t.q, :cart_id, :order_id
+        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS bigint[])) AS t(s, q)
     ), c AS (
-        UPDATE carts.carts SET state = 'converted', order_id = $4, hold_reservation_id = NULL,
+        UPDATE carts.carts SET state = 'converted', order_id = :order_id, hold_reservation_id = NULL,
             hold_ttl_us = NULL, hold_expires_at = NULL
-        WHERE id = $3
-    )
-    INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
-    VALUES ('cart.converted', 'cart', $7, $1, $8::jsonb)
+        WHERE id = :cart_id
+    ), {outbox.cte()}
+    SELECT 1
 """
+)
 
 
 class _CartRow(SimpleNamespace):
@@ -1166,18 +1174,21 @@ async def checkout(
     order_id = submitted.order.id
     # One statement for the purchase rows, the conversion and its event: this
     # runs while the stock rows are locked, so every round trip counts.
-    await conn.execute(
-        _CONVERT,
-        channel.slug,
-        row.customer_ref,
-        row.id,
-        order_id,
-        [x.sku for x in lines],
-        [x.quantity for x in lines],
-        str(row.id),
-        _json({"cart_id": str(row.id), "order_id": order_id, "reservation_id": str(res.id)}),
+    converted = _cart_event(
+        "cart.converted", row.id, channel.slug, order_id=order_id, reservation_id=str(res.id)
     )
-    mark_written(session)
+    await _CONVERT.execute(
+        conn,
+        {
+            "channel": channel.slug,
+            "customer_ref": row.customer_ref,
+            "cart_id": row.id,
+            "order_id": order_id,
+            "skus": [x.sku for x in lines],
+            "quantities": [x.quantity for x in lines],
+            **outbox.params(session, [converted]),
+        },
+    )
     cart = Cart(
         id=str(row.id),
         channel=row.channel,

@@ -26,7 +26,6 @@ from domain.inventory.types import Cost, Reservation, ReservationLine
 from domain.inventory.validation import MAX_MINOR
 from domain.platform import idempotency
 from domain.platform.idempotency import Answers, Claim
-from domain.shared import outbox
 from domain.shared.db import DriverStatement
 from domain.shared.errors import NotFound
 
@@ -206,11 +205,10 @@ async def write_granted(
         "line_tracked": [x.tracked for _, x in lines],
         "line_quantities": [x.quantity for _, x in lines],
         "line_backordered": [x.backordered for _, x in lines],
-        **ledger.params(drafts),
+        **ledger.params(session, drafts),
         **answers.params(),
     }
     rows = await _WRITE_GRANTED.fetch(conn, params)
-    outbox.mark_written(session)
     got = {(r[0], r[1]): (r[2], r[3]) for r in rows if r[0] is not None}
     for k in keys:
         if got.get(k) != (expected[k].on_hand, expected[k].reserved):
