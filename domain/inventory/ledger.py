@@ -80,7 +80,7 @@ def ctes(movements: str = _DRAFTS) -> str:
             cost_minor, cost_currency)
         SELECT id, sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur
         FROM src ORDER BY ord
-    ), {outbox.cte("o", derived=_EVENTS)}
+    ), {outbox.cte("o", derived=_EVENTS, events=False)}
 """
 
 

@@ -73,7 +73,7 @@ class Event:
     channel: str | None = None
 
 
-def cte(name: str = "o", *, derived: str = "", when: str = "") -> str:
+def cte(name: str = "o", *, derived: str = "", when: str = "", events: bool = True) -> str:
     """The one INSERT INTO platform.outbox, as the CTE `name` of a larger statement.
 
     It writes, in this order (ids follow it): the events given to `params`
@@ -82,7 +82,16 @@ def cte(name: str = "o", *, derived: str = "", when: str = "") -> str:
     for payloads built from rows the statement writes itself (ids it draws).
     `when`: a condition on the statement's other CTEs for the `params` events
     (e.g. "EXISTS (SELECT FROM o)" to write them only when a row was inserted).
-    The parameters are named `<name>_...` and come only from `params`."""
+    `events=False`: the statement writes only `derived` rows (no unnest of
+    empty arrays in its plan). The parameters are named `<name>_...` and come
+    only from `params`."""
+    if not events:
+        return f"""{name} AS (
+        INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
+        SELECT d.topic, d.aggregate_type, d.aggregate_id, d.channel, d.payload
+        FROM ({derived}) AS d(k, topic, aggregate_type, aggregate_id, channel, payload)
+        ORDER BY d.k
+    )"""
     rows = f"""SELECT 0 AS part, e.k, e.topic, e.aggregate_type, e.aggregate_id, e.channel, e.payload
             FROM unnest(CAST(:{name}_topic AS text[]), CAST(:{name}_aggregate_type AS text[]),
                         CAST(:{name}_aggregate_id AS text[]), CAST(:{name}_channel AS text[]),
