@@ -7,17 +7,18 @@ TS := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
 .PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke soak clean \
-	ts ts-deps ts-gen ts-gen-check ts-build
+	ts ts-deps ts-gen ts-gen-check ts-build browser haproxy
 
 venv:
 	@bash scripts/venv.sh
 
 ## Start everything (embedded PostgreSQL + Temporal dev server unless DATABASE_URL / TEMPORAL_ADDRESS are set).
+## Flags go through ARGS: make run ARGS="--listen 127.0.0.1:50052 --metrics-port 0"
 run: venv
-	$(BIN)/entrepot dev
+	$(BIN)/entrepot dev $(ARGS)
 
 ## The test command: static checks, contracts, then the whole test suite.
-test: venv check ts
+test: venv check ts browser haproxy
 	$(BIN)/pytest -q tests
 
 check: venv gen-check buf-lint lint
@@ -43,7 +44,7 @@ buf-lint: venv
 
 ## TypeScript client (clients/typescript): node deps from package-lock.json only (npm ci),
 ## generated code from proto/ with buf + the local protoc-gen-es, compiled with tsc.
-## The interop test (tests/e2e/test_typescript_interop.py) needs node and these deps.
+## The interop and BFF tests (tests/e2e/test_typescript_interop.py, test_bff_browser.py) need node and these deps.
 
 $(TS_DEPS): $(TS)/package.json $(TS)/package-lock.json
 	cd $(TS) && npm ci
@@ -62,6 +63,16 @@ ts-build: $(TS_DEPS)
 	$(TS)/node_modules/.bin/tsc -p $(TS)
 
 ts: ts-gen-check ts-build
+
+## Headless Chromium for tests/e2e/test_bff_browser.py: Debian's `chromium` (apt-get, as root;
+## otherwise one line says what to install), driven by playwright-core from package-lock.json.
+browser: $(TS_DEPS)
+	@bash scripts/ensure-debian-package.sh chromium $${CHROMIUM_PATH:-/usr/bin/chromium} >/dev/null
+
+## HAProxy from Debian for R10 (tests/reliability/test_rolling_restart.py): apt-get install
+## when missing (as root), or one line saying what to install.
+haproxy:
+	@bash scripts/ensure-debian-package.sh haproxy /usr/sbin/haproxy >/dev/null
 
 ## Guard contracts already landed: compare proto/ with the commit named in .ci/contract-baseline
 ## (moved forward deliberately when a landing is accepted).

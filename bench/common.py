@@ -100,7 +100,7 @@ class CpuMeter:
     """CPU of each side of a measurement, from construction to `per_call`: the server
     process, every PostgreSQL process, and the client (this process, or with
     `children=True` the child processes it has waited for). On 2 cores the sum of the
-    three per call bounds the rate (README, Performance)."""
+    three per call bounds the rate (docs/performance.md)."""
 
     def __init__(self, server_pid: int | Sequence[int], *, children: bool = False) -> None:
         self.servers = [server_pid] if isinstance(server_pid, int) else list(server_pid)  # several: their sum

@@ -14,12 +14,11 @@ from typing import Any
 import grpc
 from google.protobuf import message_factory
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from sqlalchemy import text
 
 from domain.platform import channels
 from domain.shared.caller import ChannelRef
-from server import background
+from server import background, reflection
 from server.auth import TokenVerifier, policies_for
 from server.interceptors import (
     AuthInterceptor,
@@ -128,12 +127,12 @@ class App:
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
-        names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME]
+        names = [health_pb2.DESCRIPTOR.services_by_name["Health"].full_name]
         for spec in SERVICES:
             spec.add_to_server(spec.make(self.rt), server)
             names.append(spec.descriptor.full_name)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
-        reflection.enable_server_reflection(names, server)
+        reflection.enable(server, names)
         if tls_enabled(s):
             self.port = server.add_secure_port(s.listen, server_credentials(s))
         else:

@@ -68,14 +68,14 @@ JOBS: list[Job] = [retention]
 JOBS.append(_inventory_sweeper)
 
 
-async def _stock_watch_hub(rt: Runtime, holder: str) -> None:
-    from server.stock_watch import run_hub
+async def _watch_hub(rt: Runtime, holder: str) -> None:
+    from server.watch_hub import run_hub
 
     await run_hub(rt, holder)
 
 
-# Inventory streams: the per-process outbox tail behind WatchStockChanges.
-JOBS.append(_stock_watch_hub)
+# The per-process outbox tail behind WatchStockChanges and WatchOrderEvents.
+JOBS.append(_watch_hub)
 
 
 async def _refund_reconciler(rt: Runtime, holder: str) -> None:

@@ -7,12 +7,70 @@ import asyncio
 import gc
 import os
 import sys
+from typing import NoReturn
 
 from server.settings import Settings
 
+NO_DATABASE_URL = "DATABASE_URL is not set (postgresql://user:password@host:port/database)"
+
+
+class CommandError(Exception):
+    """A failure the user can fix (missing secret, no database, port taken...): `main` prints it
+    as one line and exits with code 1, never a traceback."""
+
 
 def _settings() -> Settings:
-    return Settings()
+    from pydantic import ValidationError
+
+    try:
+        return Settings()
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise CommandError(f"invalid configuration ({where}): {first['msg']}") from None
+
+
+def _require_database(url: str | None) -> str:
+    """The DATABASE_URL, once a connection to it succeeded; one line saying why otherwise."""
+    if not url:
+        raise CommandError(NO_DATABASE_URL)
+    import asyncpg
+
+    from domain.shared.db import driver_url
+
+    try:
+        plain = driver_url(url)
+    except ValueError as err:
+        raise CommandError(str(err)) from None
+
+    async def probe() -> None:
+        conn = await asyncpg.connect(plain, timeout=5)
+        await conn.close()
+
+    try:
+        asyncio.run(probe())
+    except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as err:
+        from urllib.parse import urlsplit
+
+        where = urlsplit(plain)  # host, port and database only: never the password
+        raise CommandError(
+            f"cannot connect to the database {where.hostname}:{where.port or 5432}{where.path}: "
+            f"{err or type(err).__name__}"
+        ) from None
+    return url
+
+
+def _exit_now(code: int) -> NoReturn:
+    """Ends the process without interpreter finalization, once everything is stopped and flushed.
+    Temporal's Rust core keeps threads that may take the GIL while the interpreter finalizes,
+    which aborts with `Fatal Python error: PyGILState_Release` (temporalio/sdk-python#300;
+    seen here about once in five worker stops). There is no API to stop those threads."""
+    import logging
+
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -25,6 +83,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         s.listen = args.listen
     if args.metrics_port is not None:
         s.metrics_port = args.metrics_port
+    from server.dev import require_free, split_address
+
+    if s.metrics_port:
+        require_free(s.metrics_host, s.metrics_port, "metrics", "--metrics-port or ENTREPOT_METRICS_PORT")
+    if not s.listen.startswith("unix:"):
+        host, port = split_address(s.listen, "--listen")
+        require_free(host, port, "gRPC", "--listen or ENTREPOT_LISTEN")
     logs.configure(s.log_level)
     serve_metrics(s.metrics_port, s.metrics_host)
     # Everything imported so far lives as long as the process: move it out of
@@ -33,16 +98,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # do not walk every module, class and function each time.
     gc.freeze()
     asyncio.run(serve(s))
+    _exit_now(0)  # the servicers may have used the Temporal client
     return 0
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
     from server import logs
-    from server.worker import run_worker
+    from server.worker import MetricsPortError, run_worker
 
     s = _settings()
+    if not s.database_url:
+        raise CommandError(NO_DATABASE_URL)
+    if not s.temporal_address:
+        raise CommandError("TEMPORAL_ADDRESS is not set (host:port of Temporal)")
+    from server.dev import split_address
+    from server.devservices import listening
+
+    if not listening(*split_address(s.temporal_address, "TEMPORAL_ADDRESS")):
+        raise CommandError(f"cannot reach Temporal at TEMPORAL_ADDRESS={s.temporal_address}")
     logs.configure(s.log_level)
-    asyncio.run(run_worker(s))
+    try:
+        asyncio.run(run_worker(s))
+    except MetricsPortError as exc:
+        print(exc, file=sys.stderr)
+        return 2
+    _exit_now(0)
     return 0
 
 
@@ -50,10 +130,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     import migrations
 
     s = _settings()
-    if not s.database_url:
-        print("DATABASE_URL is not set", file=sys.stderr)
-        return 2
-    migrations.upgrade(s.database_url)
+    migrations.upgrade(_require_database(s.database_url))
     print("migrations applied")
     return 0
 
@@ -65,10 +142,28 @@ def _split(value: str) -> list[str]:
 def cmd_token(args: argparse.Namespace) -> int:
     from server.auth import mint_token
 
-    key = open(args.private_key).read() if args.private_key else None
+    settings = _settings()
+    key = None
+    if args.private_key:
+        try:
+            key = open(args.private_key).read()
+        except OSError as err:
+            raise CommandError(f"cannot read --private-key {args.private_key}: {err.strerror}") from None
+    elif settings.jwt_hs256_secret is None:
+        from pydantic import SecretStr
+
+        from server.dev import dev_dir, read_dev_secret
+
+        secret = read_dev_secret()
+        if secret is None:
+            raise CommandError(
+                "no signing key: set ENTREPOT_JWT_HS256_SECRET, pass --private-key, or start "
+                f"`entrepot dev` once (it writes {dev_dir() / 'jwt-secret'})"
+            )
+        settings = settings.model_copy(update={"jwt_hs256_secret": SecretStr(secret)})
     print(
         mint_token(
-            _settings(),
+            settings,
             sub=args.sub,
             permissions=_split(args.permissions),
             channels=_split(args.channels),
@@ -86,8 +181,11 @@ def cmd_channel_create(args: argparse.Namespace) -> int:
     from domain.shared.errors import AlreadyExists
     from server.runtime import Runtime
 
+    settings = _settings()
+    _require_database(settings.database_url)
+
     async def run() -> int:
-        rt = Runtime(_settings())
+        rt = Runtime(settings)
         try:
             async with rt.uow() as uow:
                 c = await channels.create_channel(
@@ -143,6 +241,10 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--kid", help="key id for RS256")
     t.set_defaults(fn=cmd_token)
 
+    from server import keys
+
+    keys.add_parser(sub)
+
     c = sub.add_parser("channel", help="manage channels").add_subparsers(
         dest="channel_command", required=True
     )
@@ -157,9 +259,18 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser(
         "dev", help="start everything locally (embedded PostgreSQL and Temporal unless configured)"
     )
-    d.add_argument("--listen", default="127.0.0.1:50051")
-    d.add_argument("--metrics-port", type=int, default=9464)
-    d.add_argument("--temporal-port", type=int, default=7233)
+    d.add_argument("--listen", default="127.0.0.1:50051", help="gRPC host:port (default %(default)s)")
+    d.add_argument(
+        "--metrics-port", type=int, default=9464, help="Prometheus port, 0 disables (default %(default)s)"
+    )
+    d.add_argument(
+        "--temporal-port", type=int, default=7233, help="Temporal dev server port (default %(default)s)"
+    )
+    d.add_argument(
+        "--temporal-ui-port",
+        type=int,
+        help="Temporal web UI port (default: Temporal port + 1000; 0 disables)",
+    )
     d.add_argument("--no-worker", action="store_true", help="do not start the Temporal worker")
     d.set_defaults(fn=cmd_dev)
 
@@ -181,8 +292,18 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    return int(args.fn(args))
+    try:
+        return int(args.fn(args))
+    except CommandError as err:
+        print(f"entrepot {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # Ctrl-C in a short command (migrate, demo...): nothing to report
+        return 130
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m server.cli` runs this file as __main__; run it as server.cli instead, so the
+    # CommandError that server.dev and server.demo raise is the class main() catches.
+    from server.cli import main as cli_main
+
+    sys.exit(cli_main())

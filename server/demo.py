@@ -29,11 +29,12 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import grpc
-from pydantic import SecretStr
 
 from entrepot.inventory.v1 import inventory_pb2 as inv
 from entrepot.platform.v1 import channel_pb2, types_pb2
 from entrepot_client import Entrepot, EntrepotError
+from server.cli import CommandError
+from server.dev import dev_token, read_dev_secret
 
 # The default WMS feed: event_id, sku, warehouse, kind, quantity, reason. `{run}` is the run id.
 DEFAULT_CSV = """event_id,sku,warehouse,kind,quantity,reason
@@ -175,6 +176,7 @@ def parse_csv(text: str, run: str) -> list[inv.SyncEvent]:
 
 
 async def step_sync(t: Tour, csv_text: str) -> None:
+    _need_skus(t)
     events = parse_csv(csv_text, t.run)
     source = f"wms-demo-{t.run}"
     half = (len(events) + 1) // 2
@@ -216,7 +218,13 @@ async def show_levels(t: Tour) -> None:
         t.say(f"{s.sku}: on hand {s.on_hand}, reserved {s.reserved}, available {s.available} ({per}){flag}")
 
 
+def _need_skus(t: Tour) -> None:
+    if len(t.skus) < 2:
+        raise Skipped("no SKUs (the items step did not run)")
+
+
 async def step_checkout(t: Tour) -> None:
+    _need_skus(t)
     cart_pb = _pb("entrepot.cart.v1.cart_pb2")
     carts = _client(t.ep, "cart")
     cart = await carts.create_cart(
@@ -259,6 +267,7 @@ async def step_order_intent(t: Tour) -> None:
     """Without CartService, an order arrives the way a checkout backend would send it."""
     if t.order_id:
         raise Skipped("the cart checkout already created the order")
+    _need_skus(t)
     order_pb = _pb("entrepot.order.v1.order_pb2")
     orders = _client(t.ep, "order")
     lines = [(t.skus[0], 3, 1200), (t.skus[1], 2, 2500)]
@@ -339,8 +348,8 @@ async def step_ship(t: Tour) -> None:
 
 
 async def step_refund(t: Tour) -> None:
-    if not t.order_id or len(t.order_lines) < 2:
-        raise Skipped("no order lines (checkout did not run)")
+    if not t.order_id or len(t.order_lines) < 2 or not t.warehouses:
+        raise Skipped("no order lines or warehouse (checkout or warehouses did not run)")
     refund_pb = _pb("entrepot.refund.v1.refund_pb2")
     refunds = _client(t.ep, "refund")
     approver = _client(t.approver, "refund")
@@ -501,25 +510,21 @@ async def watch(t: Tour, seen: list[inv.StockChangeEvent], errors: list[str]) ->
         errors.append(str(err))
 
 
-def _read_secret() -> str | None:
-    if os.environ.get("ENTREPOT_JWT_HS256_SECRET"):
-        return os.environ["ENTREPOT_JWT_HS256_SECRET"]
-    path = Path(os.environ.get("ENTREPOT_DATA_DIR", ".entrepot")) / "dev" / "jwt-secret"
-    return path.read_text().strip() if path.exists() else None
-
-
 def mint(sub: str) -> str | None:
     """A dev token with every permission, when the dev instance's secret is at hand."""
-    secret = _read_secret()
-    if secret is None:
-        return None
-    from server.auth import mint_token
-    from server.settings import Settings
+    secret = os.environ.get("ENTREPOT_JWT_HS256_SECRET") or read_dev_secret()
+    return dev_token(secret, sub=sub, ttl_seconds=3600) if secret else None
 
-    settings = Settings(jwt_hs256_secret=SecretStr(secret))
-    return mint_token(
-        settings, sub=sub, permissions=["*"], channels=["*"], status_namespaces=["*"], ttl_seconds=3600
-    )
+
+async def require_server(ep: Entrepot, target: str, timeout: float = 5.0) -> None:
+    """Checked once, before the tour: without a server every step would fail the same way."""
+    try:
+        await asyncio.wait_for(ep.grpc_channel.channel_ready(), timeout)
+    except TimeoutError:
+        raise CommandError(
+            f"no Entrepot server at {target} (nothing answered within {timeout:.0f}s): start one with "
+            "`entrepot dev`, or point --target / ENTREPOT_TARGET at yours"
+        ) from None
 
 
 async def run_demo(
@@ -533,15 +538,20 @@ async def run_demo(
 ) -> dict[str, str]:
     """Runs the tour; returns step name -> "ok" / "skipped: ..." / "failed: ...".
 
-    Raises SystemExit only when there is no usable operator token at all.
+    Raises CommandError when there is no usable operator token or no server at `target`.
     """
     stream = out or sys.stdout
     token = token or mint("demo-operator")
     if not token:
-        raise SystemExit("no token: pass --token (or ENTREPOT_TOKEN), or run next to `entrepot dev`")
+        raise CommandError("no token: pass --token (or ENTREPOT_TOKEN), or run next to `entrepot dev`")
     approver_token = approver_token or mint("demo-approver")
     run = run or uuid.uuid4().hex[:6]
     ep = Entrepot(target, token)
+    try:
+        await require_server(ep, target)
+    except CommandError:
+        await ep.close()
+        raise
     approver = Entrepot(target, approver_token) if approver_token else None
     t = Tour(target, token, approver_token, ep=ep, approver=approver, run=run, out=stream)
     print(f"Entrepot demo against {target} (run {run})", file=stream)
@@ -622,6 +632,9 @@ def main(
     target: str, token: str | None, approver_token: str | None, csv_path: str | None, run: str | None
 ) -> int:
     """`entrepot demo`: exit 0 when no step failed (skipped steps are fine)."""
-    csv_text = Path(csv_path).read_text() if csv_path else DEFAULT_CSV
+    try:
+        csv_text = Path(csv_path).read_text() if csv_path else DEFAULT_CSV
+    except OSError as err:
+        raise CommandError(f"cannot read --csv {csv_path}: {err.strerror}") from None
     results = asyncio.run(run_demo(target, token, approver_token, csv_text=csv_text, run=run))
     return 1 if any(r.startswith("failed") for r in results.values()) else 0

@@ -68,8 +68,9 @@ class ObservabilityInterceptor(AsyncServerInterceptor):
     async def intercept(
         self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
     ) -> Any:
-        m = metrics.for_method(name)
-        if _streams(self.policies, name):
+        streaming = _streams(self.policies, name)
+        m = metrics.for_method(name, streaming)
+        if streaming:
             return self._stream(method, request, context, name, m)
         m.in_flight.inc()
         start = time.perf_counter()
@@ -438,11 +439,11 @@ class StackInterceptor(grpc.aio.ServerInterceptor):
         if not found:  # pragma: no cover - grpc never hands out an empty handler
             raise RuntimeError(f"no implementation for {name}")
         factory, inner = found[0]
-        m = metrics.for_method(name)
+        streaming = bool(handler.response_streaming)
+        m = metrics.for_method(name, streaming)
         policy = self.policies.get(name)
         done = self.observability._done
         handle = self.errors._handle
-        streaming = bool(handler.response_streaming)
 
         async def admit(context: grpc.aio.ServicerContext) -> None:
             if policy is None:  # health and reflection: not ours, no token needed

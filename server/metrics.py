@@ -1,4 +1,9 @@
-"""Prometheus metrics per method, served on their own port."""
+"""Prometheus metrics per method, served on their own port.
+
+Unary calls and server streams are timed by separate histograms with buckets that fit each:
+a watch stream lives minutes to hours, and sharing a histogram with unary calls would make
+`histogram_quantile` over unary latency read the streams' lifetimes.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,15 @@ from prometheus_client import Counter, Gauge, Histogram, start_http_server
 RPC_TOTAL = Counter("entrepot_rpc_total", "RPCs handled, by method and status code", ["method", "code"])
 RPC_SECONDS = Histogram(
     "entrepot_rpc_duration_seconds",
-    "RPC latency by method",
+    "Unary RPC latency by method (streams: entrepot_stream_duration_seconds)",
     ["method"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+STREAM_SECONDS = Histogram(
+    "entrepot_stream_duration_seconds",
+    "Server-streaming RPC lifetime by method, from the call to its end",
+    ["method"],
+    buckets=(0.1, 1, 10, 30, 60, 300, 900, 1800, 3600, 4 * 3600, 12 * 3600, 24 * 3600),
 )
 RPC_IN_FLIGHT = Gauge("entrepot_rpc_in_flight", "RPCs in progress, by method", ["method"])
 RESERVE_BATCH_SIZE = Histogram(
@@ -24,9 +35,9 @@ class MethodMetrics:
 
     __slots__ = ("_codes", "in_flight", "latency", "method")
 
-    def __init__(self, method: str) -> None:
+    def __init__(self, method: str, streaming: bool) -> None:
         self.method = method
-        self.latency = RPC_SECONDS.labels(method)
+        self.latency = (STREAM_SECONDS if streaming else RPC_SECONDS).labels(method)
         self.in_flight = RPC_IN_FLIGHT.labels(method)
         self._codes: dict[str, Counter] = {}
 
@@ -40,10 +51,10 @@ class MethodMetrics:
 _by_method: dict[str, MethodMetrics] = {}
 
 
-def for_method(method: str) -> MethodMetrics:
+def for_method(method: str, streaming: bool) -> MethodMetrics:
     m = _by_method.get(method)
     if m is None:
-        m = _by_method[method] = MethodMetrics(method)
+        m = _by_method[method] = MethodMetrics(method, streaming)
     return m
 
 

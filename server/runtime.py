@@ -61,6 +61,9 @@ class Runtime:
         self._read_pool: asyncpg.Pool[Any] | None = None
         self._read_pool_lock = asyncio.Lock()
         self._temporal: Any = None
+        # The Temporal SDK runtime the client uses (None: the default one); the worker sets its
+        # own, exporting Prometheus metrics (server/worker.py).
+        self.temporal_runtime: Any = None
         self._temporal_lock = asyncio.Lock()
         # Filled by the app: response message class per full method name.
         self.response_types: dict[str, type[Message]] = {}
@@ -208,7 +211,9 @@ class Runtime:
                     if not self.settings.temporal_address:
                         raise Unavailable("TEMPORAL_NOT_CONFIGURED", "TEMPORAL_ADDRESS is not set")
                     self._temporal = await Client.connect(
-                        self.settings.temporal_address, namespace=self.settings.temporal_namespace
+                        self.settings.temporal_address,
+                        namespace=self.settings.temporal_namespace,
+                        runtime=self.temporal_runtime,
                     )
         return self._temporal
 

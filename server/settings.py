@@ -1,4 +1,4 @@
-"""Configuration from the environment (pydantic-settings). See the README's table."""
+"""Configuration from the environment (pydantic-settings). The table of every setting: docs/operations.md (Configuration)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,8 @@ class Settings(BaseSettings):
     # 0 disables the metrics endpoint.
     metrics_port: int = 9464
     metrics_host: str = "127.0.0.1"
+    # The worker's Prometheus port (Temporal SDK metrics and activity outcomes); 0 disables.
+    worker_metrics_port: int = 0
     data_dir: Path = Path(".entrepot")
     log_level: str = "INFO"
     access_log: bool = True
@@ -73,6 +75,10 @@ class Settings(BaseSettings):
     # Per-principal rate limits (server/ratelimit.py), e.g.
     # "inventory.v1.InventoryService/BulkAdjustStock=20/s,order.v1.OrderService/*=100/m:20".
     rate_limits: str = ""
+
+    # Proxies (addresses or networks, comma-separated) whose x-forwarded-for is believed:
+    # the client address SignAgreement records (server/client_address.py).
+    trusted_proxies: str = ""
 
     # Retention of idempotency keys and outbox events (hours).
     idempotency_retention_hours: int = 72

@@ -20,6 +20,7 @@ from domain.cart.rules import CartState, Limit, check_can_checkout, check_text, 
 from domain.cart.service import (
     approval_of,
     bump_refused,
+    cart_event,
     held_quantities,
     parse_id,
     release_if_held,
@@ -75,8 +76,11 @@ async def checkout(
     )
     # One statement for the purchase rows, the conversion and its event: this
     # runs while the stock rows are locked, so every round trip counts.
+    converted = cart_event(
+        "cart.converted", row.id, channel.slug, order_id=order_id, reservation_id=str(res.id)
+    )
     await store.convert(
-        session, row, channel=channel.slug, order_id=order_id, lines=lines, reservation_id=str(res.id)
+        session, row, channel=channel.slug, order_id=order_id, lines=lines, converted=converted
     )
     return CheckoutResult(_converted(row, lines, order_id), order_id, str(res.id))
 

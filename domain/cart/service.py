@@ -162,8 +162,13 @@ async def reload(session: AsyncSession, cart_id: uuid.UUID, channel: str) -> Car
     return await _cart(session, row)
 
 
+def cart_event(topic: str, cart_id: Any, channel: str, **payload: Any) -> Event:
+    """Every cart event: the cart's id first in its payload."""
+    return Event(topic, "cart", str(cart_id), {"cart_id": str(cart_id), **payload}, channel)
+
+
 async def event(session: AsyncSession, topic: str, cart_id: Any, channel: str, **payload: Any) -> None:
-    await emit(session, Event(topic, "cart", str(cart_id), {"cart_id": str(cart_id), **payload}, channel))
+    await emit(session, cart_event(topic, cart_id, channel, **payload))
 
 
 # ------------------------------------------------------------------ holds

@@ -23,9 +23,10 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.cart.rules import CartState, Limit, LineDraft, Shortage
 from domain.cart.types import CartLine
 from domain.platform import idempotency
+from domain.shared import outbox
 from domain.shared.db import DriverStatement, driver_connection
 from domain.shared.money import Money
-from domain.shared.outbox import mark_written
+from domain.shared.outbox import Event
 
 if TYPE_CHECKING:
     # Not at run time: Temporal's workflow sandbox re-imports domain modules (see domain.shared.db).
@@ -441,18 +442,18 @@ _CHECKOUT_BUMP = _checkout_bump(claiming=False)
 _CHECKOUT_BUMP_CLAIMING = _checkout_bump(claiming=True)
 
 # The purchase rows, the conversion and its event in one statement.
-_CONVERT = """
+_CONVERT = DriverStatement(f"""
     WITH p AS (
         INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id)
-        SELECT $1, $2, t.s, t.q, $3, $4 FROM unnest($5::text[], $6::bigint[]) AS t(s, q)
+        SELECT :channel, :customer_ref, t.s, t.q, :cart_id, :order_id
+        FROM unnest(CAST(:skus AS text[]), CAST(:quantities AS bigint[])) AS t(s, q)
     ), c AS (
-        UPDATE carts.carts SET state = 'converted', order_id = $4, hold_reservation_id = NULL,
+        UPDATE carts.carts SET state = 'converted', order_id = :order_id, hold_reservation_id = NULL,
             hold_ttl_us = NULL, hold_expires_at = NULL
-        WHERE id = $3
-    )
-    INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
-    VALUES ('cart.converted', 'cart', $7, $1, $8::jsonb)
-"""
+        WHERE id = :cart_id
+    ), {outbox.cte()}
+    SELECT 1
+""")
 
 
 class _CartRow(SimpleNamespace):
@@ -494,20 +495,20 @@ async def convert(
     channel: str,
     order_id: str,
     lines: Sequence[CartLine],
-    reservation_id: str,
+    converted: Event,
 ) -> None:
     """The purchase rows, the conversion to `order_id` (the hold is the
-    order's now) and the cart.converted event, in one statement."""
+    order's now) and its event `converted`, in one statement."""
     conn = await driver_connection(session)
-    await conn.execute(
-        _CONVERT,
-        channel,
-        row.customer_ref,
-        row.id,
-        order_id,
-        [x.sku for x in lines],
-        [x.quantity for x in lines],
-        str(row.id),
-        json.dumps({"cart_id": str(row.id), "order_id": order_id, "reservation_id": reservation_id}),
+    await _CONVERT.execute(
+        conn,
+        {
+            "channel": channel,
+            "customer_ref": row.customer_ref,
+            "cart_id": row.id,
+            "order_id": order_id,
+            "skus": [x.sku for x in lines],
+            "quantities": [x.quantity for x in lines],
+            **outbox.params(session, [converted]),
+        },
     )
-    mark_written(session)

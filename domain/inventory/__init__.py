@@ -80,7 +80,6 @@ from domain.inventory.stock import (
     apply_stock_change,
     batch_get_stock_levels,
     bulk_adjust_stock,
-    fetch_sku_stocks,
     get_stock_level,
     list_movements,
     list_stock_levels,
@@ -90,6 +89,7 @@ from domain.inventory.stock import (
     set_stock,
     stock_of,
 )
+from domain.inventory.stock_store import fetch_sku_stocks
 from domain.inventory.types import (
     ADDRESS_FIELDS,
     CONTACT_FIELDS,

@@ -54,89 +54,118 @@ def allocate(
     (SKU, warehouse). On failure `levels` is untouched and a DomainError is
     raised: INSUFFICIENT_STOCK carries one violation per short SKU.
     """
-    by_code = {w.code: w for w in warehouses}
-    active = [w.code for w in warehouses if w.active]
-    extra: dict[Key, int] = {}  # tentative reserved increase
-    allocs: dict[Key, Alloc] = {}
-    requested: dict[str, int] = {}
-    short: dict[str, int] = {}
-    seen_avail: dict[str, dict[str, int]] = {}
-
-    def level(key: Key) -> Level:
-        base = levels.get(key) or Level()
-        return Level(base.on_hand, base.reserved + extra.get(key, 0))
-
-    def add(key: Key, q: int, bo: int, tracked: bool) -> None:
-        a = allocs.get(key)
-        if a is None:
-            allocs[key] = Alloc(key[0], key[1], q, bo, tracked)
-        else:
-            a.quantity += q
-            a.backordered += bo
-        if tracked:
-            extra[key] = extra.get(key, 0) + q
-
+    plan = _Plan(policies, warehouses, levels)
     for line in sum_lines(lines):
-        sku, q, wh = line.sku, line.quantity, line.warehouse_code
-        policy = policies.get(sku)
+        plan.line(line.sku, line.quantity, line.warehouse_code)
+    plan.raise_if_short()
+    for key, q in plan.extra.items():
+        base = levels.setdefault(key, Level())
+        base.reserved += q
+    return list(plan.allocs.values())
+
+
+class _Plan:
+    """One request's allocations so far, over the levels as they would be after them."""
+
+    def __init__(
+        self, policies: Mapping[str, Policy], warehouses: Sequence[WarehouseInfo], levels: Mapping[Key, Level]
+    ) -> None:
+        self.policies = policies
+        self.by_code = {w.code: w for w in warehouses}
+        self.active = [w.code for w in warehouses if w.active]
+        self.levels = levels
+        self.extra: dict[Key, int] = {}  # tentative reserved increase
+        self.allocs: dict[Key, Alloc] = {}
+        self.requested: dict[str, int] = {}
+        self.short: dict[str, int] = {}
+        self.seen_available: dict[str, dict[str, int]] = {}
+
+    def line(self, sku: str, quantity: int, warehouse_code: str) -> None:
+        policy = self.policies.get(sku)
         if policy is None:
             raise NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
-        if wh:
-            w = by_code.get(wh)
-            if w is None:
-                raise NotFound(
-                    "WAREHOUSE_NOT_FOUND", f"warehouse {wh!r} does not exist", metadata={"code": wh}
-                )
-            if not w.active:
-                raise FailedPrecondition(
-                    "WAREHOUSE_INACTIVE", f"warehouse {wh!r} is deactivated", metadata={"code": wh}
-                )
-            candidates = [wh]
-        else:
-            candidates = active
-        requested[sku] = requested.get(sku, 0) + q
+        candidates = self._candidates(warehouse_code)
+        self.requested[sku] = self.requested.get(sku, 0) + quantity
         if not policy.track_inventory:
             # Untracked: always succeeds, holds nothing on the counters.
-            add((sku, wh or (active[0] if active else "")), q, 0, False)
-            continue
-        avail = seen_avail.setdefault(sku, {})
-        remaining = q
+            self._add((sku, warehouse_code or (self.active[0] if self.active else "")), quantity, 0, False)
+            return
+        remaining = self._take_available(sku, quantity, candidates)
+        if remaining and policy.allow_backorder and candidates:
+            remaining = self._backorder((sku, candidates[0]), remaining, policy)
+        if remaining:
+            self.short[sku] = self.short.get(sku, 0) + remaining
+
+    def _candidates(self, warehouse_code: str) -> list[str]:
+        """The warehouses a line may take from: the one it names, or every active one in order."""
+        if not warehouse_code:
+            return self.active
+        w = self.by_code.get(warehouse_code)
+        if w is None:
+            raise NotFound(
+                "WAREHOUSE_NOT_FOUND",
+                f"warehouse {warehouse_code!r} does not exist",
+                metadata={"code": warehouse_code},
+            )
+        if not w.active:
+            raise FailedPrecondition(
+                "WAREHOUSE_INACTIVE",
+                f"warehouse {warehouse_code!r} is deactivated",
+                metadata={"code": warehouse_code},
+            )
+        return [warehouse_code]
+
+    def _take_available(self, sku: str, quantity: int, candidates: Sequence[str]) -> int:
+        """Take what is available, warehouse by warehouse; the quantity still missing."""
+        seen = self.seen_available.setdefault(sku, {})
+        remaining = quantity
         for code in candidates:
-            lv = level((sku, code))
-            avail.setdefault(code, max(lv.available, 0))
-            take = min(remaining, max(lv.available, 0))
+            available = max(self._level((sku, code)).available, 0)
+            seen.setdefault(code, available)
+            take = min(remaining, available)
             if take:
-                add((sku, code), take, 0, True)
+                self._add((sku, code), take, 0, True)
                 remaining -= take
             if not remaining:
                 break
-        if remaining and policy.allow_backorder and candidates:
-            # Backorders go to the first candidate; max_backorder bounds how far
-            # reserved may exceed on_hand there (0 = unlimited).
-            target = (sku, candidates[0])
-            lv = level(target)
-            if within_allowance(lv.on_hand, lv.reserved + remaining, policy):
-                add(target, remaining, remaining, True)
-                remaining = 0
-        if remaining:
-            short[sku] = short.get(sku, 0) + remaining
+        return remaining
 
-    if short:
-        violations = []
-        for sku in short:
-            available = sum(seen_avail.get(sku, {}).values())
-            violations.append(
-                PreconditionViolation(
-                    "INSUFFICIENT_STOCK", sku, f"requested {requested[sku]}, available {available}"
-                )
+    def _backorder(self, key: Key, quantity: int, policy: Policy) -> int:
+        """Backorders go to the first candidate, within the item's allowance; the quantity still missing."""
+        lv = self._level(key)
+        if not within_allowance(lv.on_hand, lv.reserved + quantity, policy):
+            return quantity
+        self._add(key, quantity, quantity, True)
+        return 0
+
+    def _level(self, key: Key) -> Level:
+        base = self.levels.get(key) or Level()
+        return Level(base.on_hand, base.reserved + self.extra.get(key, 0))
+
+    def _add(self, key: Key, quantity: int, backordered: int, tracked: bool) -> None:
+        a = self.allocs.get(key)
+        if a is None:
+            self.allocs[key] = Alloc(key[0], key[1], quantity, backordered, tracked)
+        else:
+            a.quantity += quantity
+            a.backordered += backordered
+        if tracked:
+            self.extra[key] = self.extra.get(key, 0) + quantity
+
+    def raise_if_short(self) -> None:
+        if not self.short:
+            return
+        violations = [
+            PreconditionViolation(
+                "INSUFFICIENT_STOCK",
+                sku,
+                f"requested {self.requested[sku]}, available {sum(self.seen_available.get(sku, {}).values())}",
             )
+            for sku in self.short
+        ]
         raise FailedPrecondition(
             "INSUFFICIENT_STOCK",
-            f"not enough stock for {len(short)} SKU(s); nothing was reserved",
-            metadata={"skus": ",".join(short)},
+            f"not enough stock for {len(self.short)} SKU(s); nothing was reserved",
+            metadata={"skus": ",".join(self.short)},
             precondition_violations=violations,
         )
-    for key, q in extra.items():
-        base = levels.setdefault(key, Level())
-        base.reserved += q
-    return list(allocs.values())

@@ -205,7 +205,7 @@ class ReserveBatcher:
                 return rows
 
             # The claim goes with the load statement (see reserve_claimed).
-            results = await reserve_claimed(session, [p.request for p in batch], claims, store=store)
+            results = await reserve_claimed(session, [p.request for p in batch], claims, store_answers=store)
             await uow.commit()
         executed: list[tuple[_Pending, Reservation | DomainError, bytes | None]] = []
         dups: list[_Pending] = []

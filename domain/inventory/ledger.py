@@ -42,42 +42,58 @@ class Draft:
     cost: Cost | None = None
 
 
-# The ledger + outbox CTEs (parameters from `params`), reusable inside a larger
-# statement (reservations write everything in one statement).
-CTES = """
-    src AS MATERIALIZED (
-        SELECT nextval('inventory.ledger_id_seq') AS id, t.*
-        FROM unnest(
+# The inventory.stock_changed payload of a movement (a row of `src`): its one builder.
+_EVENTS = f"""
+        SELECT ord, '{TOPIC}', 'sku', sku, NULL, jsonb_build_object(
+            'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', type,
+            'on_hand_delta', oha - ohb, 'reserved_delta', ra - rb,
+            'on_hand', oha, 'reserved', ra, 'available', oha - ra,
+            'reason', reason, 'source', source, 'reference', ref,
+            'reservation_id', rid, 'below_threshold', below)
+        FROM src"""
+
+# The movements of `params`, one row per draft in input order.
+_DRAFTS = """
+        SELECT * FROM unnest(
             CAST(:l_sku AS text[]), CAST(:l_wh AS text[]), CAST(:l_type AS text[]),
             CAST(:l_ohb AS bigint[]), CAST(:l_oha AS bigint[]), CAST(:l_rb AS bigint[]), CAST(:l_ra AS bigint[]),
             CAST(:l_reason AS text[]), CAST(:l_source AS text[]), CAST(:l_actor AS text[]), CAST(:l_ref AS text[]),
             CAST(:l_rid AS uuid[]), CAST(:l_cost AS bigint[]), CAST(:l_cur AS text[]), CAST(:l_below AS boolean[])
         ) WITH ORDINALITY AS t(sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur,
-                              below, ord)
+                              below, ord)"""
+
+
+def ctes(movements: str = _DRAFTS) -> str:
+    """The ledger + outbox CTEs, reusable inside a larger statement (reservations
+    and sync batches write everything in one statement): `src` (the movements
+    with their ledger ids), `l` (the ledger rows) and `o` (their events).
+    `movements`: a SELECT of (sku, wh, type, ohb, oha, rb, ra, reason, source,
+    actor, ref, rid, cost, cur, below, ord), ord giving the order; by default
+    the drafts of `params`. The statement's outbox parameters come from
+    `params` (or outbox.params(name="o") when `movements` is the caller's)."""
+    return f"""
+    src AS MATERIALIZED (
+        SELECT nextval('inventory.ledger_id_seq') AS id, m.* FROM ({movements}) AS m
     ), l AS (
         INSERT INTO inventory.ledger (id, sku, warehouse_code, type, on_hand_before, on_hand_after,
             reserved_before, reserved_after, reason, source, actor, reference, reservation_id,
             cost_minor, cost_currency)
         SELECT id, sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur
         FROM src ORDER BY ord
-    ), o AS (
-        INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
-        SELECT :l_topic, 'sku', sku, jsonb_build_object(
-            'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', type,
-            'on_hand_delta', oha - ohb, 'reserved_delta', ra - rb,
-            'on_hand', oha, 'reserved', ra, 'available', oha - ra,
-            'reason', reason, 'source', source, 'reference', ref,
-            'reservation_id', rid, 'below_threshold', below)
-        FROM src ORDER BY ord
-    )
+    ), {outbox.cte("o", derived=_EVENTS, events=False)}
 """
+
+
+CTES = ctes()
 
 _WRITE = text("WITH " + CTES + " SELECT id, now() AS created_at FROM src ORDER BY ord")
 
 
-def params(drafts: Sequence[Draft]) -> dict[str, object]:
+def params(session: AsyncSession, drafts: Sequence[Draft]) -> dict[str, object]:
+    """The parameters of CTES for `drafts` (outbox ones included: the session
+    wakes the watchers after it commits)."""
     return {
-        "l_topic": TOPIC,
+        **outbox.params(session, name="o", derived_rows=len(drafts)),
         "l_sku": [d.sku for d in drafts],
         "l_wh": [d.warehouse_code for d in drafts],
         "l_type": [d.type for d in drafts],
@@ -100,8 +116,7 @@ async def write(session: AsyncSession, drafts: Sequence[Draft]) -> list[Movement
     """Append ledger rows + outbox events; returns the movements in input order."""
     if not drafts:
         return []
-    rows = (await session.execute(_WRITE, params(drafts))).all()
-    outbox.mark_written(session)
+    rows = (await session.execute(_WRITE, params(session, drafts))).all()
     return [_movement(d, int(row[0]), row[1]) for d, row in zip(drafts, rows, strict=True)]
 
 

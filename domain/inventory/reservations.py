@@ -1,5 +1,6 @@
 """Reservations: reserve (one or many requests per transaction), release,
-fulfil (FIFO lot costing), extend, read, and the expiry sweeper.
+fulfil (FIFO lot costing), extend, retarget, read, and the expiry sweeper.
+The statements live in reservation_store.py.
 
 Invariant: per level, `reserved` == sum of open quantities of tracked
 reservation lines. Every path changes both in the same transaction, with
@@ -16,17 +17,18 @@ import contextlib
 import logging
 import uuid
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.inventory import ledger
-from domain.inventory.allocation import Alloc, Key, WarehouseInfo, allocate
-from domain.inventory.stock_rules import Level, Policy, may_reserve_sql
+from domain.inventory import reservation_store as store
+from domain.inventory.allocation import Alloc, Key, allocate
+from domain.inventory.reservation_store import PlanInputs
+from domain.inventory.stock_rules import Level
 from domain.inventory.types import (
     RESERVATION_STATES,
     Cost,
@@ -39,27 +41,24 @@ from domain.inventory.types import (
     is_below_threshold,
 )
 from domain.inventory.validation import (
-    MAX_MINOR,
     check_quantity,
     check_sku,
     check_text,
     check_warehouse_code,
     filters_or_raise,
 )
-from domain.platform import idempotency
 from domain.platform.idempotency import Answers, Claim
-from domain.shared import outbox
-from domain.shared.db import DriverStatement, driver_connection
+from domain.shared.db import driver_connection
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
     FieldViolation,
     InvalidArgument,
-    NotFound,
     PreconditionViolation,
     Violations,
 )
 from domain.shared.pagination import decode_token, encode_token, page_size
+from domain.shared.uow import UnitOfWork
 
 if TYPE_CHECKING:
     import asyncpg  # run-time import would be repeated in Temporal's workflow sandbox (crash)
@@ -68,8 +67,6 @@ log = logging.getLogger("entrepot.inventory")
 
 MAX_LINES = 500
 MAX_TTL = timedelta(days=30)
-_PENDING: Any = object()
-SWEEPER_LOCK_KEY = 0x656E_7472_6570_01  # pg advisory lock: one sweeper at a time
 
 
 @dataclass(frozen=True)
@@ -108,212 +105,10 @@ def reserve_request(
     return ReserveRequest(tuple(norm), reference, ttl, actor, source)
 
 
-# ------------------------------------------------------------------ loading
-
-_POLICIES = text(
-    """SELECT sku, track_inventory, allow_backorder, max_backorder, low_stock_threshold
-       FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))"""
-)
-_WAREHOUSES = text("SELECT code, priority, active FROM inventory.warehouses ORDER BY priority, code")
-# Every level of the SKUs, locked in one global order.
-_LOCK_LEVELS = text(
-    """SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
-       WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE"""
-)
-_ENSURE_LEVELS = DriverStatement(
-    """INSERT INTO inventory.stock_levels (sku, warehouse_code)
-       SELECT * FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[])) ON CONFLICT DO NOTHING"""
-)
-# Guarded counter change for many levels at once. Rows are already locked by
-# _LOCK_LEVELS; the guard still refuses anything the plan got wrong.
-_APPLY = text(
-    """
-    UPDATE inventory.stock_levels s
-    SET on_hand = s.on_hand + d.dh, reserved = s.reserved + d.dr, updated_at = now()
-    FROM unnest(CAST(:skus AS text[]), CAST(:whs AS text[]), CAST(:dh AS bigint[]), CAST(:dr AS bigint[]))
-         AS d(sku, wh, dh, dr),
-         inventory.items i
-    WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
-      AND s.sku = ANY(CAST(:skus AS text[]))
-      AND s.on_hand + d.dh >= 0 AND s.reserved + d.dr >= 0
-      AND (d.dr <= 0 OR """
-    + may_reserve_sql("d.dr")
-    + """)
-    RETURNING s.sku, s.warehouse_code, s.on_hand, s.reserved
-    """
-)
-
-
-async def _policies(session: AsyncSession, skus: list[str]) -> dict[str, Policy]:
-    rows = (await session.execute(_POLICIES, {"skus": skus})).all()
-    return {
-        r.sku: Policy(r.track_inventory, r.allow_backorder, int(r.max_backorder), int(r.low_stock_threshold))
-        for r in rows
-    }
-
-
-async def _warehouses(session: AsyncSession) -> list[WarehouseInfo]:
-    rows = (await session.execute(_WAREHOUSES)).all()
-    return [WarehouseInfo(r.code, int(r.priority), bool(r.active)) for r in rows]
-
-
-async def _lock_levels(session: AsyncSession, skus: list[str]) -> dict[Key, Level]:
-    rows = (await session.execute(_LOCK_LEVELS, {"skus": sorted(skus)})).all()
-    return {(r.sku, r.warehouse_code): Level(int(r.on_hand), int(r.reserved)) for r in rows}
-
-
-def _totals(levels: dict[Key, Level]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for (sku, _), lv in levels.items():
-        out[sku] = out.get(sku, 0) + lv.available
-    return out
-
-
-async def _apply(session: AsyncSession, deltas: dict[Key, tuple[int, int]], expect: dict[Key, Level]) -> None:
-    """Apply (d_on_hand, d_reserved) per level with the guard; verify the outcome."""
-    keys = sorted(k for k, d in deltas.items() if d != (0, 0))
-    if not keys:
-        return
-    rows = (
-        await session.execute(
-            _APPLY,
-            {
-                "skus": [k[0] for k in keys],
-                "whs": [k[1] for k in keys],
-                "dh": [deltas[k][0] for k in keys],
-                "dr": [deltas[k][1] for k in keys],
-            },
-        )
-    ).all()
-    got = {(r.sku, r.warehouse_code): (int(r.on_hand), int(r.reserved)) for r in rows}
-    for k in keys:
-        if got.get(k) != (expect[k].on_hand, expect[k].reserved):
-            # Cannot happen while the rows are locked; refusing is the safe side.
-            raise RuntimeError(f"stock level {k} changed under a lock: got {got.get(k)}, planned {expect[k]}")
-
-
 # ------------------------------------------------------------------ reserve
 
-# The reserve path's statements run on the session's asyncpg connection
-# (DriverStatement): they carry ~40 array parameters, and SQLAlchemy's
-# per-statement work costs more than the round trip itself.
-
-# One statement loads everything a plan needs and locks the levels (in one
-# global order): levels ('l'), item policies ('i'), warehouses ('w'), and now().
-_LOAD = DriverStatement(
-    """
-    WITH lv AS (
-        SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
-        WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE
-    )
-    SELECT 'l' AS kind, sku, warehouse_code AS code, on_hand AS n1, reserved AS n2,
-           NULL::boolean AS b1, NULL::boolean AS b2, now() AS ts FROM lv
-    UNION ALL
-    SELECT 'i', sku, NULL, max_backorder, low_stock_threshold, track_inventory, allow_backorder, now()
-    FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
-    UNION ALL
-    SELECT 'w', NULL, code, priority::bigint, NULL, active, NULL, now() FROM inventory.warehouses
-    UNION ALL
-    SELECT 'n', NULL, NULL, NULL, NULL, NULL, NULL, now()
-    """
-)
-
-# The batcher's variant: the same load, preceded by the idempotency claims
-# (idempotency.BATCH_CLAIM_CTE, keys sorted) in the same statement, one round
-# trip less per batch. The claim branch comes first in the UNION ALL, so it runs
-# before the levels are locked, the same order as a separate claim.
-_LOAD_CLAIMING = DriverStatement(
-    """
-    WITH """
-    + idempotency.BATCH_CLAIM_CTE
-    + """, lv AS (
-        SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
-        WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE
-    )
-    SELECT 'c' AS kind, principal AS sku, request_id AS code, NULL::bigint AS n1, NULL::bigint AS n2,
-           NULL::boolean AS b1, NULL::boolean AS b2, now() AS ts FROM claimed
-    UNION ALL
-    SELECT 'l', sku, warehouse_code, on_hand, reserved, NULL, NULL, now() FROM lv
-    UNION ALL
-    SELECT 'i', sku, NULL, max_backorder, low_stock_threshold, track_inventory, allow_backorder, now()
-    FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
-    UNION ALL
-    SELECT 'w', NULL, code, priority::bigint, NULL, active, NULL, now() FROM inventory.warehouses
-    UNION ALL
-    SELECT 'n', NULL, NULL, NULL, NULL, NULL, NULL, now()
-    """
-)
-
-# One statement writes everything a batch granted: guarded counter UPDATE,
-# reservations, lines, ledger + outbox, and (batcher) the idempotency answers.
-_WRITE = DriverStatement(
-    """
-    WITH upd AS (
-        UPDATE inventory.stock_levels s SET reserved = s.reserved + d.dr, updated_at = now()
-        FROM unnest(CAST(:u_sku AS text[]), CAST(:u_wh AS text[]), CAST(:u_dr AS bigint[])) AS d(sku, wh, dr),
-             inventory.items i
-        WHERE s.sku = d.sku AND s.warehouse_code = d.wh AND i.sku = d.sku
-          -- Redundant with the join, but lets the planner use the primary key.
-          AND s.sku = ANY(CAST(:u_sku AS text[]))
-          AND """
-    + may_reserve_sql("d.dr")
-    + """
-        RETURNING s.sku, s.warehouse_code, s.on_hand, s.reserved
-    ), res AS (
-        INSERT INTO inventory.reservations (id, reference, state, expires_at, actor, created_at, updated_at)
-        SELECT id, ref, 'active', exp, actor, now(), now()
-        FROM unnest(CAST(:r_id AS uuid[]), CAST(:r_ref AS text[]), CAST(:r_exp AS timestamptz[]),
-                    CAST(:r_actor AS text[])) AS t(id, ref, exp, actor)
-        RETURNING id
-    ), lin AS (
-        INSERT INTO inventory.reservation_lines (reservation_id, line_no, sku, warehouse_code, tracked, quantity,
-                                                 backordered)
-        SELECT * FROM unnest(CAST(:n_rid AS uuid[]), CAST(:n_no AS int[]), CAST(:n_sku AS text[]),
-                             CAST(:n_wh AS text[]), CAST(:n_tracked AS boolean[]), CAST(:n_q AS bigint[]),
-                             CAST(:n_bo AS bigint[]))
-        RETURNING reservation_id
-    ), """
-    + ledger.CTES
-    + """, st AS ("""
-    + idempotency.BATCH_STORE
-    + """ RETURNING 1
-    )
-    SELECT sku, warehouse_code, on_hand, reserved, (SELECT count(*) FROM res) AS n_res,
-           (SELECT count(*) FROM lin) AS n_lin, (SELECT count(*) FROM st) AS n_st FROM upd
-    UNION ALL
-    SELECT NULL, NULL, NULL, NULL, (SELECT count(*) FROM res), (SELECT count(*) FROM lin), (SELECT count(*) FROM st)
-    """
-)
-_STORE_ONLY = DriverStatement(idempotency.BATCH_STORE)
-
-
-def _ttl_us(ttl: timedelta | None) -> int | None:
-    return None if ttl is None else ttl // timedelta(microseconds=1)
-
-
-async def _load_for_plan(
-    conn: asyncpg.Connection[Any], skus: list[str], claims: Sequence[Claim] = ()
-) -> tuple[dict[str, Policy], list[WarehouseInfo], dict[Key, Level], datetime, set[tuple[str, str]]]:
-    if claims:
-        rows = await _LOAD_CLAIMING.fetch(conn, {"skus": skus, **idempotency.batch_claim_params(claims)})
-    else:
-        rows = await _LOAD.fetch(conn, {"skus": skus})
-    policies: dict[str, Policy] = {}
-    warehouses: list[WarehouseInfo] = []
-    levels: dict[Key, Level] = {}
-    claimed: set[tuple[str, str]] = set()
-    now: datetime = rows[-1][7]
-    for kind, sku, code, n1, n2, b1, b2, _ in rows:
-        if kind == "l":
-            levels[(sku, code)] = Level(n1, n2)
-        elif kind == "i":
-            policies[sku] = Policy(b1, b2, n1, n2)
-        elif kind == "w":
-            warehouses.append(WarehouseInfo(code, n1, b1))
-        elif kind == "c":
-            claimed.add((sku, code))
-    warehouses.sort(key=lambda w: (w.priority, w.code))
-    return policies, warehouses, levels, now, claimed
+Plan = list[Alloc] | DomainError | None  # granted allocation, refusal, or not executed (key used before)
+Outcome = Reservation | DomainError | None
 
 
 async def reserve_many(
@@ -333,48 +128,54 @@ async def reserve_claimed(
     requests: Sequence[ReserveRequest],
     claims: Sequence[Claim | None],
     *,
-    store: Callable[[list[Reservation | DomainError | None]], Answers] | None = None,
-) -> list[Reservation | DomainError | None]:
+    store_answers: Callable[[list[Outcome]], Answers] | None = None,
+) -> list[Outcome]:
     """Reserve for several independent requests in the caller's transaction.
 
     `claims[i]` (batcher) is request i's idempotency key, claimed in the load
     statement (keys in sorted order); a request whose key was already present
-    is not executed and its result is None (the caller replays the stored row).
+    is not executed and its result is None (the caller replays the stored answer).
 
     Each request is all or nothing; requests are granted in order while stock
     lasts (the group-commit batcher relies on this). Per request the result is
     the Reservation or the DomainError that refused it (nothing written for it).
     Two statements in the common case: load+lock, then write everything.
-    `store` (batcher) turns the results into idempotency rows written in the
-    same statement.
+    `store_answers` (batcher) turns the results into idempotency answers
+    written in the same statement.
     """
-    return await _reserve_claimed(session, await driver_connection(session), requests, claims, store)
+    conn = await driver_connection(session)
+    inputs, plans = await _plan(conn, requests, claims)
+    running = {k: Level(v.on_hand, v.reserved) for k, v in inputs.levels.items()}
+    results, granted, reserved, drafts = _grant(requests, plans, inputs, running)
+    answers = store_answers(results) if store_answers is not None else Answers()
+    if granted:
+        await store.write_granted(session, conn, granted, reserved, running, drafts, answers)
+    elif answers.claims:
+        await store.store_answers(conn, answers)
+    return results
 
 
-async def _reserve_claimed(
-    session: AsyncSession,
-    conn: asyncpg.Connection[Any],
-    requests: Sequence[ReserveRequest],
-    claims: Sequence[Claim | None],
-    store: Callable[[list[Reservation | DomainError | None]], Answers] | None,
-) -> list[Reservation | DomainError | None]:
+async def _plan(
+    conn: asyncpg.Connection[Any], requests: Sequence[ReserveRequest], claims: Sequence[Claim | None]
+) -> tuple[PlanInputs, list[Plan]]:
+    """Lock the levels (claiming the keys) and allocate each request in order.
+    A backorder into a level that never had stock creates the level and plans
+    again under the lock (the new row was not locked when we planned)."""
     skus = sorted({line.sku for r in requests for line in r.lines})
     to_claim = sorted((c for c in claims if c is not None), key=lambda c: c.key)
     claimed: set[tuple[str, str]] = set()
     for attempt in range(2):
-        policies, warehouses, locked, now, got_claims = await _load_for_plan(
-            conn, skus, to_claim if attempt == 0 else ()
-        )
+        inputs = await store.load_for_plan(conn, skus, to_claim if attempt == 0 else ())
         if attempt == 0:
-            claimed = got_claims
-        state = {k: Level(v.on_hand, v.reserved) for k, v in locked.items()}
-        plans: list[list[Alloc] | DomainError | None] = []
+            claimed = inputs.claimed
+        state = {k: Level(v.on_hand, v.reserved) for k, v in inputs.levels.items()}
+        plans: list[Plan] = []
         for req, claim in zip(requests, claims, strict=True):
             if claim is not None and claim.key not in claimed:
                 plans.append(None)  # key already present: not executed, replayed by the caller
                 continue
             try:
-                plans.append(allocate(req.lines, policies, warehouses, state))
+                plans.append(allocate(req.lines, inputs.policies, inputs.warehouses, state))
             except DomainError as err:  # this request is refused; the others go on
                 plans.append(err)
         missing = sorted(
@@ -383,23 +184,26 @@ async def _reserve_claimed(
                 for p in plans
                 if p is not None and not isinstance(p, DomainError)
                 for a in p
-                if a.tracked and (a.sku, a.warehouse_code) not in locked
+                if a.tracked and (a.sku, a.warehouse_code) not in inputs.levels
             }
         )
         if not missing:
-            break
-        # A backorder into a level that never had stock: create it, then re-plan
-        # under the lock (the new row was not locked when we planned).
-        await _ENSURE_LEVELS.execute(conn, {"skus": [m[0] for m in missing], "whs": [m[1] for m in missing]})
-    else:
-        raise RuntimeError("stock levels kept appearing while reserving")
+            inputs.claimed = claimed
+            return inputs, plans
+        await store.ensure_levels(conn, missing)
+    raise RuntimeError("stock levels kept appearing while reserving")
 
-    # Movements in grant order, with exact before/after per level.
-    running = {k: Level(v.on_hand, v.reserved) for k, v in locked.items()}
+
+def _grant(
+    requests: Sequence[ReserveRequest], plans: Sequence[Plan], inputs: PlanInputs, running: dict[Key, Level]
+) -> tuple[list[Outcome], list[Reservation], dict[Key, int], list[ledger.Draft]]:
+    """The reservations the plans grant, in grant order, moving `running` along:
+    per request its outcome; the granted ones; units reserved per level; one
+    ledger movement per tracked line with exact before/after."""
     totals = _totals(running)
     drafts: list[ledger.Draft] = []
-    deltas: dict[Key, int] = {}
-    results: list[Reservation | DomainError | None] = []
+    reserved: dict[Key, int] = {}
+    results: list[Outcome] = []
     granted: list[Reservation] = []
     for req, plan in zip(requests, plans, strict=True):
         if plan is None or isinstance(plan, DomainError):
@@ -414,7 +218,7 @@ async def _reserve_claimed(
             before = lv.reserved
             lv.reserved += a.quantity
             totals[a.sku] -= a.quantity
-            deltas[key] = deltas.get(key, 0) + a.quantity
+            reserved[key] = reserved.get(key, 0) + a.quantity
             drafts.append(
                 ledger.Draft(
                     sku=a.sku,
@@ -424,7 +228,9 @@ async def _reserve_claimed(
                     on_hand_after=lv.on_hand,
                     reserved_before=before,
                     reserved_after=lv.reserved,
-                    below_threshold=is_below_threshold(totals[a.sku], policies[a.sku].low_stock_threshold),
+                    below_threshold=is_below_threshold(
+                        totals[a.sku], inputs.policies[a.sku].low_stock_threshold
+                    ),
                     reason="reserved",
                     source=req.source,
                     actor=req.actor,
@@ -440,51 +246,22 @@ async def _reserve_claimed(
                 ReservationLine(n, a.sku, a.warehouse_code, a.tracked, a.quantity, a.backordered, 0, 0)
                 for n, a in enumerate(plan, start=1)
             ],
-            expires_at=None if req.ttl is None else now + req.ttl,
-            created_at=now,
-            updated_at=now,
+            expires_at=None if req.ttl is None else inputs.now + req.ttl,
+            created_at=inputs.now,
+            updated_at=inputs.now,
             actor=req.actor,
         )
         results.append(res)
         granted.append(res)
-    stored = store(results) if store is not None else Answers()
-    if not granted:
-        if stored.claims:
-            await _STORE_ONLY.execute(conn, stored.params())
-        return results
-    keys = sorted(deltas)
-    lines = [(r, line) for r in granted for line in r.lines]
-    params: dict[str, object] = {
-        "u_sku": [k[0] for k in keys],
-        "u_wh": [k[1] for k in keys],
-        "u_dr": [deltas[k] for k in keys],
-        "r_id": [r.id for r in granted],
-        "r_ref": [r.reference for r in granted],
-        "r_exp": [r.expires_at for r in granted],
-        "r_actor": [r.actor for r in granted],
-        "n_rid": [r.id for r, _ in lines],
-        "n_no": [x.line_no for _, x in lines],
-        "n_sku": [x.sku for _, x in lines],
-        "n_wh": [x.warehouse_code for _, x in lines],
-        "n_tracked": [x.tracked for _, x in lines],
-        "n_q": [x.quantity for _, x in lines],
-        "n_bo": [x.backordered for _, x in lines],
-        **ledger.params(drafts),
-        **stored.params(),
-    }
-    rows = await _WRITE.fetch(conn, params)
-    outbox.mark_written(session)
-    got = {(r[0], r[1]): (r[2], r[3]) for r in rows if r[0] is not None}
-    counts = (rows[-1][4], rows[-1][5], rows[-1][6])
-    for k in keys:
-        if got.get(k) != (running[k].on_hand, running[k].reserved):
-            # Cannot happen while the rows are locked; refusing (rolling back) is the safe side.
-            raise RuntimeError(
-                f"stock level {k} changed under a lock: got {got.get(k)}, planned {running[k]}"
-            )
-    if counts != (len(granted), len(lines), len(stored.claims)):
-        raise RuntimeError(f"reservation write incomplete: {counts}")
-    return results
+    return results, granted, reserved, drafts
+
+
+def _totals(levels: dict[Key, Level]) -> dict[str, int]:
+    """Available units per SKU over its levels (the below-threshold flag reads them)."""
+    out: dict[str, int] = {}
+    for (sku, _), lv in levels.items():
+        out[sku] = out.get(sku, 0) + lv.available
+    return out
 
 
 async def reserve(
@@ -510,13 +287,6 @@ async def reserve(
 
 # ------------------------------------------------------------------ reading
 
-_COLUMNS = "id, reference, state, expires_at, actor, created_at, updated_at"
-_LINES = text(
-    """SELECT reservation_id, line_no, sku, warehouse_code, tracked, quantity, backordered, fulfilled, released
-       FROM inventory.reservation_lines WHERE reservation_id = ANY(CAST(:ids AS uuid[]))
-       ORDER BY reservation_id, line_no"""
-)
-
 
 def _parse_id(raw: str | uuid.UUID) -> uuid.UUID:
     if isinstance(raw, uuid.UUID):
@@ -531,52 +301,8 @@ def _parse_id(raw: str | uuid.UUID) -> uuid.UUID:
         ) from exc
 
 
-async def _reservations(session: AsyncSession, rows: Sequence[Any]) -> list[Reservation]:
-    if not rows:
-        return []
-    line_rows = (await session.execute(_LINES, {"ids": [r.id for r in rows]})).all()
-    lines: dict[uuid.UUID, list[ReservationLine]] = {}
-    for x in line_rows:
-        lines.setdefault(x.reservation_id, []).append(
-            ReservationLine(
-                x.line_no,
-                x.sku,
-                x.warehouse_code,
-                x.tracked,
-                int(x.quantity),
-                int(x.backordered),
-                int(x.fulfilled),
-                int(x.released),
-            )
-        )
-    return [
-        Reservation(
-            id=r.id,
-            reference=r.reference,
-            state=r.state,
-            lines=lines.get(r.id, []),
-            expires_at=r.expires_at,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-            actor=r.actor,
-        )
-        for r in rows
-    ]
-
-
-async def _load(session: AsyncSession, rid: uuid.UUID, *, lock: bool) -> Reservation:
-    sql = f"SELECT {_COLUMNS} FROM inventory.reservations WHERE id = :id" + (" FOR UPDATE" if lock else "")
-    row = (await session.execute(text(sql), {"id": rid})).one_or_none()
-    if row is None:
-        raise NotFound(
-            "RESERVATION_NOT_FOUND", f"reservation {rid} does not exist", metadata={"id": str(rid)}
-        )
-    (res,) = await _reservations(session, [row])
-    return res
-
-
 async def get_reservation(session: AsyncSession, reservation_id: str | uuid.UUID) -> Reservation:
-    return await _load(session, _parse_id(reservation_id), lock=False)
+    return await store.load(session, _parse_id(reservation_id), lock=False)
 
 
 async def list_reservations(
@@ -589,25 +315,12 @@ async def list_reservations(
     n = page_size(size)
     filters = ["reservations", reference, state]
     after = decode_token(token, filters)
-    where = ["true"]
-    params: dict[str, Any] = {"n": n + 1}
-    if reference:
-        where.append("reference = :ref")
-        params["ref"] = reference
-    if state:
-        where.append("state = :state")
-        params["state"] = state
-    if after is not None:
-        where.append("(created_at, id) > (CAST(:after_t AS timestamptz), CAST(:after_id AS uuid))")
-        params["after_t"] = datetime.fromisoformat(str(after[0]))
-        params["after_id"] = uuid.UUID(str(after[1]))
-    sql = f"SELECT {_COLUMNS} FROM inventory.reservations WHERE {' AND '.join(where)} ORDER BY created_at, id LIMIT :n"
-    rows = (await session.execute(text(sql), params)).all()
-    more = len(rows) > n
-    rows = rows[:n]
-    out = await _reservations(session, rows)
-    nxt = encode_token([rows[-1].created_at.isoformat(), str(rows[-1].id)], filters) if more else ""
-    return out, nxt
+    key = None if after is None else (datetime.fromisoformat(str(after[0])), uuid.UUID(str(after[1])))
+    found = await store.page(session, reference=reference, state=state, after=key, limit=n + 1)
+    more = len(found) > n
+    found = found[:n]
+    nxt = encode_token([found[-1].created_at.isoformat(), str(found[-1].id)], filters) if more else ""
+    return found, nxt
 
 
 # ------------------------------------------------------------------ release / fulfil
@@ -618,11 +331,6 @@ class _Take:
     reservation: Reservation
     line: ReservationLine
     quantity: int
-
-
-@dataclass
-class _Outcome:
-    movements: list[Movement] = field(default_factory=list)
 
 
 def _pick(res: Reservation, wanted: Sequence[LineQuantity] | None, *, reverse: bool) -> list[_Take]:
@@ -667,60 +375,15 @@ def _pick(res: Reservation, wanted: Sequence[LineQuantity] | None, *, reverse: b
     return out
 
 
-_CLOSE_LINES = text(
-    """
-    UPDATE inventory.reservation_lines l
-    SET fulfilled = l.fulfilled + d.f, released = l.released + d.r
-    FROM unnest(CAST(:rids AS uuid[]), CAST(:nos AS int[]), CAST(:fs AS bigint[]), CAST(:rs AS bigint[]))
-         AS d(rid, no, f, r)
-    WHERE l.reservation_id = d.rid AND l.line_no = d.no AND l.quantity - l.fulfilled - l.released >= d.f + d.r
-    RETURNING l.reservation_id
-    """
-)
-_SET_STATE = text(
-    """UPDATE inventory.reservations r SET state = d.state, updated_at = now()
-       FROM unnest(CAST(:ids AS uuid[]), CAST(:states AS text[])) AS d(id, state) WHERE r.id = d.id"""
-)
-_LOTS = text(
-    """SELECT id, remaining_quantity, unit_cost_minor, currency FROM inventory.lots
-       WHERE sku = :sku AND warehouse_code = :wh AND remaining_quantity > 0
-       ORDER BY id LIMIT :q FOR UPDATE"""
-)
-_CONSUME_LOTS = text(
-    """UPDATE inventory.lots l SET remaining_quantity = l.remaining_quantity - d.q
-       FROM unnest(CAST(:ids AS bigint[]), CAST(:qs AS bigint[])) AS d(id, q)
-       WHERE l.id = d.id AND l.remaining_quantity >= d.q"""
-)
-_CONSUMPTIONS = text(
-    """INSERT INTO inventory.lot_consumptions (ledger_id, lot_id, quantity, unit_cost_minor, currency)
-       SELECT * FROM unnest(CAST(:lids AS bigint[]), CAST(:lots AS bigint[]), CAST(:qs AS bigint[]),
-                            CAST(:costs AS bigint[]), CAST(:curs AS text[]))"""
-)
+@dataclass
+class _Step:
+    """One take's movement: the level's counters before and after, and the SKU's
+    availability after (the below-threshold flag)."""
 
-
-async def _consume_lots(
-    session: AsyncSession, sku: str, wh: str, quantity: int
-) -> tuple[Cost | None, list[tuple[int, int, int, str]]]:
-    """FIFO: the oldest lots first. Units received without a lot carry no cost."""
-    rows = (await session.execute(_LOTS, {"sku": sku, "wh": wh, "q": quantity})).all()
-    used: list[tuple[int, int, int, str]] = []
-    remaining = quantity
-    for r in rows:
-        if not remaining:
-            break
-        q = min(remaining, int(r.remaining_quantity))
-        used.append((int(r.id), q, int(r.unit_cost_minor), r.currency))
-        remaining -= q
-    if not used:
-        return None, []
-    res = await session.execute(_CONSUME_LOTS, {"ids": [u[0] for u in used], "qs": [u[1] for u in used]})
-    if res.rowcount != len(used):  # type: ignore[attr-defined]
-        raise RuntimeError("lot changed under a lock")
-    currencies = {u[3] for u in used}
-    # One cost per movement; lots of mixed currencies keep their costs in lot_consumptions only.
-    total = sum(u[1] * u[2] for u in used)
-    cost = Cost(total, used[0][3]) if len(currencies) == 1 and total <= MAX_MINOR else None
-    return cost, used
+    take: _Take
+    before: Level
+    after: Level
+    sku_available: int
 
 
 async def _close(
@@ -736,51 +399,29 @@ async def _close(
     """Release or fulfil the given line quantities; ledger + outbox per line."""
     tracked = [t for t in takes if t.line.tracked]
     skus = sorted({t.line.sku for t in tracked})
-    locked = await _lock_levels(session, skus) if skus else {}
-    policies = await _policies(session, skus) if skus else {}
-    running = {k: Level(v.on_hand, v.reserved) for k, v in locked.items()}
-    totals = _totals(running)
-    deltas: dict[Key, tuple[int, int]] = {}
+    levels = await store.lock_levels(session, skus) if skus else {}
+    policies = await store.policies(session, skus) if skus else {}
+    steps, deltas, final = _closing_steps(tracked, levels, fulfil=mode == "fulfil")
     drafts: list[ledger.Draft] = []
     lot_use: list[list[tuple[int, int, int, str]]] = []
-    short: list[PreconditionViolation] = []
-    for t in tracked:
-        key = (t.line.sku, t.line.warehouse_code)
-        lv = running.get(key)
-        if lv is None:
-            raise RuntimeError(f"reservation line without a stock level: {key}")
-        dh = -t.quantity if mode == "fulfil" else 0
-        if mode == "fulfil" and lv.on_hand < t.quantity:
-            short.append(
-                PreconditionViolation(
-                    "INSUFFICIENT_STOCK",
-                    t.line.sku,
-                    f"fulfil {t.quantity} in {t.line.warehouse_code}, on hand {lv.on_hand} (backordered)",
-                )
-            )
-            continue
-        before = Level(lv.on_hand, lv.reserved)
-        lv.on_hand += dh
-        lv.reserved -= t.quantity
-        totals[t.line.sku] += t.quantity + dh
-        d = deltas.get(key, (0, 0))
-        deltas[key] = (d[0] + dh, d[1] - t.quantity)
-        cost = None
+    for step in steps:
+        t = step.take
+        cost: Cost | None = None
         used: list[tuple[int, int, int, str]] = []
         if mode == "fulfil":
-            cost, used = await _consume_lots(session, t.line.sku, t.line.warehouse_code, t.quantity)
+            cost, used = await store.consume_lots(session, t.line.sku, t.line.warehouse_code, t.quantity)
         lot_use.append(used)
         drafts.append(
             ledger.Draft(
                 sku=t.line.sku,
                 warehouse_code=t.line.warehouse_code,
                 type=mode,
-                on_hand_before=before.on_hand,
-                on_hand_after=lv.on_hand,
-                reserved_before=before.reserved,
-                reserved_after=lv.reserved,
+                on_hand_before=step.before.on_hand,
+                on_hand_after=step.after.on_hand,
+                reserved_before=step.before.reserved,
+                reserved_after=step.after.reserved,
                 below_threshold=is_below_threshold(
-                    totals[t.line.sku], policies[t.line.sku].low_stock_threshold
+                    step.sku_available, policies[t.line.sku].low_stock_threshold
                 ),
                 reason=reason,
                 source=source,
@@ -790,70 +431,77 @@ async def _close(
                 cost=cost,
             )
         )
+    await store.apply_deltas(session, deltas, final)
+    if takes:
+        fulfilled = mode == "fulfil"
+        await store.close_lines(
+            session,
+            [
+                (
+                    t.reservation.id,
+                    t.line.line_no,
+                    t.quantity if fulfilled else 0,
+                    0 if fulfilled else t.quantity,
+                )
+                for t in takes
+            ],
+        )
+    movements = await ledger.write(session, drafts)
+    await store.record_consumptions(
+        session,
+        [
+            (m.id, lot, q, c, cur)
+            for m, used in zip(movements, lot_use, strict=True)
+            for lot, q, c, cur in used
+        ],
+    )
+    return movements
+
+
+def _closing_steps(
+    tracked: Sequence[_Take], levels: dict[Key, Level], *, fulfil: bool
+) -> tuple[list[_Step], dict[Key, tuple[int, int]], dict[Key, Level]]:
+    """Each take's movement in order, the (on_hand, reserved) delta per level, and
+    the levels' final counters. Fulfilling takes on_hand too: units that are
+    backordered (not on hand) refuse the whole call."""
+    running = {k: Level(v.on_hand, v.reserved) for k, v in levels.items()}
+    totals = _totals(running)
+    steps: list[_Step] = []
+    deltas: dict[Key, tuple[int, int]] = {}
+    short: list[PreconditionViolation] = []
+    for t in tracked:
+        key = (t.line.sku, t.line.warehouse_code)
+        lv = running.get(key)
+        if lv is None:
+            raise RuntimeError(f"reservation line without a stock level: {key}")
+        if fulfil and lv.on_hand < t.quantity:
+            short.append(
+                PreconditionViolation(
+                    "INSUFFICIENT_STOCK",
+                    t.line.sku,
+                    f"fulfil {t.quantity} in {t.line.warehouse_code}, on hand {lv.on_hand} (backordered)",
+                )
+            )
+            continue
+        before = Level(lv.on_hand, lv.reserved)
+        dh = -t.quantity if fulfil else 0
+        lv.on_hand += dh
+        lv.reserved -= t.quantity
+        totals[t.line.sku] += t.quantity + dh
+        d = deltas.get(key, (0, 0))
+        deltas[key] = (d[0] + dh, d[1] - t.quantity)
+        steps.append(_Step(t, before, Level(lv.on_hand, lv.reserved), totals[t.line.sku]))
     if short:
         raise FailedPrecondition(
             "INSUFFICIENT_STOCK",
             "backordered units cannot be fulfilled before stock arrives; nothing was fulfilled",
             precondition_violations=short,
         )
-    await _apply(session, deltas, running)
-    if takes:
-        res = await session.execute(
-            _CLOSE_LINES,
-            {
-                "rids": [t.reservation.id for t in takes],
-                "nos": [t.line.line_no for t in takes],
-                "fs": [t.quantity if mode == "fulfil" else 0 for t in takes],
-                "rs": [t.quantity if mode == "release" else 0 for t in takes],
-            },
-        )
-        if len(res.all()) != len({(t.reservation.id, t.line.line_no) for t in takes}):
-            raise RuntimeError("reservation line changed under a lock")
-    movements = await ledger.write(session, drafts)
-    rows = [
-        (m.id, lot, q, c, cur) for m, used in zip(movements, lot_use, strict=True) for lot, q, c, cur in used
-    ]
-    if rows:
-        await session.execute(
-            _CONSUMPTIONS,
-            {
-                "lids": [r[0] for r in rows],
-                "lots": [r[1] for r in rows],
-                "qs": [r[2] for r in rows],
-                "costs": [r[3] for r in rows],
-                "curs": [r[4] for r in rows],
-            },
-        )
-    return movements
-
-
-async def _finish_states(session: AsyncSession, ids: Sequence[uuid.UUID], *, expired: bool) -> None:
-    """Closed reservations: fulfilled when every unit shipped, else released/expired."""
-    rows = (
-        await session.execute(
-            text(
-                """SELECT reservation_id, sum(quantity - fulfilled - released) AS open, sum(released) AS rel
-                   FROM inventory.reservation_lines WHERE reservation_id = ANY(CAST(:ids AS uuid[]))
-                   GROUP BY reservation_id"""
-            ),
-            {"ids": list(ids)},
-        )
-    ).all()
-    states = {
-        r.reservation_id: (
-            "active" if r.open > 0 else ("expired" if expired else "released") if r.rel > 0 else "fulfilled"
-        )
-        for r in rows
-    }
-    await session.execute(_SET_STATE, {"ids": list(states), "states": list(states.values())})
+    return steps, deltas, running
 
 
 def _expired(res: Reservation, now: datetime) -> bool:
     return res.expires_at is not None and res.expires_at <= now
-
-
-async def _now(session: AsyncSession) -> datetime:
-    return (await session.execute(text("SELECT now()"))).scalar_one()  # type: ignore[no-any-return]
 
 
 async def release(
@@ -871,7 +519,7 @@ async def release(
     no-op that returns it (cancel after expiry must not fail)."""
     rid = _parse_id(reservation_id)
     filters_or_raise(reason=reason)
-    res = await _load(session, rid, lock=True)
+    res = await store.load(session, rid, lock=True)
     if res.state != "active":
         if lines is None:
             return res
@@ -882,8 +530,8 @@ async def release(
     await _close(
         session, takes, mode="release", reason=reason or "released", reference="", actor=actor, source=source
     )
-    await _finish_states(session, [rid], expired=False)
-    return await _load(session, rid, lock=False)
+    await store.finish_states(session, [rid], expired=False)
+    return await store.load(session, rid, lock=False)
 
 
 async def fulfil(
@@ -899,12 +547,12 @@ async def fulfil(
     reserved both drop; lots are consumed FIFO and the cost is on the ledger."""
     rid = _parse_id(reservation_id)
     filters_or_raise(reference=reference)
-    res = await _load(session, rid, lock=True)
+    res = await store.load(session, rid, lock=True)
     if res.state != "active":
         raise FailedPrecondition(
             "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
         )
-    if _expired(res, await _now(session)):
+    if _expired(res, await store.now(session)):
         raise FailedPrecondition(
             "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
         )
@@ -914,8 +562,8 @@ async def fulfil(
     movements = await _close(
         session, takes, mode="fulfil", reason="fulfilled", reference=reference, actor=actor, source=source
     )
-    await _finish_states(session, [rid], expired=False)
-    return Fulfilment(await _load(session, rid, lock=False), movements)
+    await store.finish_states(session, [rid], expired=False)
+    return Fulfilment(await store.load(session, rid, lock=False), movements)
 
 
 async def extend(
@@ -927,23 +575,17 @@ async def extend(
         raise InvalidArgument(
             "INVALID_ARGUMENT", "ttl must be positive and at most 30 days", field_violations=[]
         )
-    res = await _load(session, rid, lock=True)
+    res = await store.load(session, rid, lock=True)
     if res.state != "active":
         raise FailedPrecondition(
             "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
         )
-    if _expired(res, await _now(session)):
+    if _expired(res, await store.now(session)):
         raise FailedPrecondition(
             "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
         )
-    await session.execute(
-        text(
-            """UPDATE inventory.reservations SET expires_at = now() + :us * interval '1 microsecond',
-               updated_at = now() WHERE id = :id"""
-        ),
-        {"us": _ttl_us(ttl), "id": rid},
-    )
-    return await _load(session, rid, lock=False)
+    await store.set_expiry(session, rid, ttl)
+    return await store.load(session, rid, lock=False)
 
 
 async def retarget(
@@ -965,113 +607,33 @@ async def retarget(
     v.raise_if_any("the request is invalid")
     # Checkout runs this while it holds locks: one statement on the driver
     # connection in the common case, the locking read below otherwise.
-    conn = await driver_connection(session)
-    done = await conn.fetchrow(_RETARGET, rid, reference, actor, _ttl_us(ttl))
+    done = await store.retarget_active(await driver_connection(session), rid, reference, actor, ttl)
     if done is not None:
-        return Reservation(
-            id=done["id"],
-            reference=done["reference"],
-            state=done["state"],
-            lines=[_line(r) for r in done["lines"]],
-            expires_at=done["expires_at"],
-            created_at=done["created_at"],
-            updated_at=done["updated_at"],
-            actor=done["actor"],
-        )
+        return done
     # Missing, not active, expired, or changed since the statement's snapshot:
     # lock it, then look (three statements).
-    row = (
-        await session.execute(
-            text(f"SELECT {_COLUMNS}, now() AS now FROM inventory.reservations WHERE id = :id FOR UPDATE"),
-            {"id": rid},
-        )
-    ).one_or_none()
-    if row is None:
-        raise NotFound(
-            "RESERVATION_NOT_FOUND", f"reservation {rid} does not exist", metadata={"id": str(rid)}
-        )
-    (res,) = await _reservations(session, [row])
+    res, now = await store.lock_with_now(session, rid)
     if res.state != "active":
         raise FailedPrecondition(
             "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
         )
-    if _expired(res, row.now):
+    if _expired(res, now):
         raise FailedPrecondition(
             "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
         )
-    updated = (
-        await session.execute(
-            text(
-                f"""UPDATE inventory.reservations SET reference = :ref,
-                   actor = CASE WHEN :actor = '' THEN actor ELSE :actor END,
-                   expires_at = CASE WHEN CAST(:us AS bigint) IS NULL THEN NULL
-                                     ELSE now() + CAST(:us AS bigint) * interval '1 microsecond' END,
-                   updated_at = now() WHERE id = :id RETURNING {_COLUMNS}"""
-            ),
-            {"ref": reference, "actor": actor, "us": _ttl_us(ttl), "id": rid},
-        )
-    ).one()
-    return Reservation(
-        id=updated.id,
-        reference=updated.reference,
-        state=updated.state,
-        lines=res.lines,
-        expires_at=updated.expires_at,
-        created_at=updated.created_at,
-        updated_at=updated.updated_at,
-        actor=updated.actor,
-    )
-
-
-def _line(r: Any) -> ReservationLine:
-    return ReservationLine(int(r[0]), r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), int(r[7]))
-
-
-# retarget in one statement: the UPDATE locks the row and re-checks that it is
-# active and unexpired. Its lines are read in the statement's snapshot, which is
-# only current if nobody changed the reservation since: every change of lines
-# also updates the reservation row (_finish_states) in the same transaction, so
-# the row version (xmin) the UPDATE ends up on must be the snapshot's. If the
-# UPDATE had to wait for such a change, it matches nothing, nothing is returned
-# and retarget takes the locking path.
-_RETARGET = f"""
-    WITH seen AS (
-        SELECT xmin AS v FROM inventory.reservations WHERE id = $1
-    ), u AS (
-        UPDATE inventory.reservations r SET reference = $2,
-            actor = CASE WHEN $3 = '' THEN r.actor ELSE $3 END,
-            expires_at = CASE WHEN $4::bigint IS NULL THEN NULL
-                              ELSE now() + $4::bigint * interval '1 microsecond' END,
-            updated_at = now()
-        FROM seen
-        WHERE r.id = $1 AND r.xmin = seen.v AND r.state = 'active'
-          AND (r.expires_at IS NULL OR r.expires_at > now())
-        RETURNING {", ".join("r." + c for c in _COLUMNS.split(", "))}
-    )
-    SELECT u.*, ARRAY(
-        SELECT row(line_no, sku, warehouse_code, tracked, quantity, backordered, fulfilled, released)
-        FROM inventory.reservation_lines WHERE reservation_id = $1 ORDER BY line_no) AS lines
-    FROM u
-"""
+    return await store.retarget_locked(session, res, reference, actor, ttl)
 
 
 # ------------------------------------------------------------------ expiry
 
-_EXPIRED = text(
-    f"""SELECT {_COLUMNS} FROM inventory.reservations
-        WHERE state = 'active' AND expires_at <= now()
-        ORDER BY expires_at LIMIT :limit FOR UPDATE SKIP LOCKED"""
-)
-
 
 async def sweep_expired(session: AsyncSession, limit: int = 200) -> int:
     """Release up to `limit` expired holds in the caller's transaction (ledger +
-    outbox rows, state expired). SKIP LOCKED: holds being worked on elsewhere
-    are left for the next sweep. Returns how many reservations expired."""
-    rows = (await session.execute(_EXPIRED, {"limit": limit})).all()
-    if not rows:
+    outbox rows, state expired). Holds being worked on elsewhere are left for
+    the next sweep. Returns how many reservations expired."""
+    reservations = await store.lock_expired(session, limit)
+    if not reservations:
         return 0
-    reservations = await _reservations(session, rows)
     takes = [t for res in reservations for t in _pick(res, None, reverse=True)]
     await _close(
         session,
@@ -1082,7 +644,7 @@ async def sweep_expired(session: AsyncSession, limit: int = 200) -> int:
         actor="system:sweeper",
         source="sweeper",
     )
-    await _finish_states(session, [r.id for r in reservations], expired=True)
+    await store.finish_states(session, [r.id for r in reservations], expired=True)
     return len(reservations)
 
 
@@ -1098,14 +660,10 @@ async def run_sweeper(
     while not stop.is_set():
         swept = 0
         try:
-            async with sessions() as session, session.begin():
-                got = (
-                    await session.execute(
-                        text("SELECT pg_try_advisory_xact_lock(:k)"), {"k": SWEEPER_LOCK_KEY}
-                    )
-                ).scalar_one()
-                if got:
-                    swept = await sweep_expired(session, limit)
+            async with UnitOfWork(sessions) as uow:
+                if await store.try_sweeper_lock(uow.session):
+                    swept = await sweep_expired(uow.session, limit)
+                await uow.commit()
             if swept:
                 log.info("expired reservations released", extra={"count": swept})
         except (DBAPIError, OSError) as exc:

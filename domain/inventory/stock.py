@@ -10,11 +10,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory import ledger
-from domain.inventory.stock_rules import may_set_on_hand_sql
+from domain.inventory import stock_store as store
 from domain.inventory.types import (
     MOVEMENT_TYPES,
     Adjustment,
@@ -36,7 +35,7 @@ from domain.inventory.validation import (
     filters_or_raise,
     sku_or_raise,
 )
-from domain.shared.db import DriverStatement, driver_connection
+from domain.shared.db import driver_connection
 from domain.shared.errors import (
     DomainError,
     FailedPrecondition,
@@ -48,76 +47,17 @@ from domain.shared.money import is_currency
 from domain.shared.pagination import decode_token, encode_token, page_size
 
 if TYPE_CHECKING:
-    import asyncpg  # run-time import would be repeated in Temporal's workflow sandbox (crash)
+    pass  # run-time import would be repeated in Temporal's workflow sandbox (crash)
 
 MAX_BATCH_GET = 1000
 MAX_BULK = 1000
-
-# One statement: lock the level, apply the change if every rule holds, return
-# before/after and the SKU's total availability (for the threshold flag).
-# `kind`: 'delta' adds :qty to on_hand, 'set' makes it :qty.
-_NEW_ON_HAND = "(CASE WHEN :is_set THEN CAST(:qty AS bigint) ELSE s.on_hand + CAST(:qty AS bigint) END)"
-_CHANGE = text(
-    """
-    WITH old AS (
-        SELECT on_hand, reserved FROM inventory.stock_levels
-        WHERE sku = :sku AND warehouse_code = :wh FOR NO KEY UPDATE
-    ), u AS (
-        UPDATE inventory.stock_levels s
-        SET on_hand = """
-    + _NEW_ON_HAND
-    + """, updated_at = now()
-        FROM old, inventory.items i
-        WHERE s.sku = :sku AND s.warehouse_code = :wh AND i.sku = s.sku
-          AND (CAST(:expected AS bigint) IS NULL OR s.on_hand = CAST(:expected AS bigint))
-          AND """
-    + _NEW_ON_HAND
-    + """ <= CAST(:ceiling AS bigint)
-          AND """
-    + may_set_on_hand_sql(_NEW_ON_HAND)
-    + """
-        RETURNING old.on_hand AS ohb, old.reserved AS rb, s.on_hand AS oha, s.reserved AS ra, s.updated_at,
-                  i.low_stock_threshold AS threshold
-    )
-    SELECT u.*, u.oha - u.ra + coalesce((
-        SELECT sum(x.on_hand - x.reserved) FROM inventory.stock_levels x
-        WHERE x.sku = :sku AND x.warehouse_code <> :wh), 0) AS total_available
-    FROM u
-    """
-)
-
-_ENSURE_LEVEL = text(
-    """
-    INSERT INTO inventory.stock_levels (sku, warehouse_code)
-    SELECT i.sku, w.code FROM inventory.items i, inventory.warehouses w WHERE i.sku = :sku AND w.code = :wh
-    ON CONFLICT DO NOTHING
-    """
-)
-
-_DIAGNOSE = text(
-    """
-    SELECT (SELECT row(track_inventory, allow_backorder, max_backorder)::text FROM inventory.items
-            WHERE sku = :sku) AS item,
-           EXISTS (SELECT 1 FROM inventory.warehouses WHERE code = :wh) AS warehouse,
-           (SELECT on_hand FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh) AS on_hand,
-           (SELECT reserved FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh) AS reserved
-    """
-)
-
-_LOT = text(
-    """
-    INSERT INTO inventory.lots (sku, warehouse_code, lot_code, received_quantity, remaining_quantity,
-                                unit_cost_minor, currency, ledger_id)
-    VALUES (:sku, :wh, :lot_code, :qty, :qty, :cost, :cur, :ledger_id)
-    """
-)
 
 
 async def _diagnose(
     session: AsyncSession, sku: str, wh: str, *, is_set: bool, qty: int, expected: int | None
 ) -> DomainError | None:
     """Why a conditional change matched no row; None when the level row is missing."""
-    row = (await session.execute(_DIAGNOSE, {"sku": sku, "wh": wh})).one()
+    row = await store.level_facts(session, sku, wh)
     if row.item is None:
         return NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
     if not row.warehouse:
@@ -211,18 +151,7 @@ async def apply_stock_change(
     )
     (movement,) = await ledger.write(session, [draft])
     if unit_cost is not None and kind == "receive":
-        await session.execute(
-            _LOT,
-            {
-                "sku": sku,
-                "wh": warehouse_code,
-                "lot_code": lot_code,
-                "qty": quantity,
-                "cost": unit_cost.amount_minor,
-                "cur": unit_cost.currency,
-                "ledger_id": movement.id,
-            },
-        )
+        await store.insert_lot(session, sku, warehouse_code, lot_code, quantity, unit_cost, movement.id)
     return StockChange(level=level, movement=movement, below_threshold=draft.below_threshold)
 
 
@@ -243,15 +172,13 @@ async def _change_counter(
 ) -> tuple[StockLevel, ledger.Draft]:
     """The conditional counter change; returns the new level and its ledger draft
     (the caller writes the draft in the same transaction)."""
-    params: dict[str, Any] = {
-        "sku": sku,
-        "wh": warehouse_code,
-        "is_set": is_set,
-        "qty": quantity,
-        "expected": expected_on_hand,
-        "ceiling": MAX_LEVEL,
-    }
-    row = (await session.execute(_CHANGE, params)).one_or_none()
+
+    def change() -> Awaitable[Any | None]:
+        return store.change_level(
+            session, sku, warehouse_code, is_set=is_set, quantity=quantity, expected=expected_on_hand
+        )
+
+    row = await change()
     if row is None:
         err = await _diagnose(
             session, sku, warehouse_code, is_set=is_set, qty=quantity, expected=expected_on_hand
@@ -259,8 +186,8 @@ async def _change_counter(
         if err is not None:
             raise err
         # First change of this SKU in this warehouse: create the level, then apply.
-        await session.execute(_ENSURE_LEVEL, {"sku": sku, "wh": warehouse_code})
-        row = (await session.execute(_CHANGE, params)).one_or_none()
+        await store.ensure_level(session, sku, warehouse_code)
+        row = await change()
         if row is None:
             err = await _diagnose(
                 session, sku, warehouse_code, is_set=is_set, qty=quantity, expected=expected_on_hand
@@ -494,38 +421,9 @@ async def bulk_adjust_stock(
 # ---------------------------------------------------------------- reads
 
 
-def _level(row: Any) -> StockLevel:
-    return StockLevel(row.sku, row.warehouse_code, int(row.on_hand), int(row.reserved), row.updated_at)
-
-
-# Run on the driver connection (fetch_sku_stocks): the GetStockLevel hot path.
-_SKU_LEVELS = DriverStatement(
-    """
-    SELECT i.sku, i.low_stock_threshold, l.warehouse_code, l.on_hand, l.reserved, l.updated_at
-    FROM inventory.items i
-    LEFT JOIN inventory.stock_levels l ON l.sku = i.sku
-    WHERE i.sku = ANY(CAST(:skus AS text[]))
-    ORDER BY i.sku, l.warehouse_code
-    """
-)
-
-
 async def load_sku_stocks(session: AsyncSession, skus: list[str]) -> dict[str, SkuStock]:
     """Levels of many SKUs in one statement (unknown SKUs are absent)."""
-    return await fetch_sku_stocks(await driver_connection(session), skus)
-
-
-async def fetch_sku_stocks(conn: asyncpg.Connection[Any], skus: list[str]) -> dict[str, SkuStock]:
-    """load_sku_stocks on an asyncpg connection: the GetStockLevel hot path (one
-    prepared statement, no ORM result objects)."""
-    out: dict[str, SkuStock] = {}
-    for sku, threshold, wh, on_hand, reserved, updated_at in await _SKU_LEVELS.fetch(conn, {"skus": skus}):
-        st = out.get(sku)
-        if st is None:
-            st = out[sku] = SkuStock(sku, [], threshold)
-        if wh is not None:
-            st.levels.append(StockLevel(sku, wh, on_hand, reserved, updated_at))
-    return out
+    return await store.fetch_sku_stocks(await driver_connection(session), skus)
 
 
 def _item_not_found(sku: str) -> NotFound:
@@ -553,12 +451,7 @@ async def get_stock_level(session: AsyncSession, sku: str, warehouse_code: str =
     if warehouse_code:
         levels = [lv for lv in st.levels if lv.warehouse_code == warehouse_code]
         if not levels:
-            exists = (
-                await session.execute(
-                    text("SELECT 1 FROM inventory.warehouses WHERE code = :c"), {"c": warehouse_code}
-                )
-            ).first()
-            if exists is None:
+            if not await store.warehouse_exists(session, warehouse_code):
                 raise NotFound(
                     "WAREHOUSE_NOT_FOUND",
                     f"warehouse {warehouse_code!r} does not exist",
@@ -603,56 +496,19 @@ async def list_stock_levels(
     n = page_size(size)
     filters = ["levels", warehouse_code, sku_prefix, below_threshold_only, backordered_only]
     after = decode_token(token, filters)
-    where = ["true"]
-    params: dict[str, Any] = {"n": n + 1}
-    if warehouse_code:
-        where.append("l.warehouse_code = :wh")
-        params["wh"] = warehouse_code
-    if sku_prefix:
-        # Range condition for the primary-key index, starts_with for exactness.
-        where.append("l.sku >= :prefix AND starts_with(l.sku, :prefix)")
-        params["prefix"] = sku_prefix
-    if backordered_only:
-        where.append("l.reserved > l.on_hand")
-    if below_threshold_only:
-        where.append(
-            """EXISTS (SELECT 1 FROM inventory.items i WHERE i.sku = l.sku AND i.low_stock_threshold > 0
-               AND (SELECT sum(x.on_hand - x.reserved) FROM inventory.stock_levels x WHERE x.sku = l.sku)
-                   <= i.low_stock_threshold)"""
-        )
-    if after is not None:
-        where.append("(l.sku, l.warehouse_code) > (:after_sku, :after_wh)")
-        params["after_sku"], params["after_wh"] = str(after[0]), str(after[1])
-    sql = text(
-        f"""SELECT l.sku, l.warehouse_code, l.on_hand, l.reserved, l.updated_at
-            FROM inventory.stock_levels l WHERE {" AND ".join(where)}
-            ORDER BY l.sku, l.warehouse_code LIMIT :n"""
+    levels = await store.levels_page(
+        session,
+        warehouse_code=warehouse_code,
+        sku_prefix=sku_prefix,
+        below_threshold_only=below_threshold_only,
+        backordered_only=backordered_only,
+        after=None if after is None else (str(after[0]), str(after[1])),
+        limit=n + 1,
     )
-    rows = (await session.execute(sql, params)).all()
-    more = len(rows) > n
-    levels = [_level(r) for r in rows[:n]]
+    more = len(levels) > n
+    levels = levels[:n]
     nxt = encode_token([levels[-1].sku, levels[-1].warehouse_code], filters) if more else ""
     return levels, nxt
-
-
-def _movement_row(r: Any) -> Movement:
-    return Movement(
-        id=int(r.id),
-        sku=r.sku,
-        warehouse_code=r.warehouse_code,
-        type=r.type,
-        on_hand_before=int(r.on_hand_before),
-        on_hand_after=int(r.on_hand_after),
-        reserved_before=int(r.reserved_before),
-        reserved_after=int(r.reserved_after),
-        reason=r.reason,
-        source=r.source,
-        actor=r.actor,
-        reference=r.reference,
-        reservation_id=r.reservation_id,
-        cost=Cost(int(r.cost_minor), r.cost_currency) if r.cost_minor is not None else None,
-        created_at=r.created_at,
-    )
 
 
 async def list_movements(
@@ -691,39 +547,18 @@ async def list_movements(
         str(end),
     ]
     after = decode_token(token, filters)
-    where = ["true"]
-    params: dict[str, Any] = {"n": n + 1}
-    if sku:
-        where.append("sku = :sku")
-        params["sku"] = sku
-    if warehouse_code:
-        where.append("warehouse_code = :wh")
-        params["wh"] = warehouse_code
-    if types:
-        where.append("type = ANY(CAST(:types AS text[]))")
-        params["types"] = list(types)
-    if reference:
-        where.append("reference = :ref")
-        params["ref"] = reference
-    if reservation_id is not None:
-        where.append("reservation_id = :rid")
-        params["rid"] = reservation_id
-    if start is not None:
-        where.append("created_at >= :start")
-        params["start"] = start
-    if end is not None:
-        where.append("created_at < :end")
-        params["end"] = end
-    if after is not None:
-        where.append("id < :after")
-        params["after"] = int(after)
-    sql = text(
-        f"""SELECT id, sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before,
-                   reserved_after, reason, source, actor, reference, reservation_id, cost_minor,
-                   cost_currency, created_at
-            FROM inventory.ledger WHERE {" AND ".join(where)} ORDER BY id DESC LIMIT :n"""
+    moves = await store.movements_page(
+        session,
+        sku=sku,
+        warehouse_code=warehouse_code,
+        types=list(types),
+        reference=reference,
+        reservation_id=reservation_id,
+        start=start,
+        end=end,
+        before_id=None if after is None else int(after),
+        limit=n + 1,
     )
-    rows = (await session.execute(sql, params)).all()
-    more = len(rows) > n
-    moves = [_movement_row(r) for r in rows[:n]]
+    more = len(moves) > n
+    moves = moves[:n]
     return moves, (encode_token(moves[-1].id, filters) if more else "")

@@ -17,7 +17,7 @@ One batch = one transaction, four round trips in the common case:
    the item allows backorders);
 5. write everything in ONE statement whatever the batch size: the
    conditional UPDATE of the levels (compare-and-set on the locked rows'
-   counters), ledger+outbox rows (type `sync`, the payload of ledger.write),
+   counters), ledger+outbox rows (type `sync`, through ledger.ctes),
    the claims of the new event ids with their outcome, watermarks and the
    cursor (lots, for RECEIVEs with a unit cost, follow).
 
@@ -39,7 +39,7 @@ from domain.inventory.stock_rules import Policy, may_set_on_hand
 from domain.inventory.types import Cost
 from domain.inventory.validation import MAX_QUANTITY, MAX_TEXT, WAREHOUSE_CODE, normalize_sku
 from domain.shared import outbox
-from domain.shared.db import driver_connection
+from domain.shared.db import DriverStatement, driver_connection
 from domain.shared.errors import InvalidArgument
 from domain.shared.money import is_currency
 
@@ -217,61 +217,58 @@ _LOCK_LEVELS = """
 # Everything a batch writes, in one statement:
 # - upd: compare-and-set on counters read under the row lock above (a row
 #   changes only if it still holds exactly what the computation started from);
-# - src/l/o: ledger rows and their outbox events like ledger.write (same
-#   payload), ids drawn in input order;
+# - src/l/o: ledger rows and their outbox events (ledger.ctes of _MOVEMENTS),
+#   ids drawn in input order;
 # - c: the claims of every new keyed event id with its final outcome: the
 #   applied ones are the ledger rows' references, the others come with their
 #   outcome (plain INSERT: the lookup under the cursor lock found none of them;
 #   a claim that exists anyway fails the batch rather than apply an event twice);
 # - marks/wu/wi: SET watermarks, updated or inserted (the lock query saw which
 #   exist; only holders of the cursor lock write them); a: the cursor.
-_WRITE = """
+_MOVEMENTS = """
+        SELECT t.sku, t.wh, 'sync' AS type, t.ohb, t.oha, t.r AS rb, t.r AS ra, t.reason,
+               CAST(:source AS text) AS source, CAST(:actor AS text) AS actor, t.ref, CAST(NULL AS uuid) AS rid,
+               t.cost, t.cur, t.below, t.ord
+        FROM unnest(CAST(:l_sku AS text[]), CAST(:l_wh AS text[]), CAST(:l_ohb AS bigint[]),
+                    CAST(:l_oha AS bigint[]), CAST(:l_r AS bigint[]), CAST(:l_reason AS text[]),
+                    CAST(:l_ref AS text[]), CAST(:l_cost AS bigint[]), CAST(:l_cur AS text[]),
+                    CAST(:l_below AS boolean[]))
+             WITH ORDINALITY AS t(sku, wh, ohb, oha, r, reason, ref, cost, cur, below, ord)"""
+
+_WRITE = DriverStatement(
+    """
     WITH upd AS (
         UPDATE inventory.stock_levels s
         SET on_hand = v.new, updated_at = now()
-        FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::bigint[])
+        FROM unnest(CAST(:v_sku AS text[]), CAST(:v_wh AS text[]), CAST(:v_old AS bigint[]),
+                    CAST(:v_new AS bigint[]), CAST(:v_reserved AS bigint[]))
              AS v(sku, wh, old, new, reserved)
         WHERE s.sku = v.sku AND s.warehouse_code = v.wh AND s.on_hand = v.old AND s.reserved = v.reserved
         RETURNING 1
-    ), src AS MATERIALIZED (
-        SELECT nextval('inventory.ledger_id_seq') AS id, t.*
-        FROM unnest($6::text[], $7::text[], $8::bigint[], $9::bigint[], $10::bigint[], $11::text[],
-                    $12::text[], $13::bigint[], $14::text[], $15::boolean[])
-             WITH ORDINALITY AS t(sku, wh, ohb, oha, r, reason, ref, cost, cur, below, ord)
-    ), l AS (
-        INSERT INTO inventory.ledger (id, sku, warehouse_code, type, on_hand_before, on_hand_after,
-            reserved_before, reserved_after, reason, source, actor, reference, cost_minor, cost_currency)
-        SELECT id, sku, wh, 'sync', ohb, oha, r, r, reason, $16, $17, ref, cost, cur
-        FROM src ORDER BY ord
-    ), o AS (
-        INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload)
-        SELECT $18, 'sku', sku, jsonb_build_object(
-            'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', 'sync',
-            'on_hand_delta', oha - ohb, 'reserved_delta', 0,
-            'on_hand', oha, 'reserved', r, 'available', oha - r,
-            'reason', reason, 'source', $16::text, 'reference', ref,
-            'reservation_id', NULL, 'below_threshold', below)
-        FROM src ORDER BY ord
-    ), c AS (
+    ), """
+    + ledger.ctes(_MOVEMENTS)
+    + """, c AS (
         INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
-        SELECT $16, ref, 'a', NULL, NULL FROM src
+        SELECT :source, ref, 'a', NULL, NULL FROM src
         UNION ALL
-        SELECT $16, t.id, CAST(t.o AS "char"), t.r, t.m
-        FROM unnest($19::text[], $20::text[], $21::text[], $22::text[]) AS t(id, o, r, m)
+        SELECT :source, t.id, CAST(t.o AS "char"), t.r, t.m
+        FROM unnest(CAST(:c_id AS text[]), CAST(:c_outcome AS text[]), CAST(:c_reason AS text[]),
+                    CAST(:c_message AS text[])) AS t(id, o, r, m)
     ), marks AS (
-        SELECT * FROM unnest($23::text[], $24::text[], $25::bigint[], $26::boolean[]) AS t(sku, wh, us, known)
+        SELECT * FROM unnest(CAST(:m_sku AS text[]), CAST(:m_wh AS text[]), CAST(:m_us AS bigint[]),
+                             CAST(:m_known AS boolean[])) AS t(sku, wh, us, known)
     ), wu AS (
         UPDATE inventory.sync_watermarks m SET last_set_us = greatest(m.last_set_us, t.us)
         FROM marks t
-        WHERE t.known AND m.source = $16 AND m.sku = t.sku AND m.warehouse_code = t.wh
+        WHERE t.known AND m.source = :source AND m.sku = t.sku AND m.warehouse_code = t.wh
     ), wi AS (
         INSERT INTO inventory.sync_watermarks (source, sku, warehouse_code, last_set_us)
-        SELECT $16, t.sku, t.wh, t.us FROM marks t WHERE NOT t.known
+        SELECT :source, t.sku, t.wh, t.us FROM marks t WHERE NOT t.known
     ), a AS (
         UPDATE inventory.sync_sources
-        SET last_event_id = $27, events_seen = events_seen + $28,
-            events_applied = events_applied + $29, updated_at = now()
-        WHERE source = $16
+        SET last_event_id = :last_event_id, events_seen = events_seen + :seen,
+            events_applied = events_applied + :applied, updated_at = now()
+        WHERE source = :source
         RETURNING source, last_event_id, events_seen, events_applied, updated_at
     )
     SELECT (SELECT count(*) FROM upd) AS updated,
@@ -279,6 +276,7 @@ _WRITE = """
            a.source, a.last_event_id, a.events_seen, a.events_applied, a.updated_at
     FROM a
 """
+)
 
 _LOTS = """
     INSERT INTO inventory.lots (sku, warehouse_code, received_quantity, remaining_quantity,
@@ -489,38 +487,47 @@ async def apply_batch(
     lots: list[SyncEvent] = []
     if todo:
         level_rows, marks, lots = await _apply(conn, source, todo, items, res, w)
-    row = await conn.fetchrow(
-        _WRITE,
-        *level_rows,
-        w.sku,
-        w.wh,
-        w.ohb,
-        w.oha,
-        w.reserved,
-        w.reason,
-        w.ref,
-        w.cost,
-        w.cur,
-        w.below,
-        source,
-        actor,
-        ledger.TOPIC,
-        w.claim_id,
-        w.claim_outcome,
-        w.claim_reason,
-        w.claim_message,
-        *marks,
-        batch.last_event_id,
-        batch.size,
-        res.applied,
+    v_sku, v_wh, v_old, v_new, v_reserved = level_rows
+    m_sku, m_wh, m_us, m_known = marks
+    rows = await _WRITE.fetch(
+        conn,
+        {
+            "v_sku": v_sku,
+            "v_wh": v_wh,
+            "v_old": v_old,
+            "v_new": v_new,
+            "v_reserved": v_reserved,
+            "l_sku": w.sku,
+            "l_wh": w.wh,
+            "l_ohb": w.ohb,
+            "l_oha": w.oha,
+            "l_r": w.reserved,
+            "l_reason": w.reason,
+            "l_ref": w.ref,
+            "l_cost": w.cost,
+            "l_cur": w.cur,
+            "l_below": w.below,
+            "source": source,
+            "actor": actor,
+            "c_id": w.claim_id,
+            "c_outcome": w.claim_outcome,
+            "c_reason": w.claim_reason,
+            "c_message": w.claim_message,
+            "m_sku": m_sku,
+            "m_wh": m_wh,
+            "m_us": m_us,
+            "m_known": m_known,
+            "last_event_id": batch.last_event_id,
+            "seen": batch.size,
+            "applied": res.applied,
+            # The ledger rows' events (ledger.ctes): the watchers wake after commit.
+            **outbox.params(session, derived_rows=len(w.sku)),
+        },
     )
-    assert row is not None
+    row = rows[0]
     if row["updated"] != len(level_rows[0]):
         # Cannot happen while the rows are locked; refuse rather than write a wrong ledger.
         raise RuntimeError("stock levels changed under a sync batch's lock")
-    if w.sku:
-        # Outbox rows written by hand: wake the watchers after commit.
-        outbox.mark_written(session)
     if lots:
         lot_ids = row["lot_ids"]
         await conn.execute(

@@ -1,8 +1,9 @@
 """WatchStockChanges: what a watcher sees of the outbox (pure filters, cursors).
 
 The tailing itself (one LISTEN connection and one reader per server process,
-fan-out to watchers) lives in server/stock_watch.py; this module decides which
-`inventory.stock_changed` events match a watcher and where a cursor resumes.
+fan-out to watchers, shared with WatchOrderEvents) lives in server/watch_hub.py;
+this module decides which `inventory.stock_changed` events match a watcher and
+where a cursor resumes.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ lifecycle.py (transitions, shipments), refunds.py (refund records), with
 reserving.py for the inventory reservation both intents and lifecycle make.
 
 Data access: SQLAlchemy (ORM queries, Core inserts and updates) over
-models.py, except SubmitOrderIntent's statements, which run on the session's
+models.py, except the statements writing status entries and their events
+(store/entries.py, SubmitOrderIntent's among them), which run on the session's
 asyncpg connection (domain.shared.db.driver_connection) in the same transaction.
 """
 

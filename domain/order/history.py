@@ -51,7 +51,7 @@ async def close_status(
             "note is too long",
             field_violations=[FieldViolation("note", "at most 1000 characters")],
         )
-    return await entries.close_entry(session, row, entry_id, closed_by=caller.subject, note=note)
+    return await entries.close_entry(session, row, entry, closed_by=caller.subject, note=note)
 
 
 async def list_status_history(

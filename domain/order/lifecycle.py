@@ -22,7 +22,7 @@ from domain.order.rules import (
 from domain.order.store import entries, orders, shipments
 from domain.order.types import TRANSITIONED, Order, Shipment, ShipmentStatus
 from domain.shared.errors import FailedPrecondition, FieldViolation, InvalidArgument, PreconditionViolation
-from domain.shared.outbox import Event, emit_many
+from domain.shared.outbox import Event
 
 
 async def transition(
@@ -95,26 +95,25 @@ async def _release(
 async def _set_state(
     session: AsyncSession, row: OrderRow, target: State, *, actor: str, reason: str = ""
 ) -> None:
-    """Moves the order to `target` with its order.transitioned event and `order:<state>` entry."""
+    """Moves the order to `target` with its order.transitioned event and
+    `order:<state>` entry (the event written by the entry's statement)."""
     previous = row.state
     await orders.update_order(session, row, state=target.value)
-    await emit_many(
-        session,
-        [
-            Event(
-                TRANSITIONED,
-                "order",
-                str(row.id),
-                {"order_id": str(row.id), "from": previous, "to": target.value},
-                row.channel,
-            )
-        ],
+    transitioned = Event(
+        TRANSITIONED,
+        "order",
+        str(row.id),
+        {"order_id": str(row.id), "from": previous, "to": target.value},
+        row.channel,
     )
     payload: dict[str, Any] = {"from": previous}
     if reason:
         payload["reason"] = reason
     await entries.append_entry(
-        session, row, entries.EntrySpec(f"order:{target.value}", actor, payload=payload)
+        session,
+        row,
+        entries.EntrySpec(f"order:{target.value}", actor, payload=payload),
+        events_before=[transitioned],
     )
 
 

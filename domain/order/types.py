@@ -1,5 +1,5 @@
 """What the order module answers with: its read models, the topics of its
-events and the JSON form of a status entry those events carry. No I/O here."""
+events and the reading of the status entry those events carry. No I/O here."""
 
 from __future__ import annotations
 
@@ -151,26 +151,8 @@ class OrderFilter:
     blocked_only: bool = False
 
 
-def entry_payload(e: StatusEntry) -> dict[str, Any]:
-    """The JSON form of an entry carried by outbox events."""
-    return {
-        "id": e.id,
-        "order_id": e.order_id,
-        "code": e.code,
-        "module": e.module,
-        "category": e.category,
-        "severity": e.severity.value,
-        "payload": e.payload,
-        "recorded_at": e.recorded_at.isoformat(),
-        "written_by": e.written_by,
-        "created_at": e.created_at.isoformat(),
-        "closed_at": e.closed_at.isoformat() if e.closed_at else None,
-        "closed_by": e.closed_by,
-        "close_note": e.close_note,
-    }
-
-
 def entry_from_payload(d: Mapping[str, Any]) -> StatusEntry:
+    """The entry an order status event carries (built by store/entries.py's _entry_events)."""
     return StatusEntry(
         id=int(d["id"]),
         order_id=str(d["order_id"]),

@@ -16,13 +16,15 @@ Forms:
 - `claim_cte`: the claim folded into a hot path's first statement (checkout);
 - `BATCH_CLAIM_CTE` / `BATCH_STORE` / `Answers` / `get_many`: many keys in one
   statement (the ReserveStock batcher);
-- `check_replay`: a stored answer may be replayed to this request, or REQUEST_ID_REUSED.
+- `check_replay`: a stored answer may be replayed to this request, or REQUEST_ID_REUSED;
+- `once` / `StepMarkers`: a workflow activity's effect done once, marked in the
+  module's own step table (refunds.refund_steps, registration.activity_effects).
 """
 
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -257,3 +259,31 @@ async def purge_older_than(session: AsyncSession, age: timedelta, limit: int = 1
     """Forget keys older than the retention; a retry after that is a new request."""
     result = await session.execute(_PURGE, {"secs": age.total_seconds(), "limit": limit})
     return int(getattr(result, "rowcount", 0) or 0)
+
+
+# ---------------------------------------------------------------- workflow step markers
+
+
+class StepMarkers:
+    """A module's table of workflow step markers: one row per effect a workflow
+    activity must have once (a restock, a notification), unique on `columns`.
+
+    `fixed` gives the SQL value of each other column that has no default."""
+
+    def __init__(self, table: str, columns: Sequence[str], fixed: Mapping[str, str] | None = None) -> None:
+        self.table = table
+        self.columns = tuple(columns)
+        names = [*self.columns, *(fixed or {})]
+        values = [f":{c}" for c in self.columns] + list((fixed or {}).values())
+        self.statement = text(
+            f"INSERT INTO {table} ({', '.join(names)}) VALUES ({', '.join(values)}) "
+            "ON CONFLICT DO NOTHING RETURNING true"
+        )
+
+
+async def once(session: AsyncSession, markers: StepMarkers, *key: object) -> bool:
+    """Marks the step `key` (one value per marker column) done in the caller's
+    transaction. True the first time, so the caller does the effect in this same
+    transaction; False when it was done before (a retried or replayed activity)."""
+    row = (await session.execute(markers.statement, dict(zip(markers.columns, key, strict=True)))).first()
+    return row is not None

@@ -28,8 +28,7 @@ with workflow.unsafe.imports_passed_through():
         configure_simulated_psp,
         simulated_psp_refunds,
     )
-    from domain.refund.rules import TenderRoom, idempotency_key, split_over_tenders, workflow_id
-    from domain.refund.service import (
+    from domain.refund.rules import (
         COMPLETED,
         DENIED,
         EXECUTING,
@@ -40,16 +39,15 @@ with workflow.unsafe.imports_passed_through():
         Refund,
         RefundLine,
         RefundTender,
+        TenderRoom,
         WorkflowFault,
-        decide_refund,
-        get_refund,
-        list_faults,
-        list_refunds,
-        refunded_quantity,
-        retry_refund,
-        submit_refund,
+        idempotency_key,
+        split_over_tenders,
+        workflow_id,
     )
+    from domain.refund.service import decide_refund, list_faults, list_refunds, retry_refund, submit_refund
     from domain.refund.starter import reconcile, start_execution
+    from domain.refund.store import get_refund, refunded_quantity
 
 from domain.refund.workflows import RefundExecutionInput, RefundExecutionWorkflow
 

@@ -1,4 +1,4 @@
-"""Activities of RefundExecutionWorkflow. Each is idempotent: see service.py."""
+"""Activities of RefundExecutionWorkflow. Each is idempotent: see execution.py."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio import activity
 from temporalio.exceptions import ApplicationError
 
-from domain.refund import service
+from domain.refund import execution
 from domain.refund.gateway import GatewayError, GatewayRefund, PaymentGateway
 from domain.refund.workflows import (
     FINISH,
@@ -49,7 +49,7 @@ class RefundActivities:
 
     @activity.defn(name=LOAD_PLAN)
     async def load_plan(self, inp: RefundExecutionInput) -> PlanOut:
-        plan = await self._tx(lambda s: service.execution_plan(s, inp.refund_id))
+        plan = await self._tx(lambda s: execution.execution_plan(s, inp.refund_id))
         return PlanOut(plan.state, plan.attempt, [t.tender_id for t in plan.tenders])
 
     @activity.defn(name=REFUND_TENDER)
@@ -59,7 +59,7 @@ class RefundActivities:
         return await _heartbeating(self._refund_tender(step))
 
     async def _refund_tender(self, step: TenderStep) -> str:
-        begun = await self._tx(lambda s: service.begin_tender_attempt(s, step.refund_id, step.tender_id))
+        begun = await self._tx(lambda s: execution.begin_tender_attempt(s, step.refund_id, step.tender_id))
         if begun is None:
             return "already_refunded"
         refund, tender = begun
@@ -76,7 +76,7 @@ class RefundActivities:
         except GatewayError as err:
             raise ApplicationError(err.message, type=err.error_type, non_retryable=not err.retryable) from err
         await self._tx(
-            lambda s: service.mark_tender_refunded(
+            lambda s: execution.mark_tender_refunded(
                 s, step.refund_id, step.tender_id, result.gateway_refund_id
             )
         )
@@ -84,13 +84,13 @@ class RefundActivities:
 
     @activity.defn(name=FINISH)
     async def finish(self, inp: RefundExecutionInput) -> str:
-        refund = await self._tx(lambda s: service.finish_refund(s, inp.refund_id))
+        refund = await self._tx(lambda s: execution.finish_refund(s, inp.refund_id))
         return refund.state
 
     @activity.defn(name=RECORD_FAULT)
     async def record_fault(self, inp: FaultInput) -> bool:
         return await self._tx(
-            lambda s: service.record_fault(
+            lambda s: execution.record_fault(
                 s, inp.refund_id, inp.attempt, step=inp.step, error_type=inp.error_type, message=inp.message
             )
         )

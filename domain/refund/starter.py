@@ -17,7 +17,7 @@ from temporalio.client import Client
 from temporalio.common import WorkflowIDReusePolicy
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
-from domain.refund import service
+from domain.refund import store
 from domain.refund.rules import workflow_id
 from domain.refund.workflows import RefundExecutionInput, RefundExecutionWorkflow
 
@@ -51,7 +51,7 @@ async def reconcile(
 ) -> int:
     """Re-issues the start of EXECUTING refunds idle for a while; returns how many started."""
     async with sessions() as s, s.begin():
-        pending = await service.executions_to_reconcile(s, older_than_seconds)
+        pending = await store.stale_executions(s, older_than_seconds, limit=100)
     started = 0
     for refund_id, attempt in pending:
         if await start_execution(client, task_queue, refund_id, attempt):

@@ -2,7 +2,7 @@
 
 Deterministic by construction: the workflow only sequences activities by
 name; every decision that reads the database happens in an activity. The
-activities are idempotent (see domain/refund/service.py), so a replayed or
+activities are idempotent (see domain/refund/execution.py), so a replayed or
 retried step never acts twice, and the gateway call carries the idempotency
 key fixed per (refund, tender) at submission.
 """

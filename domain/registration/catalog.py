@@ -3,19 +3,31 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
-import uuid
 from collections.abc import Collection, Mapping, Sequence
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.registration.forms import FormDefinition, check_definition, parse_definition
-from domain.registration.rules import Address, Evaluation, Rule, evaluate, parse_geo, parse_requirements
+from domain.registration.forms import check_definition, parse_definition
+from domain.registration.rules import (
+    Address,
+    Evaluation,
+    Requirement,
+    Rule,
+    evaluate,
+    parse_geo,
+    parse_requirements,
+)
+from domain.registration.store import catalog as store
+from domain.registration.types import DOCUMENT_TYPE_FIELDS as DOCUMENT_TYPE_FIELDS
+from domain.registration.types import AgreementTemplate as AgreementTemplate
+from domain.registration.types import DocumentType as DocumentType
+from domain.registration.types import Form as Form
+from domain.registration.types import InvitationCode as InvitationCode
+from domain.registration.types import RuleRecord as RuleRecord
+from domain.registration.types import new_id
 from domain.shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, Violations
 from domain.shared.outbox import Event, emit
 from domain.shared.pagination import decode_token, encode_token, page_size
@@ -23,42 +35,15 @@ from domain.shared.pagination import decode_token, encode_token, page_size
 SLUG = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 CODE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
 INVITATION = re.compile(r"^[A-Za-z0-9_-]{4,64}$")
+MIME = re.compile(r"^[a-z]+/[a-z0-9.+-]+$")
 DEFAULT_EXPIRE_AFTER = 30 * 24 * 3600
 DEFAULT_CONTENT_TYPES = ("application/pdf", "image/png", "image/jpeg")
 DEFAULT_MAX_SIZE = 10 * 1024 * 1024
 MAX_SIZE = 50 * 1024 * 1024
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
-
-
-def js(value: Any) -> Any:
-    """jsonb read through text(): asyncpg may hand back the JSON text."""
-    return json.loads(value) if isinstance(value, str) else value
+RULE_TYPES = ("require", "block", "exempt")
 
 
 # ------------------------------------------------------------------ forms
-
-
-@dataclass(frozen=True)
-class Form:
-    id: str
-    slug: str
-    channel: str
-    version: int
-    name: str
-    description: str
-    customer_group: str
-    invitation_required: bool
-    steps: list[dict[str, Any]]
-    expire_after_seconds: int
-    active: bool
-    created_at: datetime
-    updated_at: datetime
-
-    def definition(self) -> FormDefinition:
-        return parse_definition(self.steps)[0]
 
 
 FORM_FIELDS = (
@@ -70,30 +55,6 @@ FORM_FIELDS = (
     "expire_after",
     "active",
 )
-
-_FORM_SELECT = """
-    SELECT f.id, f.slug, f.channel, v.version, v.name, v.description, v.customer_group, v.invitation_required,
-           v.steps, v.expire_after_seconds, f.active, f.created_at, f.updated_at
-    FROM registration.forms f JOIN registration.form_versions v ON v.form_id = f.id
-"""
-
-
-def _form(row: Any) -> Form:
-    return Form(
-        row[0],
-        row[1],
-        row[2],
-        row[3],
-        row[4],
-        row[5],
-        row[6],
-        row[7],
-        js(row[8]),
-        int(row[9]),
-        row[10],
-        row[11],
-        row[12],
-    )
 
 
 async def _check_form(
@@ -118,28 +79,13 @@ async def _check_form(
 async def _check_codes_exist(
     session: AsyncSession, v: Violations, docs: Collection[str], agreements: Collection[str], path: str
 ) -> None:
-    if docs:
-        known = set(
-            (
-                await session.execute(
-                    text("SELECT code FROM registration.document_types WHERE code = ANY(:c)"),
-                    {"c": list(docs)},
-                )
-            ).scalars()
-        )
-        for code in sorted(set(docs) - known):
-            v.add(path, f"document type {code!r} does not exist")
-    if agreements:
-        known = set(
-            (
-                await session.execute(
-                    text("SELECT DISTINCT code FROM registration.agreement_templates WHERE code = ANY(:c)"),
-                    {"c": list(agreements)},
-                )
-            ).scalars()
-        )
-        for code in sorted(set(agreements) - known):
-            v.add(path, f"agreement {code!r} does not exist")
+    missing_docs, missing_agreements = await store.unknown_codes(
+        session, documents=docs, agreements=agreements
+    )
+    for code in missing_docs:
+        v.add(path, f"document type {code!r} does not exist")
+    for code in missing_agreements:
+        v.add(path, f"agreement {code!r} does not exist")
 
 
 async def create_form(
@@ -162,56 +108,25 @@ async def create_form(
     await _check_form(session, v, name, steps, expire)
     v.raise_if_any("the form is invalid")
     form_id = new_id("frm")
-    inserted = (
-        await session.execute(
-            text(
-                "INSERT INTO registration.forms (id, channel, slug, active) VALUES (:id, :ch, :slug, :active) "
-                "ON CONFLICT (channel, slug) DO NOTHING RETURNING id"
-            ),
-            {"id": form_id, "ch": channel, "slug": slug, "active": active},
-        )
-    ).scalar_one_or_none()
-    if inserted is None:
+    if not await store.insert_form(session, form_id, channel=channel, slug=slug, active=active):
         raise AlreadyExists(
             "FORM_EXISTS", f"form {slug!r} already exists in this channel", metadata={"slug": slug}
         )
-    await _insert_version(
-        session, form_id, 1, name, description, customer_group, invitation_required, steps, expire
+    await store.insert_form_version(
+        session,
+        form_id,
+        1,
+        name=name.strip(),
+        description=description,
+        customer_group=customer_group,
+        invitation_required=invitation_required,
+        steps=steps,
+        expire_after_seconds=expire,
     )
     await emit(
         session, Event("registration.form.created", "registration_form", form_id, {"slug": slug}, channel)
     )
     return await get_form(session, channel=channel, form_id=form_id)
-
-
-async def _insert_version(
-    session: AsyncSession,
-    form_id: str,
-    version: int,
-    name: str,
-    description: str,
-    customer_group: str,
-    invitation_required: bool,
-    steps: Sequence[Mapping[str, Any]],
-    expire: int,
-) -> None:
-    await session.execute(
-        text(
-            "INSERT INTO registration.form_versions (form_id, version, name, description, customer_group, "
-            "invitation_required, expire_after_seconds, steps) "
-            "VALUES (:id, :v, :name, :d, :g, :inv, :exp, CAST(:steps AS jsonb))"
-        ),
-        {
-            "id": form_id,
-            "v": version,
-            "name": name.strip(),
-            "d": description,
-            "g": customer_group,
-            "inv": invitation_required,
-            "exp": expire,
-            "steps": json.dumps(list(steps)),
-        },
-    )
 
 
 async def update_form(
@@ -228,18 +143,14 @@ async def update_form(
     expire_after_seconds: int | None,
     active: bool,
 ) -> Form:
+    """A new current version: the fields in `fields` (every field when empty)
+    from the arguments, the others from the current version."""
     paths = set(fields) or set(FORM_FIELDS)
     v = Violations()
     for p in sorted(paths - set(FORM_FIELDS)):
         v.add("update_mask", f"{p!r} cannot be updated (updatable: {', '.join(FORM_FIELDS)})")
     v.raise_if_any("the update is invalid")
-    locked = (
-        await session.execute(
-            text("SELECT version FROM registration.forms WHERE id = :id AND channel = :ch FOR UPDATE"),
-            {"id": form_id, "ch": channel},
-        )
-    ).scalar_one_or_none()
-    if locked is None:
+    if not await store.lock_form(session, form_id, channel):
         raise NotFound("FORM_NOT_FOUND", f"form {form_id!r} does not exist", metadata={"form_id": form_id})
     cur = await get_form(session, channel=channel, form_id=form_id)
     new_name = name if "name" in paths else cur.name
@@ -252,20 +163,21 @@ async def update_form(
     await _check_form(session, v, new_name, new_steps, expire)
     v.raise_if_any("the form is invalid")
     version = cur.version + 1
-    await _insert_version(
+    await store.insert_form_version(
         session,
         form_id,
         version,
-        new_name,
-        description if "description" in paths else cur.description,
-        customer_group if "customer_group" in paths else cur.customer_group,
-        invitation_required if "invitation_required" in paths else cur.invitation_required,
-        new_steps,
-        expire,
+        name=new_name.strip(),
+        description=description if "description" in paths else cur.description,
+        customer_group=customer_group if "customer_group" in paths else cur.customer_group,
+        invitation_required=invitation_required
+        if "invitation_required" in paths
+        else cur.invitation_required,
+        steps=new_steps,
+        expire_after_seconds=expire,
     )
-    await session.execute(
-        text("UPDATE registration.forms SET version = :v, active = :a, updated_at = now() WHERE id = :id"),
-        {"v": version, "a": active if "active" in paths else cur.active, "id": form_id},
+    await store.set_current_version(
+        session, form_id, version, active=active if "active" in paths else cur.active
     )
     await emit(
         session,
@@ -279,18 +191,11 @@ async def get_form(
 ) -> Form:
     if not form_id and not slug:
         raise InvalidArgument("FORM_REQUIRED", "give the form's id or slug", metadata={})
-    key = "f.id = :key" if form_id else "f.slug = :key"
-    ver = "v.version = :ver" if version > 0 else "v.version = f.version"
-    row = (
-        await session.execute(
-            text(f"{_FORM_SELECT} WHERE f.channel = :ch AND {key} AND {ver}"),
-            {"ch": channel, "key": form_id or slug, "ver": version},
-        )
-    ).one_or_none()
-    if row is None:
+    form = await store.find_form(session, channel=channel, form_id=form_id, slug=slug, version=version)
+    if form is None:
         ref = form_id or slug
         raise NotFound("FORM_NOT_FOUND", f"form {ref!r} (version {version or 'current'}) does not exist here")
-    return _form(row)
+    return form
 
 
 async def resolve_form(session: AsyncSession, *, channel: str, ref: str) -> Form:
@@ -303,54 +208,36 @@ async def resolve_form(session: AsyncSession, *, channel: str, ref: str) -> Form
 async def list_forms(session: AsyncSession, *, channel: str, size: int, token: str) -> tuple[list[Form], str]:
     n = page_size(size)
     after = decode_token(token, ["forms", channel])
-    rows = (
-        await session.execute(
-            text(
-                f"{_FORM_SELECT} WHERE f.channel = :ch AND v.version = f.version AND f.slug > :after ORDER BY f.slug LIMIT :n"
-            ),
-            {"ch": channel, "after": str(after or ""), "n": n + 1},
-        )
-    ).all()
-    forms = [_form(r) for r in rows[:n]]
-    return forms, encode_token(forms[-1].slug, ["forms", channel]) if len(rows) > n else ""
+    forms, more = await store.forms_after(session, channel=channel, slug=str(after or ""), limit=n)
+    return forms, encode_token(forms[-1].slug, ["forms", channel]) if more else ""
 
 
 # ------------------------------------------------------------------ rules
 
 
-@dataclass(frozen=True)
-class RuleRecord:
-    rule: Rule
-    channel: str
-    geo: dict[str, Any]
-    requirements: dict[str, Any]
-    created_at: datetime
-
-
-RULE_TYPES = ("require", "block", "exempt")
-
-
-def _rule_record(row: Any) -> RuleRecord:
-    v = Violations()
-    geo, reqs = js(row.geo), js(row.requirements)
-    rule = Rule(
-        id=row.id,
-        name=row.name,
-        type=row.type,
-        geo=parse_geo(geo, "geo", v),
-        requirements=parse_requirements(reqs, "requirements", v),
-        reason=row.reason,
-        priority=row.priority,
-        form_id=row.form_id or "",
-        active=row.active,
-    )
-    return RuleRecord(rule, row.channel, geo, reqs, row.created_at)
-
-
-_RULE_SELECT = (
-    "SELECT id, channel, name, type, geo, requirements, reason, priority, form_id, active, created_at "
-    "FROM registration.rules"
-)
+def _check_rule(
+    v: Violations,
+    *,
+    name: str,
+    type: str,
+    geo: Mapping[str, Any],
+    requirements: Mapping[str, Any],
+    reason: str,
+) -> list[Requirement]:
+    """The rule's own fields; returns the requirement leaves (their codes are checked against the catalog)."""
+    if not name.strip() or len(name) > 200:
+        v.add("rule.name", "must be 1 to 200 characters")
+    if type not in RULE_TYPES:
+        v.add("rule.type", "must be REQUIRE, BLOCK or EXEMPT")
+    parse_geo(geo, "rule.geo", v)
+    parsed_reqs = parse_requirements(requirements, "rule.requirements", v)
+    if type == "require" and parsed_reqs.is_empty():
+        v.add("rule.requirements", "a REQUIRE rule needs at least one requirement")
+    if type != "require" and not parsed_reqs.is_empty():
+        v.add("rule.requirements", "only REQUIRE rules carry requirements")
+    if type == "block" and not reason.strip():
+        v.add("rule.reason", "a BLOCK rule needs a reason the applicant can read")
+    return list(parsed_reqs.leaves())
 
 
 async def create_rule(
@@ -367,20 +254,7 @@ async def create_rule(
     active: bool,
 ) -> RuleRecord:
     v = Violations()
-    if not name.strip() or len(name) > 200:
-        v.add("rule.name", "must be 1 to 200 characters")
-    if type not in RULE_TYPES:
-        v.add("rule.type", "must be REQUIRE, BLOCK or EXEMPT")
-    parsed_geo = parse_geo(geo, "rule.geo", v)
-    parsed_reqs = parse_requirements(requirements, "rule.requirements", v)
-    if type == "require" and parsed_reqs.is_empty():
-        v.add("rule.requirements", "a REQUIRE rule needs at least one requirement")
-    if type != "require" and not parsed_reqs.is_empty():
-        v.add("rule.requirements", "only REQUIRE rules carry requirements")
-    if type == "block" and not reason.strip():
-        v.add("rule.reason", "a BLOCK rule needs a reason the applicant can read")
-    del parsed_geo
-    leaves = list(parsed_reqs.leaves())
+    leaves = _check_rule(v, name=name, type=type, geo=geo, requirements=requirements, reason=reason)
     await _check_codes_exist(
         session,
         v,
@@ -388,43 +262,27 @@ async def create_rule(
         {r.code for r in leaves if r.kind == "agreement"},
         "rule.requirements",
     )
-    if form_id:
-        exists = (
-            await session.execute(
-                text("SELECT 1 FROM registration.forms WHERE id = :id AND channel = :ch"),
-                {"id": form_id, "ch": channel},
-            )
-        ).scalar_one_or_none()
-        if exists is None:
-            v.add("rule.form_id", f"form {form_id!r} does not exist in this channel")
+    if form_id and not await store.form_exists(session, form_id, channel):
+        v.add("rule.form_id", f"form {form_id!r} does not exist in this channel")
     v.raise_if_any("the rule is invalid")
     rule_id = new_id("rul")
-    row = (
-        await session.execute(
-            text(
-                "INSERT INTO registration.rules (id, channel, name, type, geo, requirements, reason, priority, "
-                "form_id, active) VALUES (:id, :ch, :name, :type, CAST(:geo AS jsonb), CAST(:req AS jsonb), "
-                ":reason, :prio, :form, :active) "
-                "RETURNING id, channel, name, type, geo, requirements, reason, priority, form_id, active, created_at"
-            ),
-            {
-                "id": rule_id,
-                "ch": channel,
-                "name": name.strip(),
-                "type": type,
-                "geo": json.dumps(dict(geo)),
-                "req": json.dumps(dict(requirements)),
-                "reason": reason,
-                "prio": priority,
-                "form": form_id or None,
-                "active": active,
-            },
-        )
-    ).one()
+    record = await store.insert_rule(
+        session,
+        rule_id,
+        channel=channel,
+        name=name.strip(),
+        type=type,
+        geo=geo,
+        requirements=requirements,
+        reason=reason,
+        priority=priority,
+        form_id=form_id,
+        active=active,
+    )
     await emit(
         session, Event("registration.rule.created", "registration_rule", rule_id, {"type": type}, channel)
     )
-    return _rule_record(row)
+    return record
 
 
 async def list_rules(
@@ -433,26 +291,19 @@ async def list_rules(
     n = page_size(size)
     filters = ["rules", channel, form_id]
     after = decode_token(token, filters)
-    where = "channel = :ch AND (CAST(:form AS text) = '' OR form_id IS NULL OR form_id = :form)"
-    params: dict[str, Any] = {"ch": channel, "form": form_id, "n": n + 1}
-    if after is not None:
-        where += " AND (created_at, id) > (CAST(:at AS timestamptz), :id)"
-        params |= {"at": datetime.fromisoformat(after[0]), "id": after[1]}
-    rows = (
-        await session.execute(text(f"{_RULE_SELECT} WHERE {where} ORDER BY created_at, id LIMIT :n"), params)
-    ).all()
-    recs = [_rule_record(r) for r in rows[:n]]
-    token_out = (
-        encode_token([recs[-1].created_at.isoformat(), recs[-1].rule.id], filters) if len(rows) > n else ""
+    recs, more = await store.rules_after(
+        session,
+        channel=channel,
+        form_id=form_id,
+        after=None if after is None else (datetime.fromisoformat(after[0]), after[1]),
+        limit=n,
     )
+    token_out = encode_token([recs[-1].created_at.isoformat(), recs[-1].rule.id], filters) if more else ""
     return recs, token_out
 
 
 async def channel_rules(session: AsyncSession, channel: str) -> list[Rule]:
-    rows = (
-        await session.execute(text(f"{_RULE_SELECT} WHERE channel = :ch AND active"), {"ch": channel})
-    ).all()
-    return [_rule_record(r).rule for r in rows]
+    return await store.active_rules(session, channel)
 
 
 async def evaluate_rules(
@@ -464,39 +315,6 @@ async def evaluate_rules(
 # ------------------------------------------------------------------ document types
 
 
-@dataclass(frozen=True)
-class DocumentType:
-    code: str
-    name: str
-    description: str
-    allowed_content_types: tuple[str, ...]
-    max_size_bytes: int
-    requires_expiration_date: bool
-    requires_number: bool
-    requires_issuing_authority: bool
-    active: bool
-    created_at: datetime
-    updated_at: datetime
-
-
-DOCUMENT_TYPE_FIELDS = (
-    "name",
-    "description",
-    "allowed_content_types",
-    "max_size_bytes",
-    "requires_expiration_date",
-    "requires_number",
-    "requires_issuing_authority",
-    "active",
-)
-_DT_COLUMNS = "code, " + ", ".join(DOCUMENT_TYPE_FIELDS) + ", created_at, updated_at"
-MIME = re.compile(r"^[a-z]+/[a-z0-9.+-]+$")
-
-
-def _doc_type(row: Any) -> DocumentType:
-    return DocumentType(row[0], row[1], row[2], tuple(row[3]), int(row[4]), *row[5:])
-
-
 def _check_doc_type(v: Violations, values: Mapping[str, Any]) -> None:
     if not str(values["name"]).strip():
         v.add("document_type.name", "is required")
@@ -505,6 +323,12 @@ def _check_doc_type(v: Violations, values: Mapping[str, Any]) -> None:
             v.add(f"document_type.allowed_content_types[{i}]", f"{ct!r} is not a MIME type")
     if not 1 <= int(values["max_size_bytes"]) <= MAX_SIZE:
         v.add("document_type.max_size_bytes", f"must be 1 to {MAX_SIZE}")
+
+
+def _document_type_not_found(code: str) -> NotFound:
+    return NotFound(
+        "DOCUMENT_TYPE_NOT_FOUND", f"document type {code!r} does not exist", metadata={"code": code}
+    )
 
 
 async def create_document_type(
@@ -518,37 +342,20 @@ async def create_document_type(
         v.add("document_type.code", "must match [a-z0-9][a-z0-9_-]{0,62}")
     _check_doc_type(v, vals)
     v.raise_if_any("the document type is invalid")
-    cols = ", ".join(DOCUMENT_TYPE_FIELDS)
-    binds = ", ".join(":" + f for f in DOCUMENT_TYPE_FIELDS)
-    row = (
-        await session.execute(
-            text(
-                f"INSERT INTO registration.document_types (code, {cols}) VALUES (:code, {binds}) "
-                f"ON CONFLICT (code) DO NOTHING RETURNING {_DT_COLUMNS}"
-            ),
-            {"code": code, **{f: vals[f] for f in DOCUMENT_TYPE_FIELDS}},
-        )
-    ).one_or_none()
-    if row is None:
+    created = await store.insert_document_type(session, code, vals)
+    if created is None:
         raise AlreadyExists(
             "DOCUMENT_TYPE_EXISTS", f"document type {code!r} already exists", metadata={"code": code}
         )
     await emit(session, Event("registration.document_type.created", "document_type", code, {"code": code}))
-    return _doc_type(row)
+    return created
 
 
 async def get_document_type(session: AsyncSession, code: str, *, for_update: bool = False) -> DocumentType:
-    lock = " FOR UPDATE" if for_update else ""
-    row = (
-        await session.execute(
-            text(f"SELECT {_DT_COLUMNS} FROM registration.document_types WHERE code = :c{lock}"), {"c": code}
-        )
-    ).one_or_none()
-    if row is None:
-        raise NotFound(
-            "DOCUMENT_TYPE_NOT_FOUND", f"document type {code!r} does not exist", metadata={"code": code}
-        )
-    return _doc_type(row)
+    found = await store.find_document_type(session, code, for_update=for_update)
+    if found is None:
+        raise _document_type_not_found(code)
+    return found
 
 
 async def list_document_types(
@@ -556,16 +363,8 @@ async def list_document_types(
 ) -> tuple[list[DocumentType], str]:
     n = page_size(size)
     after = decode_token(token, "document_types")
-    rows = (
-        await session.execute(
-            text(
-                f"SELECT {_DT_COLUMNS} FROM registration.document_types WHERE code > :a ORDER BY code LIMIT :n"
-            ),
-            {"a": str(after or ""), "n": n + 1},
-        )
-    ).all()
-    items = [_doc_type(r) for r in rows[:n]]
-    return items, encode_token(items[-1].code, "document_types") if len(rows) > n else ""
+    items, more = await store.document_types_after(session, code=str(after or ""), limit=n)
+    return items, encode_token(items[-1].code, "document_types") if more else ""
 
 
 async def update_document_type(
@@ -582,54 +381,26 @@ async def update_document_type(
     merged["max_size_bytes"] = int(merged["max_size_bytes"] or DEFAULT_MAX_SIZE)
     _check_doc_type(v, merged)
     v.raise_if_any("the document type is invalid")
-    sets = ", ".join(f"{f} = :{f}" for f in DOCUMENT_TYPE_FIELDS)
-    row = (
-        await session.execute(
-            text(
-                f"UPDATE registration.document_types SET {sets}, updated_at = now() WHERE code = :code "
-                f"RETURNING {_DT_COLUMNS}"
-            ),
-            {"code": code, **merged},
-        )
-    ).one()
+    updated = await store.update_document_type(session, code, merged)
     await emit(
         session, Event("registration.document_type.updated", "document_type", code, {"fields": sorted(paths)})
     )
-    return _doc_type(row)
+    return updated
 
 
 async def delete_document_type(session: AsyncSession, code: str) -> None:
     await get_document_type(session, code, for_update=True)
-    used = (
-        await session.execute(
-            text("SELECT 1 FROM registration.documents WHERE document_type_code = :c LIMIT 1"), {"c": code}
-        )
-    ).scalar_one_or_none()
-    if used is not None:
+    if await store.document_type_in_use(session, code):
         raise FailedPrecondition(
             "DOCUMENT_TYPE_IN_USE",
             f"documents of type {code!r} exist; deactivate it instead",
             metadata={"code": code},
         )
-    await session.execute(text("DELETE FROM registration.document_types WHERE code = :c"), {"c": code})
+    await store.delete_document_type(session, code)
     await emit(session, Event("registration.document_type.deleted", "document_type", code, {"code": code}))
 
 
 # ------------------------------------------------------------------ agreements
-
-
-@dataclass(frozen=True)
-class AgreementTemplate:
-    code: str
-    version: int
-    title: str
-    body: str
-    body_sha256: str
-    signature_required: bool
-    created_at: datetime
-
-
-_AG_COLUMNS = "code, version, title, body, body_sha256, signature_required, created_at"
 
 
 async def publish_agreement(
@@ -644,53 +415,33 @@ async def publish_agreement(
     if not body.strip():
         v.add("agreement.body", "is required")
     v.raise_if_any("the agreement is invalid")
-    # Serialize publishers of one code so versions are dense.
-    await session.execute(
-        text("SELECT pg_advisory_xact_lock(hashtext('registration.agreement:' || :c))"), {"c": code}
-    )
-    latest = (
-        await session.execute(
-            text("SELECT max(version) FROM registration.agreement_templates WHERE code = :c"), {"c": code}
-        )
-    ).scalar_one_or_none()
+    await store.lock_agreement_code(session, code)
+    latest = await store.latest_agreement_version(session, code)
     if create and latest is not None:
         raise AlreadyExists("AGREEMENT_EXISTS", f"agreement {code!r} already exists", metadata={"code": code})
     if not create and latest is None:
         raise NotFound("AGREEMENT_NOT_FOUND", f"agreement {code!r} does not exist", metadata={"code": code})
     version = (latest or 0) + 1
-    row = (
-        await session.execute(
-            text(
-                "INSERT INTO registration.agreement_templates (code, version, title, body, body_sha256, "
-                f"signature_required) VALUES (:c, :v, :t, :b, :h, :s) RETURNING {_AG_COLUMNS}"
-            ),
-            {
-                "c": code,
-                "v": version,
-                "t": title.strip(),
-                "b": body,
-                "h": hashlib.sha256(body.encode()).hexdigest(),
-                "s": signature_required,
-            },
-        )
-    ).one()
+    published = await store.insert_agreement(
+        session,
+        code=code,
+        version=version,
+        title=title.strip(),
+        body=body,
+        body_sha256=hashlib.sha256(body.encode()).hexdigest(),
+        signature_required=signature_required,
+    )
     await emit(session, Event("registration.agreement.published", "agreement", code, {"version": version}))
-    return AgreementTemplate(*row)
+    return published
 
 
 async def get_agreement(session: AsyncSession, code: str, version: int = 0) -> AgreementTemplate:
-    cond = "version = :v" if version > 0 else "TRUE ORDER BY version DESC LIMIT 1"
-    row = (
-        await session.execute(
-            text(f"SELECT {_AG_COLUMNS} FROM registration.agreement_templates WHERE code = :c AND {cond}"),
-            {"c": code, "v": version},
-        )
-    ).one_or_none()
-    if row is None:
+    found = await store.find_agreement(session, code, version)
+    if found is None:
         raise NotFound(
             "AGREEMENT_NOT_FOUND", f"agreement {code!r} (version {version or 'latest'}) does not exist"
         )
-    return AgreementTemplate(*row)
+    return found
 
 
 async def list_agreements(
@@ -698,38 +449,11 @@ async def list_agreements(
 ) -> tuple[list[AgreementTemplate], str]:
     n = page_size(size)
     after = decode_token(token, "agreements")
-    rows = (
-        await session.execute(
-            text(
-                f"SELECT DISTINCT ON (code) {_AG_COLUMNS} FROM registration.agreement_templates "
-                "WHERE code > :a ORDER BY code, version DESC LIMIT :n"
-            ),
-            {"a": str(after or ""), "n": n + 1},
-        )
-    ).all()
-    items = [AgreementTemplate(*r) for r in rows[:n]]
-    return items, encode_token(items[-1].code, "agreements") if len(rows) > n else ""
+    items, more = await store.agreements_after(session, code=str(after or ""), limit=n)
+    return items, encode_token(items[-1].code, "agreements") if more else ""
 
 
 # ------------------------------------------------------------------ invitation codes
-
-
-@dataclass(frozen=True)
-class InvitationCode:
-    code: str
-    channel: str
-    form_id: str
-    customer_group: str
-    max_uses: int
-    uses: int
-    expires_at: datetime | None
-    active: bool
-    created_at: datetime
-
-
-_IC_COLUMNS = (
-    "code, channel, coalesce(form_id, ''), customer_group, max_uses, uses, expires_at, active, created_at"
-)
 
 
 async def create_invitation_code(
@@ -748,56 +472,34 @@ async def create_invitation_code(
         v.add("invitation_code.code", "must be 4 to 64 of [A-Za-z0-9_-]")
     if max_uses < 1:
         v.add("invitation_code.max_uses", "must be at least 1")
-    if form_id:
-        found = (
-            await session.execute(
-                text("SELECT 1 FROM registration.forms WHERE id = :id AND channel = :ch"),
-                {"id": form_id, "ch": channel},
-            )
-        ).scalar_one_or_none()
-        if found is None:
-            v.add("invitation_code.form_id", f"form {form_id!r} does not exist in this channel")
+    if form_id and not await store.form_exists(session, form_id, channel):
+        v.add("invitation_code.form_id", f"form {form_id!r} does not exist in this channel")
     v.raise_if_any("the invitation code is invalid")
-    row = (
-        await session.execute(
-            text(
-                "INSERT INTO registration.invitation_codes (channel, code, form_id, customer_group, max_uses, "
-                "expires_at, active) VALUES (:ch, :code, :form, :g, :m, :exp, :a) "
-                f"ON CONFLICT (channel, code) DO NOTHING RETURNING {_IC_COLUMNS}"
-            ),
-            {
-                "ch": channel,
-                "code": code,
-                "form": form_id or None,
-                "g": customer_group,
-                "m": max_uses,
-                "exp": expires_at,
-                "a": active,
-            },
-        )
-    ).one_or_none()
-    if row is None:
+    created = await store.insert_invitation_code(
+        session,
+        channel=channel,
+        code=code,
+        form_id=form_id,
+        customer_group=customer_group,
+        max_uses=max_uses,
+        expires_at=expires_at,
+        active=active,
+    )
+    if created is None:
         raise AlreadyExists(
             "INVITATION_CODE_EXISTS", f"invitation code {code!r} already exists", metadata={"code": code}
         )
     await emit(session, Event("registration.invitation_code.created", "invitation_code", code, {}, channel))
-    return InvitationCode(*row)
+    return created
 
 
 async def get_invitation_code(session: AsyncSession, *, channel: str, code: str) -> InvitationCode:
-    row = (
-        await session.execute(
-            text(
-                f"SELECT {_IC_COLUMNS} FROM registration.invitation_codes WHERE channel = :ch AND code = :c"
-            ),
-            {"ch": channel, "c": code},
-        )
-    ).one_or_none()
-    if row is None:
+    found = await store.find_invitation_code(session, channel=channel, code=code)
+    if found is None:
         raise NotFound(
             "INVITATION_CODE_NOT_FOUND", f"invitation code {code!r} does not exist", metadata={"code": code}
         )
-    return InvitationCode(*row)
+    return found
 
 
 async def list_invitation_codes(
@@ -806,43 +508,20 @@ async def list_invitation_codes(
     n = page_size(size)
     filters = ["invitation_codes", channel]
     after = decode_token(token, filters)
-    rows = (
-        await session.execute(
-            text(
-                f"SELECT {_IC_COLUMNS} FROM registration.invitation_codes WHERE channel = :ch AND code > :a "
-                "ORDER BY code LIMIT :n"
-            ),
-            {"ch": channel, "a": str(after or ""), "n": n + 1},
-        )
-    ).all()
-    items = [InvitationCode(*r) for r in rows[:n]]
-    return items, encode_token(items[-1].code, filters) if len(rows) > n else ""
+    items, more = await store.invitation_codes_after(session, channel=channel, code=str(after or ""), limit=n)
+    return items, encode_token(items[-1].code, filters) if more else ""
 
 
 async def redeem_invitation_code(
-    session: AsyncSession, *, channel: str, code: str, form_id: str
+    session: AsyncSession, *, channel: str, code: str, form_id: str, registration_id: str
 ) -> InvitationCode:
-    """Take one use of the code, atomically.
-
-    One conditional UPDATE decides: the row lock serializes concurrent
-    redeemers and each re-checks `uses < max_uses` on the latest row, so a
-    code with N uses is redeemed at most N times however many race (no
-    read-then-write in Python). When it matches nothing, a plain read
-    explains why.
-    """
-    row = (
-        await session.execute(
-            text(
-                "UPDATE registration.invitation_codes SET uses = uses + 1 "
-                "WHERE channel = :ch AND code = :c AND active AND uses < max_uses "
-                "AND (expires_at IS NULL OR expires_at > now()) AND (form_id IS NULL OR form_id = :form) "
-                f"RETURNING {_IC_COLUMNS}"
-            ),
-            {"ch": channel, "c": code, "form": form_id},
-        )
-    ).one_or_none()
-    if row is not None:
-        return InvitationCode(*row)
+    """Take one use of the code for a registration, atomically (one conditional
+    UPDATE decides, store.take_invitation_use; no read-then-write in Python).
+    When no use could be taken, a plain read explains why."""
+    taken = await store.take_invitation_use(session, channel=channel, code=code, form_id=form_id)
+    if taken is not None:
+        await store.record_redemption(session, channel=channel, code=code, registration_id=registration_id)
+        return taken
     ic = await get_invitation_code(session, channel=channel, code=code)
     meta = {"code": code}
     if not ic.active:

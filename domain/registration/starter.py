@@ -13,25 +13,17 @@ from __future__ import annotations
 
 import logging
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.client import Client
 from temporalio.exceptions import WorkflowAlreadyStartedError
 
+from domain.registration.store import registrations as store
 from domain.registration.submissions import registration_workflow_id
 from domain.registration.workflows import RegistrationInput, RegistrationWorkflow
 
 log = logging.getLogger("entrepot.registration")
 
 RECONCILE_AFTER_SECONDS = 30.0
-
-_STRANDED = text(
-    """
-    SELECT id, expires_at FROM registration.registrations
-    WHERE state = 'submitted' AND updated_at < now() - make_interval(secs => :secs)
-    ORDER BY updated_at LIMIT :limit
-    """
-)
 
 
 async def start_registration(client: Client, task_queue: str, registration_id: str, expires_at: str) -> bool:
@@ -57,7 +49,7 @@ async def reconcile(
 ) -> int:
     """Starts the missing workflows of registrations left `submitted`; returns how many started."""
     async with sessions() as s, s.begin():
-        rows = (await s.execute(_STRANDED, {"secs": older_than_seconds, "limit": limit})).all()
+        rows = await store.stranded(s, older_than_seconds, limit)
     started = 0
     for registration_id, expires_at in rows:
         if await start_registration(client, task_queue, registration_id, expires_at.isoformat()):

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from domain.registration.store import registrations as store
 from domain.shared.errors import NotFound
 
 
@@ -31,25 +31,15 @@ class PostgresDocumentStorage:
     name = "postgres"
 
     async def put(self, session: AsyncSession, key: str, content: bytes, sha256: str) -> None:
-        await session.execute(
-            text(
-                "INSERT INTO registration.document_blobs (key, content, size_bytes, sha256) "
-                "VALUES (:k, :c, :n, :h) ON CONFLICT (key) DO NOTHING"
-            ),
-            {"k": key, "c": content, "n": len(content), "h": sha256},
-        )
+        await store.insert_blob(session, key, content, sha256)
 
     async def get(self, session: AsyncSession, key: str) -> bytes:
-        row = (
-            await session.execute(
-                text("SELECT content FROM registration.document_blobs WHERE key = :k"), {"k": key}
-            )
-        ).scalar_one_or_none()
-        if row is None:
+        content = await store.find_blob(session, key)
+        if content is None:
             raise NotFound(
                 "DOCUMENT_CONTENT_NOT_FOUND", "the document's content is not stored", metadata={"key": key}
             )
-        return bytes(row)
+        return content
 
     async def delete(self, session: AsyncSession, key: str) -> None:
-        await session.execute(text("DELETE FROM registration.document_blobs WHERE key = :k"), {"k": key})
+        await store.delete_blob(session, key)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 
-from domain.registration.catalog import DocumentType
+from domain.registration.types import DocumentType
 from domain.shared.errors import InvalidArgument, ResourceExhausted
 
 # Leading bytes of the formats we can recognise; a declared type listed here

@@ -9,35 +9,37 @@ transaction that can still commit has a txid below that horizon, so the
 delivered sequence is a stable prefix: resuming after (txid, id) loses
 nothing and repeats nothing, on any replica.
 
+Writing. Every row is written by the one INSERT of `cte`: `emit` / `emit_many`
+run it on their own (one event, or many in order); hot paths fold it into
+their own statement as a CTE, with `params` for its parameters. Payloads are
+built in Python (the events given to `params`) or, when they carry ids the
+statement itself draws, by the statement's `derived` SELECT (one builder per
+topic: inventory.stock_changed in domain/inventory/ledger.py, the order
+status events in domain/order/store/entries.py).
+
 Wake-ups. A NOTIFY sent inside a writing transaction holds a cluster-wide
-lock through its commit, which would serialise every writer. So writers only
-mark their session (`mark_written`, done by `emit_many`); after such a
-session commits, the process's notifier sends one debounced
+lock through its commit, which would serialise every writer. So the writer
+only marks its session (`params` does it, so no writer can forget); after
+such a session commits, the process's notifier sends one debounced
 `NOTIFY entrepot_outbox` of its own (see server/notifier.py). Readers LISTEN
 and also poll on a timer, so a lost wake-up only delays delivery.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import event, insert, text
+from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
-
-from domain.shared.models import OutboxEvent
 
 NOTIFY_CHANNEL = "entrepot_outbox"
 _WRITTEN = "entrepot_outbox_written"
 _commit_hooks: list[Callable[[], None]] = []
-
-
-def mark_written(session: AsyncSession) -> None:
-    """Call after inserting outbox rows by hand (emit_many does it)."""
-    session.info[_WRITTEN] = True
 
 
 def on_outbox_commit(hook: Callable[[], None]) -> None:
@@ -71,24 +73,71 @@ class Event:
     channel: str | None = None
 
 
+def cte(name: str = "o", *, derived: str = "", when: str = "", events: bool = True) -> str:
+    """The one INSERT INTO platform.outbox, as the CTE `name` of a larger statement.
+
+    It writes, in this order (ids follow it): the events given to `params`
+    (payloads built in Python), then the rows of `derived`, a SELECT of
+    (k, topic, aggregate_type, aggregate_id, channel, payload) ordered by k,
+    for payloads built from rows the statement writes itself (ids it draws).
+    `when`: a condition on the statement's other CTEs for the `params` events
+    (e.g. "EXISTS (SELECT FROM o)" to write them only when a row was inserted).
+    `events=False`: the statement writes only `derived` rows (no unnest of
+    empty arrays in its plan). The parameters are named `<name>_...` and come
+    only from `params`."""
+    if not events:
+        return f"""{name} AS (
+        INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
+        SELECT d.topic, d.aggregate_type, d.aggregate_id, d.channel, d.payload
+        FROM ({derived}) AS d(k, topic, aggregate_type, aggregate_id, channel, payload)
+        ORDER BY d.k
+    )"""
+    rows = f"""SELECT 0 AS part, e.k, e.topic, e.aggregate_type, e.aggregate_id, e.channel, e.payload
+            FROM unnest(CAST(:{name}_topic AS text[]), CAST(:{name}_aggregate_type AS text[]),
+                        CAST(:{name}_aggregate_id AS text[]), CAST(:{name}_channel AS text[]),
+                        CAST(:{name}_payload AS jsonb[]))
+                 WITH ORDINALITY AS e(topic, aggregate_type, aggregate_id, channel, payload, k)"""
+    if when:
+        rows += f"\n            WHERE {when}"
+    if derived:
+        rows += f"\n            UNION ALL SELECT 1, d.* FROM ({derived}) AS d"
+    return f"""{name} AS (
+        INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
+        SELECT r.topic, r.aggregate_type, r.aggregate_id, r.channel, r.payload
+        FROM ({rows}) AS r
+        ORDER BY r.part, r.k
+    )"""
+
+
+def params(
+    session: AsyncSession, events: Sequence[Event] = (), *, name: str = "o", derived_rows: int = 0
+) -> dict[str, object]:
+    """The parameters of `cte(name)` for `events`, and the wake-up: when the
+    statement writes rows (`events`, or `derived_rows` > 0 from its `derived`
+    SELECT), the process's notifier is poked after the session commits."""
+    if events or derived_rows:
+        session.info[_WRITTEN] = True
+    return {
+        f"{name}_topic": [e.topic for e in events],
+        f"{name}_aggregate_type": [e.aggregate_type for e in events],
+        f"{name}_aggregate_id": [e.aggregate_id for e in events],
+        f"{name}_channel": [e.channel for e in events],
+        f"{name}_payload": [json.dumps(e.payload) for e in events],
+    }
+
+
+_EMIT = text(f"WITH {cte()} SELECT 1")
+
+
 async def emit(session: AsyncSession, event: Event) -> None:
     await emit_many(session, [event])
 
 
 async def emit_many(session: AsyncSession, events: Iterable[Event]) -> None:
-    rows = [
-        {
-            "topic": e.topic,
-            "aggregate_type": e.aggregate_type,
-            "aggregate_id": e.aggregate_id,
-            "channel": e.channel,
-            "payload": e.payload,
-        }
-        for e in events
-    ]
-    if rows:
-        await session.execute(insert(OutboxEvent), rows)
-        mark_written(session)
+    """Writes `events` in the session's transaction, in order."""
+    batch = list(events)
+    if batch:
+        await session.execute(_EMIT, params(session, batch))
 
 
 @dataclass(frozen=True)
@@ -101,6 +150,11 @@ class StoredEvent:
     channel: str | None
     payload: dict[str, Any]
     created_at: datetime
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Where it stands in delivery order: (txid, id)."""
+        return (self.txid, self.id)
 
 
 _READ = text(

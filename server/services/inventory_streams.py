@@ -34,7 +34,7 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from server.context import current_caller
 from server.convert import ts
 from server.runtime import Runtime
-from server.stock_watch import watch_stock
+from server.watch_hub import watch_stock
 
 log = logging.getLogger("entrepot.sync")
 

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 import grpc
 
 import domain.order as orders
-from domain.order.watch import OutboxWaker, tail_order_events
+from domain.order import watch
 from domain.shared.errors import FieldViolation, InvalidArgument
 from domain.shared.uow import UnitOfWork
 from entrepot.order.v1 import order_pb2 as pb
@@ -27,18 +27,12 @@ from server.services.order_convert import (
     status_in,
     summary_pb,
 )
+from server.watch_hub import watch_orders
 
 
 class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
-        self._waker: OutboxWaker | None = None
-
-    def _outbox_waker(self) -> OutboxWaker:
-        if self._waker is None:
-            # One LISTEN connection per server process, shared by every watcher.
-            self._waker = OutboxWaker(self.rt.settings.database_url or "")
-        return self._waker
 
     async def SubmitOrderIntent(
         self, request: pb.SubmitOrderIntentRequest, context: grpc.aio.ServicerContext
@@ -208,12 +202,6 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
     ) -> AsyncIterator[pb.WatchOrderEventsResponse]:
         slug = current_channel().slug
         topics = [EVENT_TOPICS[t] for t in request.types if t in EVENT_TOPICS] or list(orders.TOPICS)
-        async for batch in tail_order_events(
-            self.rt.sessions,
-            self._outbox_waker(),
-            channel=slug,
-            after_event_id=request.after_event_id,
-            order_id=request.order_id,
-            topics=topics,
-        ):
-            yield pb.WatchOrderEventsResponse(events=[event_pb(e) for e in batch.events], cursor=batch.cursor)
+        flt = watch.make_filter(slug, topics, request.order_id)
+        async for msg in watch_orders(self.rt, flt, request.after_event_id):
+            yield pb.WatchOrderEventsResponse(events=[event_pb(e) for e in msg.events], cursor=msg.cursor)

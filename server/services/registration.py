@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC
@@ -31,27 +30,13 @@ from domain.shared.uow import UnitOfWork
 from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
 from server.background import run_leased
+from server.client_address import client_ip, parse_networks
 from server.context import current_caller, current_channel
 from server.runtime import Runtime
 from server.services import registration_convert as cv
 
 log = logging.getLogger("entrepot.registration")
 MAX_CHUNK = 1024 * 1024
-
-
-def peer_ip(context: grpc.aio.ServicerContext[Any, Any]) -> str:
-    """'ipv4:127.0.0.1:5555' / 'ipv6:[::1]:5555' -> the address part."""
-    peer = context.peer() or ""
-    kind, _, rest = peer.partition(":")
-    if kind == "ipv4":
-        return rest.rsplit(":", 1)[0]
-    if kind == "ipv6":
-        host = rest.rsplit(":", 1)[0].strip("[]")
-        try:
-            return str(ipaddress.ip_address(host.replace("%25", "%").split("%")[0]))
-        except ValueError:
-            return host
-    return peer
 
 
 def metadata_value(context: grpc.aio.ServicerContext[Any, Any], key: str) -> str:
@@ -85,6 +70,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self.rt = rt
         self.storage: DocumentStorage = storage or PostgresDocumentStorage()
         self.esignature: ESignatureProvider = esignature or BuiltinESignature()
+        self.trusted_proxies = parse_networks(rt.settings.trusted_proxies)
 
     # -------------------------------------------------------------- helpers
 
@@ -477,7 +463,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
 
     async def SignAgreement(self, request: pb.SignAgreementRequest, context: Any) -> pb.AgreementSignature:
         channel = current_channel().slug
-        ip = peer_ip(context)
+        ip = client_ip(context, self.trusted_proxies)
         user_agent = metadata_value(context, "user-agent")
 
         async def run(s: AsyncSession) -> pb.AgreementSignature:

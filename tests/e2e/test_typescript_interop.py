@@ -9,56 +9,18 @@ A missing node or missing deps fails this test: it is never skipped.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import shutil
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot
 from tests.conftest import unique
-
-ROOT = Path(__file__).resolve().parents[2]
-TS = ROOT / "clients" / "typescript"
-
-
-async def run(*cmd: str, cwd: Path = ROOT) -> None:
-    proc = await asyncio.create_subprocess_exec(
-        *cmd, cwd=cwd, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT
-    )
-    out, _ = await asyncio.wait_for(proc.communicate(), 180)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out.decode()[-3000:]}"
-
-
-@pytest.fixture(scope="module")
-async def node_client() -> Path:
-    """Compiles the TypeScript client and its examples; fails (never skips) without node or deps."""
-    node = shutil.which("node")
-    assert node, "node is not installed: the TypeScript interop test needs Node.js 20+"
-    tsc = TS / "node_modules" / ".bin" / "tsc"
-    assert tsc.exists(), "clients/typescript/node_modules is missing: run `make ts-deps` (npm ci)"
-    # A clean build: tsc never deletes outputs whose sources are gone (e.g. a service's module).
-    shutil.rmtree(TS / "dist", ignore_errors=True)
-    await run(str(tsc), "-p", str(TS))
-    script = TS / "dist" / "examples" / "interop.js"
-    assert script.exists()
-    return script
-
-
-async def read_json_line(stream: asyncio.StreamReader, timeout: float = 20.0) -> dict[str, Any]:
-    line = await asyncio.wait_for(stream.readline(), timeout)
-    assert line, "the node client closed its output early"
-    result: dict[str, Any] = json.loads(line)
-    return result
+from tests.e2e.bff_support import BFF_PERMISSIONS, Reply, bff_process, read_json_line, request, start_node
 
 
 async def outbox_head(sessions: async_sessionmaker[AsyncSession]) -> int:
@@ -95,15 +57,8 @@ async def test_node_client_unary_errors_and_server_stream(
     )
 
     token = make_token(permissions=["inventory.read", "inventory.watch"], sub="bff")
-    proc = await asyncio.create_subprocess_exec(
-        "node",
-        str(node_client),
-        sku,
-        str(cursor),
-        "3",
-        env={**os.environ, "ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
+    proc = await start_node(
+        "examples/interop.js", {"ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token}, sku, str(cursor), "3"
     )
     assert proc.stdout is not None and proc.stderr is not None
     try:
@@ -141,17 +96,27 @@ async def test_node_client_unary_errors_and_server_stream(
         assert proc.returncode == 0, err[-2000:]
 
 
-def http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, dict[str, Any]]:
-    data = json.dumps(body).encode() if body is not None else None
-    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
-    try:
-        with urllib.request.urlopen(req, timeout=20) as resp:
-            return resp.status, json.loads(resp.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
+ERROR_KEYS = {
+    "status",
+    "code",
+    "message",
+    "reason",
+    "domain",
+    "metadata",
+    "fieldViolations",
+    "preconditionViolations",
+}
 
 
-async def test_bff_example_serves_stock_and_cart_endpoints(
+def error_of(r: Reply, status: int, reason: str) -> dict[str, Any]:
+    """The one error shape: {"error": ApiError} with the HTTP status from the gRPC code."""
+    assert r.status == status, (r.status, r.body)
+    err: dict[str, Any] = r.body["error"]
+    assert set(err) == ERROR_KEYS and err["status"] == status and err["reason"] == reason, err
+    return err
+
+
+async def test_bff_routes_share_one_json_style_cors_and_idempotency_keys(
     node_client: Path, target: str, admin: Entrepot, make_token: Callable[..., str], test_channel: str
 ) -> None:
     wh, sku = unique("WH"), unique("BFF")
@@ -160,83 +125,179 @@ async def test_bff_example_serves_stock_and_cart_endpoints(
     )
     await admin.inventory.upsert_inventory_item(pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=sku)))
     await admin.inventory.set_stock(pb.SetStockRequest(sku=sku, warehouse_code=wh, quantity=7, reason="seed"))
+    token = make_token(permissions=BFF_PERMISSIONS, channels=[test_channel], sub="bff")
+    shop = "https://shop.example"
+    async with bff_process(
+        target, token, test_channel, BFF_ALLOWED_ORIGINS=f"{shop}, http://other.example"
+    ) as base:
 
-    token = make_token(
-        permissions=["inventory.read", "cart.read", "cart.write", "cart.checkout"],
-        channels=[test_channel],
-        sub="bff",
-    )
-    bff = await asyncio.create_subprocess_exec(
-        "node",
-        str(TS / "dist" / "bff" / "server.js"),
-        env={
-            **os.environ,
-            "ENTREPOT_TARGET": target,
-            "ENTREPOT_TOKEN": token,
-            "ENTREPOT_CHANNEL": test_channel,
-            "BFF_PORT": "0",
-        },
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    assert bff.stdout is not None and bff.stderr is not None
-    try:
-        base = (await read_json_line(bff.stdout))["listening"]
+        def call(
+            method: str, path: str, body: dict[str, Any] | None = None, key: str | None = None, **h: str
+        ) -> Reply:
+            headers = {k.replace("_", "-"): v for k, v in h.items()}
+            if key:
+                headers["idempotency-key"] = key
+            return request(method, f"{base}{path}", body, headers)
 
-        status, stock = await asyncio.to_thread(http, "GET", f"{base}/stock/{sku}")
-        assert status == 200, stock
-        assert stock == {
+        async def acall(*args: Any, **kw: Any) -> Reply:
+            return await asyncio.to_thread(call, *args, **kw)
+
+        # One JSON style: proto3 JSON, int64 as strings, zero values emitted, enums by name.
+        r = await acall("GET", f"/stock/{sku}")
+        assert r.status == 200, r.body
+        level = r.body["warehouses"][0]
+        assert {k: v for k, v in r.body.items() if k != "warehouses"} == {
             "sku": sku,
-            "available": 7,
-            "onHand": 7,
-            "reserved": 0,
-            "inStock": True,
-            "warehouses": [{"code": wh, "available": 7}],
+            "onHand": "7",
+            "reserved": "0",
+            "available": "7",
+            "backordered": "0",
+            "belowThreshold": False,
         }
-        status, missing = await asyncio.to_thread(http, "GET", f"{base}/stock/{sku}-nope")
-        assert status == 404 and missing["error"]["code"] == "not_found" and missing["error"]["reason"]
-
-        status, cart = await asyncio.to_thread(http, "POST", f"{base}/carts", {"customerRef": "c-1"})
-        assert status == 201, cart
-        assert cart["customerRef"] == "c-1" and cart["channel"] == test_channel
-        price = {"currencyCode": "EUR", "amountMinor": "1250"}
-        status, cart = await asyncio.to_thread(
-            http,
-            "POST",
-            f"{base}/carts/{cart['id']}/lines",
-            {"version": cart["version"], "line": {"sku": sku, "quantity": "2", "unitPrice": price}},
+        assert (level["warehouseCode"], level["onHand"], level["reserved"], level["backordered"]) == (
+            wh,
+            "7",
+            "0",
+            "0",
         )
-        assert status == 200, cart
-        assert [(line["sku"], line["quantity"]) for line in cart["lines"]] == [(sku, "2")]
+        missing = error_of(await acall("GET", f"/stock/{sku}-nope"), 404, "ITEM_NOT_FOUND")
+        assert (missing["code"], missing["domain"], missing["metadata"]) == (
+            "not_found",
+            "entrepot",
+            {"sku": f"{sku}-nope"},
+        )
+        error_of(await acall("GET", "/nowhere"), 404, "NO_ROUTE")
+
+        # Idempotency-Key -> request_id on every mutating route: a repeat returns the first answer.
+        r = await acall("POST", "/carts", {"customerRef": "c-1"}, key="k-create")
+        assert r.status == 201 and r.headers["idempotency-key"] == "k-create", r.body
+        cart = r.body
+        assert (cart["customerRef"], cart["channel"], cart["version"], cart["state"]) == (
+            "c-1",
+            test_channel,
+            "1",
+            "STATE_ACTIVE",
+        )
+        assert (cart["lines"], cart["itemCount"], cart["approvalRequired"], cart["orderId"]) == (
+            [],
+            "0",
+            False,
+            "",
+        )
+        assert (await acall("POST", "/carts", {"customerRef": "c-1"}, key="k-create")).body["id"] == cart[
+            "id"
+        ]
+        error_of(
+            await acall("POST", "/carts", {"customerRef": "c-2"}, key="k-create"), 409, "REQUEST_ID_REUSED"
+        )
+        fresh = await acall("POST", "/carts", {"customerRef": "c-3"})
+        assert fresh.status == 201 and len(fresh.headers["idempotency-key"]) == 36  # made up, returned
+
+        cid, price = cart["id"], {"currencyCode": "EUR", "amountMinor": "1250"}
+        steps: list[tuple[str, str, dict[str, Any]]] = [
+            (
+                "POST",
+                f"/carts/{cid}/lines",
+                {"version": "1", "line": {"sku": sku, "quantity": "2", "unitPrice": price}},
+            ),
+            (
+                "PATCH",
+                f"/carts/{cid}/lines/ln-1",
+                {"version": "2", "line": {"quantity": "3"}, "updateMask": "quantity"},
+            ),
+            ("POST", f"/carts/{cid}/hold", {"version": "3", "ttl": "600s"}),
+            ("DELETE", f"/carts/{cid}/hold", {"version": "4"}),
+            ("DELETE", f"/carts/{cid}/lines/ln-1", {"version": "5"}),
+            (
+                "POST",
+                f"/carts/{cid}/lines",
+                {"version": "6", "line": {"sku": sku, "quantity": "2", "unitPrice": price}},
+            ),
+        ]
+        for i, (method, path, body) in enumerate(steps):
+            first = await acall(method, path, body, key=f"k-{i}")
+            assert first.status == 200, (method, path, first.body)
+            again = await acall(method, path, body, key=f"k-{i}")
+            assert again.status == 200 and again.body == first.body, (method, path, again.body)
+        cart = first.body
+        assert cart["version"] == "7" and [(ln["lineId"], ln["quantity"]) for ln in cart["lines"]] == [
+            ("ln-2", "2")
+        ]
+        assert cart["subtotal"] == {"currencyCode": "EUR", "amountMinor": "2500"}
+
+        # A stale version: 409 with the reason and the current version in the metadata.
+        stale = error_of(
+            await acall("POST", f"/carts/{cid}/hold", {"version": "3"}, key="k-stale"),
+            409,
+            "CART_VERSION_MISMATCH",
+        )
+        assert stale["code"] == "aborted" and stale["metadata"]["current_version"] == "7"
+        # A malformed body is the caller's mistake: the BFF's own 400, same shape.
+        bad = error_of(await acall("POST", f"/carts/{cid}/lines", {"version": "x"}), 400, "INVALID_BODY")
+        assert bad["domain"] == "bff" and bad["message"]
+
         payment = {
             "tenderId": "t1",
             "method": "card",
             "captured": {"currencyCode": "EUR", "amountMinor": "2500"},
         }
-        status, done = await asyncio.to_thread(
-            http,
-            "POST",
-            f"{base}/carts/{cart['id']}/checkout",
-            {"version": cart["version"], "payments": [payment]},
+        done = await acall(
+            "POST", f"/carts/{cid}/checkout", {"version": "7", "payments": [payment]}, key="k-pay"
         )
-        assert status == 200, done
-        assert done["orderId"] and done["cart"]["state"] == "STATE_CONVERTED"
-        # A malformed body is the caller's mistake: 400 with the parser's message.
-        status, bad = await asyncio.to_thread(
-            http, "POST", f"{base}/carts/{cart['id']}/lines", {"version": "x", "line": {}}
+        assert (
+            done.status == 200 and done.body["orderId"] and done.body["cart"]["state"] == "STATE_CONVERTED"
+        ), done.body
+        again = await acall(
+            "POST", f"/carts/{cid}/checkout", {"version": "7", "payments": [payment]}, key="k-pay"
         )
-        assert status == 400 and bad["error"]["message"]
-        # The converted cart refuses more lines: FAILED_PRECONDITION/ABORTED map to 409 with the reason.
-        status, late = await asyncio.to_thread(
-            http,
-            "POST",
-            f"{base}/carts/{cart['id']}/lines",
-            {"version": done["cart"]["version"], "line": {"sku": sku, "quantity": "1", "unitPrice": price}},
+        assert again.body["orderId"] == done.body["orderId"]
+        error_of(
+            await acall("POST", f"/carts/{cid}/hold", {"version": "8"}, key="k-late"), 409, "CART_CONVERTED"
         )
-        assert status == 409 and late["error"]["reason"], late
-        status, stock = await asyncio.to_thread(http, "GET", f"{base}/stock/{sku}")
-        assert (stock["available"], stock["reserved"]) == (5, 2)
-    finally:
-        if bff.returncode is None:
-            bff.terminate()
-            await asyncio.wait_for(bff.wait(), 10)
+        r = await acall("GET", f"/stock/{sku}")
+        assert (r.body["available"], r.body["reserved"]) == ("5", "2")
+
+        # CORS: an allowed origin gets its preflight answered; credentials are never allowed.
+        pre = await acall(
+            "OPTIONS",
+            "/carts",
+            origin=shop,
+            access_control_request_method="POST",
+            access_control_request_headers="content-type,idempotency-key",
+        )
+        assert pre.status == 204 and pre.headers["access-control-allow-origin"] == shop
+        assert "POST" in pre.headers["access-control-allow-methods"]
+        assert "Idempotency-Key" in pre.headers["access-control-allow-headers"]
+        assert "access-control-allow-credentials" not in pre.headers
+        r = await acall("GET", f"/carts/{cid}", origin=shop)
+        assert (
+            r.status == 200
+            and r.headers["access-control-allow-origin"] == shop
+            and r.headers["vary"] == "Origin"
+        )
+        # Any other origin is refused before Entrepot is called: no cart is created.
+        evil = "https://evil.example"
+        refused = error_of(
+            await acall("OPTIONS", "/carts", origin=evil, access_control_request_method="POST"),
+            403,
+            "ORIGIN_NOT_ALLOWED",
+        )
+        assert refused["domain"] == "bff"
+        r = await acall("POST", "/carts", {"customerRef": "evil"}, key="k-evil", origin=evil)
+        error_of(r, 403, "ORIGIN_NOT_ALLOWED")
+        assert "access-control-allow-origin" not in r.headers
+        r = await acall("POST", "/carts", {"customerRef": "evil"}, key="k-evil")
+        assert r.status == 201 and r.body["customerRef"] == "evil"  # the key was never used by the refusal
+
+
+async def test_bff_without_watch_permission_exits_with_one_line(
+    node_client: Path, target: str, make_token: Callable[..., str], test_channel: str
+) -> None:
+    token = make_token(permissions=["inventory.read", "cart.read"], channels=[test_channel], sub="bff")
+    proc = await start_node(
+        "bff/server.js", {"ENTREPOT_TARGET": target, "ENTREPOT_TOKEN": token, "BFF_PORT": "0"}
+    )
+    _, err = await asyncio.wait_for(proc.communicate(), 20)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, err.decode()
+    assert "permission_denied" in lines[0] and "inventory.watch" in lines[0]

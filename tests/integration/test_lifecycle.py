@@ -10,8 +10,10 @@ import grpc
 import pytest
 from google.protobuf import descriptor_pb2, descriptor_pool
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import text
 
+from entrepot.inventory.v1 import inventory_pb2
 from entrepot.platform.v1 import channel_pb2
 from entrepot_client import Entrepot
 from server.app import App
@@ -75,8 +77,22 @@ def test_sigterm_drains_and_exits_zero(database_url: str) -> None:
         assert time.monotonic() - started < 10
 
 
-def test_metrics_are_served_on_their_own_port(database_url: str, make_token) -> None:
+def scrape(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """/metrics parsed: (sample name, sorted labels) -> value."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(body)
+        for s in family.samples
+    }
+
+
+def test_metrics_are_served_on_their_own_port_unary_and_streams_apart(database_url: str, make_token) -> None:
+    """A unary call lands in entrepot_rpc_duration_seconds, a 1 s WatchStockChanges stream in
+    entrepot_stream_duration_seconds only, so unary quantiles never read stream lifetimes."""
     port = free_port()
+    watch = "/entrepot.inventory.v1.InventoryService/WatchStockChanges"
+    unary = "/entrepot.platform.v1.ChannelService/ListChannels"
     with ServerProcess(database_url, ENTREPOT_METRICS_PORT=str(port)) as server:
         with grpc.insecure_channel(server.target) as ch:
             stub = health_pb2_grpc.HealthStub(ch)
@@ -85,8 +101,28 @@ def test_metrics_are_served_on_their_own_port(database_url: str, make_token) -> 
 
         with EntrepotSync(server.target, make_token()) as ep:
             ep.channel.list_channels(channel_pb2.ListChannelsRequest())
-        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-        assert (
-            'entrepot_rpc_total{code="OK",method="/entrepot.platform.v1.ChannelService/ListChannels"}' in body
-        )
-        assert "entrepot_rpc_duration_seconds_bucket" in body
+            stream = ep.grpc_channel.unary_stream(
+                watch,
+                request_serializer=inventory_pb2.WatchStockChangesRequest.SerializeToString,
+                response_deserializer=inventory_pb2.WatchStockChangesResponse.FromString,
+            )(
+                inventory_pb2.WatchStockChangesRequest(skus=[unique("M")]),
+                metadata=[("authorization", f"Bearer {make_token()}")],
+            )
+            time.sleep(1.0)
+            stream.cancel()
+        # The stream's end is recorded when the server sees the cancellation.
+        deadline = time.monotonic() + 5
+        while (m := scrape(port)).get(("entrepot_stream_duration_seconds_count", (("method", watch),))) != 1:
+            assert time.monotonic() < deadline, "the cancelled stream was never recorded"
+            time.sleep(0.1)
+    assert m[("entrepot_rpc_total", (("code", "OK"), ("method", unary)))] == 1
+    assert m[("entrepot_rpc_duration_seconds_count", (("method", unary),))] == 1
+    assert m[("entrepot_rpc_total", (("code", "CANCELLED"), ("method", watch)))] == 1
+    assert m[("entrepot_stream_duration_seconds_sum", (("method", watch),))] >= 0.9
+    # A stream's second in its own buckets (up to a day), nothing of it in the unary histogram.
+    assert m[("entrepot_stream_duration_seconds_bucket", (("le", "0.1"), ("method", watch)))] == 0
+    assert m[("entrepot_stream_duration_seconds_bucket", (("le", "86400.0"), ("method", watch)))] == 1
+    assert not [
+        k for k in m if k[0].startswith("entrepot_rpc_duration_seconds") and ("method", watch) in k[1]
+    ]

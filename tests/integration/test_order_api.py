@@ -24,6 +24,7 @@ from entrepot_client import (
     PermissionDeniedError,
 )
 from entrepot_client.order import build_intent, money, watch_order_events
+from server.app import App
 from tests.conftest import unique
 
 LINES = [("1", "SKU-A", 2, 1250), ("2", "SKU-B", 1, 990)]
@@ -285,6 +286,14 @@ async def _collect(
     return events, cursor
 
 
+async def _other_channel(admin: Entrepot) -> str:
+    slug = unique("ch")
+    await admin.channel.create_channel(
+        channel_pb2.CreateChannelRequest(channel=channel_pb2.Channel(slug=slug, name=slug, currency="EUR"))
+    )
+    return slug
+
+
 def _saw(order_id: str, kind: int) -> Callable[[list[pb.OrderEvent]], bool]:
     return lambda events: any(e.order_id == order_id and e.type == kind for e in events)
 
@@ -292,10 +301,7 @@ def _saw(order_id: str, kind: int) -> Callable[[list[pb.OrderEvent]], bool]:
 async def test_watch_order_events_resumes_with_nothing_lost_or_repeated(
     admin: Entrepot, client_factory: Callable[..., Entrepot]
 ) -> None:
-    slug = unique("ch")
-    await admin.channel.create_channel(
-        channel_pb2.CreateChannelRequest(channel=channel_pb2.Channel(slug=slug, name="W", currency="EUR"))
-    )
+    slug = await _other_channel(admin)
     watcher = client_factory(permissions=["order.read"])
     # A first watcher from "now": created + status_appended per order.
     orders: list[str] = []
@@ -370,3 +376,151 @@ async def test_unknown_resume_point_is_out_of_range(admin: Entrepot) -> None:
     with pytest.raises(EntrepotError) as exc:
         await _collect(admin, 10**15, bool)
     assert exc.value.reason == "UNKNOWN_EVENT_ID"
+
+
+async def test_watch_by_type_channel_and_resume(
+    admin: Entrepot, client_factory: Callable[..., Entrepot]
+) -> None:
+    slug = await _other_channel(admin)
+    watcher = client_factory(permissions=["order.read"])
+    created_only = pb.WatchOrderEventsRequest(types=[pb.ORDER_EVENT_TYPE_CREATED])
+    stream = watcher.order.watch_order_events(created_only)
+    first = asyncio.ensure_future(anext(aiter(stream)))
+    await asyncio.sleep(0.5)  # the watcher has taken its "now" position
+    ids = [(await submit(admin, intent())).order.id for _ in range(3)]
+    await submit(client_factory(channel=slug), intent())  # another channel: never delivered
+    events = list((await asyncio.wait_for(first, 30)).events)
+    async with asyncio.timeout(30):
+        async for resp in stream:
+            if ids[-1] in {e.order_id for e in events}:
+                break
+            events += resp.events
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert all(e.type == pb.ORDER_EVENT_TYPE_CREATED for e in events)
+    mine = [e for e in events if e.order_id in ids]
+    assert [e.order_id for e in mine] == ids
+    # Resume after the first: exactly the other two, then new ones.
+    later = (await submit(admin, intent())).order.id
+    resumed: list[pb.OrderEvent] = []
+    resume = pb.WatchOrderEventsRequest(types=[pb.ORDER_EVENT_TYPE_CREATED], after_event_id=mine[0].event_id)
+    stream = watcher.order.watch_order_events(resume)
+    async with contextlib.aclosing(stream), asyncio.timeout(30):  # type: ignore[type-var]
+        async for resp in stream:
+            resumed += resp.events
+            if later in {e.order_id for e in resumed}:
+                break
+    assert [e.order_id for e in resumed] == [*ids[1:], later]
+
+
+async def test_a_slow_order_watcher_catches_up_and_is_never_cut_off(
+    admin: Entrepot, app: App, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from server import watch_hub
+
+    # A buffer of one event: every order (two events in one transaction) overflows
+    # it, and the watcher goes back to its own reads from what it was sent.
+    monkeypatch.setattr(watch_hub, "ORDER_BUFFER_EVENTS", 1)
+    hub = watch_hub.hub_for(app.rt)
+    fallbacks = hub.fallbacks
+    received: list[pb.OrderEvent] = []
+    wanted: set[str] = set()
+    more: list[str] = []
+    arrived = asyncio.Event()
+
+    async def follow() -> None:
+        stream = admin.order.watch_order_events(pb.WatchOrderEventsRequest())
+        async with contextlib.aclosing(stream):  # type: ignore[type-var]
+            async for resp in stream:
+                received.extend(resp.events)
+                seen = {e.order_id for e in received if e.type == pb.ORDER_EVENT_TYPE_STATUS_APPENDED}
+                if wanted and wanted <= seen:
+                    arrived.set()
+                    if more and more[0] in seen:
+                        return
+
+    follower = asyncio.create_task(follow())
+    await asyncio.sleep(0.5)  # the watcher is on the live feed
+    wanted.update(r.order.id for r in await asyncio.gather(*(submit(admin, intent()) for _ in range(20))))
+    await asyncio.wait_for(arrived.wait(), 30)
+    assert hub.fallbacks > fallbacks
+    # Still on the same stream: later orders keep arriving.
+    more.append((await submit(admin, intent())).order.id)
+    await asyncio.wait_for(follower, 30)
+    ids = [e.event_id for e in received]
+    assert len(ids) == len(set(ids))
+    for oid in [*wanted, *more]:
+        assert [e.type for e in received if e.order_id == oid] == [
+            pb.ORDER_EVENT_TYPE_CREATED,
+            pb.ORDER_EVENT_TYPE_STATUS_APPENDED,
+        ]
+
+
+async def test_stock_and_order_watchers_share_one_hub_and_listen_connection(
+    admin: Entrepot, app: App, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    from entrepot.inventory.v1 import inventory_pb2 as inv
+    from server import watch_hub
+
+    hub = watch_hub.hub_for(app.rt)
+    stock = admin.inventory.watch_stock_changes(inv.WatchStockChangesRequest(skus=["SKU-A"]))
+    orders = admin.order.watch_order_events(pb.WatchOrderEventsRequest())
+    stock_next = asyncio.ensure_future(anext(aiter(stock)))
+    orders_next = asyncio.ensure_future(anext(aiter(orders)))
+    try:
+        wanted = {"inventory.stock_changed", *orders_topics()}
+        for _ in range(200):  # both calls reach the hub
+            if wanted <= set(hub.topics):
+                break
+            await asyncio.sleep(0.05)
+        assert wanted <= set(hub.topics)
+        async with sessions() as s:
+            listeners = (
+                await s.execute(
+                    text(
+                        """SELECT count(*) FROM pg_stat_activity
+                           WHERE datname = current_database() AND application_name LIKE 'entrepot-%'
+                             AND query LIKE 'LISTEN%'"""
+                    )
+                )
+            ).scalar_one()
+        assert listeners == 1
+    finally:
+        for pending in (stock_next, orders_next):
+            pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pending
+
+
+def orders_topics() -> tuple[str, ...]:
+    import domain.order
+
+    return domain.order.TOPICS
+
+
+async def test_a_watcher_receives_each_entry_as_the_history_reads_it(
+    admin: Entrepot, client_factory: Callable[..., Entrepot], sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    crm = client_factory(permissions=["order.status.write", "order.read"], status_namespaces=["crm"])
+    async with sessions() as s:  # a cursor before the order's events
+        after = int((await s.execute(text("SELECT max(id) FROM platform.outbox"))).scalar_one())
+    o = (await submit(admin, intent())).order
+    appended = await crm.order.append_order_status(
+        pb.AppendOrderStatusRequest(
+            entry=pb.OrderStatusEntry(
+                order_id=o.id, code="crm:called", severity=pb.SEVERITY_WARNING, category="contact"
+            )
+        )
+    )
+    closed = await crm.order.close_order_status(
+        pb.CloseOrderStatusRequest(order_id=o.id, entry_id=appended.id, note="done")
+    )
+    received, _ = await _collect(
+        admin,
+        after,
+        lambda ev: any(e.order_id == o.id and e.type == pb.ORDER_EVENT_TYPE_STATUS_CLOSED for e in ev),
+    )
+    entries = [e.entry for e in received if e.order_id == o.id and e.HasField("entry")]
+    history = await admin.order.list_order_status_history(pb.ListOrderStatusHistoryRequest(order_id=o.id))
+    submitted = next(x for x in history.entries if x.code == "order:submitted")
+    assert closed in history.entries and closed.close_note == "done"
+    assert entries == [submitted, appended, closed]

@@ -7,6 +7,7 @@ runs the same flows against real inventory through the gRPC server.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import uuid
 from collections.abc import Sequence
 from typing import Any
@@ -371,49 +372,6 @@ async def test_events_are_in_the_outbox(sessions: async_sessionmaker[AsyncSessio
     assert [tuple(x) for x in rows] == [("order.created", "test"), ("order.status_appended", "test")]
 
 
-async def test_tail_resumes_without_loss_or_repeat(
-    sessions: async_sessionmaker[AsyncSession],
-    order_db_url: str,  # noqa: F811
-) -> None:
-    from domain.order.watch import OutboxWaker, tail_order_events
-
-    waker = OutboxWaker(order_db_url)
-
-    async def read_until(gen: Any, want: str) -> list[Any]:
-        out: list[Any] = []
-        async with asyncio.timeout(30):
-            while want not in [e.aggregate_id for e in out]:
-                out += (await gen.__anext__()).events
-        return out
-
-    try:
-        gen = tail_order_events(sessions, waker, channel="test", topics=[orders.CREATED], heartbeat=0.5)
-        first = asyncio.ensure_future(gen.__anext__())
-        await asyncio.sleep(0.3)  # the watcher has taken its "now" position
-        ids = [(await submit(sessions, make_intent())).order.id for _ in range(3)]
-        await submit(sessions, make_intent(), channel=OTHER)  # another channel: never delivered
-        events = list((await asyncio.wait_for(first, 30)).events)
-        if ids[-1] not in [e.aggregate_id for e in events]:
-            events += await read_until(gen, ids[-1])
-        await gen.aclose()
-        # "From now" may also include a few earlier events while another
-        # transaction on the server holds the visibility horizon back; ours
-        # arrive once each, in order, and only this channel's.
-        assert all(e.channel == "test" and e.topic == orders.CREATED for e in events)
-        mine = [e for e in events if e.aggregate_id in ids]
-        assert [e.aggregate_id for e in mine] == ids
-        # Resume after the first of ours: exactly the other two, then new ones.
-        gen = tail_order_events(
-            sessions, waker, channel="test", topics=[orders.CREATED], after_event_id=mine[0].id
-        )
-        later = (await submit(sessions, make_intent())).order.id
-        resumed = await read_until(gen, later)
-        await gen.aclose()
-        assert [e.aggregate_id for e in resumed] == [*ids[1:], later]
-    finally:
-        await waker.close()
-
-
 async def test_cart_adopts_its_reservation(sessions: async_sessionmaker[AsyncSession]) -> None:
     inv = RecordingInventory()
     with pytest.raises(InvalidArgument):
@@ -441,6 +399,27 @@ async def _outbox(sessions: async_sessionmaker[AsyncSession], order_id: str) -> 
     return [(r.topic, r.payload) for r in rows]
 
 
+def entry_json(e: orders.StatusEntry) -> dict[str, Any]:
+    """What an order status event's `entry` has always held (the Python builder
+    the events were first made with): the stored entry, timestamps as
+    datetime.isoformat of the UTC values asyncpg reads."""
+    return {
+        "id": e.id,
+        "order_id": e.order_id,
+        "code": e.code,
+        "module": e.module,
+        "category": e.category,
+        "severity": e.severity.value,
+        "payload": e.payload,
+        "recorded_at": e.recorded_at.isoformat(),
+        "written_by": e.written_by,
+        "created_at": e.created_at.isoformat(),
+        "closed_at": e.closed_at.isoformat() if e.closed_at else None,
+        "closed_by": e.closed_by,
+        "close_note": e.close_note,
+    }
+
+
 @pytest.mark.parametrize("variant", ["plain", "adopted", "reserved", "backordered"])
 async def test_intent_events_carry_the_stored_entries(
     sessions: async_sessionmaker[AsyncSession], variant: str
@@ -454,12 +433,11 @@ async def test_intent_events_carry_the_stored_entries(
     r = await submit(sessions, make_intent(), **kw)
     async with sessions() as s, s.begin():
         hist, _ = await orders.list_status_history(s, r.order.id, channel="test")
-    from domain.order.types import entry_payload
 
     assert len(hist) == (1 if variant == "plain" else 2)
     assert await _outbox(sessions, r.order.id) == [
         (orders.CREATED, {"order_id": r.order.id, "state": "pending"}),
-        *((orders.STATUS_APPENDED, {"order_id": r.order.id, "entry": entry_payload(e)}) for e in hist),
+        *((orders.STATUS_APPENDED, {"order_id": r.order.id, "entry": entry_json(e)}) for e in hist),
     ]
     if variant != "plain":
         assert r.order.reservation_id == hist[1].payload["reservation_id"]
@@ -467,11 +445,67 @@ async def test_intent_events_carry_the_stored_entries(
         assert hist[1].code == "inventory:reservation_backordered" and hist[1].severity is Severity.WARNING
 
 
+async def test_append_transition_and_close_events_carry_the_stored_entries(
+    sessions: async_sessionmaker[AsyncSession],
+) -> None:
+    from datetime import UTC, datetime
+
+    r = await submit(sessions, make_intent())
+    oid = r.order.id
+    crm = Caller("crm-bot", status_namespaces=frozenset({"crm"}))
+    async with sessions() as s, s.begin():
+        appended = await orders.append_status(
+            s,
+            oid,
+            StatusIn(
+                code="crm:called",
+                severity=Severity.BLOCKING,
+                category="contact",
+                payload={"n": 1, "who": "Zoë", "nested": {"ok": True, "list": [1, "2", None]}},
+                recorded_at=datetime(2026, 3, 29, 1, 30, 0, 120, tzinfo=UTC),
+            ),
+            channel="test",
+            caller=crm,
+        )
+    async with sessions() as s, s.begin():
+        closed = await orders.close_status(s, oid, appended.id, "done", channel="test", caller=crm)
+    async with sessions() as s, s.begin():
+        await orders.transition(
+            s, oid, State.CANCELLED, channel="test", actor="ops", inventory=RecordingInventory()
+        )
+    async with sessions() as s, s.begin():
+        hist, _ = await orders.list_status_history(s, oid, channel="test")
+    by_code = {e.code: e for e in hist}
+    assert closed == by_code["crm:called"] and closed.closed_at is not None
+    open_entry = dataclasses.replace(closed, closed_at=None, closed_by=None, close_note=None)
+    assert appended == open_entry
+    assert await _outbox(sessions, oid) == [
+        (orders.CREATED, {"order_id": oid, "state": "pending"}),
+        (orders.STATUS_APPENDED, {"order_id": oid, "entry": entry_json(by_code["order:submitted"])}),
+        (orders.STATUS_APPENDED, {"order_id": oid, "entry": entry_json(open_entry)}),
+        (orders.STATUS_CLOSED, {"order_id": oid, "entry": entry_json(closed)}),
+        (orders.TRANSITIONED, {"order_id": oid, "from": "pending", "to": "cancelled"}),
+        (orders.STATUS_APPENDED, {"order_id": oid, "entry": entry_json(by_code["order:cancelled"])}),
+    ]
+    # The watcher's reading of each entry event is the stored entry.
+    async with sessions() as s:
+        rows = (
+            await s.execute(
+                text(
+                    "SELECT payload FROM platform.outbox WHERE aggregate_id = :o AND topic LIKE 'order.status%'"
+                ),
+                {"o": oid},
+            )
+        ).scalars()
+        seen = [orders.entry_from_payload(p["entry"]) for p in rows]
+    assert seen == [by_code["order:submitted"], open_entry, closed, by_code["order:cancelled"]]
+
+
 async def test_event_timestamps_are_written_like_python_isoformat(
     sessions: async_sessionmaker[AsyncSession],
 ) -> None:
-    # Entry events are built in SQL on the hot path; they must read exactly as
-    # entry_payload (datetime.isoformat of a UTC datetime) writes them.
+    # Entry events are built in SQL; their timestamps must read exactly as
+    # datetime.isoformat of a UTC datetime writes them (as they always have).
     from datetime import UTC, datetime
 
     from domain.order.store.entries import _iso_sql

@@ -31,7 +31,9 @@ from entrepot_client import (
     UnavailableError,
 )
 from entrepot_client.registration import answers, upload_document, wait_for_state
+from server.app import App
 from server.metrics import RPC_TOTAL
+from server.settings import Settings
 from tests.conftest import unique
 
 S = pb.Registration
@@ -498,6 +500,53 @@ async def test_sign_agreement_records_peer_user_agent_and_hash(
 
 
 # ------------------------------------------------------------------ lifecycle
+
+
+async def test_sign_agreement_believes_x_forwarded_for_only_from_a_trusted_proxy(
+    admin: Entrepot,
+    catalog_codes: dict[str, str],
+    settings: Settings,
+    temporal_env: WorkflowEnvironment,
+    make_token: Callable[..., str],
+) -> None:
+    """Envoy appends the client's address to x-forwarded-for; a replica told the proxy's address
+    (ENTREPOT_TRUSTED_PROXIES) records that client, skipping trusted hops from the right, and
+    never what a client wrote into the header itself. Untrusted peers are taken as they are."""
+
+    def sign(reg: pb.Registration) -> pb.SignAgreementRequest:
+        return pb.SignAgreementRequest(
+            registration_id=reg.id,
+            agreement_code=catalog_codes["terms"],
+            method=pb.SIGNATURE_METHOD_TYPED,
+            signer_name="Ann Buyer",
+            signer_email="ann@acme.test",
+            signature=b"Ann Buyer",
+            request_id=rid(),
+        )
+
+    # Spoofed by a direct caller: the default server trusts no proxy, 127.0.0.1 is recorded.
+    form = await make_form(admin)
+    direct = await admin.registration.sign_agreement(
+        sign(await submit(admin, form)), metadata=[("x-forwarded-for", "198.51.100.9")]
+    )
+    assert direct.ip_address == "127.0.0.1"
+
+    behind = App(settings.model_copy(update={"trusted_proxies": "127.0.0.1/32, 10.1.0.0/16"}))
+    behind.rt._temporal = temporal_env.client
+    await behind.start()
+    try:
+        async with Entrepot(f"127.0.0.1:{behind.port}", make_token(), "test") as proxied:
+            # client wrote 198.51.100.9; the edge proxy saw 203.0.113.7; an inner proxy 10.1.2.3.
+            chain = "198.51.100.9, 203.0.113.7, 10.1.2.3"
+            sig = await proxied.registration.sign_agreement(
+                sign(await submit(admin, form)), metadata=[("x-forwarded-for", chain)]
+            )
+            assert sig.ip_address == "203.0.113.7"
+            # No header from the trusted proxy: its own address.
+            plain = await proxied.registration.sign_agreement(sign(await submit(admin, form)))
+            assert plain.ip_address == "127.0.0.1"
+    finally:
+        await behind.stop(grace=1.0)
 
 
 def history(reg: pb.Registration) -> list[tuple[int, int]]:

@@ -2,9 +2,12 @@
 
 An entry is never written without its `order.status_appended` event, nor
 closed without its `order.status_closed` event: both are written here, in
-the caller's transaction. The SubmitOrderIntent hot path (`insert_intent`,
-`set_reservation`) runs on the session's asyncpg connection: the order, its
-lines, payments, entries and events in one statement.
+the caller's transaction, by the same statement as the entry. Their payloads
+are built by one SQL builder (`_entry_events`) for every path, and written by
+the one outbox writer (domain.shared.outbox.cte). The writing statements
+(`append_entries`, `close_entry`, and the SubmitOrderIntent hot path
+`insert_intent`, `set_reservation`: the order, its lines, payments, entries and
+events in one statement) run on the session's asyncpg connection.
 """
 
 from __future__ import annotations
@@ -12,20 +15,21 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from datetime import UTC, datetime
+from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import func, insert, select, update
+from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.order.models import OrderRow, StatusEntryRow
 from domain.order.rules import Intent, Severity, State
-from domain.order.types import STATUS_APPENDED, STATUS_CLOSED, StatusEntry, entry_payload
+from domain.order.types import STATUS_APPENDED, STATUS_CLOSED, StatusEntry
+from domain.shared import outbox
 from domain.shared.caller import ChannelRef
-from domain.shared.db import driver_connection
-from domain.shared.outbox import Event, emit_many, mark_written
+from domain.shared.db import DriverStatement, driver_connection
+from domain.shared.outbox import Event
 
 if TYPE_CHECKING:
     # Not at run time: Temporal's workflow sandbox re-imports domain modules (see domain.shared.db).
@@ -72,59 +76,34 @@ def to_entry(row: StatusEntryRow) -> StatusEntry:
 
 async def append_entry(
     session: AsyncSession,
-    order: OrderRow,
+    order: OrderRow | OrderHead,
     spec: EntrySpec,
     *,
     events_before: Sequence[Event] = (),
 ) -> StatusEntry:
-    """Appends an entry and its event; `events_before` go into the same outbox insert (one round trip)."""
+    """Appends an entry and its event; `events_before` are written first, by the same statement."""
     (entry,) = await append_entries(session, order, [spec], events_before=events_before)
     return entry
 
 
 async def append_entries(
     session: AsyncSession,
-    order: OrderRow,
+    order: OrderRow | OrderHead,
     specs: Sequence[EntrySpec],
     *,
     events_before: Sequence[Event] = (),
 ) -> list[StatusEntry]:
-    """Appends entries in order with their events: one multi-row insert for the
-    entries and one outbox insert (`events_before` first), two round trips."""
-    values = [
-        {
-            "order_id": order.id,
-            "code": x.code,
-            "module": x.code.split(":", 1)[0],
-            "category": x.category,
-            "severity": x.severity.value,
-            "payload": x.payload or {},
-            "recorded_at": x.recorded_at or func.now(),
-            "written_by": x.written_by,
-        }
-        for x in specs
+    """Appends entries in order with their events (`events_before` first): one statement."""
+    conn = await driver_connection(session)
+    written = await _APPEND.fetch(conn, _entry_params(session, order, specs, events_before))
+    return [
+        _appended(order, x, w["id"], w["recorded_at"], w["created_at"])
+        for x, w in zip(specs, written, strict=True)
     ]
-    # Core insert returning plain columns: no ORM object for a write-once row.
-    # Ids come from one sequence in VALUES order, so sorting by id pairs them with specs.
-    written = sorted(
-        (
-            await session.execute(
-                insert(StatusEntryRow)
-                .values(values)
-                .returning(StatusEntryRow.id, StatusEntryRow.recorded_at, StatusEntryRow.created_at)
-            )
-        ).all(),
-        key=lambda r: r.id,
-    )
-    entries = [
-        _appended(order, x, w.id, w.recorded_at, w.created_at) for x, w in zip(specs, written, strict=True)
-    ]
-    await emit_many(session, [*events_before, *(_appended_event(order, e) for e in entries)])
-    return entries
 
 
 def _appended(
-    order: OrderRow, spec: EntrySpec, entry_id: int, recorded_at: datetime, created_at: datetime
+    order: OrderRow | OrderHead, spec: EntrySpec, entry_id: int, recorded_at: datetime, created_at: datetime
 ) -> StatusEntry:
     """The entry `spec` became, with what the database gave it."""
     return StatusEntry(
@@ -144,16 +123,6 @@ def _appended(
     )
 
 
-def _appended_event(order: OrderRow, entry: StatusEntry) -> Event:
-    return Event(
-        STATUS_APPENDED,
-        "order",
-        str(order.id),
-        {"order_id": str(order.id), "entry": entry_payload(entry)},
-        order.channel,
-    )
-
-
 async def entry_for_update(
     session: AsyncSession, order_id: uuid.UUID, entry_id: int
 ) -> StatusEntryRow | None:
@@ -167,33 +136,26 @@ async def entry_for_update(
 
 
 async def close_entry(
-    session: AsyncSession, order: OrderRow, entry_id: int, *, closed_by: str, note: str
+    session: AsyncSession, order: OrderRow, entry: StatusEntryRow, *, closed_by: str, note: str
 ) -> StatusEntry:
-    """Closes an open entry (locked by the caller) and writes its event."""
-    closed = (
-        await session.execute(
-            update(StatusEntryRow)
-            .where(StatusEntryRow.id == entry_id, StatusEntryRow.closed_at.is_(None))
-            .values(closed_at=func.now(), closed_by=closed_by, close_note=note)
-            .returning(StatusEntryRow)
-            .execution_options(synchronize_session=False)
-        )
-    ).scalar_one()
-    await session.refresh(closed)
-    result = to_entry(closed)
-    await emit_many(
-        session,
-        [
-            Event(
-                STATUS_CLOSED,
-                "order",
-                str(order.id),
-                {"order_id": str(order.id), "entry": entry_payload(result)},
-                order.channel,
-            )
-        ],
+    """Closes the open entry `entry` (locked by the caller) with its event, in one statement."""
+    conn = await driver_connection(session)
+    (closed,) = await _CLOSE.fetch(
+        conn,
+        {
+            "entry_id": entry.id,
+            "closed_by": closed_by,
+            "note": note,
+            "channel": order.channel,
+            **outbox.params(session, name="ev", derived_rows=1),
+        },
     )
-    return result
+    return replace(
+        to_entry(entry),
+        closed_at=closed["closed_at"],
+        closed_by=closed["closed_by"],
+        close_note=closed["close_note"],
+    )
 
 
 async def history_page(
@@ -238,23 +200,9 @@ async def open_blocking(session: AsyncSession, order_id: uuid.UUID) -> list[Stat
 # ---------------------------------------------------------------- hot path (driver connection)
 
 
-# Status entries from parallel arrays, inserted in array order (ids from one
-# sequence follow it); returned sorted by id, so they pair with the specs.
-_ENTRY_ARRAYS = """unnest($e1::text[], $e2::text[], $e3::text[], $e4::text[], $e5::jsonb[], $e6::timestamptz[],
-                       $e7::text[]) WITH ORDINALITY AS e(code, module, category, severity, payload, recorded_at,
-                                                         written_by, n)"""
-_ENTRY_INSERT = """INSERT INTO orders.status_entries
-           (order_id, code, module, category, severity, payload, recorded_at, written_by)
-        SELECT {order_id}, e.code, e.module, e.category, e.severity, e.payload, coalesce(e.recorded_at, now()),
-               e.written_by
-        FROM {source}
-        ORDER BY e.n
-        RETURNING id, recorded_at, created_at"""
-
-
 def _iso_sql(column: str) -> str:
     """SQL for datetime.isoformat() of a timestamptz read through asyncpg (UTC):
-    microseconds only when not zero, offset +00:00."""
+    microseconds only when not zero, offset +00:00; NULL stays NULL."""
     utc = f"({column} AT TIME ZONE 'UTC')"
     return (
         f"""(to_char({utc}, 'YYYY-MM-DD"T"HH24:MI:SS')"""
@@ -263,122 +211,126 @@ def _iso_sql(column: str) -> str:
     )
 
 
-# The events of the entries just inserted (s), in the same statement: each
-# payload is the template built in Python (entry_payload) with the entry's
-# id and timestamps set from the inserted row. `before` events come first.
-_ENTRY_EVENTS = f"""INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, channel, payload)
-        SELECT y.topic, 'order', $e8, $e9, y.payload FROM (
-            SELECT b.n AS k, b.topic, b.payload
-            FROM {{before}} unnest($e10::text[], $e11::jsonb[]) WITH ORDINALITY AS b(topic, payload, n)
-            UNION ALL
-            SELECT 1000000 + w.n, '{STATUS_APPENDED}',
-                   jsonb_set(jsonb_set(jsonb_set(w.payload,
-                       '{{{{entry,id}}}}', to_jsonb(w.id)),
-                       '{{{{entry,recorded_at}}}}', to_jsonb({_iso_sql("w.recorded_at")})),
-                       '{{{{entry,created_at}}}}', to_jsonb({_iso_sql("w.created_at")}))
-            FROM (SELECT s.id, s.recorded_at, s.created_at, t.payload, t.n
-                  FROM (SELECT s.*, row_number() OVER (ORDER BY s.id) AS n FROM s) s
-                  JOIN unnest($e12::jsonb[]) WITH ORDINALITY AS t(payload, n) ON t.n = s.n) w
-        ) y
-        ORDER BY y.k"""
+def _entry_events(rows: str, topic: str) -> str:
+    """The order status events: one `topic` event per status entry row of the
+    CTE `rows` (all its columns), in id order, for outbox.cte's `derived`. Their
+    payload is built here only: {"order_id", "entry"} with the entry as
+    entry_from_payload reads it (timestamps as datetime.isoformat writes them)."""
+    r = rows
+    return f"""
+        SELECT row_number() OVER (ORDER BY {r}.id), '{topic}', 'order', {r}.order_id::text, CAST(:channel AS text),
+            jsonb_build_object('order_id', {r}.order_id::text, 'entry', jsonb_build_object(
+                'id', {r}.id, 'order_id', {r}.order_id::text, 'code', {r}.code, 'module', {r}.module,
+                'category', {r}.category, 'severity', {r}.severity, 'payload', {r}.payload,
+                'recorded_at', {_iso_sql(f"{r}.recorded_at")}, 'written_by', {r}.written_by,
+                'created_at', {_iso_sql(f"{r}.created_at")}, 'closed_at', {_iso_sql(f"{r}.closed_at")},
+                'closed_by', {r}.closed_by, 'close_note', {r}.close_note))
+        FROM {r}"""
 
 
-def _numbered(sql: str, first: int) -> str:
-    """$e1..$e12 -> $<first>..$<first+11> (the entry parameters follow a statement's own)."""
-    for i in range(12, 0, -1):
-        sql = sql.replace(f"$e{i}", f"${first + i - 1}")
-    return sql
+def _entry_ctes(order_id: str, *, after: str = "") -> str:
+    """CTEs `s` (status entries from the `_entry_params` arrays, inserted in
+    array order, so their ids follow it) and `ev` (the outbox: the events of
+    `_entry_params` first, then one order.status_appended per entry). `after`:
+    CTEs the entries depend on ("o" when the order is inserted by the same
+    statement: no entry and no event when it was not)."""
+    source = f"{after}, " if after else ""
+    when = f"EXISTS (SELECT FROM {after})" if after else ""
+    return f"""s AS (
+        INSERT INTO orders.status_entries
+            (order_id, code, module, category, severity, payload, recorded_at, written_by)
+        SELECT {order_id}, e.code, e.module, e.category, e.severity, e.payload, coalesce(e.recorded_at, now()),
+               e.written_by
+        FROM {source}unnest(CAST(:e_code AS text[]), CAST(:e_module AS text[]), CAST(:e_category AS text[]),
+                    CAST(:e_severity AS text[]), CAST(:e_payload AS jsonb[]), CAST(:e_recorded_at AS timestamptz[]),
+                    CAST(:e_written_by AS text[]))
+             WITH ORDINALITY AS e(code, module, category, severity, payload, recorded_at, written_by, n)
+        ORDER BY e.n
+        RETURNING *
+    ), {outbox.cte("ev", derived=_entry_events("s", STATUS_APPENDED), when=when)}"""
 
 
-_INSERT_INTENT = _numbered(
+# Entries of an existing order; returns them in id (= spec) order.
+_APPEND = DriverStatement(
+    f"""
+    WITH {_entry_ctes("CAST(:order_id AS uuid)")}
+    SELECT id, recorded_at, created_at FROM s ORDER BY id
+    """
+)
+
+_INSERT_INTENT = DriverStatement(
     f"""
     WITH o AS (
         INSERT INTO orders.orders (id, channel, source_system, intent_id, external_order_id, customer_ref,
             currency, subtotal_minor, tax_minor, shipping_minor, discount_minor, grand_total_minor, state,
             content_hash, content, reservation_id, submitted_at)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15::jsonb, $16,
-                coalesce($17::timestamptz, now()))
+        VALUES (:order_id, :channel, :source_system, :intent_id, :external_order_id, :customer_ref, :currency,
+                :subtotal, :tax, :shipping, :discount, :grand_total, :state, :content_hash,
+                CAST(:content AS jsonb), :reservation_id, coalesce(CAST(:submitted_at AS timestamptz), now()))
         ON CONFLICT DO NOTHING
         RETURNING id, submitted_at, created_at, updated_at
     ), l AS (
         INSERT INTO orders.order_lines (order_id, line_id, position, sku, quantity, unit_price_minor)
         SELECT o.id, x.line_id, x.n - 1, x.sku, x.quantity, x.price
-        FROM o, unnest($18::text[], $19::text[], $20::bigint[], $21::bigint[])
+        FROM o, unnest(CAST(:line_ids AS text[]), CAST(:line_skus AS text[]), CAST(:line_quantities AS bigint[]),
+                       CAST(:line_prices AS bigint[]))
             WITH ORDINALITY AS x(line_id, sku, quantity, price, n)
     ), p AS (
         INSERT INTO orders.payments (order_id, tender_id, position, method, captured_minor, gateway_reference)
         SELECT o.id, x.tender_id, x.n - 1, x.method, x.captured, x.ref
-        FROM o, unnest($22::text[], $23::text[], $24::bigint[], $25::text[])
+        FROM o, unnest(CAST(:tender_ids AS text[]), CAST(:tender_methods AS text[]),
+                       CAST(:tender_captured AS bigint[]), CAST(:tender_refs AS text[]))
             WITH ORDINALITY AS x(tender_id, method, captured, ref, n)
-    ), s AS (
-        {_ENTRY_INSERT.format(order_id="o.id", source="o, " + _ENTRY_ARRAYS)}
-    ), ev AS (
-        {_ENTRY_EVENTS.format(before="o,")}
-    )
+    ), {_entry_ctes("o.id", after="o")}
     SELECT o.submitted_at, o.created_at, o.updated_at FROM o
-    """,
-    26,
+    """
 )
 
-_SET_RESERVATION = _numbered(
+_SET_RESERVATION = DriverStatement(
     f"""
     WITH u AS (
-        UPDATE orders.orders SET reservation_id = $2, updated_at = now() WHERE id = $1
-    ), s AS (
-        {_ENTRY_INSERT.format(order_id="$1::uuid", source=_ENTRY_ARRAYS)}
-    ), ev AS (
-        {_ENTRY_EVENTS.format(before="")}
-    )
+        UPDATE orders.orders SET reservation_id = :reservation_id, updated_at = now()
+        WHERE id = CAST(:order_id AS uuid)
+    ), {_entry_ctes("CAST(:order_id AS uuid)")}
     SELECT count(*) FROM s
-    """,
-    3,
+    """
+)
+
+# Closes an entry (locked by the caller) with its order.status_closed event.
+_CLOSE = DriverStatement(
+    f"""
+    WITH c AS (
+        UPDATE orders.status_entries SET closed_at = now(), closed_by = :closed_by, close_note = :note
+        WHERE id = :entry_id AND closed_at IS NULL
+        RETURNING *
+    ), {outbox.cte("ev", derived=_entry_events("c", STATUS_CLOSED))}
+    SELECT closed_at, closed_by, close_note FROM c
+    """
 )
 
 
-_TEMPLATE_TIME = datetime(2000, 1, 1, tzinfo=UTC)  # replaced in SQL by the row's own
-
-
-def _entry_params(head: OrderHead, specs: Sequence[EntrySpec], before: Sequence[Event] = ()) -> list[Any]:
-    """$e1..$e12: the entries as arrays, then what their events need."""
-    templates = [
-        {
-            "order_id": str(head.id),
-            "entry": entry_payload(
-                StatusEntry(
-                    id=0,
-                    order_id=str(head.id),
-                    code=x.code,
-                    module=x.code.split(":", 1)[0],
-                    category=x.category,
-                    severity=x.severity,
-                    payload=x.payload or {},
-                    recorded_at=_TEMPLATE_TIME,
-                    written_by=x.written_by,
-                    created_at=_TEMPLATE_TIME,
-                    closed_at=None,
-                    closed_by=None,
-                    close_note=None,
-                )
-            ),
-        }
-        for x in specs
-    ]
+def _entry_params(
+    session: AsyncSession,
+    order: OrderRow | OrderHead,
+    specs: Sequence[EntrySpec],
+    before: Sequence[Event] = (),
+) -> dict[str, Any]:
+    """The parameters of `_entry_ctes`: the entries as arrays, the order's id and
+    channel, and the outbox's (`before`: the order's own events, written first)."""
     for e in before:
-        assert (e.aggregate_type, e.aggregate_id, e.channel) == ("order", str(head.id), head.channel)
-    return [
-        [x.code for x in specs],
-        [x.code.split(":", 1)[0] for x in specs],
-        [x.category for x in specs],
-        [x.severity.value for x in specs],
-        [json.dumps(x.payload or {}) for x in specs],
-        [x.recorded_at for x in specs],
-        [x.written_by for x in specs],
-        str(head.id),
-        head.channel,
-        [e.topic for e in before],
-        [json.dumps(e.payload) for e in before],
-        [json.dumps(t) for t in templates],
-    ]
+        assert (e.aggregate_type, e.aggregate_id, e.channel) == ("order", str(order.id), order.channel)
+    return {
+        "e_code": [x.code for x in specs],
+        "e_module": [x.code.split(":", 1)[0] for x in specs],
+        "e_category": [x.category for x in specs],
+        "e_severity": [x.severity.value for x in specs],
+        "e_payload": [json.dumps(x.payload or {}) for x in specs],
+        "e_recorded_at": [x.recorded_at for x in specs],
+        "e_written_by": [x.written_by for x in specs],
+        "order_id": order.id,
+        "channel": order.channel,
+        **outbox.params(session, before, name="ev", derived_rows=len(specs)),
+    }
 
 
 async def insert_intent(
@@ -399,38 +351,36 @@ async def insert_intent(
     external id (no conflict target: after the winner's commit)."""
     t = intent.totals
     conn = await driver_connection(session)
-    inserted: asyncpg.Record | None = await conn.fetchrow(
-        _INSERT_INTENT,
-        head.id,
-        channel.slug,
-        intent.source_system,
-        intent.intent_id,
-        intent.external_order_id,
-        intent.customer_ref,
-        channel.currency,
-        t.subtotal.amount_minor,
-        t.tax.amount_minor,
-        t.shipping.amount_minor,
-        t.discount.amount_minor,
-        t.grand_total.amount_minor,
-        State.PENDING.value,
-        digest,
-        json.dumps(content),
-        reservation_id,
-        intent.submitted_at,
-        [li.line_id for li in intent.lines],
-        [li.sku for li in intent.lines],
-        [li.quantity for li in intent.lines],
-        [li.unit_price.amount_minor for li in intent.lines],
-        [p.tender_id for p in intent.payments],
-        [p.method for p in intent.payments],
-        [p.captured.amount_minor for p in intent.payments],
-        [p.gateway_reference for p in intent.payments],
-        *_entry_params(head, specs, before),
+    rows = await _INSERT_INTENT.fetch(
+        conn,
+        {
+            **_entry_params(session, head, specs, before),
+            "source_system": intent.source_system,
+            "intent_id": intent.intent_id,
+            "external_order_id": intent.external_order_id,
+            "customer_ref": intent.customer_ref,
+            "currency": channel.currency,
+            "subtotal": t.subtotal.amount_minor,
+            "tax": t.tax.amount_minor,
+            "shipping": t.shipping.amount_minor,
+            "discount": t.discount.amount_minor,
+            "grand_total": t.grand_total.amount_minor,
+            "state": State.PENDING.value,
+            "content_hash": digest,
+            "content": json.dumps(content),
+            "reservation_id": reservation_id,
+            "submitted_at": intent.submitted_at,
+            "line_ids": [li.line_id for li in intent.lines],
+            "line_skus": [li.sku for li in intent.lines],
+            "line_quantities": [li.quantity for li in intent.lines],
+            "line_prices": [li.unit_price.amount_minor for li in intent.lines],
+            "tender_ids": [p.tender_id for p in intent.payments],
+            "tender_methods": [p.method for p in intent.payments],
+            "tender_captured": [p.captured.amount_minor for p in intent.payments],
+            "tender_refs": [p.gateway_reference for p in intent.payments],
+        },
     )
-    if inserted is not None:
-        mark_written(session)
-    return inserted
+    return rows[0] if rows else None
 
 
 async def set_reservation(
@@ -438,5 +388,6 @@ async def set_reservation(
 ) -> None:
     """Records the reservation on an order inserted by this transaction, with its entry, in one statement."""
     conn = await driver_connection(session)
-    await conn.execute(_SET_RESERVATION, head.id, reservation_id, *_entry_params(head, [spec]))
-    mark_written(session)
+    await _SET_RESERVATION.fetch(
+        conn, {**_entry_params(session, head, [spec]), "reservation_id": reservation_id}
+    )
