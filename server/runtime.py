@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -102,8 +103,11 @@ class Runtime:
             except Exception as exc:
                 if connection_lost(exc):
                     # Its state is unknown (dropped mid-operation): never hand it out
-                    # again; the pool opens a new one on the next acquire.
-                    conn.terminate()
+                    # again; the pool opens a new one on the next acquire. A connection
+                    # the database closed has already gone back to the pool by itself
+                    # (its proxy then refuses every call): nothing is left to terminate.
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
                 raise
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:
