@@ -32,6 +32,7 @@ from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
 from server.background import run_leased
 from server.context import current_caller, current_channel
+from server.interceptors import check_text
 from server.runtime import Runtime
 from server.services import registration_convert as cv
 
@@ -427,7 +428,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 "UPLOAD_HEADER_REQUIRED", "the first message of an upload must be the header"
             )
         h = first.header
-        cv.check_text(h, "header.")
+        check_text(h, "header.")  # the text stage checks unary requests; a stream checks its own
         if not h.request_id:
             raise InvalidArgument("REQUEST_ID_REQUIRED", "header.request_id is required")
         await self.rt.read(
@@ -549,22 +550,6 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         return pb.ListRegistrationsResponse(
             registrations=[cv.registration_to_proto(r) for r in regs], next_page_token=token
         )
-
-
-def _guard_text(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(self: RegistrationServicer, request: Any, context: Any) -> Any:
-        cv.check_text(request)
-        return await method(self, request, context)
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
-
-
-# Every unary RPC checks its request's text first (the upload checks its header).
-for _name in pb.DESCRIPTOR.services_by_name["RegistrationService"].methods_by_name:
-    if _name != "UploadRegistrationDocument":
-        setattr(RegistrationServicer, _name, _guard_text(getattr(RegistrationServicer, _name)))
 
 
 async def reconcile_step(rt: Runtime) -> int:
