@@ -1,7 +1,6 @@
-"""Background jobs the server runs next to the RPCs (singletons across replicas via leases).
-
-Modules append their jobs to JOBS: each is `async def job(rt, holder) -> None`
-that loops until cancelled.
+"""Background jobs the server runs next to the RPCs (singletons across replicas via leases
+or advisory locks). Each job is `async def job(rt, holder) -> None` that loops until
+cancelled; they all live here and App.start() runs every one in JOBS.
 """
 
 from __future__ import annotations
@@ -12,9 +11,13 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
+import domain.refund as refunds
+from domain import inventory
 from domain.platform import idempotency
+from domain.registration import starter as registration_starter
 from domain.shared import leases, outbox
 from server.runtime import Runtime
+from server.stock_watch import run_hub
 
 log = logging.getLogger("entrepot.background")
 
@@ -52,47 +55,44 @@ async def _retention_step(rt: Runtime) -> int:
     return n
 
 
-async def _inventory_sweeper(rt: Runtime, holder: str) -> None:
-    from server.services.inventory import expiry_sweeper
-
-    await expiry_sweeper(rt, holder)
-
-
 async def retention(rt: Runtime, holder: str) -> None:
+    """Deletes idempotency keys and outbox events past their retention."""
     await run_leased(rt, holder, "retention", 60.0, _retention_step)
 
 
-JOBS: list[Job] = [retention]
+async def reservation_expiry(rt: Runtime, holder: str) -> None:
+    """Inventory: releases expired reservation holds; one replica at a time through a
+    transaction-scoped advisory lock."""
+    await inventory.run_sweeper(rt.sessions, asyncio.Event(), interval=rt.settings.reservation_sweep_seconds)
 
-# Inventory: releases expired reservation holds.
-JOBS.append(_inventory_sweeper)
 
-
-async def _stock_watch_hub(rt: Runtime, holder: str) -> None:
-    from server.stock_watch import run_hub
-
+async def stock_watch_hub(rt: Runtime, holder: str) -> None:
+    """Inventory streams: the per-process outbox tail behind WatchStockChanges."""
     await run_hub(rt, holder)
 
 
-# Inventory streams: the per-process outbox tail behind WatchStockChanges.
-JOBS.append(_stock_watch_hub)
+async def _refund_reconcile_step(rt: Runtime) -> int:
+    if not rt.settings.temporal_address:
+        return 0
+    return await refunds.reconcile(rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue)
 
 
-async def _refund_reconciler(rt: Runtime, holder: str) -> None:
-    # Imported here: the servicer module imports this one.
-    from server.services.refund import reconciler
-
-    await reconciler(rt, holder)
+async def refund_reconciler(rt: Runtime, holder: str) -> None:
+    """Refunds: starts executions an approval committed but never started."""
+    await run_leased(rt, holder, "refund-reconciler", 10.0, _refund_reconcile_step)
 
 
-JOBS.append(_refund_reconciler)
+async def _registration_reconcile_step(rt: Runtime) -> int:
+    if not rt.settings.temporal_address:
+        return 0
+    return await registration_starter.reconcile(
+        rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue
+    )
 
 
-async def _registration_reconciler(rt: Runtime, holder: str) -> None:
-    from server.services.registration import reconciler
+async def registration_reconciler(rt: Runtime, holder: str) -> None:
+    """Registration: starts the workflows of registrations a commit left without one."""
+    await run_leased(rt, holder, "registration-reconciler", 10.0, _registration_reconcile_step)
 
-    await reconciler(rt, holder)
 
-
-# Registration: starts workflows a SubmitRegistration committed but never started.
-JOBS.append(_registration_reconciler)
+JOBS: list[Job] = [retention, reservation_expiry, stock_watch_hub, refund_reconciler, registration_reconciler]

@@ -30,7 +30,6 @@ from domain.shared.errors import InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
 from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
-from server.background import run_leased
 from server.context import current_caller, current_channel
 from server.interceptors import check_text
 from server.runtime import Runtime
@@ -111,7 +110,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
 
     async def _start_registration_workflow(self, reg: pb.Registration) -> None:
         """After the commit; if this never happens (crash, Temporal down), the
-        reconciler below starts it (domain/registration/starter.py)."""
+        reconciler job (server/background.py, domain/registration/starter.py) starts it."""
         expires_at = reg.expire_time.ToDatetime(tzinfo=UTC).isoformat()
         client = await self.rt.temporal()
         try:
@@ -550,14 +549,3 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         return pb.ListRegistrationsResponse(
             registrations=[cv.registration_to_proto(r) for r in regs], next_page_token=token
         )
-
-
-async def reconcile_step(rt: Runtime) -> int:
-    """Background step: start the workflows of registrations a commit left without one."""
-    if not rt.settings.temporal_address:
-        return 0
-    return await starter.reconcile(rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue)
-
-
-async def reconciler(rt: Runtime, holder: str) -> None:
-    await run_leased(rt, holder, "registration-reconciler", 10.0, reconcile_step)
