@@ -26,9 +26,5 @@ def current_channel() -> ChannelRef:
     return channel
 
 
-def optional_channel() -> ChannelRef | None:
-    return _channel.get()
-
-
 def current_method() -> str:
     return _method.get()
