@@ -27,7 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeGuard
 
 import asyncpg
 import grpc
@@ -61,8 +61,18 @@ class Metrics:
     def __init__(self, access_log: bool) -> None:
         self.access_log = access_log
 
-    def done(self, m: metrics.MethodMetrics, name: str, start: float, code: str, context: Any) -> None:
+    def done(
+        self, m: metrics.MethodMetrics, name: str, start: float, failure: BaseException | None, context: Any
+    ) -> None:
+        """Counts the call by its code: OK, CANCELLED, or the status it ended with."""
         elapsed = time.perf_counter() - start
+        if failure is None:
+            code = "OK"
+        elif isinstance(failure, asyncio.CancelledError):
+            code = "CANCELLED"
+        else:
+            c = context.code()
+            code = c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
         m.in_flight.dec()
         m.latency.observe(elapsed)
         m.count(code)
@@ -338,9 +348,10 @@ _FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
 }
 
 
-def _code_of(context: grpc.aio.ServicerContext) -> str:
-    c = context.code()
-    return c.name if isinstance(c, grpc.StatusCode) else "UNKNOWN"
+def _unanswered(exc: BaseException) -> TypeGuard[Exception]:
+    """An error the errors stage must turn into a status: not a cancellation (or another
+    BaseException such as an async generator's close) and not a status already set (abort)."""
+    return isinstance(exc, Exception) and not isinstance(exc, grpc.aio.AbortError)
 
 
 class Pipeline(grpc.aio.ServerInterceptor):
@@ -447,24 +458,18 @@ class Pipeline(grpc.aio.ServerInterceptor):
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
             m.in_flight.inc()
             start = time.perf_counter()
-            code = "OK"
+            failure: BaseException | None = None
             try:
-                try:
-                    if admit is not None:
-                        await admit(request, context)
-                    return await inner(request, context)
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:
-                    await handle_error(exc, context, name)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code_of(context)
+                if admit is not None:
+                    await admit(request, context)
+                return await inner(request, context)
+            except BaseException as exc:
+                failure = exc
+                if _unanswered(exc):
+                    await handle_error(exc, context, name)  # aborts: the call ends with that status
                 raise
             finally:
-                done(m, name, start, code, context)
+                done(m, name, start, failure, context)
 
         return unary
 
@@ -476,28 +481,22 @@ class Pipeline(grpc.aio.ServerInterceptor):
         async def stream(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
             m.in_flight.inc()
             start = time.perf_counter()
-            code = "OK"
+            failure: BaseException | None = None
             try:
-                try:
-                    if admit is not None:
-                        await admit(request, context)
-                    result = inner(request, context)
-                    if asyncio.iscoroutine(result):
-                        result = await result
-                    if result is not None:
-                        async for item in result:
-                            yield item
-                except (asyncio.CancelledError, grpc.aio.AbortError):
-                    raise
-                except Exception as exc:
+                if admit is not None:
+                    await admit(request, context)
+                result = inner(request, context)
+                if asyncio.iscoroutine(result):
+                    result = await result
+                if result is not None:
+                    async for item in result:
+                        yield item
+            except BaseException as exc:
+                failure = exc
+                if _unanswered(exc):
                     await handle_error(exc, context, name)
-            except asyncio.CancelledError:
-                code = "CANCELLED"
-                raise
-            except BaseException:
-                code = _code_of(context)
                 raise
             finally:
-                done(m, name, start, code, context)
+                done(m, name, start, failure, context)
 
         return stream
