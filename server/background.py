@@ -1,6 +1,6 @@
 """Background jobs the server runs next to the RPCs (singletons across replicas via leases
-or advisory locks). Each job is `async def job(rt, holder) -> None` that loops until
-cancelled; they all live here and App.start() runs every one in JOBS.
+or advisory locks). Every job lives here, in JOBS: each is `async def job(rt, holder) -> None`
+that loops until cancelled. Servicers never import this module (import-linter).
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ from domain.platform import idempotency
 from domain.registration import starter as registration_starter
 from domain.shared import leases, outbox
 from server.runtime import Runtime
-from server.stock_watch import run_hub
 
 log = logging.getLogger("entrepot.background")
 
@@ -55,20 +54,29 @@ async def _retention_step(rt: Runtime) -> int:
     return n
 
 
-async def retention(rt: Runtime, holder: str) -> None:
-    """Deletes idempotency keys and outbox events past their retention."""
-    await run_leased(rt, holder, "retention", 60.0, _retention_step)
-
-
-async def reservation_expiry(rt: Runtime, holder: str) -> None:
-    """Inventory: releases expired reservation holds; one replica at a time through a
-    transaction-scoped advisory lock."""
+async def _inventory_sweeper(rt: Runtime, holder: str) -> None:
+    """One replica at a time sweeps, through a transaction-scoped advisory lock."""
     await inventory.run_sweeper(rt.sessions, asyncio.Event(), interval=rt.settings.reservation_sweep_seconds)
 
 
-async def stock_watch_hub(rt: Runtime, holder: str) -> None:
-    """Inventory streams: the per-process outbox tail behind WatchStockChanges."""
+async def retention(rt: Runtime, holder: str) -> None:
+    await run_leased(rt, holder, "retention", 60.0, _retention_step)
+
+
+JOBS: list[Job] = [retention]
+
+# Inventory: releases expired reservation holds.
+JOBS.append(_inventory_sweeper)
+
+
+async def _stock_watch_hub(rt: Runtime, holder: str) -> None:
+    from server.stock_watch import run_hub
+
     await run_hub(rt, holder)
+
+
+# Inventory streams: the per-process outbox tail behind WatchStockChanges.
+JOBS.append(_stock_watch_hub)
 
 
 async def _refund_reconcile_step(rt: Runtime) -> int:
@@ -77,9 +85,12 @@ async def _refund_reconcile_step(rt: Runtime) -> int:
     return await refunds.reconcile(rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue)
 
 
-async def refund_reconciler(rt: Runtime, holder: str) -> None:
-    """Refunds: starts executions an approval committed but never started."""
+async def _refund_reconciler(rt: Runtime, holder: str) -> None:
     await run_leased(rt, holder, "refund-reconciler", 10.0, _refund_reconcile_step)
+
+
+# Refunds: starts executions an approval committed but never started.
+JOBS.append(_refund_reconciler)
 
 
 async def _registration_reconcile_step(rt: Runtime) -> int:
@@ -90,9 +101,9 @@ async def _registration_reconcile_step(rt: Runtime) -> int:
     )
 
 
-async def registration_reconciler(rt: Runtime, holder: str) -> None:
-    """Registration: starts the workflows of registrations a commit left without one."""
+async def _registration_reconciler(rt: Runtime, holder: str) -> None:
     await run_leased(rt, holder, "registration-reconciler", 10.0, _registration_reconcile_step)
 
 
-JOBS: list[Job] = [retention, reservation_expiry, stock_watch_hub, refund_reconciler, registration_reconciler]
+# Registration: starts workflows a SubmitRegistration committed but never started.
+JOBS.append(_registration_reconciler)

@@ -8,30 +8,11 @@ import gc
 import os
 import sys
 
-from pydantic import AliasChoices, ValidationError
-
 from server.settings import Settings
 
 
 def _settings() -> Settings:
-    """The settings from the environment; a bad value stops the command with one line (exit 2)."""
-    try:
-        return Settings()
-    except ValidationError as err:
-        problems = "; ".join(f"{_env_name(e['loc'])}: {e['msg']}" for e in err.errors())
-        print(f"entrepot: invalid configuration: {problems}", file=sys.stderr)
-        raise SystemExit(2) from None
-
-
-def _env_name(loc: tuple[int | str, ...]) -> str:
-    """The environment variable a settings field is read from (the value is never echoed: it
-    may be a secret)."""
-    name = str(loc[0]) if loc else "?"
-    field = Settings.model_fields.get(name)
-    alias = field.validation_alias if field is not None else None
-    if isinstance(alias, AliasChoices) and alias.choices:
-        return str(alias.choices[0])
-    return "ENTREPOT_" + name.upper()
+    return Settings()
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
