@@ -17,7 +17,7 @@ from domain.platform import idempotency
 from domain.shared.db import connection_lost, make_engine, make_read_pool, make_session_factory
 from domain.shared.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork, retrying
-from server.context import current_caller, current_method, bound_channel
+from server.context import bound_channel, current_caller, current_method
 from server.errors import ReplayedStatus, status_from_domain
 from server.notifier import NOTIFY_SQL, OutboxNotifier
 from server.settings import Settings
