@@ -20,19 +20,12 @@ from domain.platform import channels
 from domain.shared.caller import ChannelRef
 from server import background, reflection
 from server.auth import TokenVerifier, policies_for
-from server.interceptors import (
-    AuthInterceptor,
-    ChannelCache,
-    ChannelInterceptor,
-    ErrorInterceptor,
-    ObservabilityInterceptor,
-    StackInterceptor,
-)
-from server.ratelimit import RateLimitInterceptor, parse_rate_limits
+from server.interceptors import Auth, ChannelCache, Channels, Guard, Metrics, Pipeline
+from server.ratelimit import RateLimit, parse_rate_limits
 from server.runtime import Runtime
 from server.services import SERVICES
 from server.settings import Settings
-from server.tls import ClientCertInterceptor, server_credentials, tls_enabled
+from server.tls import CLIENT_CERT, server_credentials, tls_enabled
 
 log = logging.getLogger("entrepot.server")
 
@@ -88,6 +81,7 @@ class App:
         self.rt.on_channel_changed = self.channel_cache.invalidate
         self.health = health.aio.HealthServicer()
         self.server: grpc.aio.Server | None = None
+        self.pipeline: Pipeline | None = None  # built by start()
         self.port = 0
         self._tasks: list[asyncio.Task[None]] = []
         self._stopping = False
@@ -98,32 +92,9 @@ class App:
 
     async def start(self) -> int:
         s = self.settings
-        stages = (
-            ObservabilityInterceptor(self.policies, s.access_log),
-            ErrorInterceptor(self.policies),
-            AuthInterceptor(self.policies, self.verifier),
-            ChannelInterceptor(self.policies, self.channel_cache),
-        )
-        hardening = self._hardening_interceptors()
-        interceptors: list[Any]
-        if hardening:
-            # They sit between auth and channel: the stages stay separate interceptors.
-            interceptors = [*stages[:3], *hardening, stages[3]]
-        else:
-            # observability -> errors -> auth -> channel as one interceptor (no per-call re-wrapping).
-            interceptors = [StackInterceptor(*stages)]
-        if self.tracer_provider is None and _tracing_wanted():
-            from server import tracing
-
-            if tracing.enabled():
-                self.tracer_provider = tracing.make_provider()
-        if self.tracer_provider is not None:
-            from server.tracing import TracingInterceptor
-
-            # Outermost: the span covers auth, channel resolution and the handler.
-            interceptors.insert(0, TracingInterceptor(self.policies, self.tracer_provider))
+        self.pipeline = self._pipeline()
         server = grpc.aio.server(
-            interceptors=interceptors,
+            interceptors=[self.pipeline],
             options=server_options(s),
             maximum_concurrent_rpcs=s.max_concurrent_rpcs,
         )
@@ -150,19 +121,45 @@ class App:
         log.info("serving", extra={"listen": s.listen, "port": self.port})
         return self.port
 
-    def _hardening_interceptors(self) -> list[Any]:
-        """Installed only when configured, so the default hot path pays nothing (server/tls.py,
-        server/ratelimit.py)."""
-        out: list[Any] = []
-        if self.settings.tls_client_ca_file:
-            out.append(ClientCertInterceptor(self.policies))
-        limits = parse_rate_limits(self.settings.rate_limits)
+    def _pipeline(self) -> Pipeline:
+        """The one interceptor pipeline (server/interceptors.py) with the stages this
+        configuration asks for: TLS identity with a client CA, rate limits when set,
+        tracing when configured (server/tls.py, server/ratelimit.py, server/tracing.py)."""
+        s = self.settings
+        guards: list[Guard] = []
+        if s.tls_client_ca_file:
+            guards.append(CLIENT_CERT)
+        limits = parse_rate_limits(s.rate_limits)
         if limits:
             unknown = sorted(k for k in limits if not k.endswith("/*") and k not in self.policies)
             if unknown:
                 log.warning("rate limits name methods that are not served", extra={"methods": unknown})
-            out.append(RateLimitInterceptor(self.policies, limits))
-        return out
+            guards.append(RateLimit(limits).guard())
+        if self.tracer_provider is None and _tracing_wanted():
+            from server import tracing
+
+            if tracing.enabled():
+                self.tracer_provider = tracing.make_provider()
+        tracing_stage = None
+        if self.tracer_provider is not None:
+            from server.tracing import TracingStage
+
+            tracing_stage = TracingStage(self.tracer_provider)
+        text_checked = [
+            f"/{spec.descriptor.full_name}/{m.name}"
+            for spec in SERVICES
+            if spec.checks_text
+            for m in spec.descriptor.methods
+        ]
+        return Pipeline(
+            self.policies,
+            metrics=Metrics(s.access_log),
+            auth=Auth(self.verifier),
+            channels=Channels(self.channel_cache),
+            guards=guards,
+            text_checked=text_checked,
+            tracing=tracing_stage,
+        )
 
     async def _check_health(self) -> None:
         if self._stopping:

@@ -1,7 +1,6 @@
-"""Background jobs the server runs next to the RPCs (singletons across replicas via leases).
-
-Modules append their jobs to JOBS: each is `async def job(rt, holder) -> None`
-that loops until cancelled.
+"""Background jobs the server runs next to the RPCs (singletons across replicas via leases
+or advisory locks). Every job lives here, in JOBS: each is `async def job(rt, holder) -> None`
+that loops until cancelled. Servicers never import this module (import-linter).
 """
 
 from __future__ import annotations
@@ -12,7 +11,10 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
+import domain.refund as refunds
+from domain import inventory
 from domain.platform import idempotency
+from domain.registration import starter as registration_starter
 from domain.shared import leases, outbox
 from server.runtime import Runtime
 
@@ -53,9 +55,8 @@ async def _retention_step(rt: Runtime) -> int:
 
 
 async def _inventory_sweeper(rt: Runtime, holder: str) -> None:
-    from server.services.inventory import expiry_sweeper
-
-    await expiry_sweeper(rt, holder)
+    """One replica at a time sweeps, through a transaction-scoped advisory lock."""
+    await inventory.run_sweeper(rt.sessions, asyncio.Event(), interval=rt.settings.reservation_sweep_seconds)
 
 
 async def retention(rt: Runtime, holder: str) -> None:
@@ -78,20 +79,30 @@ async def _watch_hub(rt: Runtime, holder: str) -> None:
 JOBS.append(_watch_hub)
 
 
+async def _refund_reconcile_step(rt: Runtime) -> int:
+    if not rt.settings.temporal_address:
+        return 0
+    return await refunds.reconcile(rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue)
+
+
 async def _refund_reconciler(rt: Runtime, holder: str) -> None:
-    # Imported here: the servicer module imports this one.
-    from server.services.refund import reconciler
-
-    await reconciler(rt, holder)
+    await run_leased(rt, holder, "refund-reconciler", 10.0, _refund_reconcile_step)
 
 
+# Refunds: starts executions an approval committed but never started.
 JOBS.append(_refund_reconciler)
 
 
-async def _registration_reconciler(rt: Runtime, holder: str) -> None:
-    from server.services.registration import reconciler
+async def _registration_reconcile_step(rt: Runtime) -> int:
+    if not rt.settings.temporal_address:
+        return 0
+    return await registration_starter.reconcile(
+        rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue
+    )
 
-    await reconciler(rt, holder)
+
+async def _registration_reconciler(rt: Runtime, holder: str) -> None:
+    await run_leased(rt, holder, "registration-reconciler", 10.0, _registration_reconcile_step)
 
 
 # Registration: starts workflows a SubmitRegistration committed but never started.

@@ -26,7 +26,8 @@ def current_channel() -> ChannelRef:
     return channel
 
 
-def optional_channel() -> ChannelRef | None:
+def bound_channel() -> ChannelRef | None:
+    """The channel the call is bound to, if any (the idempotency hash covers it)."""
     return _channel.get()
 
 

@@ -80,6 +80,12 @@ def to_grpc_status(status: status_pb2.Status) -> grpc.Status:
     return rpc_status.to_status(status)  # type: ignore[no-any-return]
 
 
+async def abort(context: grpc.aio.ServicerContext, status: status_pb2.Status) -> None:
+    """Ends the call with `status` (code, message and details in the trailers); always raises."""
+    s = to_grpc_status(status)
+    await context.abort(s.code, s.details, s.trailing_metadata)
+
+
 assert code_pb2.OK == 0  # google.rpc codes and grpc codes share numbering
 
 

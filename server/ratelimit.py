@@ -16,16 +16,14 @@ import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any
 
 import grpc
 from google.protobuf import any_pb2, duration_pb2
-from google.rpc import error_details_pb2
-from grpc_interceptor.server import AsyncServerInterceptor
+from google.rpc import error_details_pb2, status_pb2
 
 from server import context as ctx
-from server.errors import build_status, to_grpc_status
-from server.tls import call_next, foreign_streaming
+from server.errors import abort, build_status
+from server.interceptors import Guard
 
 UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0}
 MAX_BUCKETS = 100_000
@@ -103,24 +101,23 @@ class TokenBuckets:
         return wait
 
 
-class RateLimitInterceptor(AsyncServerInterceptor):
-    """After auth (needs the caller). Only installed when ENTREPOT_RATE_LIMITS is set."""
+class RateLimit:
+    """The rate-limit stage: a pipeline guard (server/interceptors.py) after auth, which
+    binds the caller whose subject names the bucket."""
 
-    def __init__(self, policies: dict[str, Any], limits: dict[str, Limit]) -> None:
-        self.policies = policies
+    def __init__(self, limits: dict[str, Limit]) -> None:
         self.buckets = TokenBuckets(limits)
 
-    async def intercept(self, method: Any, request: Any, context: grpc.aio.ServicerContext, name: str) -> Any:
-        policy = self.policies.get(name)
-        if policy is not None:
-            wait = self.buckets.take(ctx.current_caller().subject, name)
-            if wait > 0:
-                await context.abort(*_rate_limited(name, wait))
-        streaming = policy.server_streaming if policy is not None else foreign_streaming(name)
-        return await call_next(method, request, context, streaming)
+    def guard(self) -> Guard:
+        return Guard("rate-limit", self.check)
+
+    async def check(self, context: grpc.aio.ServicerContext, name: str) -> None:
+        wait = self.buckets.take(ctx.current_caller().subject, name)
+        if wait > 0:
+            await abort(context, rate_limited(name, wait))
 
 
-def _rate_limited(name: str, wait: float) -> tuple[grpc.StatusCode, str, Any]:
+def rate_limited(name: str, wait: float) -> status_pb2.Status:
     status = build_status(
         grpc.StatusCode.RESOURCE_EXHAUSTED,
         "RATE_LIMITED",
@@ -132,5 +129,4 @@ def _rate_limited(name: str, wait: float) -> tuple[grpc.StatusCode, str, Any]:
     packed = any_pb2.Any()
     packed.Pack(error_details_pb2.RetryInfo(retry_delay=delay))
     status.details.append(packed)
-    s = to_grpc_status(status)
-    return s.code, s.details, s.trailing_metadata
+    return status

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -16,7 +17,7 @@ from domain.platform import idempotency
 from domain.shared.db import connection_lost, make_engine, make_read_pool, make_session_factory
 from domain.shared.errors import DomainError, FieldViolation, InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork, retrying
-from server.context import current_caller, current_method, optional_channel
+from server.context import bound_channel, current_caller, current_method
 from server.errors import ReplayedStatus, status_from_domain
 from server.notifier import NOTIFY_SQL, OutboxNotifier
 from server.settings import Settings
@@ -41,7 +42,7 @@ def request_digest(method: str, request: Message) -> bytes:
                 FieldViolation("request_id", f"printable, at most {MAX_REQUEST_ID} characters")
             ],
         )
-    channel = optional_channel()
+    channel = bound_channel()
     return idempotency.request_hash(
         method, None if channel is None else channel.slug, request.SerializeToString(deterministic=True)
     )
@@ -102,8 +103,11 @@ class Runtime:
             except Exception as exc:
                 if connection_lost(exc):
                     # Its state is unknown (dropped mid-operation): never hand it out
-                    # again; the pool opens a new one on the next acquire.
-                    conn.terminate()
+                    # again; the pool opens a new one on the next acquire. A connection
+                    # the database closed has already gone back to the pool by itself
+                    # (its proxy then refuses every call): nothing is left to terminate.
+                    with contextlib.suppress(asyncpg.InterfaceError):
+                        conn.terminate()
                 raise
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:

@@ -1,9 +1,11 @@
-"""Configuration from the environment (pydantic-settings). The table of every setting: docs/operations.md (Configuration)."""
+"""The server's one configuration: every setting, from the environment (pydantic-settings,
+prefix ENTREPOT_). Code reads `rt.settings` / `App.settings`; no module keeps settings of
+its own or falls back to defaults of its own. The table of every setting: docs/operations.md."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -42,7 +44,10 @@ class Settings(BaseSettings):
     # How long a resolved channel is trusted before it is read again (seconds).
     channel_cache_seconds: float = 2.0
 
-    # Transport limits.
+    # Transport limits. max_message_bytes is the one truth for message sizes: the server
+    # receives and sends at most this much, and the Python client's default
+    # (entrepot_client.MAX_MESSAGE_BYTES) is the same number (tests/unit/test_settings.py);
+    # a deployment that changes it passes the same value to clients (max_message_bytes=).
     max_message_bytes: int = 4 * 1024 * 1024
     max_metadata_bytes: int = 16 * 1024
     # Per HTTP/2 connection. Python gRPC clients do not queue past the limit (the
@@ -93,6 +98,19 @@ class Settings(BaseSettings):
     reserve_batch_window_ms: float = 0.0
     reserve_batch_inflight: int = 1
     reservation_sweep_seconds: float = 1.0
+
+    # Inventory streams (server/services/inventory_streams.py).
+    # SyncStock: an unknown SKU becomes a tracked item with default policy (create) or the
+    # event is rejected with UNKNOWN_SKU (reject).
+    sync_unknown_sku: Literal["create", "reject"] = "create"
+    # Batches of one SyncStock stream read from the network but not yet acked; the next
+    # batch is read only when fewer are in flight (HTTP/2 flow control holds the adapter back).
+    sync_max_in_flight: int = 4
+    # WatchStockChanges: events buffered per watcher before it is cut off
+    # (RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW), and how often an idle watcher is sent
+    # its advanced cursor (seconds).
+    watch_buffer_events: int = 10_000
+    watch_heartbeat_seconds: float = 2.0
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

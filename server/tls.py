@@ -10,14 +10,13 @@ client key, and a valid certificate alone grants nothing.
 
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import grpc
-from grpc_interceptor.server import AsyncServerInterceptor
 
 from server import context as ctx
-from server.errors import build_status, to_grpc_status
+from server.errors import abort, build_status
+from server.interceptors import Guard
 from server.settings import Settings
 
 
@@ -47,41 +46,18 @@ def _names(auth: dict[str, Any]) -> set[str]:
     return names
 
 
-class ClientCertInterceptor(AsyncServerInterceptor):
-    """With mTLS: the token's subject must be named by the client certificate.
-
-    Sits after the auth interceptor (it needs the caller); only installed when a client CA is set.
-    """
-
-    def __init__(self, policies: dict[str, Any]) -> None:
-        self.policies = policies
-
-    async def intercept(self, method: Any, request: Any, context: grpc.aio.ServicerContext, name: str) -> Any:
-        policy = self.policies.get(name)
-        if policy is not None:
-            sub = ctx.current_caller().subject
-            if sub not in _names(context.auth_context() or {}):
-                s = to_grpc_status(
-                    build_status(
-                        grpc.StatusCode.UNAUTHENTICATED,
-                        "CLIENT_CERT_MISMATCH",
-                        "the token's subject is not named by the client certificate",
-                    )
-                )
-                await context.abort(s.code, s.details, s.trailing_metadata)
-        streaming = policy.server_streaming if policy is not None else foreign_streaming(name)
-        return await call_next(method, request, context, streaming)
+async def check_client_cert(context: grpc.aio.ServicerContext, name: str) -> None:
+    """The TLS identity stage (with mTLS): the token's subject must be named by the client
+    certificate. A pipeline guard (server/interceptors.py): it runs after auth, which binds the caller."""
+    if ctx.current_caller().subject not in _names(context.auth_context() or {}):
+        await abort(
+            context,
+            build_status(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "CLIENT_CERT_MISMATCH",
+                "the token's subject is not named by the client certificate",
+            ),
+        )
 
 
-def foreign_streaming(name: str) -> bool:
-    return name.endswith("/Watch") or name.endswith("/ServerReflectionInfo")
-
-
-async def call_next(method: Any, request: Any, context: grpc.aio.ServicerContext, streaming: bool) -> Any:
-    """Continue the chain; a server-streaming result is passed through as an async iterator."""
-    result = method(request, context)
-    if streaming:
-        if asyncio.iscoroutine(result):
-            result = await result
-        return result
-    return await result
+CLIENT_CERT = Guard("tls-identity", check_client_cert)

@@ -5,8 +5,8 @@ On when `ENTREPOT_OTEL` is 1/true/otlp/console, or when an OTLP endpoint is conf
 the standard OTEL_* variables: headers, protocol, service name via OTEL_SERVICE_NAME).
 `ENTREPOT_OTEL=console` prints spans to stderr instead (local debugging).
 
-The interceptor sits outermost (app.py adds it only when enabled), so a span covers
-auth, channel resolution and the handler; an incoming W3C `traceparent` is continued.
+It is the pipeline's outermost stage (server/interceptors.py; app.py adds it only when
+enabled), so a span covers auth, channel resolution and the handler; an incoming W3C `traceparent` is continued.
 Attributes follow the RPC semantic conventions (rpc.system, rpc.service, rpc.method,
 rpc.grpc.status_code); the caller's subject is recorded, the token never is.
 """
@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import grpc
-from grpc_interceptor.server import AsyncServerInterceptor
 from opentelemetry import propagate, trace
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -32,8 +31,7 @@ from opentelemetry.sdk.trace.export import (
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from server import context as ctx
-from server.auth import Policy
-from server.interceptors import Method, _call, _metadata, _streams
+from server.interceptors import Handler
 
 ON = {"1", "true", "yes", "on", "otlp", "console"}
 
@@ -61,44 +59,46 @@ def make_provider(
     return provider
 
 
-class TracingInterceptor(AsyncServerInterceptor):
-    def __init__(self, policies: dict[str, Policy], provider: trace.TracerProvider) -> None:
-        self.policies = policies
+class TracingStage:
+    """The pipeline's outermost stage (server/interceptors.py) when tracing is on."""
+
+    def __init__(self, provider: trace.TracerProvider) -> None:
         self.tracer = provider.get_tracer("entrepot.server")
 
-    async def intercept(
-        self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> Any:
-        if _streams(self.policies, name):
-            return self._stream(method, request, context, name)
-        with self._span(context, name) as span:
-            try:
-                result = await _call(method, request, context, False)
-            except BaseException as exc:
-                self._failed(span, context, exc)
-                raise
-            self._ok(span)
-            return result
+    def unary(self, inner: Handler, name: str) -> Handler:
+        async def traced(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with self._span(context, name) as span:
+                try:
+                    result = await inner(request, context)
+                except BaseException as exc:
+                    self._failed(span, context, exc)
+                    raise
+                self._ok(span)
+                return result
 
-    async def _stream(
-        self, method: Method, request: Any, context: grpc.aio.ServicerContext, name: str
-    ) -> AsyncIterator[Any]:
-        with self._span(context, name) as span:
-            sent = 0
-            try:
-                async for item in await _call(method, request, context, True):
-                    sent += 1
-                    yield item
-            except BaseException as exc:
-                self._failed(span, context, exc)
-                raise
-            finally:
-                span.set_attribute("rpc.messages_sent", sent)
-            self._ok(span)
+        return traced
+
+    def stream(self, inner: Handler, name: str) -> Handler:
+        async def traced(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            with self._span(context, name) as span:
+                sent = 0
+                try:
+                    async for item in inner(request, context):
+                        sent += 1
+                        yield item
+                except BaseException as exc:
+                    self._failed(span, context, exc)
+                    raise
+                finally:
+                    span.set_attribute("rpc.messages_sent", sent)
+                self._ok(span)
+
+        return traced
 
     def _span(self, context: grpc.aio.ServicerContext, name: str) -> Any:
         service, _, rpc = name.strip("/").partition("/")
-        parent = propagate.extract(_metadata(context))
+        carrier = {k: v for k, v in context.invocation_metadata() or () if isinstance(v, str)}
+        parent = propagate.extract(carrier)
         return self.tracer.start_as_current_span(
             f"{service}/{rpc}",
             context=parent,

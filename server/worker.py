@@ -1,8 +1,8 @@
 """The Temporal worker: every module's workflows and activities on one task queue.
 
-Modules append to WORKFLOWS and ACTIVITY_FACTORIES (a factory takes the
-Runtime and returns the activity callables, usually bound methods of an
-object holding the session factory).
+Every module's workflows are in WORKFLOWS and its activity factory (it takes the
+Runtime and returns the activity callables, bound methods of an object holding the
+session factory) in ACTIVITY_FACTORIES, both here.
 
 Metrics: with ENTREPOT_WORKER_METRICS_PORT set, the Temporal SDK's own Prometheus exporter
 serves its runtime metrics (`temporal_*`: task slots, polls, activity and workflow latencies)
@@ -25,18 +25,26 @@ from temporalio.runtime import Runtime as TemporalRuntime
 from temporalio.worker import ActivityInboundInterceptor, ExecuteActivityInput, Interceptor, Worker
 from temporalio.worker.workflow_sandbox import SandboxedWorkflowRunner, SandboxRestrictions
 
+import domain.refund as refunds
 from domain import registration
-from domain.refund import RefundExecutionWorkflow
 from server.runtime import Runtime
-from server.services.refund import activities as refund_activities
 from server.settings import Settings
 
 log = logging.getLogger("entrepot.worker")
 
-WORKFLOWS: list[type] = [RefundExecutionWorkflow, *registration.WORKFLOWS]
+
+def refund_activities(rt: Runtime) -> Sequence[Callable[..., Any]]:
+    return refunds.RefundActivities(rt.sessions, refunds.SimulatedGateway(rt.sessions)).all()
+
+
+def registration_activities(rt: Runtime) -> Sequence[Callable[..., Any]]:
+    return registration.RegistrationActivities(rt.sessions).all()
+
+
+WORKFLOWS: list[type] = [refunds.RefundExecutionWorkflow, *registration.WORKFLOWS]
 ACTIVITY_FACTORIES: list[Callable[[Runtime], Sequence[Callable[..., Any]]]] = [
     refund_activities,
-    lambda rt: registration.RegistrationActivities(rt.sessions).all(),
+    registration_activities,
 ]
 
 # The sandbox re-imports a workflow's modules for every run; our domain packages

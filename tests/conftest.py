@@ -68,7 +68,13 @@ def make_settings(database_url: str, temporal_address: str | None, **overrides: 
 
 @pytest.fixture(scope="session")
 def settings(database_url: str, temporal_env: WorkflowEnvironment) -> Settings:
-    return make_settings(database_url, temporal_env.client.service_client.config.target_host)
+    return make_settings(
+        database_url,
+        temporal_env.client.service_client.config.target_host,
+        # tests/integration/test_watch_stock.py: heartbeats and slow watchers within seconds.
+        watch_heartbeat_seconds=0.3,
+        watch_buffer_events=1000,
+    )
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
 """What carts need from modules that are not theirs, behind small protocols.
 
 RefundedQuantities: the refund module reports units refunded per SKU, so the
-per-customer purchase limit credits them back. Until it is wired, NO_REFUNDS
-reads nothing (limits then count gross purchases: the strict side).
+per-customer purchase limit credits them back. The servicer passes
+RefundModuleQuantities (server/services/cart.py); NO_REFUNDS, the default for other
+callers, reads nothing (limits then count gross purchases: the strict side).
 """
 
 from __future__ import annotations

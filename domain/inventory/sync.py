@@ -51,7 +51,6 @@ UNKNOWN_SKU_POLICIES = ("create", "reject")
 MAX_SOURCE = 128
 MAX_EVENT_ID = 128
 MAX_BATCH = 10_000
-LEDGER_TYPE = "sync"
 
 
 class SyncEvent(NamedTuple):

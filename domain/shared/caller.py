@@ -21,9 +21,6 @@ class Caller:
         return "*" in self.channels or slug in self.channels
 
 
-SYSTEM = Caller(subject="system:entrepot", permissions=frozenset({"*"}), channels=frozenset({"*"}))
-
-
 @dataclass(frozen=True)
 class ChannelRef:
     """The channel a call was made for, resolved and checked by the server."""

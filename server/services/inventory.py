@@ -4,13 +4,12 @@ ReserveStock goes through the group-commit batcher (domain/inventory/batcher.py)
 unless ENTREPOT_RESERVE_BATCHING=false; the batcher claims and stores the
 idempotency key itself with rt.mutate's exact semantics (same digest, same
 principal/method, same replay). SyncStock, GetSyncCursor and
-WatchStockChanges are not served yet (UNIMPLEMENTED from the generated base).
+WatchStockChanges are in inventory_streams.py (InventoryStreamsMixin).
 """
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any, TypeAlias
+from typing import TypeAlias
 
 import grpc
 
@@ -62,12 +61,12 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
             lambda skus: rt.read_one_statement(lambda conn: inv.fetch_sku_stocks(conn, skus))
         )
         self.batcher: inv.ReserveBatcher | None = None
-        if getattr(s, "reserve_batching", True):
+        if s.reserve_batching:
             self.batcher = inv.ReserveBatcher(
                 rt.sessions,
                 encode=_encode,
-                window=getattr(s, "reserve_batch_window_ms", 0.0) / 1000,
-                max_inflight=getattr(s, "reserve_batch_inflight", 1),
+                window=s.reserve_batch_window_ms / 1000,
+                max_inflight=s.reserve_batch_inflight,
                 on_batch=metrics.RESERVE_BATCH_SIZE.observe,
             )
 
@@ -400,10 +399,3 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
             )
 
         return await self.rt.mutate(request, run)
-
-
-async def expiry_sweeper(rt: Runtime, holder: str) -> None:
-    """Background job (server/background.py): releases expired holds; one replica
-    at a time through a transaction-scoped advisory lock."""
-    interval: Any = getattr(rt.settings, "reservation_sweep_seconds", 1.0)
-    await inv.run_sweeper(rt.sessions, asyncio.Event(), interval=float(interval))

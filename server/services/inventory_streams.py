@@ -1,18 +1,9 @@
 """InventoryService streams: SyncStock, GetSyncCursor, WatchStockChanges.
 
 `InventoryStreamsMixin` is inherited by InventoryServicer (it only needs
-`self.rt`). Settings come from the environment (prefix ENTREPOT_):
-
-- ENTREPOT_SYNC_UNKNOWN_SKU = create | reject (default create: an unknown SKU
-  becomes a tracked item with default policy; reject: the event is rejected
-  with UNKNOWN_SKU).
-- ENTREPOT_SYNC_MAX_IN_FLIGHT (default 4): batches of one SyncStock stream
-  read from the network but not yet acked; the next batch is read only when
-  fewer are in flight, so a fast adapter is held back by HTTP/2 flow control.
-- ENTREPOT_WATCH_BUFFER_EVENTS (default 10000): events buffered per watcher
-  before it is cut off with RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW.
-- ENTREPOT_WATCH_HEARTBEAT_SECONDS (default 2): an idle watcher receives an
-  empty message carrying the advanced cursor at most this often.
+`self.rt`). Their settings (ENTREPOT_SYNC_UNKNOWN_SKU, ENTREPOT_SYNC_MAX_IN_FLIGHT,
+ENTREPOT_WATCH_BUFFER_EVENTS, ENTREPOT_WATCH_HEARTBEAT_SECONDS) are in
+server/settings.py with the others.
 """
 
 from __future__ import annotations
@@ -21,10 +12,9 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator
-from typing import Literal, TypeAlias
+from typing import TypeAlias
 
 import grpc
-from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from domain.inventory import sync, watch
 from domain.inventory.types import Cost
@@ -56,17 +46,8 @@ _MOVEMENTS = {
     "import": pb.MOVEMENT_TYPE_IMPORT,
     "sync": pb.MOVEMENT_TYPE_SYNC,
 }
-# Deadlock / serialization failure against concurrent writers: the batch is retried whole.
+# The reader task's end-of-stream marker on the queue.
 _END = object()
-
-
-class StreamSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ENTREPOT_", extra="ignore")
-
-    sync_unknown_sku: Literal["create", "reject"] = "create"
-    sync_max_in_flight: int = 4
-    watch_buffer_events: int = 10_000
-    watch_heartbeat_seconds: float = 2.0
 
 
 def events_from_proto(batch: pb.SyncBatch) -> list[sync.SyncEvent]:
@@ -160,13 +141,6 @@ class InventoryStreamsMixin:
     """SyncStock, GetSyncCursor and WatchStockChanges for InventoryServicer."""
 
     rt: Runtime
-    _stream_settings: StreamSettings | None = None
-
-    @property
-    def stream_settings(self) -> StreamSettings:
-        if self._stream_settings is None:
-            self._stream_settings = StreamSettings()
-        return self._stream_settings
 
     async def GetSyncCursor(self, request: pb.GetSyncCursorRequest, context: Ctx) -> pb.SyncCursor:
         cursor = await self.rt.read(lambda s: sync.get_cursor(s, request.source))
@@ -175,7 +149,7 @@ class InventoryStreamsMixin:
     async def SyncStock(
         self, request_iterator: AsyncIterator[pb.SyncStockRequest], context: Ctx
     ) -> AsyncIterator[pb.SyncStockResponse]:
-        cfg = self.stream_settings
+        cfg = self.rt.settings
         try:
             first = await anext(aiter(request_iterator))
         except StopAsyncIteration:
@@ -239,7 +213,7 @@ class InventoryStreamsMixin:
     async def WatchStockChanges(
         self, request: pb.WatchStockChangesRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchStockChangesResponse]:
-        cfg = self.stream_settings
+        cfg = self.rt.settings
         flt = watch.make_filter(
             list(request.skus), list(request.warehouse_codes), request.below_threshold_only
         )

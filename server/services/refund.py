@@ -1,14 +1,12 @@
 """RefundService servicer: decode, call one domain function, encode.
 
 Decisions and retries start the execution workflow after their transaction
-commits (a crash in between is covered by the reconciler job below).
+commits (a crash in between is covered by the reconciler job in server/background.py).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
 
 import grpc
 
@@ -17,7 +15,6 @@ from domain.shared.errors import FieldViolation, InvalidArgument
 from domain.shared.uow import UnitOfWork
 from entrepot.platform.v1 import types_pb2
 from entrepot.refund.v1 import refund_pb2, refund_pb2_grpc
-from server.background import run_leased
 from server.context import current_caller, current_channel
 from server.convert import from_money, ts
 from server.runtime import Runtime
@@ -234,18 +231,3 @@ def refunds_invalid_decision() -> InvalidArgument:
         "decision must be APPROVE or DENY",
         field_violations=[FieldViolation("decision", "must be DECISION_APPROVE or DECISION_DENY")],
     )
-
-
-async def reconcile_step(rt: Runtime) -> int:
-    """Background step: start executions an approval committed but never started."""
-    if not rt.settings.temporal_address:
-        return 0
-    return await refunds.reconcile(rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue)
-
-
-async def reconciler(rt: Runtime, holder: str) -> None:
-    await run_leased(rt, holder, "refund-reconciler", 10.0, reconcile_step)
-
-
-def activities(rt: Runtime) -> list[Callable[..., Any]]:
-    return list(refunds.RefundActivities(rt.sessions, refunds.SimulatedGateway(rt.sessions)).all())

@@ -29,9 +29,9 @@ from domain.shared.errors import InvalidArgument, Unavailable
 from domain.shared.uow import UnitOfWork
 from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
-from server.background import run_leased
 from server.client_address import client_ip, parse_networks
 from server.context import current_caller, current_channel
+from server.interceptors import check_text
 from server.runtime import Runtime
 from server.services import registration_convert as cv
 
@@ -96,7 +96,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
 
     async def _start_registration_workflow(self, reg: pb.Registration) -> None:
         """After the commit; if this never happens (crash, Temporal down), the
-        reconciler below starts it (domain/registration/starter.py)."""
+        reconciler job (server/background.py, domain/registration/starter.py) starts it."""
         expires_at = reg.expire_time.ToDatetime(tzinfo=UTC).isoformat()
         client = await self.rt.temporal()
         try:
@@ -413,7 +413,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 "UPLOAD_HEADER_REQUIRED", "the first message of an upload must be the header"
             )
         h = first.header
-        cv.check_text(h, "header.")
+        check_text(h, "header.")  # the text stage checks unary requests; a stream checks its own
         if not h.request_id:
             raise InvalidArgument("REQUEST_ID_REQUIRED", "header.request_id is required")
         await self.rt.read(
@@ -535,30 +535,3 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         return pb.ListRegistrationsResponse(
             registrations=[cv.registration_to_proto(r) for r in regs], next_page_token=token
         )
-
-
-def _guard_text(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
-    async def wrapper(self: RegistrationServicer, request: Any, context: Any) -> Any:
-        cv.check_text(request)
-        return await method(self, request, context)
-
-    wrapper.__name__ = method.__name__
-    wrapper.__doc__ = method.__doc__
-    return wrapper
-
-
-# Every unary RPC checks its request's text first (the upload checks its header).
-for _name in pb.DESCRIPTOR.services_by_name["RegistrationService"].methods_by_name:
-    if _name != "UploadRegistrationDocument":
-        setattr(RegistrationServicer, _name, _guard_text(getattr(RegistrationServicer, _name)))
-
-
-async def reconcile_step(rt: Runtime) -> int:
-    """Background step: start the workflows of registrations a commit left without one."""
-    if not rt.settings.temporal_address:
-        return 0
-    return await starter.reconcile(rt.sessions, await rt.temporal(), rt.settings.temporal_task_queue)
-
-
-async def reconciler(rt: Runtime, holder: str) -> None:
-    await run_leased(rt, holder, "registration-reconciler", 10.0, reconcile_step)

@@ -54,28 +54,6 @@ def enum_str(enum: Any, prefix: str, value: int) -> str:
         return f"unknown({value})"
 
 
-def check_text(message: Message, path: str = "") -> None:
-    """PostgreSQL text cannot hold NUL: refuse it as bad input instead of failing in the database."""
-    for fd, value in message.ListFields():
-        name = f"{path}{fd.name}"
-        if fd.type == fd.TYPE_STRING:
-            values = value if fd.is_repeated else [value]
-            if any("\x00" in v for v in values):
-                raise InvalidArgument(
-                    "INVALID_TEXT", f"{name} contains a NUL character", metadata={"field": name}
-                )
-        elif fd.type == fd.TYPE_MESSAGE:
-            if fd.message_type is not None and fd.message_type.GetOptions().map_entry:
-                for k, v in value.items():
-                    if "\x00" in str(k):
-                        raise InvalidArgument("INVALID_TEXT", f"{name} has a key with a NUL character")
-                    if isinstance(v, Message):
-                        check_text(v, f"{name}[{k}].")
-            else:
-                for item in value if fd.is_repeated else [value]:
-                    check_text(item, f"{name}.")
-
-
 # ------------------------------------------------------------------ addresses and answers
 
 

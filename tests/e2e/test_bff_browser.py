@@ -28,7 +28,7 @@ from entrepot.order.v1 import order_pb2
 from entrepot_client import Entrepot
 from server.app import App
 from server.devservices import free_port
-from server.stock_watch import hub_for
+from server.watch_hub import hub_for
 from tests.conftest import unique
 from tests.e2e.bff_support import (
     BFF_PERMISSIONS,

@@ -17,7 +17,7 @@ from temporalio.testing import WorkflowEnvironment
 from temporalio.worker import Replayer
 
 from domain.registration import WORKFLOWS
-from entrepot.platform.v1 import types_pb2
+from entrepot.platform.v1 import channel_pb2, types_pb2
 from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot_client import (
     AlreadyExistsError,
@@ -428,6 +428,71 @@ async def test_upload_limits_and_types(
         and ver.verification_strategy == "manual_review"
         and ver.confidence_bps == 0
     )
+
+
+async def test_nul_in_any_text_field_is_invalid_text_naming_the_field(
+    admin: Entrepot, catalog_codes: dict[str, str]
+) -> None:
+    """RegistrationService requests pass the pipeline's text stage: a NUL character anywhere
+    (top level, repeated, nested message, map key or value, an upload's header) is refused
+    before the database with INVALID_TEXT naming the field. Other services leave it to the
+    database (SQLSTATE class 22: INVALID_VALUE)."""
+
+    async def refused(call: Any) -> InvalidArgumentError:
+        with pytest.raises(InvalidArgumentError) as exc:
+            await call
+        assert exc.value.reason == "INVALID_TEXT", exc.value
+        return exc.value
+
+    def doc_type(**over: Any) -> pb.CreateDocumentTypeRequest:
+        fields: dict[str, Any] = {"code": unique("nul"), "name": "N", "max_size_bytes": LIMIT, **over}
+        return pb.CreateDocumentTypeRequest(document_type=pb.DocumentType(**fields), request_id=rid())
+
+    top = await refused(admin.registration.create_document_type(doc_type(name="Li\x00cense")))
+    assert (top.message, top.metadata) == (
+        "document_type.name contains a NUL character",
+        {"field": "document_type.name"},
+    )
+    rep = await refused(
+        admin.registration.create_document_type(doc_type(allowed_content_types=["application/pdf\x00"]))
+    )
+    assert rep.message == "document_type.allowed_content_types contains a NUL character"
+    form = await make_form(admin)
+    value = await refused(submit(admin, form, answers=good_answers(company="Ac\x00me")))
+    assert (value.message, value.metadata) == (
+        "answers[company].text contains a NUL character",
+        {"field": "answers[company].text"},
+    )
+    key = await refused(
+        submit(admin, form, answers={**good_answers(), "co\x00mpany": pb.FieldValue(text="x")})
+    )
+    assert (key.message, key.metadata) == ("answers has a key with a NUL character", {})
+    nested = await refused(
+        submit(admin, form, address=types_pb2.PostalAddress(city="Pa\x00ris", country_code="FR"))
+    )
+    assert nested.message == "address.city contains a NUL character"
+    reg = await submit(admin, form)
+    header = await refused(
+        upload_document(admin, reg.id, catalog_codes["license"], "l\x00.pdf", "application/pdf", PDF)
+    )
+    assert (header.message, header.metadata) == (
+        "header.filename contains a NUL character",
+        {"field": "header.filename"},
+    )
+    # A read goes through the stage as well.
+    read = await refused(
+        admin.registration.get_registration_form(pb.GetRegistrationFormRequest(slug="f\x00"))
+    )
+    assert read.message == "slug contains a NUL character"
+    # Not every service: the channel service leaves it to the database.
+    with pytest.raises(InvalidArgumentError) as other:
+        await admin.channel.create_channel(
+            channel_pb2.CreateChannelRequest(
+                channel=channel_pb2.Channel(slug=unique("nul"), name="N\x00", currency="EUR"),
+                request_id=rid(),
+            )
+        )
+    assert other.value.reason == "INVALID_VALUE"
 
 
 # ------------------------------------------------------------------ signatures

@@ -40,6 +40,16 @@ def test_tracing_is_off_unless_configured() -> None:
 
 async def test_default_app_has_no_tracing(app: App) -> None:
     assert app.tracer_provider is None
+    assert app.pipeline is not None
+    assert app.pipeline.stages == ["metrics", "errors", "auth", "channel", "text"]
+
+
+async def test_tracing_is_the_outermost_stage_of_the_one_pipeline(
+    traced: tuple[App, InMemorySpanExporter],
+) -> None:
+    pipeline = traced[0].pipeline
+    assert pipeline is not None
+    assert pipeline.stages == ["tracing", "metrics", "errors", "auth", "channel", "text"]
 
 
 async def test_one_server_span_per_rpc(

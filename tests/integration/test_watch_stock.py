@@ -4,7 +4,6 @@ cursors, slow watchers cut off and resuming."""
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
@@ -18,10 +17,6 @@ from entrepot_client import Entrepot, EntrepotError, ResourceExhaustedError
 from entrepot_client.streams import StockEvent, StockWatch, sync_stock, watch_stock
 from tests.conftest import unique
 from tests.integration.test_sync_stock import make_warehouse
-
-if True:  # the in-process server reads these once, on its first stream call
-    os.environ.setdefault("ENTREPOT_WATCH_HEARTBEAT_SECONDS", "0.3")
-    os.environ.setdefault("ENTREPOT_WATCH_BUFFER_EVENTS", "1000")
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
 

@@ -20,7 +20,16 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from entrepot.platform.v1 import channel_pb2
-from entrepot_client import DeadlineExceededError, Entrepot, UnauthenticatedError, UnavailableError
+from entrepot.registration.v1 import registration_pb2
+from entrepot_client import (
+    DeadlineExceededError,
+    Entrepot,
+    InvalidArgumentError,
+    NotFoundError,
+    ResourceExhaustedError,
+    UnauthenticatedError,
+    UnavailableError,
+)
 from server.app import App
 from tests.conftest import make_settings
 from tests.reliability.support import token
@@ -139,19 +148,26 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 
 @contextlib.asynccontextmanager
-async def tls_server(database_url: str, pki: Pki, server: Pair, mtls: bool) -> AsyncIterator[str]:
+async def tls_app(database_url: str, pki: Pki, server: Pair, mtls: bool, **more: Any) -> AsyncIterator[App]:
     overrides: dict[str, Any] = {
         "tls_cert_file": pki.write("server.pem", server.cert_pem),
         "tls_key_file": pki.write("server.key", server.key_pem),
+        **more,
     }
     if mtls:
         overrides["tls_client_ca_file"] = pki.write("clients-ca.pem", pki.ca.cert_pem)
     app = App(make_settings(database_url, None, **overrides))
     await app.start()
     try:
-        yield f"localhost:{app.port}"
+        yield app
     finally:
         await app.stop(grace=0.5)
+
+
+@contextlib.asynccontextmanager
+async def tls_server(database_url: str, pki: Pki, server: Pair, mtls: bool) -> AsyncIterator[str]:
+    async with tls_app(database_url, pki, server, mtls) as app:
+        yield f"localhost:{app.port}"
 
 
 def creds(root: Pair, client: Pair | None = None) -> grpc.ChannelCredentials:
@@ -210,6 +226,52 @@ async def test_mtls_binds_the_token_subject_to_the_certificate(database_url: str
         with pytest.raises(UnauthenticatedError) as err:
             await list_channels(target, creds(pki.ca, pki.client), sub="svc-refunds")
         assert err.value.reason == "CLIENT_CERT_MISMATCH"
+
+
+async def test_mtls_and_rate_limits_are_stages_of_the_one_pipeline(database_url: str, pki: Pki) -> None:
+    """A hardened deployment runs the same pipeline as every other, with two more stages
+    between auth and channel: everything else answers exactly as without them."""
+    limit = "registration.v1.RegistrationService/GetDocumentType=3/s:3"
+    async with tls_app(database_url, pki, pki.server, mtls=True, rate_limits=limit) as app:
+        assert app.pipeline is not None
+        assert app.pipeline.stages == [
+            "metrics",
+            "errors",
+            "auth",
+            "tls-identity",
+            "rate-limit",
+            "channel",
+            "text",
+        ]
+        target = f"localhost:{app.port}"
+        async with Entrepot(
+            target, token("svc-orders"), credentials=creds(pki.ca, pki.client), timeout=3
+        ) as ep:
+            # text stage
+            with pytest.raises(InvalidArgumentError) as bad:
+                await ep.registration.create_document_type(
+                    registration_pb2.CreateDocumentTypeRequest(
+                        document_type=registration_pb2.DocumentType(code="nul", name="N\x00"), request_id="r1"
+                    )
+                )
+            assert (bad.value.reason, bad.value.message) == (
+                "INVALID_TEXT",
+                "document_type.name contains a NUL character",
+            )
+            # errors stage (a domain error from the handler), then the rate limit
+            missing = registration_pb2.GetDocumentTypeRequest(code="no-such-type")
+            for _ in range(3):
+                with pytest.raises(NotFoundError):
+                    await ep.registration.get_document_type(missing)
+            with pytest.raises(ResourceExhaustedError) as limited:
+                await ep.registration.get_document_type(missing)
+            assert limited.value.reason == "RATE_LIMITED"
+        # channel stage, after the guards
+        async with Entrepot(
+            target, token("svc-orders"), "no-such-channel", credentials=creds(pki.ca, pki.client), timeout=3
+        ) as ep:
+            with pytest.raises(NotFoundError):
+                await ep.channel.list_channels(channel_pb2.ListChannelsRequest())
 
 
 @pytest.mark.parametrize(

@@ -53,7 +53,10 @@ __all__ = [
     "UnavailableError",
 ]
 
-MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+# The server's ENTREPOT_MAX_MESSAGE_BYTES default (server/settings.py): the server's
+# configured value is the one truth for message sizes. Against a server configured with
+# another value, pass the same number as max_message_bytes=.
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
 def _metadata(token: str | None, channel: str | None) -> list[tuple[str, str]]:
@@ -77,8 +80,9 @@ class Entrepot(AsyncClients):
         timeout: float | None = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        opts = channel_options(READ_METHODS, MAX_MESSAGE_BYTES) + list(options or [])
+        opts = channel_options(READ_METHODS, max_message_bytes) + list(options or [])
         if credentials is not None:
             self.grpc_channel = grpc.aio.secure_channel(target, credentials, options=opts)
         else:
@@ -109,8 +113,9 @@ class EntrepotSync(SyncClients):
         timeout: float | None = DEFAULT_TIMEOUT,
         credentials: grpc.ChannelCredentials | None = None,
         options: list[tuple[str, Any]] | None = None,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
     ) -> None:
-        opts = channel_options(READ_METHODS, MAX_MESSAGE_BYTES) + list(options or [])
+        opts = channel_options(READ_METHODS, max_message_bytes) + list(options or [])
         if credentials is not None:
             self.grpc_channel = grpc.secure_channel(target, credentials, options=opts)
         else:
