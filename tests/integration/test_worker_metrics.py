@@ -106,11 +106,20 @@ async def test_worker_serves_sdk_metrics_and_activity_outcomes(
 
 
 def test_a_taken_worker_metrics_port_is_one_line_and_exit_2(database_url: str) -> None:
-    with socket.socket() as taken:
+    # The worker first checks that something answers at TEMPORAL_ADDRESS: a listening
+    # socket stands in for Temporal, which the worker never reaches (the port check comes first).
+    with socket.socket() as taken, socket.socket() as temporal:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
+        temporal.bind(("127.0.0.1", 0))
+        temporal.listen()
         port = taken.getsockname()[1]
-        env = {**os.environ, "DATABASE_URL": database_url, "ENTREPOT_WORKER_METRICS_PORT": str(port)}
+        env = {
+            **os.environ,
+            "DATABASE_URL": database_url,
+            "TEMPORAL_ADDRESS": f"127.0.0.1:{temporal.getsockname()[1]}",
+            "ENTREPOT_WORKER_METRICS_PORT": str(port),
+        }
         done = subprocess.run(
             [sys.executable, "-m", "server.cli", "worker"],
             env=env,
