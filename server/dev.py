@@ -260,9 +260,21 @@ class DevRun:
                 return f"the {name} (pid {proc.pid}) exited with code {proc.returncode}"
         return None
 
+    @staticmethod
+    def _serving(stub: Any) -> bool:
+        """Does the server answer SERVING? An RPC error means it is not listening yet."""
+        import grpc
+        from grpc_health.v1 import health_pb2
+
+        try:
+            r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
+        except grpc.RpcError:
+            return False
+        return bool(r.status == health_pb2.HealthCheckResponse.SERVING)
+
     def wait_serving(self, timeout: float) -> None:
         import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
+        from grpc_health.v1 import health_pb2_grpc
 
         deadline = time.monotonic() + timeout
         with grpc.insecure_channel(self.args.listen) as ch:
@@ -271,12 +283,8 @@ class DevRun:
                 self.signals.check()
                 if problem := self.exited_child():
                     raise CommandError(f"{problem} while starting")
-                try:
-                    r = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1)
-                    if r.status == health_pb2.HealthCheckResponse.SERVING:
-                        return
-                except grpc.RpcError:
-                    pass  # not listening yet: ask again
+                if self._serving(stub):
+                    return
                 if time.monotonic() > deadline:
                     raise CommandError(
                         f"the server on {self.args.listen} is not healthy after {timeout:.0f}s"

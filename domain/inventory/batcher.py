@@ -149,7 +149,7 @@ class ReserveBatcher:
 
     async def _run(self, batch: list[_Pending]) -> None:
         try:
-            executed, duplicates = await retrying(lambda: self._transaction(batch), what="reserve batch")
+            executed, duplicates = await retrying(lambda: self._apply(batch), what="reserve batch")
             self.batches += 1
             self.requests += len(batch)
             if self._on_batch is not None:
@@ -180,7 +180,7 @@ class ReserveBatcher:
         finally:
             self._inflight.release()
 
-    async def _transaction(
+    async def _apply(
         self, batch: Sequence[_Pending]
     ) -> tuple[list[tuple[_Pending, Reservation | DomainError, bytes | None]], list[_Pending]]:
         # A UnitOfWork, not a bare session: the batch runs on the driver connection,
