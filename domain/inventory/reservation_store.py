@@ -326,19 +326,21 @@ async def with_lines(session: AsyncSession, rows: Sequence[Any]) -> list[Reserva
                 int(x.released),
             )
         )
-    return [
-        Reservation(
-            id=r.id,
-            reference=r.reference,
-            state=r.state,
-            lines=lines.get(r.id, []),
-            expires_at=r.expires_at,
-            created_at=r.created_at,
-            updated_at=r.updated_at,
-            actor=r.actor,
-        )
-        for r in rows
-    ]
+    return [_from_row(r, lines.get(r.id, [])) for r in rows]
+
+
+def _from_row(r: Any, lines: list[ReservationLine]) -> Reservation:
+    """A reservation from a row of COLUMNS (attribute access) and its lines."""
+    return Reservation(
+        id=r.id,
+        reference=r.reference,
+        state=r.state,
+        lines=lines,
+        expires_at=r.expires_at,
+        created_at=r.created_at,
+        updated_at=r.updated_at,
+        actor=r.actor,
+    )
 
 
 def _not_found(rid: uuid.UUID) -> NotFound:
@@ -572,16 +574,7 @@ async def retarget_locked(
             _RETARGET_LOCKED, {"ref": reference, "actor": actor, "us": ttl_us(ttl), "id": res.id}
         )
     ).one()
-    return Reservation(
-        id=updated.id,
-        reference=updated.reference,
-        state=updated.state,
-        lines=res.lines,
-        expires_at=updated.expires_at,
-        created_at=updated.created_at,
-        updated_at=updated.updated_at,
-        actor=updated.actor,
-    )
+    return _from_row(updated, res.lines)
 
 
 # ------------------------------------------------------------------ expiry
