@@ -7,6 +7,7 @@ import asyncio
 import gc
 import os
 import sys
+from collections.abc import Callable
 from typing import NoReturn
 
 from server.settings import Settings
@@ -73,6 +74,15 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The server's event loop (Settings.event_loop); None is asyncio's own."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server import logs
     from server.app import serve
@@ -97,7 +107,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # allocations (SyncStock: thousands of objects per batch) keep triggering
     # do not walk every module, class and function each time.
     gc.freeze()
-    asyncio.run(serve(s))
+    with asyncio.Runner(loop_factory=_loop_factory(s.event_loop)) as runner:
+        runner.run(serve(s))
     _exit_now(0)  # the servicers may have used the Temporal client
     return 0
 
