@@ -105,13 +105,13 @@ COMMERCE_MODE_TO_PB = {
     "b2c": pb.COMMERCE_MODE_B2C,
     "both": pb.COMMERCE_MODE_BOTH,
 }
-COMMERCE_MODE_FROM_PB = {v: k for k, v in COMMERCE_MODE_TO_PB.items()}
+COMMERCE_MODE_FROM_PB: dict[int, str] = {int(v): k for k, v in COMMERCE_MODE_TO_PB.items()}
 
 
 def commerce_mode(value: int, field: str, *, registering: bool = False) -> str:
     """The domain's commerce mode of a CommerceMode field ("" when unspecified).
     A registration is made in B2B or B2C, never BOTH."""
-    mode = COMMERCE_MODE_FROM_PB.get(pb.CommerceMode.ValueType(value), "") if value else ""
+    mode = COMMERCE_MODE_FROM_PB.get(value, "") if value else ""
     if (value and not mode) or (registering and mode == "both"):
         allowed = "B2B or B2C" if registering else "B2B, B2C or BOTH"
         raise InvalidArgument(
