@@ -16,9 +16,18 @@ import domain.order as order
 from domain.cart import store
 from domain.cart.limits import enforce_limits
 from domain.cart.ports import NO_REFUNDS, RefundedQuantities
-from domain.cart.rules import CartState, Limit, check_can_checkout, check_text, check_version
+from domain.cart.rules import (
+    CartState,
+    Limit,
+    check_approval_current,
+    check_can_checkout,
+    check_text,
+    check_version,
+)
 from domain.cart.service import (
     approval_of,
+    approved_lines,
+    as_approved,
     bump_refused,
     cart_event,
     held_quantities,
@@ -57,8 +66,16 @@ async def checkout(
     row = await store.bump_for_checkout(session, cid, channel.slug, version, claim)
     if row is None:
         raise await bump_refused(session, cart_id, cid, version, channel.slug)
-    check_can_checkout(cart_id, CartState(row.state), row.approval_required)
     lines = _lines(cart_id, row)
+    check_approval_current(
+        cart_id,
+        CartState(row.state),
+        row.approval_required,
+        approved_lines(row),
+        row.approved_grand_total_minor,
+        as_approved(lines),
+    )
+    check_can_checkout(cart_id, CartState(row.state), row.approval_required)
     await enforce_limits(
         session,
         channel=channel,
@@ -222,7 +239,7 @@ def _converted(row: Any, lines: Sequence[CartLine], order_id: str) -> Cart:
         lines=tuple(lines),
         approval_required=row.approval_required,
         hold=NO_HOLD,
-        approval=approval_of(row),
+        approval=approval_of(row, lines),
         order_id=order_id,
         created_by=row.created_by,
         created_at=row.created_at,

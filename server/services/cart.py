@@ -101,6 +101,17 @@ def cart_to_proto(c: carts.Cart) -> pb.Cart:
                 decide_time=ts(a.decided_at),
                 reason=a.reason,
                 shortages=[pb.StockShortage(sku=s.sku, description=s.description) for s in a.shortages],
+                approved_grand_total=money(a.approved_grand_total),
+                approved_lines=[
+                    pb.ApprovedLine(
+                        line_id=x.line_id,
+                        sku=x.sku,
+                        quantity=x.quantity,
+                        unit_price=money(Money(c.currency, x.unit_price_minor)),
+                    )
+                    for x in a.approved_lines
+                ],
+                stale=a.stale,
             )
         )
     return out
