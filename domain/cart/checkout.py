@@ -89,7 +89,13 @@ async def checkout(
     res = await _order_reservation(session, row, lines, actor=actor)
     intent = _intent(row, lines, tax, shipping, discount, payments, external_order_id)
     order_id = await _submit_order(
-        session, cart_id, intent, channel=channel, actor=actor, reservation_id=str(res.id)
+        session,
+        cart_id,
+        intent,
+        channel=channel,
+        actor=actor,
+        reservation_id=str(res.id),
+        backordered=res.backordered > 0,
     )
     # One statement for the purchase rows, the conversion and its event: this
     # runs while the stock rows are locked, so every round trip counts.
@@ -212,10 +218,16 @@ async def _submit_order(
     channel: ChannelRef,
     actor: str,
     reservation_id: str,
+    backordered: bool,
 ) -> str:
     """The new order's id; CART_CONVERTED if the cart's intent was accepted before."""
     submitted = await order.submit_intent(
-        session, intent, channel=channel, actor=actor, reservation_id=reservation_id
+        session,
+        intent,
+        channel=channel,
+        actor=actor,
+        reservation_id=reservation_id,
+        reservation_backordered=backordered,
     )
     if not submitted.created:
         # Only possible if the cart's intent was accepted before; never reuse it silently.

@@ -17,6 +17,8 @@ models.py, except the statements writing status entries and their events
 asyncpg connection (domain.shared.db.driver_connection) in the same transaction.
 """
 
+from domain.order import inventory_risk
+from domain.order.handoff import acknowledge_handoff
 from domain.order.history import (
     append_status,
     close_status,
@@ -29,6 +31,7 @@ from domain.order.inventory_port import DEFAULT_INVENTORY, InventoryPort, Reserv
 from domain.order.lifecycle import ship_items, shipment_status, transition
 from domain.order.queries import get_order, get_order_by_external_id, list_orders
 from domain.order.refunds import list_refunds, record_refund
+from domain.order.reissue import REISSUE_SOURCE, reissue_order
 from domain.order.rules import (
     Intent,
     LineIn,
@@ -37,6 +40,10 @@ from domain.order.rules import (
     State,
     StatusIn,
     TotalsIn,
+    canonical_content,
+    content_hash,
+    differing_fields,
+    intent_of_content,
     parse_payload,
 )
 from domain.order.types import (
@@ -59,12 +66,16 @@ from domain.order.types import (
     entry_from_payload,
 )
 
+# Inventory tells orders, in its transaction, what their reservations hold now.
+inventory_risk.observe_inventory()
+
 # Names the refund module reads: an order's lines (with shipped and refunded
 # quantities) and its tenders (captured and refunded amounts) are on `Order`
 # from get_order(session, order_id, channel=...); record_refund writes.
 __all__ = [
     "CREATED",
     "DEFAULT_INVENTORY",
+    "REISSUE_SOURCE",
     "STATUS_APPENDED",
     "STATUS_CLOSED",
     "TOPICS",
@@ -90,17 +101,23 @@ __all__ = [
     "Tender",
     "Totals",
     "TotalsIn",
+    "acknowledge_handoff",
     "append_status",
+    "canonical_content",
     "close_status",
+    "content_hash",
+    "differing_fields",
     "entry_from_payload",
     "get_order",
     "get_order_by_external_id",
+    "intent_of_content",
     "list_orders",
     "list_refunds",
     "list_status_history",
     "parse_payload",
     "record_manual_adjustment",
     "record_refund",
+    "reissue_order",
     "ship_items",
     "shipment_status",
     "status_summary",

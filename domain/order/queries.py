@@ -51,6 +51,10 @@ async def list_orders(
         "start": filters.start.isoformat() if filters.start else None,
         "end": filters.end.isoformat() if filters.end else None,
         "blocked": filters.blocked_only,
+        "risk": filters.inventory_risk_only,
+        "unacknowledged_for": filters.handoff_unacknowledged_for.total_seconds()
+        if filters.handoff_unacknowledged_for
+        else None,
     }
     after = decode_token(token, fingerprint)
     before: tuple[datetime, uuid.UUID] | None = None
