@@ -18,6 +18,7 @@ asyncpg connection (domain.shared.db.driver_connection) in the same transaction.
 """
 
 from domain.order import inventory_risk
+from domain.order.audit import AuditPage, Difference, audit_page
 from domain.order.handoff import acknowledge_handoff
 from domain.order.history import (
     append_status,
@@ -80,6 +81,8 @@ __all__ = [
     "STATUS_CLOSED",
     "TOPICS",
     "TRANSITIONED",
+    "AuditPage",
+    "Difference",
     "Intent",
     "InventoryPort",
     "Line",
@@ -103,6 +106,7 @@ __all__ = [
     "TotalsIn",
     "acknowledge_handoff",
     "append_status",
+    "audit_page",
     "canonical_content",
     "close_status",
     "content_hash",

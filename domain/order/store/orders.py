@@ -227,22 +227,54 @@ async def newest_orders(
     if not rows:
         return [], more
     ids = [r[0].id for r in rows]
-    lines: dict[uuid.UUID, list[OrderLineRow]] = {i: [] for i in ids}
-    for li in (
-        await session.execute(
-            select(OrderLineRow).where(OrderLineRow.order_id.in_(ids)).order_by(OrderLineRow.position)
-        )
-    ).scalars():
-        lines[li.order_id].append(li)
-    pays: dict[uuid.UUID, list[PaymentRow]] = {i: [] for i in ids}
-    for p in (
-        await session.execute(
-            select(PaymentRow).where(PaymentRow.order_id.in_(ids)).order_by(PaymentRow.position)
-        )
-    ).scalars():
-        pays[p.order_id].append(p)
+    lines, pays = await _lines_and_payments(session, ids)
     reissues = await reissue_ids_of(session, ids)
     return [to_order(r, lines[r.id], pays[r.id], bool(blocked), reissues[r.id]) for r, blocked in rows], more
+
+
+async def oldest_rows(
+    session: AsyncSession,
+    *,
+    channel: str | None,
+    since: datetime | None,
+    after: tuple[datetime, uuid.UUID] | None,
+    size: int,
+) -> tuple[list[tuple[OrderRow, list[OrderLineRow], list[PaymentRow]]], bool]:
+    """Up to `size` order rows with their lines and payments, oldest first by
+    (created_at, id) after `after` (of `channel`, created at or after `since`,
+    when given); and whether more follow."""
+    stmt = select(OrderRow)
+    if channel is not None:
+        stmt = stmt.where(OrderRow.channel == channel)
+    if since is not None:
+        stmt = stmt.where(OrderRow.created_at >= since)
+    if after is not None:
+        at, last_id = after
+        stmt = stmt.where((OrderRow.created_at > at) | and_(OrderRow.created_at == at, OrderRow.id > last_id))
+    rows = list(
+        (await session.execute(stmt.order_by(OrderRow.created_at, OrderRow.id).limit(size + 1))).scalars()
+    )
+    more = len(rows) > size
+    rows = rows[:size]
+    lines, pays = await _lines_and_payments(session, [r.id for r in rows])
+    return [(r, lines[r.id], pays[r.id]) for r in rows], more
+
+
+async def _lines_and_payments(
+    session: AsyncSession, ids: list[uuid.UUID]
+) -> tuple[dict[uuid.UUID, list[OrderLineRow]], dict[uuid.UUID, list[PaymentRow]]]:
+    """The lines and the payments of each of `ids`, in position order."""
+    lines: dict[uuid.UUID, list[OrderLineRow]] = {i: [] for i in ids}
+    pays: dict[uuid.UUID, list[PaymentRow]] = {i: [] for i in ids}
+    if not ids:
+        return lines, pays
+    stmt = select(OrderLineRow).where(OrderLineRow.order_id.in_(ids)).order_by(OrderLineRow.position)
+    for li in (await session.execute(stmt)).scalars():
+        lines[li.order_id].append(li)
+    pay_stmt = select(PaymentRow).where(PaymentRow.order_id.in_(ids)).order_by(PaymentRow.position)
+    for p in (await session.execute(pay_stmt)).scalars():
+        pays[p.order_id].append(p)
+    return lines, pays
 
 
 async def update_order(session: AsyncSession, row: OrderRow, **values: Any) -> None:
