@@ -216,9 +216,13 @@ async def test_backordered_order_is_at_risk_until_shipped(admin: Entrepot) -> No
     assert o.inventory_risk and await risk(admin, o.id)
     assert await at_risk_ids(admin, customer) == [o.id]
     # Stock arrives; the backordered units only stop being a risk once they ship.
-    await admin.inventory.adjust_stock(
-        inv.AdjustStockRequest(sku=a, warehouse_code=wh, delta=5, reason="po", request_id=uuid.uuid4().hex)
-    )
+    res = await admin.inventory.get_reservation(inv.GetReservationRequest(id=o.reservation_id))
+    for held in res.lines:  # where inventory allocated them
+        await admin.inventory.adjust_stock(
+            inv.AdjustStockRequest(
+                sku=a, warehouse_code=held.warehouse_code, delta=5, reason="po", request_id=uuid.uuid4().hex
+            )
+        )
     assert await risk(admin, o.id)
     await move(admin, o.id, pb.Order.STATE_PROCESSING)
     shipped = await ship(admin, o.id, {"1": 3})
