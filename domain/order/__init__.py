@@ -8,8 +8,11 @@ Layout: types.py (read models, event topics), rules.py (pure decisions),
 store/ (every statement), and
 one module per concern that loads, decides with the rules, saves and emits:
 intents.py (SubmitOrderIntent), queries.py, history.py (status entries),
-lifecycle.py (transitions, shipments), refunds.py (refund records), with
-reserving.py for the inventory reservation both intents and lifecycle make.
+lifecycle.py (transitions, shipments), refunds.py (refund records),
+reissue.py (ReissueOrder), handoff.py (AcknowledgeOrderHandoff), audit.py
+(`entrepot orders verify`), with reserving.py for the inventory reservation
+intents, reissues and lifecycle make, and inventory_risk.py keeping
+`inventory_risk` true to what inventory does to an order's reservation.
 
 Data access: SQLAlchemy (ORM queries, Core inserts and updates) over
 models.py, except the statements writing status entries and their events
