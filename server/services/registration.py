@@ -125,6 +125,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         f = request.form
         steps = [cv.to_json(s) for s in f.steps]
         expire = f.expire_after.seconds if f.HasField("expire_after") else None
+        mode = cv.commerce_mode(f.commerce_mode, "form.commerce_mode")
 
         async def run(s: AsyncSession) -> pb.RegistrationForm:
             form = await catalog.create_form(
@@ -138,6 +139,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 steps=steps,
                 expire_after_seconds=expire,
                 active=f.active,
+                commerce_mode=mode,
             )
             return cv.form_to_proto(form)
 
@@ -150,6 +152,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         f = request.form
         steps = [cv.to_json(s) for s in f.steps]
         expire = f.expire_after.seconds if f.HasField("expire_after") else None
+        mode = cv.commerce_mode(f.commerce_mode, "form.commerce_mode")
 
         async def run(s: AsyncSession) -> pb.RegistrationForm:
             form = await catalog.update_form(
@@ -164,6 +167,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 steps=steps,
                 expire_after_seconds=expire,
                 active=f.active,
+                commerce_mode=mode,
             )
             return cv.form_to_proto(form)
 
@@ -184,8 +188,11 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self, request: pb.ListRegistrationFormsRequest, context: Any
     ) -> pb.ListRegistrationFormsResponse:
         channel = current_channel().slug
+        mode = cv.commerce_mode(request.commerce_mode, "commerce_mode")
         forms, token = await self.rt.read(
-            lambda s: catalog.list_forms(s, channel=channel, size=request.page_size, token=request.page_token)
+            lambda s: catalog.list_forms(
+                s, channel=channel, size=request.page_size, token=request.page_token, commerce_mode=mode
+            )
         )
         return pb.ListRegistrationFormsResponse(
             forms=[cv.form_to_proto(f) for f in forms], next_page_token=token
@@ -386,6 +393,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         caller = current_caller()
         answers = {k: cv.answer_from_proto(k, v) for k, v in request.answers.items()}
         address = cv.address_from_proto(request.address)
+        mode = cv.commerce_mode(request.commerce_mode, "commerce_mode", registering=True)
 
         async def run(s: AsyncSession) -> pb.Registration:
             reg = await submissions.submit(
@@ -396,6 +404,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 answers=answers,
                 address=address,
                 invitation_code=request.invitation_code,
+                commerce_mode=mode,
             )
             return cv.registration_to_proto(reg)
 
