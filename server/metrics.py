@@ -50,6 +50,21 @@ def count_order_intent(source_system: str, outcome: str) -> None:
     ORDER_INTENTS.labels(source_system, outcome).inc()
 
 
+class IntentOutcome:
+    """An order intent's outcome, counted once per call: the transaction function
+    sets it (a retried attempt sets it again, from scratch), and the servicer
+    counts it after the call's transaction ended, so a rolled-back attempt is
+    never counted and a request_id replay, which runs nothing, neither."""
+
+    def __init__(self, source_system: str) -> None:
+        self.source_system = source_system
+        self.outcome = ""
+
+    def count(self) -> None:
+        if self.outcome:
+            count_order_intent(self.source_system, self.outcome)
+
+
 class MethodMetrics:
     """Label children resolved once per method, not per call."""
 

@@ -342,7 +342,10 @@ class CartServicer(cart_pb2_grpc.CartServiceServicer):
             for p in request.payments
         ]
 
+        decided = metrics.IntentOutcome(carts.SOURCE_SYSTEM)
+
         async def run(uow: UnitOfWork, claim: Claim | None) -> pb.CheckoutCartResponse:
+            decided.outcome = ""
             r = await carts.checkout(
                 uow.session,
                 request.cart_id,
@@ -357,10 +360,12 @@ class CartServicer(cart_pb2_grpc.CartServiceServicer):
                 refunds=self.refunds,
                 claim=claim,
             )
-            metrics.count_order_intent(carts.SOURCE_SYSTEM, "created")
+            decided.outcome = "created"
             return pb.CheckoutCartResponse(
                 cart=cart_to_proto(r.cart), order_id=r.order_id, reservation_id=r.reservation_id
             )
 
         # The checkout's first statement makes the idempotency claim (one round trip less).
-        return await self.rt.mutate_claiming(request, run)
+        response = await self.rt.mutate_claiming(request, run)
+        decided.count()
+        return response

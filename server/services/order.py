@@ -42,7 +42,10 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         caller, channel = current_caller(), current_channel()
         intent = intent_from_pb(request.intent)
 
+        decided = metrics.IntentOutcome(intent.source_system)
+
         async def run(uow: UnitOfWork) -> pb.SubmitOrderIntentResponse:
+            decided.outcome = ""
             try:
                 r = await orders.submit_intent(
                     uow.session,
@@ -53,12 +56,18 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
                 )
             except AlreadyExists as err:
                 if err.reason == "INTENT_CONFLICT":
-                    metrics.count_order_intent(intent.source_system, "conflict")
+                    decided.outcome = "conflict"
                 raise
-            metrics.count_order_intent(intent.source_system, "created" if r.created else "duplicate")
+            decided.outcome = "created" if r.created else "duplicate"
             return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
 
-        return await self.rt.mutate(request, run)
+        try:
+            response = await self.rt.mutate(request, run)
+        except AlreadyExists:
+            decided.count()  # a conflict is the stored answer of a committed call
+            raise
+        decided.count()
+        return response
 
     async def GetOrder(self, request: pb.GetOrderRequest, context: grpc.aio.ServicerContext) -> pb.Order:
         slug = current_channel().slug
