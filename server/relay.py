@@ -18,6 +18,7 @@ delivery order (docs/events.md).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -91,12 +92,17 @@ class Relay:
         self.sink = sink
         self.ttl = timedelta(seconds=rt.settings.relay_lease_seconds)
         # Ask the broker where it stands before the next batch: at start, and after any
-        # failure or lost lease (another relay may have published meanwhile).
+        # failure or a gap longer than the lease (another relay may have published meanwhile).
         self.unsure = True
+        self.last_step = 0.0
 
     async def step(self, rt: Runtime) -> int:
         """Publish what is committed, until caught up; the number of events acknowledged.
         Called by run_leased while this replica holds the lease."""
+        now = asyncio.get_running_loop().time()
+        if now - self.last_step > self.ttl.total_seconds():
+            self.unsure = True  # the lease may have been another replica's meanwhile
+        self.last_step = now
         try:
             return await self._publish_all()
         except BaseException:
@@ -122,6 +128,10 @@ class Relay:
                 metrics.RELAY_PUBLISHED.inc(result.acked)
                 if result.duplicates:
                     metrics.RELAY_DUPLICATES.inc(result.duplicates)
+                    log.info(
+                        "the broker already held events of this batch",
+                        extra={"relay": self.sink.name, "duplicates": result.duplicates},
+                    )
             if result.error is not None:
                 raise result.error
             if len(events) < limit:

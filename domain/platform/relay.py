@@ -19,8 +19,9 @@ from domain.shared import leases, outbox
 
 Position = tuple[int, int]
 
-# Backlogs are counted up to this many events (the count reads the index that far).
-BACKLOG_CAP = 1_000_000
+# Backlogs are counted up to this many events (every replica counts once a second, and
+# the count reads the index that far).
+BACKLOG_CAP = 100_000
 
 _LOAD = text("SELECT txid::text::bigint, event_id FROM platform.relay_cursors WHERE name = :name")
 
