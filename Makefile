@@ -91,12 +91,13 @@ bench: venv
 bench-smoke: venv
 	$(PY) -m bench.run --smoke
 
-## Long forms of R1..R9 (CI runs the short forms of the same tests).
+## Long forms of R1..R13 (CI runs the short forms of the same tests).
 soak: venv
 	ENTREPOT_SOAK=long ENTREPOT_SOAK_SECONDS=60 $(BIN)/pytest -q tests/reliability \
 	  tests/integration/test_auth_matrix.py tests/integration/test_auth_rs.py \
 	  tests/integration/test_inventory_api.py $(wildcard tests/integration/test_refund*.py) \
-	  $(wildcard tests/integration/test_sync_stock.py tests/integration/test_watch_stock.py)
+	  $(wildcard tests/integration/test_sync_stock.py tests/integration/test_watch_stock.py) \
+	  tests/integration/test_event_relay.py
 
 clean:
 	rm -rf $(VENV) .entrepot

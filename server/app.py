@@ -18,7 +18,7 @@ from sqlalchemy import text
 
 from domain.platform import channels
 from domain.shared.caller import ChannelRef
-from server import background, reflection
+from server import background, reflection, relay
 from server.auth import TokenVerifier, policies_for
 from server.interceptors import Auth, ChannelCache, Channels, Guard, Metrics, Pipeline
 from server.ratelimit import RateLimit, parse_rate_limits
@@ -31,6 +31,7 @@ log = logging.getLogger("entrepot.server")
 
 DATABASE_HEALTH = "entrepot.database"
 TEMPORAL_HEALTH = "entrepot.temporal"
+RELAY_HEALTH = "entrepot.relay"
 
 
 def server_options(s: Settings) -> list[tuple[str, int]]:
@@ -187,6 +188,23 @@ class App:
                 await self.health.set(TEMPORAL_HEALTH, serving)
             except (OSError, TimeoutError, ValueError):
                 await self.health.set(TEMPORAL_HEALTH, not_serving)
+        if relay.relay_name(self.settings) is not None:
+            await self._check_relay()
+
+    async def _check_relay(self) -> None:
+        """entrepot.relay: SERVING while the oldest unpublished event has waited at most
+        relay_max_lag_seconds (the lag gauges are set on the way)."""
+        try:
+            async with asyncio.timeout(2.0):
+                found = await relay.backlog(self.rt)
+        except Exception as exc:  # unknown lag: reported as not serving, and logged
+            log.warning("relay lag check failed", extra={"error": type(exc).__name__})
+            found = None
+        lagging = found is None or found.seconds > self.settings.relay_max_lag_seconds
+        status = (
+            health_pb2.HealthCheckResponse.NOT_SERVING if lagging else health_pb2.HealthCheckResponse.SERVING
+        )
+        await self.health.set(RELAY_HEALTH, status)
 
     async def _health_loop(self) -> None:
         while True:

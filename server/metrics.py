@@ -96,3 +96,17 @@ def for_method(method: str, streaming: bool) -> MethodMetrics:
 def serve_metrics(port: int, host: str = "127.0.0.1") -> None:
     if port:
         start_http_server(port, addr=host)
+
+
+# The event relay (server/relay.py). Lag is computed by every replica from the database
+# (the cursor and the outbox), so it is reported even while the relaying replica is down.
+RELAY_PUBLISHED = Counter("entrepot_relay_published_total", "Outbox events the broker acknowledged")
+RELAY_DUPLICATES = Counter(
+    "entrepot_relay_duplicates_total",
+    "Events published again (after a relay died between the broker's ack and its cursor) "
+    "that the broker recognised by message id and did not store twice",
+)
+RELAY_LAG_EVENTS = Gauge("entrepot_relay_lag_events", "Committed outbox events not yet published")
+RELAY_LAG_SECONDS = Gauge(
+    "entrepot_relay_lag_seconds", "How long the oldest unpublished outbox event has waited (0: none)"
+)

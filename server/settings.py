@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     temporal_address: str | None = Field(default=None, validation_alias=_env("TEMPORAL_ADDRESS"))
     temporal_namespace: str = Field(default="default", validation_alias=_env("TEMPORAL_NAMESPACE"))
     temporal_task_queue: str = Field(default="entrepot", validation_alias=_env("TEMPORAL_TASK_QUEUE"))
+    # The event relay (server/relay.py, docs/events.md): set, every outbox event is published
+    # to this NATS JetStream server; unset, no relay runs.
+    nats_url: str | None = Field(default=None, validation_alias=_env("NATS_URL"))
 
     listen: str = "127.0.0.1:50051"
     # 0 disables the metrics endpoint.
@@ -114,6 +117,24 @@ class Settings(BaseSettings):
     # its advanced cursor (seconds).
     watch_buffer_events: int = 10_000
     watch_heartbeat_seconds: float = 2.0
+
+    # Event relay (server/relay.py). The JetStream stream it publishes to (created when
+    # missing, with this de-duplication window in seconds) and the subjects' first token:
+    # <prefix>.<topic>.<aggregate id>, e.g. entrepot.inventory.stock_changed.SKU-1.
+    events_stream: str = "ENTREPOT"
+    events_subject_prefix: str = "entrepot"
+    events_duplicate_window_seconds: float = 120.0
+    # Events read and published per batch; seconds the broker has to acknowledge a batch.
+    relay_batch_size: int = 500
+    relay_ack_timeout_seconds: float = 5.0
+    # One relay runs across replicas, under a lease of this many seconds: a replica takes
+    # over this long after the holder died. Between wake-ups (NOTIFY) it polls every
+    # relay_poll_seconds.
+    relay_lease_seconds: float = 6.0
+    relay_poll_seconds: float = 1.0
+    # Health `entrepot.relay` turns NOT_SERVING when the oldest unpublished event has
+    # waited longer than this (seconds).
+    relay_max_lag_seconds: float = 30.0
 
     @field_validator("jwt_algorithms", mode="before")
     @classmethod

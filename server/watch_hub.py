@@ -141,6 +141,8 @@ class Hub:
         self.generation = 0
         self.position: Position | None = None
         self.wake = asyncio.Event()
+        # Other outbox readers of this process (the event relay) woken with the hub.
+        self.also_wake: list[asyncio.Event] = []
         self.poll_seconds = 1.0
         self.reads = 0
         # Order watchers that overflowed and went back to their own reads.
@@ -265,7 +267,7 @@ class Hub:
                         backoff = min(backoff * 2, 5.0)
                     else:
                         backoff = 0.5
-                        self.wake.set()  # catch up on anything missed while disconnected
+                        self._woken()  # catch up on anything missed while disconnected
                 with contextlib.suppress(TimeoutError):
                     async with asyncio.timeout(self.poll_seconds):
                         await self.wake.wait()
@@ -283,6 +285,17 @@ class Hub:
                 except Exception as exc:  # the hub is stopping either way
                     log.warning("closing the LISTEN connection failed", extra={"error": type(exc).__name__})
 
+    def _woken(self) -> None:
+        self.wake.set()
+        for event in self.also_wake:
+            event.set()
+
+    def wake_event(self) -> asyncio.Event:
+        """An event set on every wake-up of the hub's LISTEN connection (NOTIFY or reconnect)."""
+        event = asyncio.Event()
+        self.also_wake.append(event)
+        return event
+
     async def _listen(self) -> asyncpg.Connection | None:
         try:
             conn = await asyncpg.connect(
@@ -290,7 +303,7 @@ class Hub:
                 timeout=5,
                 server_settings={"application_name": "entrepot-watch"},
             )
-            await conn.add_listener(outbox.NOTIFY_CHANNEL, lambda *_: self.wake.set())
+            await conn.add_listener(outbox.NOTIFY_CHANNEL, lambda *_: self._woken())
             return conn
         except (TimeoutError, OSError, asyncpg.PostgresError) as exc:
             log.warning("LISTEN connection failed; retrying", extra={"error": type(exc).__name__})

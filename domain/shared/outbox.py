@@ -169,6 +169,32 @@ _READ = text(
     """
 )
 
+# Every topic, for the event relay (server/relay.py): the same horizon rule as _READ.
+_READ_ALL = text(
+    """
+    SELECT id, txid::text::bigint AS txid, topic, aggregate_type, aggregate_id, channel, payload, created_at
+    FROM platform.outbox
+    WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id)
+      AND txid < pg_snapshot_xmin(pg_current_snapshot())
+    ORDER BY txid, id
+    LIMIT :limit
+    """
+)
+
+# What lies after a position (committed, whether or not below the horizon yet): how many
+# events, counted up to :cap, and the age of the first in delivery order.
+_BACKLOG = text(
+    """
+    SELECT
+        (SELECT count(*) FROM (
+            SELECT 1 FROM platform.outbox
+            WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id) LIMIT :cap) AS b),
+        (SELECT extract(epoch FROM now() - created_at) FROM platform.outbox
+            WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id)
+            ORDER BY txid, id LIMIT 1)
+    """
+)
+
 _POSITION = text("SELECT txid::text::bigint FROM platform.outbox WHERE id = :id")
 
 # The last committed event in delivery order: one backward step on ix_outbox_txid_id
@@ -190,6 +216,21 @@ async def read_after(
         _READ, {"txid": str(position[0]), "id": position[1], "topics": list(topics), "limit": limit}
     )
     return [StoredEvent(*row) for row in result.all()]
+
+
+async def read_all_after(session: AsyncSession, position: tuple[int, int], limit: int) -> list[StoredEvent]:
+    """Committed events of every topic after `position`, in delivery order."""
+    result = await session.execute(_READ_ALL, {"txid": str(position[0]), "id": position[1], "limit": limit})
+    return [StoredEvent(*row) for row in result.all()]
+
+
+async def backlog_after(session: AsyncSession, position: tuple[int, int], cap: int) -> tuple[int, float]:
+    """(events after `position`, counted up to `cap`; seconds since the first of them was
+    written, 0 when there is none)."""
+    count, age = (
+        await session.execute(_BACKLOG, {"txid": str(position[0]), "id": position[1], "cap": cap})
+    ).one()
+    return int(count), float(age or 0.0)
 
 
 async def position_of(session: AsyncSession, event_id: int) -> tuple[int, int] | None:

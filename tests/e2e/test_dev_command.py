@@ -157,7 +157,7 @@ def one_line_failure(done: subprocess.CompletedProcess[str], code: int = 1) -> s
 
 
 def ports() -> dict[str, int]:
-    return {k: free_port() for k in ("listen", "metrics", "temporal", "ui")}
+    return {k: free_port() for k in ("listen", "metrics", "temporal", "ui", "nats")}
 
 
 def dev_args(p: dict[str, int]) -> list[str]:
@@ -170,6 +170,9 @@ def dev_args(p: dict[str, int]) -> list[str]:
         str(p["temporal"]),
         "--temporal-ui-port",
         str(p["ui"]),
+        "--events",
+        "--nats-port",
+        str(p["nats"]),
     ]
 
 
@@ -202,6 +205,28 @@ def test_dev_starts_everything_and_prints_where_it_listens(dev: Dev) -> None:
     with urllib.request.urlopen(ui, timeout=10) as page:
         assert page.status == 200
         assert b"<html" in page.read(4096).lower()
+
+
+def test_dev_events_relays_to_the_embedded_nats_and_the_printed_subscriber_sees_it(dev: Dev) -> None:
+    """`--events`: the default channel's creation (an outbox event) reaches the embedded
+    JetStream, and the subscription the banner prints shows it."""
+    p = dev.ports  # type: ignore[attr-defined]
+    url = f"nats://127.0.0.1:{p['nats']}"
+    assert f"started NATS (JetStream) on 127.0.0.1:{p['nats']}" in dev.output
+    assert f"events: every outbox event is published to {url}" in dev.output
+    if shutil.which("nats"):
+        pytest.skip("the banner prints the nats CLI here, not the Python subscriber")
+    text = dev.output
+    snippet = text[text.index(".venv/bin/python - <<'EOF'\n") :].split("\n", 1)[1].split("\nEOF\n", 1)[0]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    try:
+        subprocess.run(
+            [sys.executable, "-"], input=snippet, cwd=ROOT, env=env, capture_output=True, text=True, timeout=8
+        )
+        raise AssertionError("the subscriber ended by itself")
+    except subprocess.TimeoutExpired as stopped:
+        seen = stopped.stdout if isinstance(stopped.stdout, str) else (stopped.stdout or b"").decode()
+    assert "entrepot.channel.created.default " in seen, seen
 
 
 def test_second_dev_on_the_same_data_is_refused_and_leaves_the_first_alone(dev: Dev) -> None:

@@ -1,0 +1,182 @@
+"""The event relay: every platform.outbox event published to a message broker, once, in
+delivery order (docs/events.md).
+
+- Order: the outbox's delivery order, (txid, id) below the horizon of running
+  transactions (domain/shared/outbox.py, the rule the watch hub uses): what is published is
+  always a stable prefix, so nothing committed later can slip in before it.
+- Exactly once: each event carries its outbox id as the broker's message id; the broker
+  drops a message id it already stored (JetStream de-duplication), and the cursor
+  (domain/platform/relay.py) moves only after the broker acknowledged. A relay that dies
+  between the ack and the cursor write is followed by one that first asks the broker for the
+  newest event it holds (`EventSink.last_published`) and moves the cursor there, so even a
+  takeover after the de-duplication window publishes nothing twice.
+- One relay across replicas: the job runs under a lease (server/background.py run_leased,
+  domain/shared/leases.py); the cursor write renews the lease in the same transaction and is
+  refused to a replica that lost it.
+- Sinks: `EventSink` is all a broker needs to provide (NATS JetStream: server/nats_sink.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import timedelta
+from functools import partial
+from typing import Protocol
+
+from domain.platform import relay as cursors
+from domain.shared import outbox
+from server import metrics
+from server.runtime import Runtime
+from server.settings import Settings
+
+log = logging.getLogger("entrepot.relay")
+
+Position = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Published:
+    """What the broker acknowledged of a batch: its first `acked` events (stored, or
+    recognised as already stored: `duplicates` of them), and why it stopped short."""
+
+    acked: int
+    duplicates: int = 0
+    error: Exception | None = None
+
+
+class EventSink(Protocol):
+    """A broker the relay publishes to."""
+
+    # Names the relay's cursor and lease: one per broker and stream.
+    name: str
+
+    async def publish(self, events: Sequence[outbox.StoredEvent]) -> Published:
+        """Publish `events` in order; the broker must store them in that order and drop an
+        event id it already holds. Returns how many leading events it acknowledged."""
+        ...
+
+    async def last_published(self) -> Position | None:
+        """The position of the newest event the broker holds from this relay (None: none,
+        or it cannot tell)."""
+        ...
+
+    async def close(self) -> None: ...
+
+
+class LeaseLost(Exception):
+    """Another replica holds the relay's lease: this one stops publishing."""
+
+
+def relay_name(settings: Settings) -> str | None:
+    """The configured relay's name (its cursor and lease), None when no relay is configured."""
+    if settings.nats_url:
+        return f"nats:{settings.events_stream}"
+    return None
+
+
+def make_sink(settings: Settings) -> EventSink | None:
+    if settings.nats_url:
+        from server.nats_sink import NatsSink
+
+        return NatsSink(settings)
+    return None
+
+
+class Relay:
+    def __init__(self, rt: Runtime, holder: str, sink: EventSink) -> None:
+        self.rt = rt
+        self.holder = holder
+        self.sink = sink
+        self.ttl = timedelta(seconds=rt.settings.relay_lease_seconds)
+        # Ask the broker where it stands before the next batch: at start, and after any
+        # failure or a gap longer than the lease (another relay may have published meanwhile).
+        self.unsure = True
+        self.last_step = 0.0
+
+    async def step(self, rt: Runtime) -> int:
+        """Publish what is committed, until caught up; the number of events acknowledged.
+        Called by run_leased while this replica holds the lease."""
+        now = asyncio.get_running_loop().time()
+        if now - self.last_step > self.ttl.total_seconds():
+            self.unsure = True  # the lease may have been another replica's meanwhile
+        self.last_step = now
+        try:
+            return await self._publish_all()
+        except BaseException:
+            self.unsure = True
+            raise
+
+    async def _publish_all(self) -> int:
+        name, limit = self.sink.name, self.rt.settings.relay_batch_size
+        position = await self.rt.read(lambda s: cursors.cursor(s, name))
+        if self.unsure:
+            position = await self._catch_up_with_broker(position)
+            self.unsure = False
+        total = 0
+        while True:
+            events = await self.rt.read(partial(outbox.read_all_after, position=position, limit=limit))
+            if not events:
+                return total
+            result = await self.sink.publish(events)
+            if result.acked:
+                position = events[result.acked - 1].position
+                await self._advance(position, result.acked)
+                total += result.acked
+                metrics.RELAY_PUBLISHED.inc(result.acked)
+                if result.duplicates:
+                    metrics.RELAY_DUPLICATES.inc(result.duplicates)
+                    log.info(
+                        "the broker already held events of this batch",
+                        extra={"relay": self.sink.name, "duplicates": result.duplicates},
+                    )
+            if result.error is not None:
+                raise result.error
+            if len(events) < limit:
+                return total
+
+    async def _advance(self, position: Position, published: int) -> None:
+        async with self.rt.uow() as uow:
+            mine = await cursors.advance(
+                uow.session, self.sink.name, self.holder, self.ttl, position, published
+            )
+            await uow.commit()
+        if not mine:
+            raise LeaseLost(f"the lease of relay {self.sink.name} is held by another replica")
+
+    async def _catch_up_with_broker(self, position: Position) -> Position:
+        """Move the cursor to the newest event the broker already holds when it is ahead
+        (a relay died after the broker's ack, before writing the cursor)."""
+        held = await self.sink.last_published()
+        if held is None or held <= position:
+            return position
+        known = await self.rt.read(lambda s: outbox.position_of(s, held[1]))
+        if known != held:
+            # Not an event of this database (another database used the same stream).
+            log.warning(
+                "the broker's newest event is not in this outbox; not moving the cursor",
+                extra={"relay": self.sink.name, "event_id": held[1]},
+            )
+            return position
+        await self._advance(held, 0)
+        log.info(
+            "cursor moved to the broker's newest event", extra={"relay": self.sink.name, "event_id": held[1]}
+        )
+        return held
+
+    async def close(self) -> None:
+        await self.sink.close()
+
+
+async def backlog(rt: Runtime) -> cursors.Backlog | None:
+    """What the configured relay has still to publish (None: no relay configured); also
+    sets the lag gauges."""
+    name = relay_name(rt.settings)
+    if name is None:
+        return None
+    found = await rt.read(lambda s: cursors.backlog(s, name))
+    metrics.RELAY_LAG_EVENTS.set(found.events)
+    metrics.RELAY_LAG_SECONDS.set(found.seconds)
+    return found

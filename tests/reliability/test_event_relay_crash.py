@@ -1,0 +1,238 @@
+"""R13: events leave exactly once while the relay is SIGKILLed.
+
+Two `entrepot serve` replicas relay the outbox to a real NATS JetStream (one at a time,
+under a lease). Stock changes flow through both while the replica holding the relay's
+lease is SIGKILLed at random moments and restarted. Afterwards a JetStream consumer reads
+the stream from its start: every outbox event is there once (no duplicate, none lost), and
+per aggregate in the outbox's delivery order, with the stock counters chaining (each
+event's on_hand minus its delta is the previous event's on_hand). Short form in CI (a few
+seconds); ENTREPOT_SOAK=long runs a minute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+from domain.platform import relay as cursors
+from entrepot.inventory.v1 import inventory_pb2 as pb
+from entrepot.platform.v1 import types_pb2
+from entrepot_client import Entrepot, EntrepotError
+from server.nats_sink import subject_token
+from tests.events_support import EmbeddedNats, Names, existing_nats_url, read_stream
+from tests.reliability.servers import ServerProcess, admin_token
+from tests.reliability.support import soak
+
+SECONDS = soak(8, 60)
+SKUS = 6
+WRITERS_PER_REPLICA = 3
+
+
+@pytest.fixture(scope="module")
+def nats_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    url = existing_nats_url()
+    if url:
+        yield url
+        return
+    server = EmbeddedNats(tmp_path_factory.mktemp("nats-r13") / "store").start()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+async def lease_holder_pid(engine: AsyncEngine, relay: str) -> int | None:
+    """The pid of the replica holding the relay's lease now (holder = host:pid:tag)."""
+    async with engine.connect() as conn:
+        holder = (
+            await conn.execute(
+                text("SELECT holder FROM platform.leases WHERE name = :n AND expires_at > now()"),
+                {"n": cursors.lease_name(relay)},
+            )
+        ).scalar_one_or_none()
+    return None if holder is None else int(str(holder).split(":")[-2])
+
+
+async def write_stock(ep: Entrepot, wh: str, skus: list[str], stop: asyncio.Event, rng: random.Random) -> int:
+    """Adjustments until told to stop; a replica being killed only fails calls."""
+    done = 0
+    while not stop.is_set():
+        sku = rng.choice(skus)
+        try:
+            if rng.random() < 0.6:
+                # Without a request id: the first write of the transaction locks the level.
+                await ep.inventory.adjust_stock(
+                    pb.AdjustStockRequest(sku=sku, warehouse_code=wh, delta=rng.randint(1, 5)), timeout=5
+                )
+            else:
+                # With one: the idempotency claim writes first, then the level is locked.
+                await ep.inventory.adjust_stock(
+                    pb.AdjustStockRequest(
+                        sku=sku, warehouse_code=wh, delta=rng.choice((-2, -1, 1)), request_id=uuid.uuid4().hex
+                    ),
+                    timeout=5,
+                )
+            done += 1
+        except (EntrepotError, grpc.RpcError):
+            await asyncio.sleep(0.05)  # refused (below 0) or the replica is down
+    return done
+
+
+def server_logs(directory: Path) -> str:
+    return "".join(p.read_text(errors="replace") for p in directory.glob("server-*.log"))
+
+
+def chain_breaks(events: list[dict]) -> int:
+    """Events of one stream of stock changes that do not start where the previous one of
+    their level ended (0: the order is the order the changes committed in)."""
+    breaks = 0
+    chains: dict[tuple[str, str], int] = {}
+    for e in events:
+        p = e["payload"]
+        key = (p["sku"], p["warehouse_code"])
+        if key in chains and chains[key] != p["on_hand"] - p["on_hand_delta"]:
+            breaks += 1
+        chains[key] = p["on_hand"]
+    return breaks
+
+
+async def test_sigkilled_relay_delivers_every_event_once_in_order(
+    database_url: str, nats_url: str, tmp_path: Path
+) -> None:
+    rng = random.Random(1313)
+    names = Names.new()
+    relay = f"nats:{names.stream}"
+    env = {
+        "NATS_URL": nats_url,
+        "ENTREPOT_EVENTS_STREAM": names.stream,
+        "ENTREPOT_EVENTS_SUBJECT_PREFIX": names.prefix,
+        "ENTREPOT_RELAY_LEASE_SECONDS": "1.5",
+        "ENTREPOT_RELAY_POLL_SECONDS": "0.2",
+    }
+    replicas = [ServerProcess(database_url, tmp_path, **env) for _ in range(2)]
+    engine = create_async_engine(database_url.replace("postgresql://", "postgresql+asyncpg://", 1))
+    token = admin_token(database_url)
+    stop = asyncio.Event()
+    clients: list[Entrepot] = []
+    try:
+        for r in replicas:
+            r.start()
+        await asyncio.gather(*(r.ready() for r in replicas))
+        clients = [Entrepot(r.target, token) for r in replicas for _ in range(WRITERS_PER_REPLICA)]
+        wh = "R13-" + uuid.uuid4().hex[:6]
+        await clients[0].inventory.create_warehouse(
+            pb.CreateWarehouseRequest(
+                warehouse=pb.Warehouse(code=wh, name=wh, address=types_pb2.PostalAddress(country_code="FR")),
+                request_id=uuid.uuid4().hex,
+            )
+        )
+        skus = [f"R13-{uuid.uuid4().hex[:6]}" for _ in range(SKUS)]
+        for sku in skus:
+            await clients[0].inventory.upsert_inventory_item(
+                pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=sku), request_id=uuid.uuid4().hex)
+            )
+        writers = [
+            asyncio.create_task(write_stock(ep, wh, skus, stop, random.Random(rng.random())))
+            for ep in clients
+        ]
+
+        kills = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + SECONDS
+        while loop.time() < deadline:
+            await asyncio.sleep(rng.uniform(0.2, 1.2))
+            pid = await lease_holder_pid(engine, relay)
+            victim = next((r for r in replicas if r.proc is not None and r.proc.pid == pid), None)
+            if victim is None:
+                continue  # between holders (the lease of a killed one has not expired yet)
+            victim.kill()
+            kills += 1
+            victim.start()
+            await victim.ready()
+        stop.set()
+        writes = sum(await asyncio.gather(*writers))
+        assert kills >= 2, f"only {kills} kills: the relay never ran long enough to be killed"
+
+        # Everything committed reaches the broker.
+        async with engine.connect() as conn:
+            head = (await conn.execute(text("SELECT count(*) FROM platform.outbox"))).scalar_one()
+        for _ in range(300):
+            async with engine.connect() as conn:
+                left = (
+                    await conn.execute(
+                        text(
+                            "SELECT count(*) FROM platform.outbox o, platform.relay_cursors c "
+                            "WHERE c.name = :n AND (o.txid, o.id) > (c.txid, c.event_id)"
+                        ),
+                        {"n": relay},
+                    )
+                ).scalar_one()
+            if left == 0:
+                break
+            await asyncio.sleep(0.1)
+        assert left == 0, f"{left} events not relayed"
+
+        async with engine.connect() as conn:
+            rows = (
+                await conn.execute(
+                    text("SELECT id, topic, aggregate_id, payload FROM platform.outbox ORDER BY txid, id")
+                )
+            ).all()
+        received = await read_stream(nats_url, names, len(rows), timeout=60)
+
+        seen = Counter(r.msg_id for r in received)
+        duplicates = sum(n - 1 for n in seen.values())
+        lost = [r.id for r in rows if str(r.id) not in seen]
+        # Per aggregate, the consumer's order is the outbox's delivery order.
+        by_subject: dict[str, list[int]] = defaultdict(list)
+        for m in received:
+            by_subject[m.subject].append(int(m.msg_id))
+        expected: dict[str, list[int]] = defaultdict(list)
+        for r in rows:
+            expected[f"{names.prefix}.{r.topic}.{subject_token(r.aggregate_id)}"].append(r.id)
+        out_of_order = [
+            s for s in expected if s.startswith(f"{names.prefix}.inventory.") and by_subject[s] != expected[s]
+        ]
+        # Commit order: the counters chain (each event starts where the previous one ended).
+        mine = [m.event for m in received if m.event["topic"] == "inventory.stock_changed"]
+        mine = [e for e in mine if e["payload"]["sku"] in skus]
+        breaks = chain_breaks(mine)
+        breaks_by_id = chain_breaks(sorted(mine, key=lambda e: int(e["id"])))
+        # What the relays said about the ones killed before them (server logs, INFO).
+        logs = server_logs(tmp_path)
+        caught_up_with_broker = logs.count("cursor moved to the broker's newest event")
+        batches_with_duplicates = logs.count("the broker already held events of this batch")
+        print(
+            f"\nR13: {len(rows)} outbox events ({writes} stock writes), {kills} relay kills; takeovers "
+            f"that found acknowledged events past the cursor: {caught_up_with_broker}, batches partly "
+            f"dropped by JetStream de-duplication: {batches_with_duplicates}; "
+            f"consumer saw {len(received)} messages: {duplicates} duplicates, {len(lost)} lost, "
+            f"{len(out_of_order)} aggregates out of delivery order; stock counter chain breaks: "
+            f"{breaks} in delivery order, {breaks_by_id} in outbox id order"
+        )
+        assert duplicates == 0 and not lost
+        assert not out_of_order
+        assert len(received) == head == len(rows)
+        if breaks:
+            # Delivery order is (txid, id): a transaction that took its xid before the level's
+            # lock (AdjustStock with a request_id claims its idempotency key first) commits
+            # after one with a higher xid. Known gap, reported in docs/events.md.
+            pytest.xfail(f"{breaks} stock counter chain breaks in delivery order (txid, id)")
+    finally:
+        stop.set()
+        for ep in clients:
+            with contextlib.suppress(Exception):
+                await ep.close()
+        for r in replicas:
+            r.stop()
+        await engine.dispose()
