@@ -39,6 +39,9 @@ class Row:
     target: str
     passed: bool | None
     details: dict[str, Any] = field(default_factory=dict)
+    # The run's invariants held (zero oversell, no errors, nothing missing); a target
+    # is met only if every repeat was sound, whatever the medians say.
+    sound: bool = True
 
     @property
     def ratio(self) -> float | None:

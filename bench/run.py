@@ -19,7 +19,8 @@ from bench.common import Database, Row, machine, print_table, write_json
 BENCHES = [
     ("bench.p1", "P1 read path"),
     ("bench.p2p3", "P2/P3 reservations vs pgbench"),
-    ("bench.sync", "P4 SyncStock vs psql \\copy, P6 watch fan-out"),
+    ("bench.sync", "P4 SyncStock vs psql \\copy"),
+    ("bench.watch", "P6 watch fan-out"),
     ("bench.checkout", "P5 cart checkout"),
     ("bench.orders", "Orders: SubmitOrderIntent 5 lines + reserve"),
 ]
