@@ -4,7 +4,7 @@ and stops at its time budget."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 from sqlalchemy import text
@@ -19,18 +19,25 @@ OLD = background.RETENTION_BATCH * 2 + 500  # more than two batches
 
 
 @pytest.fixture
-async def rt() -> AsyncIterator[Runtime]:
+def own_database() -> Iterator[str]:
     url, name = migrated_database("entrepot_retention")
-    runtime = Runtime(make_settings(url, None, idempotency_retention_hours=72, outbox_retention_hours=168))
+    yield url
+    drop_database(name)
+
+
+@pytest.fixture
+async def rt(own_database: str) -> AsyncIterator[Runtime]:
+    settings = make_settings(own_database, None, idempotency_retention_hours=72, outbox_retention_hours=168)
+    runtime = Runtime(settings)
     try:
         async with runtime.sessions() as s, s.begin():
             await s.execute(
                 text(
                     """INSERT INTO platform.outbox (topic, aggregate_type, aggregate_id, payload, created_at)
-                       SELECT 'test.retention', 'x', g::text, '{}', now() - interval '169 hours'
+                       SELECT 'test.retention', 'x', g::text, '{}'::jsonb, now() - interval '169 hours'
                        FROM generate_series(1, :old) g
                        UNION ALL
-                       SELECT 'test.retention', 'x', 'kept', '{}', now() - interval '167 hours'"""
+                       SELECT 'test.retention', 'x', 'kept', '{}'::jsonb, now() - interval '167 hours'"""
                 ),
                 {"old": OLD},
             )
@@ -38,17 +45,16 @@ async def rt() -> AsyncIterator[Runtime]:
                 text(
                     """INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash,
                            created_at)
-                       SELECT 'p', 'old-' || g, 'm', '\\x00', now() - interval '73 hours'
+                       SELECT 'p', 'old-' || g, 'm', '\\x00'::bytea, now() - interval '73 hours'
                        FROM generate_series(1, :old) g
                        UNION ALL
-                       SELECT 'p', 'kept', 'm', '\\x00', now() - interval '71 hours'"""
+                       SELECT 'p', 'kept', 'm', '\\x00'::bytea, now() - interval '71 hours'"""
                 ),
                 {"old": OLD},
             )
         yield runtime
     finally:
         await runtime.close()
-        drop_database(name)
 
 
 async def _left(rt: Runtime) -> tuple[int, int]:
