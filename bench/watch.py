@@ -33,7 +33,7 @@ from typing import Any
 import grpc
 from sqlalchemy import text
 
-from bench.common import ROOT, Row
+from bench.common import ROOT, Row, cpu_seconds, database_cpu_seconds
 from domain.shared.db import make_engine, make_session_factory
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot
@@ -174,6 +174,18 @@ async def run_p6(
     print(f"P6: {len(filters)} watchers open in {open_s:.1f} s, producing for {seconds} s", file=sys.stderr)
     assert server.proc is not None
     rss_before = rss_kb(server.proc.pid)
+    watcher_pids = [p.pid for p in procs]
+    cpu_before = (
+        cpu_seconds(server.proc.pid),
+        database_cpu_seconds(),
+        sum(cpu_seconds(p) for p in watcher_pids),
+    )
+    profiler = None
+    if os.environ.get("BENCH_PYSPY"):  # where the server's time goes: py-spy's collapsed stacks
+        profiler = await asyncio.create_subprocess_exec(
+            "py-spy", "record", "--nonblocking", "-r", "50", "-d", str(int(seconds)), "-f", "raw",
+            "-o", os.environ["BENCH_PYSPY"], "-p", str(server.proc.pid),
+        )  # fmt: skip
     producer_proc = await _spawn(
         "--produce", server.target, WAREHOUSE, str(seconds), str(len(skus)), token=token
     )
@@ -182,6 +194,17 @@ async def run_p6(
         raise RuntimeError(f"P6 producer failed (exit {producer_proc.returncode})")
     sent = int(out.decode().split()[-1])
     rss_peak = rss_kb(server.proc.pid)
+    cpu_after = (
+        cpu_seconds(server.proc.pid),
+        database_cpu_seconds(),
+        sum(cpu_seconds(p) for p in watcher_pids),
+    )
+    cpu = {
+        f"{side}_cpu_s": round(b - a, 1)
+        for side, a, b in zip(("server", "db", "watch_clients"), cpu_before, cpu_after, strict=True)
+    }
+    if profiler is not None:
+        await profiler.wait()
     async with sessions() as s:
         rows = (
             await s.execute(
@@ -243,6 +266,7 @@ async def run_p6(
         "p99_ms": p99,
         "max_ms": pct(1.0),
         "rss_before_mb": round(rss_before / 1024, 1),
+        **cpu,
         "rss_growth_mb": growth,
         "target_met": missing == 0
         and not errors
