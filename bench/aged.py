@@ -158,10 +158,10 @@ def statements(scale: float) -> list[tuple[str, str]]:
             SELECT (3 + g / 50)::text::xid8,
                    CASE WHEN g % 10 < 8 THEN 'inventory.stock_changed' ELSE 'order.created' END,
                    CASE WHEN g % 10 < 8 THEN 'stock_level' ELSE 'order' END,
-                   CASE WHEN g % 10 < 8 THEN 'AGED-' || lpad(((g * 7919) % {skus})::text, 6, '0')
+                   CASE WHEN g % 10 < 8 THEN 'AGED-' || lpad(((g::bigint * 7919) % {skus})::text, 6, '0')
                         ELSE md5('aged-order-' || g)::uuid::text END,
                    CASE WHEN g % 10 < 8 THEN NULL ELSE 'aged-' || (g % 2) END,
-                   jsonb_build_object('sku', 'AGED-' || lpad(((g * 7919) % {skus})::text, 6, '0'),
+                   jsonb_build_object('sku', 'AGED-' || lpad(((g::bigint * 7919) % {skus})::text, 6, '0'),
                        'warehouse_code', 'AGED-WH-' || (g % 4), 'on_hand', 100 + g % 50, 'reserved', g % 3,
                        'on_hand_delta', 1, 'reserved_delta', 0, 'type', 'sync', 'source', 'aged-wms',
                        'movement_id', g, 'reason', 'aged'),
