@@ -325,7 +325,7 @@ def write_json(
     payload = {
         "machine": machine(),
         "summary": [asdict(s) for s in summaries],
-        "repeats": [[asdict(r) | {"ratio": r.ratio} for r in rows] for rows in repeats],
+        "runs": [[asdict(r) | {"ratio": r.ratio} for r in rows] for rows in repeats],
         **(extra or {}),
     }
     path.write_text(json.dumps(payload, indent=2))
