@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 TS := clients/typescript
 TS_DEPS := $(TS)/node_modules/.package-lock.json
 
-.PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke soak clean \
+.PHONY: venv run test check lint gen gen-check buf-lint buf-breaking test-fast bench bench-smoke bench-aged soak clean \
 	ts ts-deps ts-gen ts-gen-check ts-build browser haproxy
 
 venv:
@@ -90,6 +90,9 @@ bench: venv
 
 bench-smoke: venv
 	$(PY) -m bench.run --smoke
+
+bench-aged: venv
+	$(PY) -m bench.run --aged
 
 ## Long forms of R1..R13 (CI runs the short forms of the same tests).
 soak: venv

@@ -1,5 +1,5 @@
 """P5: CheckoutCart of a 5-line cart with a stock hold, 16 concurrent callers,
-next to P1's bare grpc.aio server (same callers, same run). Target: p99 <= 50 ms.
+next to P1's bare grpc.aio server (same callers, same run). Target: p99 <= 35 ms.
 
     python -m bench.checkout                 # short: 3 s of checkouts (default)
     python -m bench.checkout --duration 15   # longer
@@ -38,6 +38,7 @@ from bench.common import (
     print_table,
     start_bare_server,
     start_server,
+    summarize,
     token,
 )
 from entrepot.cart.v1 import cart_pb2, cart_pb2_grpc
@@ -48,7 +49,7 @@ CHANNEL = "bench-checkout"
 SKUS = 1000
 LINES = 5
 CONCURRENCY = 16
-P99_TARGET_MS = 50.0
+P99_TARGET_MS = 35.0
 
 
 def seed(target: str, tok: str, skus: int) -> None:
@@ -210,15 +211,21 @@ def _checkout_load(
     return result  # its CPU figures cover the timed window only (the cart pool is setup)
 
 
-def run(db: Database, duration: float, concurrency: int = CONCURRENCY) -> list[Row]:
+def measure(db: Database, duration: float, concurrency: int = CONCURRENCY) -> dict[str, Any]:
+    """Our side alone: seed, then checkouts through a real server on `db`."""
     tok = token(("*",))
     server = start_server(db)
     try:
         seed(server.target, tok, SKUS)
         assert server.proc is not None
-        ours = _checkout_load(server.target, tok, duration, concurrency, SKUS, server.proc.pid)
+        return _checkout_load(server.target, tok, duration, concurrency, SKUS, server.proc.pid)
     finally:
         server.terminate()
+
+
+def run(db: Database, duration: float, concurrency: int = CONCURRENCY) -> list[Row]:
+    tok = token(("*",))
+    ours = measure(db, duration, concurrency)
     bare, target = start_bare_server()
     try:
         base = loadgen(
@@ -237,22 +244,23 @@ def run(db: Database, duration: float, concurrency: int = CONCURRENCY) -> list[R
     return [
         Row(
             "P5",
-            f"CheckoutCart 5 lines + hold, {concurrency} callers",
-            ours["rps"],
-            base["rps"],
-            "calls/s",
-            "report; p99 <= 50 ms",
-            None,
-            {"ours": ours, "baseline": base},
-        ),
-        Row(
-            "P5",
-            f"CheckoutCart p99 latency, {concurrency} callers",
+            f"CheckoutCart 5 lines + hold p99, {concurrency} callers",
             ours["p99_ms"],
             base["p99_ms"],
             "ms",
-            "p99 <= 50 ms",
+            f"p99 <= {P99_TARGET_MS:.0f} ms",
             ok,
+            {"ours": ours, "baseline": base},
+            sound=not ours["errors"],
+        ),
+        Row(
+            "P5t",
+            f"CheckoutCart throughput, {concurrency} callers",
+            ours["rps"],
+            base["rps"],
+            "calls/s",
+            "(reported)",
+            None,
             {},
         ),
     ]
@@ -278,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = run(db, args.duration, args.concurrency)
     finally:
         db.drop()
-    print_table(rows)
+    print_table(summarize([rows]))
     for r in rows:
         if r.details:
             print(json.dumps(r.details, indent=1))

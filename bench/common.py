@@ -39,6 +39,9 @@ class Row:
     target: str
     passed: bool | None
     details: dict[str, Any] = field(default_factory=dict)
+    # The run's invariants held (zero oversell, no errors, nothing missing); a target
+    # is met only if every repeat was sound, whatever the medians say.
+    sound: bool = True
 
     @property
     def ratio(self) -> float | None:
@@ -188,22 +191,142 @@ def machine() -> dict[str, Any]:
     }
 
 
-def print_table(rows: list[Row]) -> None:
-    header = f"{'id':<4} {'what':<52} {'ours':>12} {'baseline':>12} {'ratio':>7} {'target':>22} {'pass':>5}"
+@dataclass(frozen=True)
+class Target:
+    """A TARGETS.md row: `measure` (ours, or ratio = ours / baseline) at least or at most `value`."""
+
+    text: str
+    measure: str
+    value: float
+    at_most: bool = False
+
+    def met(self, ours: float, ratio: float | None) -> bool:
+        got = ours if self.measure == "ours" else ratio
+        if got is None:
+            return False
+        return got <= self.value if self.at_most else got >= self.value
+
+
+# By row id, as in /work/shared/design/TARGETS.md; judged on the medians of the repeats.
+# A row id not here (P4, comparison rows) keeps its module's verdict, met when most repeats met it.
+TARGETS = {
+    "P1": Target(">= 0.7x bare grpc.aio", "ratio", 0.7),
+    "P2": Target(">= 1.3x pgbench, 0 oversell", "ratio", 1.3),
+    "P3": Target(">= 0.8x of P3c", "ratio", 0.8),
+    "P5": Target("p99 <= 35 ms", "ours", 35.0, at_most=True),
+    "P5o": Target("p99 <= 50 ms", "ours", 50.0, at_most=True),
+    "P6": Target("p99 <= 250 ms, 0 lost, RSS", "ours", 250.0, at_most=True),
+    "P7": Target(">= 0.9x fresh", "ratio", 0.9),
+}
+
+
+def median(values: Sequence[float]) -> float:
+    v = sorted(values)
+    mid = len(v) // 2
+    return v[mid] if len(v) % 2 else (v[mid - 1] + v[mid]) / 2
+
+
+@dataclass
+class Summary:
+    """One P row over its repeats: medians, spreads (min, max), and the verdict."""
+
+    id: str
+    what: str
+    unit: str
+    target: str
+    repeats: int
+    ours: float
+    ours_spread: tuple[float, float]
+    baseline: float | None
+    baseline_spread: tuple[float, float] | None
+    ratio: float | None
+    ratio_spread: tuple[float, float] | None
+    sound: bool
+    passed: bool | None
+
+
+def summarize(repeats: list[list[Row]]) -> list[Summary]:
+    """Rows of the same (id, what) across repeats, in first-seen order."""
+    groups: dict[tuple[str, str], list[Row]] = {}
+    for rows in repeats:
+        for r in rows:
+            groups.setdefault((r.id, r.what), []).append(r)
+    out = []
+    for (rid, what), rows in groups.items():
+        ours = [r.ours for r in rows]
+        bases = [r.baseline for r in rows if r.baseline]
+        ratios = [r.ratio for r in rows if r.ratio is not None]
+        sound = all(r.sound for r in rows)
+        target = TARGETS.get(rid)
+        ratio = round(median(ratios), 3) if ratios else None
+        passed: bool | None
+        if target is not None:
+            passed = sound and target.met(median(ours), ratio)
+        else:
+            verdicts = [r.passed for r in rows if r.passed is not None]
+            passed = None if not verdicts else sound and sum(verdicts) * 2 > len(verdicts)
+        out.append(
+            Summary(
+                rid,
+                what,
+                rows[0].unit,
+                target.text if target else rows[0].target,
+                len(rows),
+                round(median(ours), 3),
+                (min(ours), max(ours)),
+                round(median(bases), 3) if bases else None,
+                (min(bases), max(bases)) if bases else None,
+                ratio,
+                (min(ratios), max(ratios)) if ratios else None,
+                sound,
+                passed,
+            )
+        )
+    return out
+
+
+def _num(x: float) -> str:
+    return f"{x:,.0f}" if abs(x) >= 100 else f"{x:,.1f}"
+
+
+def print_table(summaries: list[Summary]) -> None:
+    """Medians, with [min-max] over the repeats when there are several."""
+    header = (
+        f"{'id':<5} {'what':<50} {'n':>2} {'ours (median [min-max])':>28} {'baseline':>9} "
+        f"{'ratio [min-max]':>20} {'target':>28} {'pass':>5}"
+    )
     print(header)
     print("-" * len(header))
-    for r in rows:
-        base = f"{r.baseline:,.1f}" if r.baseline else "-"
-        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else "-"
-        ok = "-" if r.passed is None else ("yes" if r.passed else "NO")
+    for s in summaries:
+        ours = _num(s.ours) + (
+            f" [{_num(s.ours_spread[0])}-{_num(s.ours_spread[1])}]" if s.repeats > 1 else ""
+        )
+        ours += f" {s.unit[:5]}"
+        base = _num(s.baseline) if s.baseline else "-"
+        ratio = "-"
+        if s.ratio is not None and s.ratio_spread is not None:
+            ratio = f"{s.ratio:.2f}x" + (
+                f" [{s.ratio_spread[0]:.2f}-{s.ratio_spread[1]:.2f}]" if s.repeats > 1 else ""
+            )
+        ok = "-" if s.passed is None else ("yes" if s.passed else "NO")
+        if not s.sound:
+            ok += "!"
         print(
-            f"{r.id:<4} {r.what[:52]:<52} {r.ours:>10,.1f} {r.unit[:2]:<1} {base:>12} {ratio:>7} {r.target:>22} {ok:>5}"
+            f"{s.id:<5} {s.what[:50]:<50} {s.repeats:>2} {ours:>28} {base:>9} {ratio:>20} {s.target[:28]:>28} {ok:>5}"
         )
 
 
-def write_json(rows: list[Row], name: str, extra: dict[str, Any] | None = None) -> Path:
+def write_json(
+    repeats: list[list[Row]], summaries: list[Summary], name: str, extra: dict[str, Any] | None = None
+) -> Path:
+    """Every repeat's rows (with their details) and the summary the table printed."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}.json"
-    payload = {"machine": machine(), "rows": [asdict(r) | {"ratio": r.ratio} for r in rows], **(extra or {})}
+    payload = {
+        "machine": machine(),
+        "summary": [asdict(s) for s in summaries],
+        "runs": [[asdict(r) | {"ratio": r.ratio} for r in rows] for rows in repeats],
+        **(extra or {}),
+    }
     path.write_text(json.dumps(payload, indent=2))
     return path

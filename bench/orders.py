@@ -35,6 +35,7 @@ from bench.common import (
     print_table,
     start_bare_server,
     start_server,
+    summarize,
 )
 from bench.common import token as make_token
 from entrepot.inventory.v1 import inventory_pb2
@@ -153,14 +154,25 @@ def run(db: Database, duration: float, concurrency: int = 16) -> list[Row]:
     return [
         Row(
             "P5o",
-            f"SubmitOrderIntent 5 lines + reserve, {concurrency} callers",
+            f"SubmitOrderIntent 5 lines + reserve p99, {concurrency} callers",
+            ours["p99_ms"],
+            base["p99_ms"],
+            "ms",
+            "p99 <= 50 ms",
+            ours["p99_ms"] <= 50.0 and not ours["errors"],
+            {"ours": ours, "baseline": base},
+            sound=not ours["errors"],
+        ),
+        Row(
+            "P5ot",
+            f"SubmitOrderIntent throughput, {concurrency} callers",
             ours["rps"],
             base["rps"],
             "calls/s",
-            "p99 reported (<= 50 ms)",
-            ours["p99_ms"] <= 50.0 and not ours["errors"],
-            {"ours": ours, "baseline": base},
-        )
+            "(reported)",
+            None,
+            {},
+        ),
     ]
 
 
@@ -180,7 +192,7 @@ def main() -> None:
         rows = run(db, args.duration, args.concurrency)
     finally:
         db.drop()
-    print_table(rows)
+    print_table(summarize([rows]))
     for r in rows:
         o, b = r.details["ours"], r.details["baseline"]
         print(

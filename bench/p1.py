@@ -4,6 +4,8 @@ with a constant, same load generator, same run."""
 
 from __future__ import annotations
 
+from typing import Any
+
 from bench.common import Database, Row, loadgen, start_bare_server, start_server, token
 from entrepot.inventory.v1 import inventory_pb2
 from entrepot.platform.v1 import types_pb2
@@ -33,13 +35,14 @@ def seed(target: str, tok: str) -> None:
             )
 
 
-def run(db: Database, duration: float, concurrency: int = 32) -> list[Row]:
+def measure(db: Database, duration: float, concurrency: int = 32) -> dict[str, Any]:
+    """Our side alone: seed, then GetStockLevel through a real server on `db`."""
     tok = token(("inventory.read", "inventory.admin", "inventory.write"))
     server = start_server(db)
     try:
         seed(server.target, tok)
         assert server.proc is not None
-        ours = loadgen(
+        return loadgen(
             server.target,
             "get_stock_level",
             concurrency=concurrency,
@@ -50,6 +53,11 @@ def run(db: Database, duration: float, concurrency: int = 32) -> list[Row]:
         )
     finally:
         server.terminate()
+
+
+def run(db: Database, duration: float, concurrency: int = 32) -> list[Row]:
+    tok = token(("inventory.read", "inventory.admin", "inventory.write"))
+    ours = measure(db, duration, concurrency)
     bare, target = start_bare_server()
     try:
         base = loadgen(
@@ -72,8 +80,8 @@ def run(db: Database, duration: float, concurrency: int = 32) -> list[Row]:
             ours["rps"],
             base["rps"],
             "calls/s",
-            ">= 0.5x bare grpc.aio",
-            ratio >= 0.5,
+            ">= 0.7x bare grpc.aio",
+            ratio >= 0.7,
             {"ours": ours, "baseline": base},
         ),
     ]

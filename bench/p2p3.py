@@ -35,10 +35,7 @@ def run(db: Database, duration: float) -> list[Row]:
     # server answering a constant. Its ratio to pgbench is the best a Python server
     # on this machine could show (rows P2c/P3c).
     ceiling = run_bare_case(clients=CLIENTS, seconds=secs)
-    for pid, spread, target, need in (
-        ("P2", False, ">= 1.0x, zero oversell", 1.0),
-        ("P3", True, ">= 0.3x", 0.3),
-    ):
+    for pid, spread in (("P2", False), ("P3", True)):
         label = "10,000 SKUs" if spread else "one hot SKU"
         base = _case(lambda u, sp=spread: run_pgbench(u, spread=sp, clients=CLIENTS, seconds=secs))
         ours = _case(
@@ -47,17 +44,23 @@ def run(db: Database, duration: float) -> list[Row]:
         naive = _case(
             lambda u, sp=spread: run_server_case(u, spread=sp, batched=False, clients=CLIENTS, seconds=secs)
         )
-        ratio = ours["tps"] / base["tps"] if base["tps"] else 0.0
+        # P2 against pgbench; P3 against the transport's ceiling (P3c), pgbench beside it.
+        baseline, target, need = (
+            (ceiling["tps"], ">= 0.8x of P3c", 0.8)
+            if spread
+            else (base["tps"], ">= 1.3x, zero oversell", 1.3)
+        )
         rows.append(
             Row(
                 pid,
                 f"ReserveStock(1) {label}, 64 callers, group commit",
                 ours["tps"],
-                base["tps"],
+                baseline,
                 "reservations/s",
                 target,
-                bool(ours["consistent"]) and ratio >= need,
-                {"ours": ours, "pgbench": base},
+                bool(ours["consistent"]) and ours["tps"] >= need * baseline,
+                {"ours": ours, "pgbench": base, "ceiling": ceiling},
+                sound=bool(ours["consistent"]),
             )
         )
         rows.append(
@@ -67,9 +70,10 @@ def run(db: Database, duration: float) -> list[Row]:
                 naive["tps"],
                 base["tps"],
                 "reservations/s",
-                "(comparison)",
+                "(comparison, vs pgbench)",
                 None,
                 {"naive": naive},
+                sound=bool(naive["consistent"]),
             )
         )
         rows.append(
@@ -79,7 +83,7 @@ def run(db: Database, duration: float) -> list[Row]:
                 ceiling["tps"],
                 base["tps"],
                 "calls/s",
-                "(no server can do more)",
+                "(vs pgbench)",
                 None,
                 {"bare": ceiling},
             )

@@ -140,14 +140,16 @@ async def _prepare(sessions: async_sessionmaker[AsyncSession], *, spread: bool) 
 
 
 async def check_no_oversell(sessions: async_sessionmaker[AsyncSession], granted: int) -> dict[str, Any]:
+    # The bench's own warehouse only: an aged database (bench/aged.py) holds other levels.
     async with sessions() as s:
         row = (
             await s.execute(
                 text(
                     """SELECT coalesce(sum(reserved), 0) AS reserved,
                               coalesce(sum(CASE WHEN reserved > on_hand THEN 1 ELSE 0 END), 0) AS oversold,
-                              (SELECT count(*) FROM inventory.ledger WHERE type = 'reserve') AS ledger
-                       FROM inventory.stock_levels"""
+                              (SELECT count(*) FROM inventory.ledger
+                               WHERE type = 'reserve' AND warehouse_code = 'BENCH') AS ledger
+                       FROM inventory.stock_levels WHERE warehouse_code = 'BENCH'"""
                 )
             )
         ).one()
