@@ -13,13 +13,13 @@ from domain.shared.uow import UnitOfWork
 from entrepot.order.v1 import order_pb2 as pb
 from entrepot.order.v1 import order_pb2_grpc
 from server.context import current_caller, current_channel
+from server.convert import from_ts_field
 from server.runtime import Runtime
 from server.services.order_convert import (
     EVENT_TOPICS,
     STATE_FROM_PB,
     entry_pb,
     event_pb,
-    from_ts,
     intent_from_pb,
     order_pb,
     shipment_pb,
@@ -76,8 +76,8 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             states=tuple(STATE_FROM_PB[s] for s in request.states if s in STATE_FROM_PB),
             customer_ref=request.customer_ref,
             source_system=request.source_system,
-            start=from_ts(request, "start_time"),
-            end=from_ts(request, "end_time"),
+            start=from_ts_field(request, "start_time"),
+            end=from_ts_field(request, "end_time"),
             blocked_only=request.blocked_only,
         )
         found, token = await self.rt.read(

@@ -4,7 +4,11 @@ A real server process against a private embedded PostgreSQL (never the machine's
 of reads (sessions and the GetStockLevel read pool), idempotent channel creates and stock adjustments; PostgreSQL is stopped, then started again:
 - during the outage calls fail fast with UNAVAILABLE (DATABASE_UNAVAILABLE), well inside their
   deadline, and health reports NOT_SERVING;
-- afterwards health is SERVING and calls succeed, without restarting the server;
+- afterwards health is SERVING and calls succeed, without restarting the server: no call that
+  starts once PostgreSQL accepts connections again fails (a pooled connection the restart closed
+  is replaced and the transaction run on a fresh one, domain/shared/uow.py);
+- the same when every connection of the server is terminated with the database up
+  (pg_terminate_backend): no call that starts after the kill fails;
 - nothing is half-written: retrying every create that did not get an answer, with its request_id,
   yields exactly one channel, one outbox event and one idempotency record per request, and every
   stock adjustment applied exactly once with counters, ledger and outbox in agreement (R1's checks).
@@ -219,7 +223,11 @@ async def test_postgres_restart_under_load(
                     assert not slow, f"calls hung during the outage: {slow[:3]}"
                     codes = {(o.code, o.reason) for o in during}
                     assert codes == {(grpc.StatusCode.UNAVAILABLE, "DATABASE_UNAVAILABLE")}, codes
-                    assert _ok_since(load, up_at + 1.5), "calls still fail after recovery"
+                    after = [o for o in load.outcomes if o.started >= up_at]
+                    failed_after = [o for o in after if o.code != grpc.StatusCode.OK]
+                    print(f"R6 after the restart: {len(failed_after)} of {len(after)} calls failed")
+                    assert after, "no call was made after the restart"
+                    assert not failed_after, f"calls failed after the database was back: {failed_after[:5]}"
             finally:
                 load.stop = True
                 await asyncio.gather(*workers)
@@ -298,3 +306,76 @@ async def _invariants(url: str) -> int:
 def _ok_since(load: Load, since: float) -> bool:
     recent = [o for o in load.outcomes if o.started >= since]
     return bool(recent) and all(o.code == grpc.StatusCode.OK for o in recent)
+
+
+@pytest.mark.timeout(soak(120, 600))
+async def test_mass_connection_kill_fails_no_later_call(
+    private_pg: PrivatePostgres, r6_database: str, tmp_path: Path
+) -> None:
+    """Every connection of the server (sessions, read pool, watch hub) terminated at once with
+    the database up: calls in flight may fail (UNAVAILABLE), any call that starts afterwards
+    succeeds, on a fresh connection."""
+    url = r6_database
+    kills = soak(3, 20)
+    with LoggedServerProcess(url, tmp_path / "server.log") as server:
+        metadata = [("authorization", f"Bearer {token()}")]
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
+            await seed_stock(inventory, metadata)
+            load = Load(
+                channel_pb2_grpc.ChannelServiceStub(ch),
+                metadata,
+                "kill-" + uuid.uuid4().hex[:6],
+                inventory=inventory,
+            )
+            workers = [asyncio.create_task(load.worker(n)) for n in range(8)]
+            killed_at: list[float] = []
+            try:
+                await asyncio.sleep(1.0)
+                for _ in range(kills):
+                    killed = await _terminate_server_connections(url)
+                    killed_at.append(time.monotonic())
+                    assert killed >= 2, f"only {killed} server connections to terminate"
+                    await asyncio.sleep(1.5)
+            finally:
+                load.stop = True
+                await asyncio.gather(*workers)
+        assert server.alive(), server.log_tail()
+
+    after = [o for o in load.outcomes if any(o.started >= k for k in killed_at)]
+    failed = [o for o in after if o.code != grpc.StatusCode.OK]
+    print(f"R6 mass kill: {len(failed)} of {len(after)} calls started after a kill failed ({kills} kills)")
+    assert after, "no call was made after a kill"
+    assert not failed, failed[:5]
+    assert {o.code for o in load.outcomes} <= {grpc.StatusCode.OK, grpc.StatusCode.UNAVAILABLE}
+    assert await _on_hand(url) == INITIAL + len(load.adjusted_ok) + len(
+        await _applied(url, load.adjusts - load.adjusted_ok)
+    )
+
+
+async def _terminate_server_connections(url: str) -> int:
+    """pg_terminate_backend of every connection to the test database but this one."""
+    conn = await asyncpg.connect(url)
+    try:
+        return int(
+            await conn.fetchval(
+                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
+                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+                " AND application_name LIKE 'entrepot%'"
+            )
+        )
+    finally:
+        await conn.close()
+
+
+async def _applied(url: str, request_ids: set[str]) -> set[str]:
+    """The adjustments among `request_ids` that committed though their caller got no answer."""
+    conn = await asyncpg.connect(url)
+    try:
+        rows = await conn.fetch(
+            "SELECT request_id FROM platform.idempotency_keys WHERE request_id = ANY($1::text[])",
+            list(request_ids),
+        )
+    finally:
+        await conn.close()
+    return {r["request_id"] for r in rows}
