@@ -39,7 +39,8 @@ _CODES: dict[str, grpc.StatusCode] = {
 # grpc-status-details-bin is base64 (x4/3) of the Status, message included; with these
 # bounds a status's trailers stay under ~5 KiB.
 MAX_MESSAGE_BYTES = 400
-MAX_TEXT_BYTES = 160  # a metadata key or value, a violation's field, subject or description
+MAX_TEXT_BYTES = 256  # a metadata value, a violation's field, subject or description
+MAX_KEY_BYTES = 64  # a metadata key
 MAX_ENTRIES = 12  # metadata entries, field violations, precondition violations (each)
 MAX_DETAILS_BYTES = 2048  # the serialized details together
 # A run of this many non-space characters in a message is an echoed value, not prose.
@@ -70,15 +71,25 @@ def _cut_bytes(text: str, limit: int) -> str:
 
 
 def bounded(text: str, limit: int = MAX_TEXT_BYTES) -> str:
-    """`text` with echoed values (long runs without spaces) shortened, at most `limit` bytes."""
+    """Prose (a message, a description): echoed values in it (runs of more than 64
+    characters without a space) shortened, then at most `limit` bytes."""
     if len(text) > 64:
         text = _LONG_RUN.sub(_cut_value, text)
     return _cut_bytes(text, limit)
 
 
-def _first(items: list[tuple[str, ...]]) -> list[tuple[str, ...]]:
-    """At most MAX_ENTRIES, each text bounded; the count of the rest in a last entry."""
-    kept = [tuple(bounded(t) for t in item) for item in items[:MAX_ENTRIES]]
+def _value(text: str) -> str:
+    """A machine-read text (metadata value, field path, subject): only cut to MAX_TEXT_BYTES."""
+    return _cut_bytes(text, MAX_TEXT_BYTES)
+
+
+def _first(items: list[tuple[str, ...]], *, prose: int) -> list[tuple[str, ...]]:
+    """At most MAX_ENTRIES, each text bounded (the one at index `prose` as prose); the
+    count of the rest in a last entry."""
+    kept = [
+        tuple(bounded(t) if i == prose else _value(t) for i, t in enumerate(item))
+        for item in items[:MAX_ENTRIES]
+    ]
     if len(items) > MAX_ENTRIES:
         width = len(items[0])
         kept.append(("…",) * (width - 1) + (f"{len(items) - MAX_ENTRIES} more not shown",))
@@ -102,9 +113,11 @@ def build_status(
     """A google.rpc.Status with exactly one ErrorInfo (AIP-193) plus BadRequest/PreconditionFailure,
     every text in it bounded (see the module's docstring)."""
     status = status_pb2.Status(code=code.value[0], message=bounded(message, MAX_MESSAGE_BYTES))
-    entries = _first(sorted((metadata or {}).items()))
+    entries = _first(sorted((metadata or {}).items()), prose=-1)
     info = error_details_pb2.ErrorInfo(
-        reason=bounded(reason), domain=ERROR_DOMAIN, metadata={k: v for k, v in entries}
+        reason=_value(reason),
+        domain=ERROR_DOMAIN,
+        metadata={_cut_bytes(k, MAX_KEY_BYTES): v for k, v in entries},
     )
     details = [info]
     if field_violations:
@@ -112,7 +125,7 @@ def build_status(
             error_details_pb2.BadRequest(
                 field_violations=[
                     error_details_pb2.BadRequest.FieldViolation(field=f, description=d)
-                    for f, d in _first(list(field_violations))
+                    for f, d in _first(list(field_violations), prose=1)
                 ]
             )
         )
@@ -121,7 +134,7 @@ def build_status(
             error_details_pb2.PreconditionFailure(
                 violations=[
                     error_details_pb2.PreconditionFailure.Violation(type=t, subject=s, description=d)
-                    for t, s, d in _first(list(precondition_violations))
+                    for t, s, d in _first(list(precondition_violations), prose=2)
                 ]
             )
         )

@@ -354,16 +354,26 @@ async def test_mass_connection_kill_fails_no_later_call(
 
 
 async def _terminate_server_connections(url: str) -> int:
-    """pg_terminate_backend of every connection to the test database but this one."""
+    """pg_terminate_backend of every connection of the server (its application names) to the
+    test database; returns once they are all gone (termination is asynchronous)."""
     conn = await asyncpg.connect(url)
     try:
-        return int(
-            await conn.fetchval(
-                "SELECT count(*) FILTER (WHERE pg_terminate_backend(pid)) FROM pg_stat_activity"
-                " WHERE datname = current_database() AND pid <> pg_backend_pid()"
-                " AND application_name LIKE 'entrepot%'"
-            )
+        pids = await conn.fetch(
+            "SELECT pid, pg_terminate_backend(pid) FROM pg_stat_activity"
+            " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+            " AND application_name LIKE 'entrepot%'"
         )
+        gone = False
+        for _ in range(200):
+            left = await conn.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE pid = ANY($1::int[])", [r["pid"] for r in pids]
+            )
+            if left == 0:
+                gone = True
+                break
+            await asyncio.sleep(0.01)
+        assert gone, "terminated connections did not go away"
+        return len(pids)
     finally:
         await conn.close()
 
