@@ -16,11 +16,18 @@ _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 def ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
     """Same value as Timestamp.FromDatetime(value.astimezone(UTC)) (a naive value is
-    local time), at a quarter of its cost: every response carries several."""
+    local time), at a quarter of its cost: every response carries several.
+
+    asyncpg stores the first and last instants Python holds (0001-01-01T00:00:00Z,
+    9999-12-31T23:59:59.999999Z) as timestamptz -infinity / infinity and reads those
+    back as the naive datetime.min / datetime.max: they are these instants in UTC."""
     if value is None:
         return None
     if value.tzinfo is None:
-        value = value.astimezone(UTC)
+        if value == datetime.min or value == datetime.max:
+            value = value.replace(tzinfo=UTC)
+        else:
+            value = value.astimezone(UTC)
     d = value - _EPOCH
     return timestamp_pb2.Timestamp(seconds=d.days * 86400 + d.seconds, nanos=d.microseconds * 1000)
 
