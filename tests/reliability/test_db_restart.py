@@ -17,7 +17,9 @@ of reads (sessions and the GetStockLevel read pool), idempotent channel creates 
 from __future__ import annotations
 
 import asyncio
+import os
 import shutil
+import signal
 import tempfile
 import time
 import uuid
@@ -401,3 +403,63 @@ async def _applied(url: str, request_ids: set[str]) -> set[str]:
     finally:
         await conn.close()
     return {r["request_id"] for r in rows}
+
+
+@pytest.mark.timeout(soak(120, 600))
+async def test_connections_that_died_unnoticed_are_replaced(
+    private_pg: PrivatePostgres, r6_database: str, tmp_path: Path
+) -> None:
+    """The server's connections are terminated while its process is stopped (SIGSTOP), and
+    calls are already waiting when it resumes: it meets connections the database closed
+    before the driver noticed. Each call's first BEGIN or read then finds its connection
+    dead before sending anything, and must run on a fresh one instead of failing."""
+    url = r6_database
+    rounds = soak(3, 10)
+    with LoggedServerProcess(url, tmp_path / "server.log") as server:
+        assert server.proc is not None
+        metadata = [("authorization", f"Bearer {token()}")]
+        async with grpc.aio.insecure_channel(server.target) as ch:
+            inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
+            channels = channel_pb2_grpc.ChannelServiceStub(ch)
+            await seed_stock(inventory, metadata)
+
+            async def one(i: int) -> tuple[str, grpc.StatusCode]:
+                kinds = ("GetStockLevel", "ListChannels", "AdjustStock")
+                kind = kinds[i % 3]
+                try:
+                    if kind == "GetStockLevel":
+                        await inventory.GetStockLevel(
+                            inventory_pb2.GetStockLevelRequest(sku=SKU), metadata=metadata, timeout=10
+                        )
+                    elif kind == "ListChannels":
+                        await channels.ListChannels(
+                            channel_pb2.ListChannelsRequest(page_size=5), metadata=metadata, timeout=10
+                        )
+                    else:
+                        await inventory.AdjustStock(
+                            adjust(f"unnoticed-{uuid.uuid4().hex}"), metadata=metadata, timeout=10
+                        )
+                    return kind, grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as err:
+                    return kind, err.code()
+
+            failed: list[tuple[str, grpc.StatusCode]] = []
+            total = 0
+            for _ in range(rounds):
+                # Every pool full of open connections first.
+                assert all(
+                    c == grpc.StatusCode.OK for _, c in await asyncio.gather(*(one(i) for i in range(24)))
+                )
+                os.kill(server.proc.pid, signal.SIGSTOP)
+                try:
+                    assert await _terminate_server_connections(url) >= 2
+                    calls = [asyncio.ensure_future(one(i)) for i in range(24)]
+                    await asyncio.sleep(0.3)  # the calls reach the stopped server's socket
+                finally:
+                    os.kill(server.proc.pid, signal.SIGCONT)
+                results = await asyncio.gather(*calls)
+                total += len(results)
+                failed += [r for r in results if r[1] != grpc.StatusCode.OK]
+        assert server.alive(), server.log_tail()
+    print(f"R6 connections dead unnoticed: {len(failed)} of {total} calls failed ({rounds} rounds)")
+    assert not failed, failed
