@@ -132,6 +132,18 @@ async def seed_stock(stub: inventory_pb2_grpc.InventoryServiceStub, metadata: li
     )
 
 
+async def start_load(
+    ch: grpc.aio.Channel, metadata: list[tuple[str, str]], prefix: str
+) -> tuple[Load, list[asyncio.Task[None]]]:
+    """Stock seeded, then 8 workers calling in a loop until `load.stop`."""
+    inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
+    await seed_stock(inventory, metadata)
+    load = Load(
+        channel_pb2_grpc.ChannelServiceStub(ch), metadata, prefix + uuid.uuid4().hex[:6], inventory=inventory
+    )
+    return load, [asyncio.create_task(load.worker(n)) for n in range(8)]
+
+
 def _reason(err: grpc.aio.AioRpcError) -> str:
     from google.rpc import error_details_pb2, status_pb2
 
@@ -189,14 +201,7 @@ async def test_postgres_restart_under_load(
         metadata = [("authorization", f"Bearer {token()}")]
         async with grpc.aio.insecure_channel(server.target) as ch:
             inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
-            await seed_stock(inventory, metadata)
-            load = Load(
-                channel_pb2_grpc.ChannelServiceStub(ch),
-                metadata,
-                "r6-" + uuid.uuid4().hex[:6],
-                inventory=inventory,
-            )
-            workers = [asyncio.create_task(load.worker(n)) for n in range(8)]
+            load, workers = await start_load(ch, metadata, "r6-")
             try:
                 await asyncio.sleep(1.5)
                 for _ in range(restarts):
@@ -325,15 +330,7 @@ async def test_mass_connection_kill_fails_no_later_call(
     with LoggedServerProcess(url, tmp_path / "server.log") as server:
         metadata = [("authorization", f"Bearer {token()}")]
         async with grpc.aio.insecure_channel(server.target) as ch:
-            inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
-            await seed_stock(inventory, metadata)
-            load = Load(
-                channel_pb2_grpc.ChannelServiceStub(ch),
-                metadata,
-                "kill-" + uuid.uuid4().hex[:6],
-                inventory=inventory,
-            )
-            workers = [asyncio.create_task(load.worker(n)) for n in range(8)]
+            load, workers = await start_load(ch, metadata, "kill-")
             # (when the kill began, when every terminated backend was gone)
             windows: list[tuple[float, float]] = []
             try:
