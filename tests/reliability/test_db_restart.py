@@ -17,6 +17,7 @@ of reads (sessions and the GetStockLevel read pool), idempotent channel creates 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 import signal
@@ -26,6 +27,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import asyncpg
 import grpc
@@ -459,4 +461,118 @@ async def test_connections_that_died_unnoticed_are_replaced(
                 failed += [r for r in results if r[1] != grpc.StatusCode.OK]
         assert server.alive(), server.log_tail()
     print(f"R6 connections dead unnoticed: {len(failed)} of {total} calls failed ({rounds} rounds)")
+    assert not failed, failed
+
+
+class SeveringProxy:
+    """A TCP proxy to PostgreSQL that can cut every connection through it the way a firewall
+    or load balancer dropping idle connections does: the database side is closed at once, the
+    server's side only when the server next sends something. The server's driver cannot know
+    before it sends: the connection is found dead on its first statement."""
+
+    def __init__(self, url: str) -> None:
+        parts = urlsplit(url)
+        socket_dir = parse_qs(parts.query).get("host", [""])[0]
+        self.upstream = (socket_dir, parts.hostname or "", parts.port or 5432)
+        self.pairs: list[tuple[asyncio.StreamWriter, asyncio.StreamWriter]] = []
+        self.severed: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+        db = parts.path.lstrip("/")
+        self.url = f"postgresql://{parts.username or 'postgres'}@127.0.0.1:{{port}}/{db}"
+
+    async def __aenter__(self) -> SeveringProxy:
+        self.server = await asyncio.start_server(self._accept, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+        self.url = self.url.format(port=self.port)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self.server is not None
+        self.server.close()
+        for a, b in self.pairs:
+            a.close()
+            b.close()
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        socket_dir, host, port = self.upstream
+        if socket_dir:
+            up_r, up_w = await asyncio.open_unix_connection(f"{socket_dir}/.s.PGSQL.{port}")
+        else:
+            up_r, up_w = await asyncio.open_connection(host, port)
+        self.pairs.append((writer, up_w))
+        await asyncio.gather(self._pump(reader, up_w, writer), self._pump(up_r, writer, None))
+
+    async def _pump(
+        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: asyncio.StreamWriter | None
+    ) -> None:
+        with contextlib.suppress(ConnectionError, OSError):
+            while data := await src.read(65536):
+                if client is not None and client in self.severed:
+                    client.close()  # the server spoke on a cut connection: now it learns
+                    return
+                dst.write(data)
+                await dst.drain()
+        if client is None or client not in self.severed:
+            dst.close()
+
+    def sever(self) -> int:
+        """Cuts every connection open now; returns how many."""
+        n = 0
+        for client, up in self.pairs:
+            if client not in self.severed:
+                self.severed.add(client)
+                up.close()
+                n += 1
+        return n
+
+
+@pytest.mark.timeout(soak(120, 600))
+async def test_connections_cut_silently_are_replaced_on_first_use(
+    private_pg: PrivatePostgres, r6_database: str, tmp_path: Path
+) -> None:
+    """Every pooled connection cut without the server noticing (SeveringProxy): each call
+    finds its connection dead at its first statement (BEGIN, or the read pool's read), before
+    it did anything; it is run again on a fresh connection and succeeds."""
+    rounds = soak(3, 10)
+    async with SeveringProxy(r6_database) as proxy:
+        with LoggedServerProcess(proxy.url, tmp_path / "server.log") as server:
+            metadata = [("authorization", f"Bearer {token()}")]
+            async with grpc.aio.insecure_channel(server.target) as ch:
+                inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
+                channels = channel_pb2_grpc.ChannelServiceStub(ch)
+                await seed_stock(inventory, metadata)
+
+                async def one(i: int) -> tuple[str, grpc.StatusCode]:
+                    kind = ("GetStockLevel", "ListChannels", "AdjustStock")[i % 3]
+                    try:
+                        if kind == "GetStockLevel":
+                            await inventory.GetStockLevel(
+                                inventory_pb2.GetStockLevelRequest(sku=SKU), metadata=metadata, timeout=10
+                            )
+                        elif kind == "ListChannels":
+                            await channels.ListChannels(
+                                channel_pb2.ListChannelsRequest(page_size=5), metadata=metadata, timeout=10
+                            )
+                        else:
+                            await inventory.AdjustStock(
+                                adjust(f"cut-{uuid.uuid4().hex}"), metadata=metadata, timeout=10
+                            )
+                        return kind, grpc.StatusCode.OK
+                    except grpc.aio.AioRpcError as err:
+                        return kind, err.code()
+
+                failed: list[tuple[str, grpc.StatusCode]] = []
+                total = 0
+                for _ in range(rounds):
+                    warm = await asyncio.gather(*(one(i) for i in range(24)))  # pools full of connections
+                    assert all(c == grpc.StatusCode.OK for _, c in warm), warm
+                    assert proxy.sever() >= 2
+                    for i in range(12):  # one call at a time: each meets the pool as the last left it
+                        result = await one(i)
+                        total += 1
+                        if result[1] != grpc.StatusCode.OK:
+                            failed.append(result)
+            assert server.alive(), server.log_tail()
+    print(f"R6 connections cut silently: {len(failed)} of {total} calls failed ({rounds} rounds)")
     assert not failed, failed
