@@ -501,19 +501,23 @@ class SeveringProxy:
         else:
             up_r, up_w = await asyncio.open_connection(host, port)
         self.pairs.append((writer, up_w))
-        await asyncio.gather(self._pump(reader, up_w, writer), self._pump(up_r, writer, None))
+        await asyncio.gather(self._pump(reader, up_w, writer, True), self._pump(up_r, writer, writer, False))
 
     async def _pump(
-        self, src: asyncio.StreamReader, dst: asyncio.StreamWriter, client: asyncio.StreamWriter | None
+        self,
+        src: asyncio.StreamReader,
+        dst: asyncio.StreamWriter,
+        client: asyncio.StreamWriter,
+        outbound: bool,
     ) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await src.read(65536):
-                if client is not None and client in self.severed:
+                if outbound and client in self.severed:
                     client.close()  # the server spoke on a cut connection: now it learns
                     return
                 dst.write(data)
                 await dst.drain()
-        if client is None or client not in self.severed:
+        if client not in self.severed:
             dst.close()
 
     def sever(self) -> int:
