@@ -1,4 +1,4 @@
-"""`entrepot` command line: serve, worker, migrate, token, channel create, dev."""
+"""`entrepot` command line: serve, worker, migrate, token, channel create, orders verify, dev."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import asyncio
 import gc
 import os
 import sys
+from collections.abc import Callable
+from datetime import UTC, datetime
 from typing import NoReturn
 
 from server.settings import Settings
@@ -73,6 +75,15 @@ def _exit_now(code: int) -> NoReturn:
     os._exit(code)
 
 
+def _loop_factory(event_loop: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    """The server's event loop (Settings.event_loop); None is asyncio's own."""
+    if event_loop == "uvloop":
+        import uvloop
+
+        return uvloop.new_event_loop
+    return None
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from server import logs
     from server.app import serve
@@ -97,7 +108,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     # allocations (SyncStock: thousands of objects per batch) keep triggering
     # do not walk every module, class and function each time.
     gc.freeze()
-    asyncio.run(serve(s))
+    with asyncio.Runner(loop_factory=_loop_factory(s.event_loop)) as runner:
+        runner.run(serve(s))
     _exit_now(0)  # the servicers may have used the Temporal client
     return 0
 
@@ -207,6 +219,55 @@ def cmd_channel_create(args: argparse.Namespace) -> int:
     return asyncio.run(run())
 
 
+def _since(value: str | None) -> datetime | None:
+    """--since as an aware datetime (ISO 8601; a time without offset is UTC)."""
+    if value is None:
+        return None
+    try:
+        at = datetime.fromisoformat(value)
+    except ValueError:
+        raise CommandError(f"--since {value!r} is not an ISO 8601 time (e.g. 2026-12-01T00:00:00Z)") from None
+    return at if at.tzinfo else at.replace(tzinfo=UTC)
+
+
+def cmd_orders_verify(args: argparse.Namespace) -> int:
+    """Re-derives every order's canonical content from its stored intent: one line
+    per difference on stdout, a summary on stderr; exit code 1 when any."""
+    import uuid
+    from functools import partial
+
+    import domain.order as orders
+    from server.runtime import Runtime
+
+    since = _since(args.since)
+    settings = _settings()
+    _require_database(settings.database_url)
+
+    async def run() -> tuple[int, int]:
+        rt = Runtime(settings)
+        checked = differing = 0
+        after: tuple[datetime, uuid.UUID] | None = None
+        try:
+            while True:
+                page = await rt.read(
+                    partial(orders.audit_page, channel=args.channel, since=since, after=after)
+                )
+                checked += page.checked
+                for d in page.differences:
+                    print(d)
+                differing += len(page.differences)
+                if page.after is None:
+                    return checked, differing
+                after = page.after
+        finally:
+            await rt.close()
+
+    checked, differing = asyncio.run(run())
+    where = f" of channel {args.channel}" if args.channel else ""
+    print(f"verified {checked} orders{where}: {differing} differences", file=sys.stderr)
+    return 1 if differing else 0
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from server.dev import run_dev
 
@@ -255,6 +316,16 @@ def parser() -> argparse.ArgumentParser:
     cc.add_argument("--timezone", default="UTC")
     cc.add_argument("--if-missing", action="store_true", help="succeed when it already exists")
     cc.set_defaults(fn=cmd_channel_create)
+
+    o = sub.add_parser("orders", help="audit orders").add_subparsers(dest="orders_command", required=True)
+    ov = o.add_parser(
+        "verify",
+        help="re-derive each order's canonical content from its stored intent and report every difference "
+        "(exit code 1 when any)",
+    )
+    ov.add_argument("--channel", help="only this channel's orders (slug)")
+    ov.add_argument("--since", help="only orders created at or after this ISO 8601 time")
+    ov.set_defaults(fn=cmd_orders_verify)
 
     d = sub.add_parser(
         "dev", help="start everything locally (embedded PostgreSQL and Temporal unless configured)"

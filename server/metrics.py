@@ -28,6 +28,26 @@ RESERVE_BATCH_SIZE = Histogram(
     "ReserveStock requests per group-committed transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+ORDER_INTENTS = Counter(
+    "entrepot_order_intents_total",
+    "Order intents by source system and outcome: created, duplicate (the same intent "
+    "again, answered with its order) or conflict (other content under an accepted key)",
+    ["source_system", "outcome"],
+)
+# Source systems are the callers' words: past this many, the others share one label.
+MAX_SOURCE_SYSTEM_LABELS = 200
+OTHER_SOURCES = "_other"
+_source_labels: set[str] = set()
+
+
+def count_order_intent(source_system: str, outcome: str) -> None:
+    """One order intent decided (`outcome`: created, duplicate or conflict)."""
+    if source_system not in _source_labels:
+        if len(_source_labels) >= MAX_SOURCE_SYSTEM_LABELS:
+            source_system = OTHER_SOURCES
+        else:
+            _source_labels.add(source_system)
+    ORDER_INTENTS.labels(source_system, outcome).inc()
 
 
 class MethodMetrics:

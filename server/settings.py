@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     data_dir: Path = Path(".entrepot")
     log_level: str = "INFO"
     access_log: bool = True
+    # The server process's event loop: uvloop (measured faster on the reservation paths,
+    # docs/performance.md) or the standard library's, for debugging or a platform without uvloop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     # Auth: HS256 with a shared secret (dev) and/or RS256 keys from a JWKS file.
     jwt_issuer: str = "entrepot"

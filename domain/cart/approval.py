@@ -12,6 +12,7 @@ import domain.inventory as inventory
 from domain.cart import store
 from domain.cart.rules import EDITABLE, CartState, Shortage, check_decider, check_editable, check_text
 from domain.cart.service import (
+    as_approved,
     bump,
     event,
     held_quantities,
@@ -67,13 +68,24 @@ async def decide_approval(
         )
     check_decider(cart_id, actor, row.submitted_by or "", row.created_by)
     shortages: list[Shortage] = []
+    approved = None
     if approve:
-        shortages = await _shortages(session, row, await lines_of(session, row))
+        lines = await lines_of(session, row)
+        shortages = await _shortages(session, row, lines)
         state = CartState.APPROVED_BLOCKED_INVENTORY if shortages else CartState.APPROVED
+        # What this approval covers: checkout converts exactly these lines and total.
+        approved = as_approved(lines)
     else:
         state = CartState.REJECTED
     await store.record_decision(
-        session, row.id, state=state, approve=approve, decided_by=actor, reason=reason, shortages=shortages
+        session,
+        row.id,
+        state=state,
+        approve=approve,
+        decided_by=actor,
+        reason=reason,
+        shortages=shortages,
+        approved=approved,
     )
     await event(session, "cart.approval_decided", row.id, channel.slug, state=state.value, decided_by=actor)
     return await reload(session, row.id, channel.slug)

@@ -16,9 +16,18 @@ import domain.order as order
 from domain.cart import store
 from domain.cart.limits import enforce_limits
 from domain.cart.ports import NO_REFUNDS, RefundedQuantities
-from domain.cart.rules import CartState, Limit, check_can_checkout, check_text, check_version
+from domain.cart.rules import (
+    CartState,
+    Limit,
+    check_approval_current,
+    check_can_checkout,
+    check_text,
+    check_version,
+)
 from domain.cart.service import (
     approval_of,
+    approved_lines,
+    as_approved,
     bump_refused,
     cart_event,
     held_quantities,
@@ -57,8 +66,16 @@ async def checkout(
     row = await store.bump_for_checkout(session, cid, channel.slug, version, claim)
     if row is None:
         raise await bump_refused(session, cart_id, cid, version, channel.slug)
-    check_can_checkout(cart_id, CartState(row.state), row.approval_required)
     lines = _lines(cart_id, row)
+    check_approval_current(
+        cart_id,
+        CartState(row.state),
+        row.approval_required,
+        approved_lines(row),
+        row.approved_grand_total_minor,
+        as_approved(lines),
+    )
+    check_can_checkout(cart_id, CartState(row.state), row.approval_required)
     await enforce_limits(
         session,
         channel=channel,
@@ -72,7 +89,13 @@ async def checkout(
     res = await _order_reservation(session, row, lines, actor=actor)
     intent = _intent(row, lines, tax, shipping, discount, payments, external_order_id)
     order_id = await _submit_order(
-        session, cart_id, intent, channel=channel, actor=actor, reservation_id=str(res.id)
+        session,
+        cart_id,
+        intent,
+        channel=channel,
+        actor=actor,
+        reservation_id=str(res.id),
+        backordered=res.backordered > 0,
     )
     # One statement for the purchase rows, the conversion and its event: this
     # runs while the stock rows are locked, so every round trip counts.
@@ -195,10 +218,16 @@ async def _submit_order(
     channel: ChannelRef,
     actor: str,
     reservation_id: str,
+    backordered: bool,
 ) -> str:
     """The new order's id; CART_CONVERTED if the cart's intent was accepted before."""
     submitted = await order.submit_intent(
-        session, intent, channel=channel, actor=actor, reservation_id=reservation_id
+        session,
+        intent,
+        channel=channel,
+        actor=actor,
+        reservation_id=reservation_id,
+        reservation_backordered=backordered,
     )
     if not submitted.created:
         # Only possible if the cart's intent was accepted before; never reuse it silently.
@@ -222,7 +251,7 @@ def _converted(row: Any, lines: Sequence[CartLine], order_id: str) -> Cart:
         lines=tuple(lines),
         approval_required=row.approval_required,
         hold=NO_HOLD,
-        approval=approval_of(row),
+        approval=approval_of(row, lines),
         order_id=order_id,
         created_by=row.created_by,
         created_at=row.created_at,

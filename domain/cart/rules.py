@@ -34,9 +34,11 @@ class CartState(StrEnum):
     CONVERTED = "converted"
 
 
-# Line edits are allowed here; an edit of a rejected cart makes it active again.
-EDITABLE = frozenset({CartState.ACTIVE, CartState.REJECTED})
-LOCKED = frozenset({CartState.PENDING_APPROVAL, CartState.APPROVED, CartState.APPROVED_BLOCKED_INVENTORY})
+# Line edits are allowed here; an edit of a rejected or approved cart makes it
+# active again (an approved one needs a new approval: its approval is stale).
+APPROVED_STATES = frozenset({CartState.APPROVED, CartState.APPROVED_BLOCKED_INVENTORY})
+EDITABLE = frozenset({CartState.ACTIVE, CartState.REJECTED}) | APPROVED_STATES
+LOCKED = frozenset({CartState.PENDING_APPROVAL})
 
 
 def check_editable(cart_id: str, state: CartState) -> None:
@@ -47,7 +49,7 @@ def check_editable(cart_id: str, state: CartState) -> None:
     if state in LOCKED:
         raise FailedPrecondition(
             "CART_LOCKED",
-            f"cart {cart_id} is {state.value}: it cannot change while submitted for approval",
+            f"cart {cart_id} is {state.value}: it cannot change while waiting for an approval",
             metadata={"cart_id": cart_id, "state": state.value},
         )
 
@@ -249,6 +251,16 @@ class Shortage:
 
 
 @dataclass(frozen=True)
+class ApprovedLine:
+    """A line as an approval approved it."""
+
+    line_id: str
+    sku: str
+    quantity: int
+    unit_price_minor: int
+
+
+@dataclass(frozen=True)
 class ApprovalInfo:
     submitted_by: str = ""
     submitted_at: datetime | None = None
@@ -258,6 +270,59 @@ class ApprovalInfo:
     decided_at: datetime | None = None
     reason: str = ""
     shortages: list[Shortage] = field(default_factory=list)
+    # Set by an approval: the sum of the approved line totals and the lines.
+    approved_grand_total: Money | None = None
+    approved_lines: tuple[ApprovedLine, ...] = ()
+    # The cart no longer is what was approved.
+    stale: bool = False
+
+
+def approved_total(lines: Sequence[ApprovedLine]) -> int:
+    return sum(line_total(x.quantity, x.unit_price_minor) for x in lines)
+
+
+def approval_stale(
+    state: CartState, approved: Sequence[ApprovedLine] | None, current: Sequence[ApprovedLine]
+) -> bool:
+    """An approval on record no longer covers the cart: it was edited after the
+    approval (which made it active again), or its lines differ from the approved ones."""
+    if approved is None:
+        return False
+    if state in APPROVED_STATES or state is CartState.CONVERTED:
+        return tuple(approved) != tuple(current)
+    return state is CartState.ACTIVE
+
+
+def check_approval_current(
+    cart_id: str,
+    state: CartState,
+    approval_required: bool,
+    approved: Sequence[ApprovedLine] | None,
+    approved_grand_total: int | None,
+    current: Sequence[ApprovedLine],
+) -> None:
+    """Checkout converts only what was approved: APPROVAL_STALE when the cart's
+    lines or total differ from its approval, or when an approval it needs was
+    invalidated by an edit."""
+    if approved is None or approved_grand_total is None:
+        return
+    if state is CartState.ACTIVE and not approval_required:
+        return  # an approval it did not need; the edit simply left it behind
+    if (
+        state is CartState.ACTIVE
+        or tuple(approved) != tuple(current)
+        or (approved_total(current) != approved_grand_total)
+    ):
+        raise FailedPrecondition(
+            "APPROVAL_STALE",
+            f"cart {cart_id} changed after its approval (approved total {approved_grand_total}, "
+            f"now {approved_total(current)}); submit it for approval again",
+            metadata={
+                "cart_id": cart_id,
+                "approved_grand_total_minor": str(approved_grand_total),
+                "grand_total_minor": str(approved_total(current)),
+            },
+        )
 
 
 def check_decider(cart_id: str, decider: str, submitted_by: str, created_by: str) -> None:

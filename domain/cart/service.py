@@ -29,11 +29,14 @@ from domain.cart import store
 from domain.cart.limits import enforce_limits
 from domain.cart.ports import NO_REFUNDS, RefundedQuantities
 from domain.cart.rules import (
+    APPROVED_STATES,
     MAX_LINES,
     ApprovalInfo,
+    ApprovedLine,
     CartState,
     LineDraft,
     Shortage,
+    approval_stale,
     check_customer_ref,
     check_editable,
     check_hold_ttl,
@@ -118,9 +121,26 @@ async def _hold(session: AsyncSession, row: Any) -> Hold:
     return Hold(state, str(res.id), expires, ttl)
 
 
-def approval_of(row: Any) -> ApprovalInfo | None:
+def approved_lines(row: Any) -> tuple[ApprovedLine, ...] | None:
+    """The lines the cart's approval approved, or None when it has none."""
+    if row.approved_lines is None:
+        return None
+    return tuple(
+        ApprovedLine(x["line_id"], x["sku"], int(x["quantity"]), int(x["unit_price_minor"]))
+        for x in row.approved_lines
+    )
+
+
+def as_approved(lines: Sequence[CartLine]) -> tuple[ApprovedLine, ...]:
+    """The cart's lines in the form an approval records them."""
+    return tuple(ApprovedLine(x.line_id, x.sku, x.quantity, x.unit_price.amount_minor) for x in lines)
+
+
+def approval_of(row: Any, lines: Sequence[CartLine]) -> ApprovalInfo | None:
     if row.submitted_by is None:
         return None
+    approved = approved_lines(row)
+    total = row.approved_grand_total_minor
     return ApprovalInfo(
         submitted_by=row.submitted_by,
         submitted_at=row.submitted_at,
@@ -130,6 +150,9 @@ def approval_of(row: Any) -> ApprovalInfo | None:
         decided_at=row.decided_at,
         reason=row.decision_reason,
         shortages=[Shortage(s["sku"], s["description"]) for s in (row.shortages or [])],
+        approved_grand_total=None if total is None else Money(row.currency, int(total)),
+        approved_lines=approved or (),
+        stale=approval_stale(CartState(row.state), approved, as_approved(lines)),
     )
 
 
@@ -146,7 +169,7 @@ async def _cart(session: AsyncSession, row: Any, lines: list[CartLine] | None = 
         lines=tuple(lines),
         approval_required=row.approval_required,
         hold=await _hold(session, row),
-        approval=approval_of(row),
+        approval=approval_of(row, lines),
         order_id=row.order_id or "",
         created_by=row.created_by,
         created_at=row.created_at,
@@ -370,8 +393,9 @@ async def _after_line_change(
         refunds=refunds,
         lock=False,
     )
-    if CartState(row.state) is CartState.REJECTED:
-        # Editing a rejected cart starts over: it needs a new submission.
+    if CartState(row.state) is CartState.REJECTED or CartState(row.state) in APPROVED_STATES:
+        # Editing a rejected or approved cart starts over: it needs a new
+        # submission (an approval stays on record, stale).
         await store.reopen(session, row.id)
     await _rehold(session, row, lines, actor=actor)
     await event(session, topic, row.id, channel.slug, **payload)

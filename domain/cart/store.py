@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.cart.rules import CartState, Limit, LineDraft, Shortage
+from domain.cart.rules import ApprovedLine, CartState, Limit, LineDraft, Shortage, approved_total
 from domain.cart.types import CartLine
 from domain.platform import idempotency
 from domain.shared import outbox
@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 CART_COLUMNS = """id, channel, customer_ref, currency, version, state, approval_required, created_by, next_line_no,
            hold_reservation_id, hold_ttl_us, hold_expires_at, submitted_by, submitted_at, submit_note,
            decision, decided_by, decided_at, decision_reason, shortages, order_id, created_at, updated_at,
-           now() AS now"""
+           approved_grand_total_minor, approved_lines, now() AS now"""
 
 # ------------------------------------------------------------------ carts
 
@@ -146,7 +146,7 @@ async def carts_page(
 
 
 async def reopen(session: AsyncSession, cart_id: uuid.UUID) -> None:
-    """A rejected cart becomes active again (an edit starts over)."""
+    """A rejected or approved cart becomes active again (an edit starts over)."""
     await session.execute(
         text("UPDATE carts.carts SET state = 'active' WHERE id = :cart_id"), {"cart_id": cart_id}
     )
@@ -284,7 +284,8 @@ async def mark_submitted(session: AsyncSession, cart_id: uuid.UUID, *, submitted
         text(
             """UPDATE carts.carts SET state = 'pending_approval', submitted_by = :submitted_by,
                    submitted_at = now(), submit_note = :note, decision = NULL, decided_by = NULL,
-                   decided_at = NULL, decision_reason = '', shortages = '[]'
+                   decided_at = NULL, decision_reason = '', shortages = '[]',
+                   approved_grand_total_minor = NULL, approved_lines = NULL
                WHERE id = :cart_id"""
         ),
         {"cart_id": cart_id, "submitted_by": submitted_by, "note": note},
@@ -300,14 +301,31 @@ async def record_decision(
     decided_by: str,
     reason: str,
     shortages: Sequence[Shortage],
+    approved: Sequence[ApprovedLine] | None,
 ) -> None:
+    """The decision; `approved`: the lines an approval approved (None for a rejection)."""
     await session.execute(
         text(
             """UPDATE carts.carts SET state = :state, decision = :decision, decided_by = :decided_by,
-                   decided_at = now(), decision_reason = :reason, shortages = CAST(:shortages AS jsonb)
+                   decided_at = now(), decision_reason = :reason, shortages = CAST(:shortages AS jsonb),
+                   approved_grand_total_minor = :approved_total, approved_lines = CAST(:approved AS jsonb)
                WHERE id = :cart_id"""
         ),
         {
+            "approved_total": None if approved is None else approved_total(approved),
+            "approved": None
+            if approved is None
+            else json.dumps(
+                [
+                    {
+                        "line_id": x.line_id,
+                        "sku": x.sku,
+                        "quantity": x.quantity,
+                        "unit_price_minor": x.unit_price_minor,
+                    }
+                    for x in approved
+                ]
+            ),
             "cart_id": cart_id,
             "state": state.value,
             "decision": "approve" if approve else "reject",

@@ -30,6 +30,10 @@ Reservations (OrderService, CartService):
       Checkout: the cart's hold becomes the order's reservation (new reference,
       new TTL or none); nothing is released and re-reserved, so nothing can be lost.
   get_reservation(session, reservation_id) -> Reservation
+  observe_reservations(reference_prefix, observer): `await observer(session,
+      [ReservationChange])` runs in the transaction of every release, fulfilment
+      and expiry of the reservations whose reference starts with the prefix
+      (orders keep their inventory_risk flag true with it).
   list_reservations(session, *, reference="", state="", size=0, token="") -> (list, next_token)
 
 Stock reads: get_stock_level(session, sku, warehouse_code="") -> SkuStock,
@@ -66,6 +70,7 @@ from domain.inventory.reservations import (
     fulfil,
     get_reservation,
     list_reservations,
+    observe_reservations,
     release,
     reserve,
     reserve_many,
@@ -103,6 +108,7 @@ from domain.inventory.types import (
     LineRequest,
     Movement,
     Reservation,
+    ReservationChange,
     ReservationLine,
     SkuStock,
     StockChange,
@@ -127,6 +133,7 @@ __all__ = [
     "LineRequest",
     "Movement",
     "Reservation",
+    "ReservationChange",
     "ReservationLine",
     "ReserveBatcher",
     "ReserveRequest",
@@ -153,6 +160,7 @@ __all__ = [
     "list_warehouses",
     "load_sku_stocks",
     "normalize_sku",
+    "observe_reservations",
     "receive_stock",
     "release",
     "reserve",

@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.inventory import ledger
 from domain.inventory.allocation import Key, WarehouseInfo
 from domain.inventory.stock_rules import Level, Policy, may_reserve_sql
-from domain.inventory.types import Cost, Reservation, ReservationLine
+from domain.inventory.types import Cost, Reservation, ReservationChange, ReservationLine
 from domain.inventory.validation import MAX_MINOR
 from domain.platform import idempotency
 from domain.platform.idempotency import Answers, Claim
@@ -462,14 +462,19 @@ async def record_consumptions(session: AsyncSession, rows: Sequence[tuple[int, i
 
 
 _OPEN_AND_RELEASED = text(
-    """SELECT reservation_id, sum(quantity - fulfilled - released) AS open, sum(released) AS rel
-       FROM inventory.reservation_lines WHERE reservation_id = ANY(CAST(:ids AS uuid[]))
-       GROUP BY reservation_id"""
+    """SELECT l.reservation_id, min(r.reference) AS reference, sum(l.quantity - l.fulfilled - l.released) AS open,
+              sum(l.released) AS rel, sum(LEAST(l.backordered, l.quantity - l.fulfilled - l.released)) AS backordered
+       FROM inventory.reservation_lines l JOIN inventory.reservations r ON r.id = l.reservation_id
+       WHERE l.reservation_id = ANY(CAST(:ids AS uuid[]))
+       GROUP BY l.reservation_id"""
 )
 
 
-async def finish_states(session: AsyncSession, ids: Sequence[uuid.UUID], *, expired: bool) -> None:
-    """Closed reservations: fulfilled when every unit shipped, else released/expired."""
+async def finish_states(
+    session: AsyncSession, ids: Sequence[uuid.UUID], *, expired: bool
+) -> list[ReservationChange]:
+    """Closed reservations: fulfilled when every unit shipped, else released/expired.
+    Returns what each reservation holds now, for its owner."""
     rows = (await session.execute(_OPEN_AND_RELEASED, {"ids": list(ids)})).all()
     states = {
         r.reservation_id: (
@@ -478,6 +483,12 @@ async def finish_states(session: AsyncSession, ids: Sequence[uuid.UUID], *, expi
         for r in rows
     }
     await session.execute(_SET_STATE, {"ids": list(states), "states": list(states.values())})
+    return [
+        ReservationChange(
+            str(r.reservation_id), r.reference, states[r.reservation_id], int(r.open), int(r.backordered)
+        )
+        for r in rows
+    ]
 
 
 async def now(session: AsyncSession) -> datetime:

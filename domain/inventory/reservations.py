@@ -16,7 +16,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
@@ -37,6 +37,7 @@ from domain.inventory.types import (
     LineRequest,
     Movement,
     Reservation,
+    ReservationChange,
     ReservationLine,
     is_below_threshold,
 )
@@ -500,6 +501,27 @@ def _closing_steps(
     return steps, deltas, running
 
 
+# Owners of reservations (by reference prefix, e.g. "order:") that keep their
+# own state true to what a reservation still holds: called in the transaction
+# that released, fulfilled or expired it.
+ReservationObserver = Callable[[AsyncSession, Sequence[ReservationChange]], Awaitable[None]]
+_observers: dict[str, ReservationObserver] = {}
+
+
+def observe_reservations(reference_prefix: str, observer: ReservationObserver) -> None:
+    """Registers (or replaces) the observer of the reservations whose reference starts with the prefix."""
+    _observers[reference_prefix] = observer
+
+
+async def _finish(session: AsyncSession, ids: Sequence[uuid.UUID], *, expired: bool) -> None:
+    """Sets the reservations' states, then tells their owners what they hold now."""
+    changes = await store.finish_states(session, ids, expired=expired)
+    for prefix, observer in _observers.items():
+        mine = [c for c in changes if c.reference.startswith(prefix)]
+        if mine:
+            await observer(session, mine)
+
+
 def _expired(res: Reservation, now: datetime) -> bool:
     return res.expires_at is not None and res.expires_at <= now
 
@@ -530,7 +552,7 @@ async def release(
     await _close(
         session, takes, mode="release", reason=reason or "released", reference="", actor=actor, source=source
     )
-    await store.finish_states(session, [rid], expired=False)
+    await _finish(session, [rid], expired=False)
     return await store.load(session, rid, lock=False)
 
 
@@ -562,7 +584,7 @@ async def fulfil(
     movements = await _close(
         session, takes, mode="fulfil", reason="fulfilled", reference=reference, actor=actor, source=source
     )
-    await store.finish_states(session, [rid], expired=False)
+    await _finish(session, [rid], expired=False)
     return Fulfilment(await store.load(session, rid, lock=False), movements)
 
 
@@ -644,7 +666,7 @@ async def sweep_expired(session: AsyncSession, limit: int = 200) -> int:
         actor="system:sweeper",
         source="sweeper",
     )
-    await store.finish_states(session, [r.id for r in reservations], expired=True)
+    await _finish(session, [r.id for r in reservations], expired=True)
     return len(reservations)
 
 

@@ -184,6 +184,19 @@ class Reservation:
 
 
 @dataclass(frozen=True)
+class ReservationChange:
+    """What a reservation holds after a release, fulfilment or expiry: what its
+    owner (the module named by its reference) is told in the same transaction."""
+
+    reservation_id: str
+    reference: str
+    state: str
+    open_quantity: int
+    # Open units that were backordered (not on hand) when reserved.
+    backordered_quantity: int
+
+
+@dataclass(frozen=True)
 class Fulfilment:
     reservation: Reservation
     movements: list[Movement] = field(default_factory=list)

@@ -71,7 +71,7 @@ async def status_summary(session: AsyncSession, order_id: str, *, channel: str) 
     row = await orders.order_row(session, order_id, channel)
     latest = await entries.latest_per_module(session, row.id)
     blocking = await entries.open_blocking(session, row.id)
-    return StatusSummary(str(row.id), State(row.state), tuple(latest), tuple(blocking))
+    return StatusSummary(str(row.id), State(row.state), tuple(latest), tuple(blocking), row.inventory_risk)
 
 
 async def record_manual_adjustment(

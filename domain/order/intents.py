@@ -34,13 +34,15 @@ async def submit_intent(
     actor: str,
     reserve_inventory: bool = False,
     reservation_id: str | None = None,
+    reservation_backordered: bool = False,
     inventory: InventoryPort = DEFAULT_INVENTORY,
 ) -> SubmitResult:
     """Creates the canonical order for an intent, or returns the one it already created.
 
     `reservation_id` adopts a reservation the caller already holds for these
-    lines (a cart's hold turned into the order's); `reserve_inventory`
-    reserves now. Both happen in the caller's transaction.
+    lines (a cart's hold turned into the order's; `reservation_backordered`
+    when it holds backordered units); `reserve_inventory` reserves now. Both
+    happen in the caller's transaction.
     """
     validate_intent(intent, channel.currency)
     _check_one_reservation_source(reserve_inventory, reservation_id)
@@ -58,17 +60,19 @@ async def submit_intent(
         content=content,
         digest=digest,
         reservation_id=reservation_id,
+        inventory_risk=bool(reservation_id) and reservation_backordered,
         specs=_submitted_entries(intent, channel, actor, adopted_reservation=reservation_id),
-        before=[_created_event(head)],
+        before=[created_event(head)],
     )
     if inserted is None:
         return await _existing_intent(session, intent, channel, content, digest)
     reserved_id = reservation_id
+    at_risk = bool(reservation_id) and reservation_backordered
     if not reservation_id and reserve_inventory:
         wanted = [(li.sku, li.quantity) for li in intent.lines]
-        reserved_id = await reserve_new(session, head, wanted, actor=actor, inventory=inventory)
+        reserved_id, at_risk = await reserve_new(session, head, wanted, actor=actor, inventory=inventory)
     # Every write of this transaction stamps now(): the reservation's update too.
-    order = _new_order(
+    order = new_order(
         head,
         intent,
         channel,
@@ -76,6 +80,7 @@ async def submit_intent(
         created_at=inserted["created_at"],
         updated_at=inserted["updated_at"],
         reservation_id=reserved_id,
+        inventory_risk=at_risk,
     )
     return SubmitResult(order, created=True)
 
@@ -121,7 +126,7 @@ def _submitted_entries(
     return specs
 
 
-def _created_event(head: entries.OrderHead) -> Event:
+def created_event(head: entries.OrderHead) -> Event:
     return Event(
         CREATED,
         "order",
@@ -131,7 +136,7 @@ def _created_event(head: entries.OrderHead) -> Event:
     )
 
 
-def _new_order(
+def new_order(
     head: entries.OrderHead,
     intent: Intent,
     channel: ChannelRef,
@@ -140,6 +145,7 @@ def _new_order(
     created_at: datetime,
     updated_at: datetime,
     reservation_id: str | None,
+    inventory_risk: bool,
 ) -> Order:
     """The order just inserted, built from what was written (nothing is read back)."""
     currency = channel.currency
@@ -164,6 +170,7 @@ def _new_order(
         updated_at=updated_at,
         reservation_id=reservation_id,
         blocked=False,
+        inventory_risk=inventory_risk,
     )
 
 

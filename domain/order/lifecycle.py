@@ -98,7 +98,9 @@ async def _set_state(
     """Moves the order to `target` with its order.transitioned event and
     `order:<state>` entry (the event written by the entry's statement)."""
     previous = row.state
-    await orders.update_order(session, row, state=target.value)
+    # A cancelled order needs no stock, so nothing is at risk any more.
+    risk = {"inventory_risk": False} if target is State.CANCELLED else {}
+    await orders.update_order(session, row, state=target.value, **risk)
     transitioned = Event(
         TRANSITIONED,
         "order",
@@ -183,6 +185,8 @@ async def _ship(
         reference=f"shipment:{shipment_id}",
         actor=actor,
     )
+    # Inventory told the order what its reservation holds now (inventory_risk).
+    await orders.refresh_risk(session, row)
     shipment = await shipments.insert_shipment(
         session,
         shipment_id,

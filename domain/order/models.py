@@ -10,7 +10,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, DateTime, ForeignKey, Integer, LargeBinary, Text, func
+from sqlalchemy import BigInteger, Boolean, DateTime, ForeignKey, Integer, LargeBinary, Text, func
 from sqlalchemy.dialects.postgresql import JSONB, UUID
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -39,6 +39,11 @@ class OrderRow(Base):
     content_hash: Mapped[bytes] = mapped_column(LargeBinary)
     content: Mapped[dict[str, Any]] = mapped_column(JSONB)
     reservation_id: Mapped[str | None] = mapped_column(Text)
+    reissued_from_order_id: Mapped[uuid.UUID | None] = mapped_column(UUID(as_uuid=True))
+    reissue_reason: Mapped[str] = mapped_column(Text, default="")
+    external_handoff_reference: Mapped[str | None] = mapped_column(Text)
+    external_handoff_acknowledged_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    inventory_risk: Mapped[bool] = mapped_column(Boolean, default=False)
     submitted_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())

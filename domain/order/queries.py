@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import uuid
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.order.store import orders
 from domain.order.types import Order, OrderFilter
-from domain.shared.errors import InvalidArgument, NotFound, Violations
+from domain.shared.errors import FieldViolation, InvalidArgument, NotFound, Violations
 from domain.shared.pagination import decode_token, encode_token, page_size
+
+# Longer than any order's life; keeps `now() - age` inside PostgreSQL's timestamp range.
+MAX_HANDOFF_AGE = timedelta(days=3660)
 
 
 async def get_order(session: AsyncSession, order_id: str, *, channel: str | None) -> Order:
@@ -43,6 +46,13 @@ async def list_orders(
 ) -> tuple[list[Order], str]:
     """Newest first, keyset-paginated on (created_at, id)."""
     n = page_size(size)
+    age = filters.handoff_unacknowledged_for
+    if age is not None and age > MAX_HANDOFF_AGE:
+        raise InvalidArgument(
+            "INVALID_ARGUMENT",
+            "handoff_unacknowledged_for is too long",
+            field_violations=[FieldViolation("handoff_unacknowledged_for", "at most 3660 days")],
+        )
     fingerprint = {
         "channel": channel,
         "states": sorted(s.value for s in filters.states),
@@ -51,6 +61,10 @@ async def list_orders(
         "start": filters.start.isoformat() if filters.start else None,
         "end": filters.end.isoformat() if filters.end else None,
         "blocked": filters.blocked_only,
+        "risk": filters.inventory_risk_only,
+        "unacknowledged_for": filters.handoff_unacknowledged_for.total_seconds()
+        if filters.handoff_unacknowledged_for
+        else None,
     }
     after = decode_token(token, fingerprint)
     before: tuple[datetime, uuid.UUID] | None = None

@@ -47,12 +47,19 @@ async def reserve_new(
     *,
     actor: str,
     inventory: InventoryPort,
-) -> str:
-    """`reserve` for an order just inserted: the order update and its entry in one statement."""
+) -> tuple[str, bool]:
+    """`reserve` for an order just inserted: the order update and its entry in
+    one statement. The reservation's id, and whether it leaves the order at risk."""
     demand = sum_by_sku(wanted)
     res = await inventory.reserve(session, demand, reference=f"order:{head.id}", actor=actor)
-    await entries.set_reservation(session, head, res.reservation_id, reservation_entry(demand, res, actor))
-    return res.reservation_id
+    await entries.set_reservation(
+        session,
+        head,
+        res.reservation_id,
+        reservation_entry(demand, res, actor),
+        inventory_risk=bool(res.backordered),
+    )
+    return res.reservation_id, bool(res.backordered)
 
 
 async def reserve(
@@ -66,5 +73,8 @@ async def reserve(
     """Reserves (sku, quantity) pairs for the order and records the reservation on it."""
     demand = sum_by_sku(wanted)
     res = await inventory.reserve(session, demand, reference=f"order:{row.id}", actor=actor)
-    await orders.update_order(session, row, reservation_id=res.reservation_id)
+    # Backordered units leave the order at risk until they ship.
+    await orders.update_order(
+        session, row, reservation_id=res.reservation_id, inventory_risk=bool(res.backordered)
+    )
     await entries.append_entry(session, row, reservation_entry(demand, res, actor))

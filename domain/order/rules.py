@@ -112,6 +112,9 @@ class Intent:
     external_order_id: str = ""
     customer_ref: str = ""
     submitted_at: datetime | None = None
+    # Set on the intent of a reissue (ReissueOrder): the order it reissues, and why.
+    reissued_from: str = ""
+    reissue_reason: str = ""
 
 
 def _money(v: Violations, path: str, m: Money, currency: str, *, allow_zero: bool = True) -> None:
@@ -259,7 +262,47 @@ def canonical_content(intent: Intent, channel: str) -> dict[str, Any]:
             for pa in intent.payments
         ],
         "submit_time": intent.submitted_at.isoformat() if intent.submitted_at else None,
+        # Only on reissues, so the content (and hash) of every other intent is unchanged.
+        **(
+            {"reissue": {"of": intent.reissued_from, "reason": intent.reissue_reason}}
+            if intent.reissued_from
+            else {}
+        ),
     }
+
+
+def intent_of_content(content: Mapping[str, Any]) -> Intent:
+    """The intent a stored canonical content describes (its inverse, for audits)."""
+    t = content["totals"]
+    reissue = content.get("reissue") or {}
+
+    def money(v: list[Any]) -> Money:
+        return Money(str(v[0]), int(v[1]))
+
+    return Intent(
+        intent_id=content["intent_id"],
+        source_system=content["source_system"],
+        external_order_id=content["external_order_id"],
+        customer_ref=content["customer_ref"],
+        lines=tuple(
+            LineIn(x["line_id"], x["sku"], int(x["quantity"]), money(x["unit_price"]))
+            for x in content["lines"]
+        ),
+        totals=TotalsIn(
+            money(t["subtotal"]),
+            money(t["tax"]),
+            money(t["shipping"]),
+            money(t["discount"]),
+            money(t["grand_total"]),
+        ),
+        payments=tuple(
+            PaymentIn(p["tender_id"], p["method"], money(p["captured"]), p["gateway_reference"])
+            for p in content["payments"]
+        ),
+        submitted_at=datetime.fromisoformat(content["submit_time"]) if content.get("submit_time") else None,
+        reissued_from=str(reissue.get("of", "")),
+        reissue_reason=str(reissue.get("reason", "")),
+    )
 
 
 def content_hash(content: dict[str, Any]) -> bytes:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 from domain.order.rules import Severity, State
@@ -73,6 +73,17 @@ class Order:
     updated_at: datetime
     reservation_id: str | None
     blocked: bool
+    reissued_from_order_id: str = ""
+    reissue_reason: str = ""
+    # Orders reissued from this one, oldest first.
+    reissue_order_ids: tuple[str, ...] = ()
+    external_handoff_reference: str = ""
+    external_handoff_acknowledged_at: datetime | None = None
+    inventory_risk: bool = False
+
+    @property
+    def reissue(self) -> bool:
+        return bool(self.reissued_from_order_id)
 
     @property
     def captured(self) -> Money:
@@ -112,6 +123,7 @@ class StatusSummary:
     state: State
     latest_by_module: tuple[StatusEntry, ...]
     open_blocking: tuple[StatusEntry, ...]
+    inventory_risk: bool = False
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,9 @@ class OrderFilter:
     start: datetime | None = None
     end: datetime | None = None
     blocked_only: bool = False
+    inventory_risk_only: bool = False
+    # Only orders created at least this long ago whose handoff is not acknowledged.
+    handoff_unacknowledged_for: timedelta | None = None
 
 
 def entry_from_payload(d: Mapping[str, Any]) -> StatusEntry:

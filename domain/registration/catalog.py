@@ -54,7 +54,25 @@ FORM_FIELDS = (
     "steps",
     "expire_after",
     "active",
+    "commerce_mode",
 )
+# Who a form serves; a registration is made in one of the first two.
+COMMERCE_MODES = ("b2b", "b2c", "both")
+
+
+def modes_serving(mode: str) -> tuple[str, ...]:
+    """The form modes that serve a registration (or a listing) in `mode`."""
+    return (mode, "both") if mode in ("b2b", "b2c") else (mode,)
+
+
+def check_form_serves(form: Form, mode: str) -> None:
+    """COMMERCE_MODE_NOT_SERVED when a registration in `mode` may not use `form`."""
+    if form.commerce_mode not in modes_serving(mode):
+        raise FailedPrecondition(
+            "COMMERCE_MODE_NOT_SERVED",
+            f"form {form.slug!r} serves {form.commerce_mode}, not {mode}",
+            metadata={"form": form.slug, "commerce_mode": mode, "form_commerce_mode": form.commerce_mode},
+        )
 
 
 async def _check_form(
@@ -100,6 +118,7 @@ async def create_form(
     steps: Sequence[Mapping[str, Any]],
     expire_after_seconds: int | None,
     active: bool,
+    commerce_mode: str = "",
 ) -> Form:
     v = Violations()
     if not SLUG.match(slug):
@@ -122,6 +141,7 @@ async def create_form(
         invitation_required=invitation_required,
         steps=steps,
         expire_after_seconds=expire,
+        commerce_mode=commerce_mode or "both",
     )
     await emit(
         session, Event("registration.form.created", "registration_form", form_id, {"slug": slug}, channel)
@@ -142,6 +162,7 @@ async def update_form(
     steps: Sequence[Mapping[str, Any]],
     expire_after_seconds: int | None,
     active: bool,
+    commerce_mode: str = "",
 ) -> Form:
     """A new current version: the fields in `fields` (every field when empty)
     from the arguments, the others from the current version."""
@@ -175,6 +196,7 @@ async def update_form(
         else cur.invitation_required,
         steps=new_steps,
         expire_after_seconds=expire,
+        commerce_mode=commerce_mode if "commerce_mode" in paths and commerce_mode else cur.commerce_mode,
     )
     await store.set_current_version(
         session, form_id, version, active=active if "active" in paths else cur.active
@@ -205,11 +227,21 @@ async def resolve_form(session: AsyncSession, *, channel: str, ref: str) -> Form
     return await get_form(session, channel=channel, slug=ref)
 
 
-async def list_forms(session: AsyncSession, *, channel: str, size: int, token: str) -> tuple[list[Form], str]:
+async def list_forms(
+    session: AsyncSession, *, channel: str, size: int, token: str, commerce_mode: str = ""
+) -> tuple[list[Form], str]:
+    """Current forms by slug; only those serving `commerce_mode` when given."""
     n = page_size(size)
-    after = decode_token(token, ["forms", channel])
-    forms, more = await store.forms_after(session, channel=channel, slug=str(after or ""), limit=n)
-    return forms, encode_token(forms[-1].slug, ["forms", channel]) if more else ""
+    filters = ["forms", channel] + ([commerce_mode] if commerce_mode else [])
+    after = decode_token(token, filters)
+    forms, more = await store.forms_after(
+        session,
+        channel=channel,
+        slug=str(after or ""),
+        limit=n,
+        modes=modes_serving(commerce_mode) if commerce_mode else (),
+    )
+    return forms, encode_token(forms[-1].slug, filters) if more else ""
 
 
 # ------------------------------------------------------------------ rules

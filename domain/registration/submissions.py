@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.registration.catalog import (
     Form,
     channel_rules,
+    check_form_serves,
     get_agreement,
     get_document_type,
     get_invitation_code,
@@ -165,10 +166,14 @@ async def submit(
     answers: Mapping[str, Answer],
     address: Address,
     invitation_code: str,
+    commerce_mode: str = "",
 ) -> Registration:
+    """`commerce_mode` ("b2b" or "b2c"; "" = not checked): the mode the applicant registers in."""
     form = await resolve_form(session, channel=channel, ref=form_ref)
     if not form.active:
         raise FailedPrecondition("FORM_INACTIVE", f"form {form.slug!r} does not accept submissions")
+    if commerce_mode:
+        check_form_serves(form, commerce_mode)
     definition = form.definition()
     applicant = _check_answers(form, definition, answers, address, invitation_code)
     evaluation = evaluate(await channel_rules(session, channel), applicant.address, form.id)

@@ -30,6 +30,7 @@ class Form:
     active: bool
     created_at: datetime
     updated_at: datetime
+    commerce_mode: str = "both"
 
     def definition(self) -> FormDefinition:
         return parse_definition(self.steps)[0]

@@ -18,6 +18,7 @@ from domain.shared.uow import UnitOfWork
 from entrepot.cart.v1 import cart_pb2 as pb
 from entrepot.cart.v1 import cart_pb2_grpc
 from entrepot.platform.v1 import types_pb2
+from server import metrics
 from server.context import current_caller, current_channel
 from server.convert import from_duration, from_money, mask_paths, money, ts
 from server.runtime import Runtime
@@ -101,6 +102,17 @@ def cart_to_proto(c: carts.Cart) -> pb.Cart:
                 decide_time=ts(a.decided_at),
                 reason=a.reason,
                 shortages=[pb.StockShortage(sku=s.sku, description=s.description) for s in a.shortages],
+                approved_grand_total=money(a.approved_grand_total),
+                approved_lines=[
+                    pb.ApprovedLine(
+                        line_id=x.line_id,
+                        sku=x.sku,
+                        quantity=x.quantity,
+                        unit_price=money(Money(c.currency, x.unit_price_minor)),
+                    )
+                    for x in a.approved_lines
+                ],
+                stale=a.stale,
             )
         )
     return out
@@ -345,6 +357,7 @@ class CartServicer(cart_pb2_grpc.CartServiceServicer):
                 refunds=self.refunds,
                 claim=claim,
             )
+            metrics.count_order_intent(carts.SOURCE_SYSTEM, "created")
             return pb.CheckoutCartResponse(
                 cart=cart_to_proto(r.cart), order_id=r.order_id, reservation_id=r.reservation_id
             )

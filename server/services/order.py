@@ -8,12 +8,13 @@ import grpc
 
 import domain.order as orders
 from domain.order import watch
-from domain.shared.errors import FieldViolation, InvalidArgument
+from domain.shared.errors import AlreadyExists, FieldViolation, InvalidArgument
 from domain.shared.uow import UnitOfWork
 from entrepot.order.v1 import order_pb2 as pb
 from entrepot.order.v1 import order_pb2_grpc
+from server import metrics
 from server.context import current_caller, current_channel
-from server.convert import from_ts_field
+from server.convert import from_duration, from_ts_field
 from server.runtime import Runtime
 from server.services.order_convert import (
     EVENT_TOPICS,
@@ -41,13 +42,19 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         intent = intent_from_pb(request.intent)
 
         async def run(uow: UnitOfWork) -> pb.SubmitOrderIntentResponse:
-            r = await orders.submit_intent(
-                uow.session,
-                intent,
-                channel=channel,
-                actor=caller.subject,
-                reserve_inventory=request.reserve_inventory,
-            )
+            try:
+                r = await orders.submit_intent(
+                    uow.session,
+                    intent,
+                    channel=channel,
+                    actor=caller.subject,
+                    reserve_inventory=request.reserve_inventory,
+                )
+            except AlreadyExists as err:
+                if err.reason == "INTENT_CONFLICT":
+                    metrics.count_order_intent(intent.source_system, "conflict")
+                raise
+            metrics.count_order_intent(intent.source_system, "created" if r.created else "duplicate")
             return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
 
         return await self.rt.mutate(request, run)
@@ -79,6 +86,10 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             start=from_ts_field(request, "start_time"),
             end=from_ts_field(request, "end_time"),
             blocked_only=request.blocked_only,
+            inventory_risk_only=request.inventory_risk_only,
+            handoff_unacknowledged_for=from_duration(
+                request.handoff_unacknowledged_for, "handoff_unacknowledged_for"
+            ),
         )
         found, token = await self.rt.read(
             lambda s: orders.list_orders(
@@ -196,6 +207,44 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
         return shipment_status_pb(
             await self.rt.read(lambda s: orders.shipment_status(s, request.order_id, channel=slug))
         )
+
+    async def ReissueOrder(
+        self, request: pb.ReissueOrderRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Order:
+        caller, channel = current_caller(), current_channel()
+        lines = [(li.line_id, li.quantity) for li in request.lines]
+
+        async def run(uow: UnitOfWork) -> pb.Order:
+            o = await orders.reissue_order(
+                uow.session,
+                request.order_id,
+                channel=channel,
+                reason=request.reason,
+                lines=lines,
+                keep_unit_prices=request.keep_unit_prices,
+                actor=caller.subject,
+            )
+            return order_pb(o)
+
+        return await self.rt.mutate(request, run)
+
+    async def AcknowledgeOrderHandoff(
+        self, request: pb.AcknowledgeOrderHandoffRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Order:
+        caller, slug = current_caller(), current_channel().slug
+
+        async def run(uow: UnitOfWork) -> pb.Order:
+            o = await orders.acknowledge_handoff(
+                uow.session,
+                request.order_id,
+                request.external_reference,
+                request.module,
+                channel=slug,
+                caller=caller,
+            )
+            return order_pb(o)
+
+        return await self.rt.mutate(request, run)
 
     async def WatchOrderEvents(
         self, request: pb.WatchOrderEventsRequest, context: grpc.aio.ServicerContext

@@ -108,6 +108,13 @@ def order_pb(o: orders.Order) -> pb.Order:
         update_time=ts(o.updated_at),
         reservation_id=o.reservation_id or "",
         blocked=o.blocked,
+        reissue=o.reissue,
+        reissued_from_order_id=o.reissued_from_order_id,
+        reissue_reason=o.reissue_reason,
+        reissue_order_ids=o.reissue_order_ids,
+        external_handoff_reference=o.external_handoff_reference,
+        external_handoff_acknowledge_time=ts(o.external_handoff_acknowledged_at),
+        inventory_risk=o.inventory_risk,
     )
 
 
@@ -175,6 +182,7 @@ def summary_pb(s: orders.StatusSummary) -> pb.OrderStatusSummary:
         state=STATE_TO_PB[s.state],
         latest_by_module=[entry_pb(e) for e in s.latest_by_module],
         open_blocking=[entry_pb(e) for e in s.open_blocking],
+        inventory_risk=s.inventory_risk,
     )
 
 

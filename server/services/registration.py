@@ -126,6 +126,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         f = request.form
         steps = [cv.to_json(s) for s in f.steps]
         expire = f.expire_after.seconds if f.HasField("expire_after") else None
+        mode = cv.commerce_mode(f.commerce_mode, "form.commerce_mode")
 
         async def run(s: AsyncSession) -> pb.RegistrationForm:
             form = await catalog.create_form(
@@ -139,6 +140,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 steps=steps,
                 expire_after_seconds=expire,
                 active=f.active,
+                commerce_mode=mode,
             )
             return cv.form_to_proto(form)
 
@@ -151,6 +153,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         f = request.form
         steps = [cv.to_json(s) for s in f.steps]
         expire = f.expire_after.seconds if f.HasField("expire_after") else None
+        mode = cv.commerce_mode(f.commerce_mode, "form.commerce_mode")
 
         async def run(s: AsyncSession) -> pb.RegistrationForm:
             form = await catalog.update_form(
@@ -165,6 +168,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 steps=steps,
                 expire_after_seconds=expire,
                 active=f.active,
+                commerce_mode=mode,
             )
             return cv.form_to_proto(form)
 
@@ -185,8 +189,11 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         self, request: pb.ListRegistrationFormsRequest, context: Any
     ) -> pb.ListRegistrationFormsResponse:
         channel = current_channel().slug
+        mode = cv.commerce_mode(request.commerce_mode, "commerce_mode")
         forms, token = await self.rt.read(
-            lambda s: catalog.list_forms(s, channel=channel, size=request.page_size, token=request.page_token)
+            lambda s: catalog.list_forms(
+                s, channel=channel, size=request.page_size, token=request.page_token, commerce_mode=mode
+            )
         )
         return pb.ListRegistrationFormsResponse(
             forms=[cv.form_to_proto(f) for f in forms], next_page_token=token
@@ -387,6 +394,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
         caller = current_caller()
         answers = {k: cv.answer_from_proto(k, v) for k, v in request.answers.items()}
         address = cv.address_from_proto(request.address)
+        mode = cv.commerce_mode(request.commerce_mode, "commerce_mode", registering=True)
 
         async def run(s: AsyncSession) -> pb.Registration:
             reg = await submissions.submit(
@@ -397,6 +405,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 answers=answers,
                 address=address,
                 invitation_code=request.invitation_code,
+                commerce_mode=mode,
             )
             return cv.registration_to_proto(reg)
 

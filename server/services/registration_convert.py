@@ -15,7 +15,7 @@ from google.protobuf.message import Message
 from domain.registration import catalog, submissions
 from domain.registration.forms import Answer
 from domain.registration.rules import REQUIREMENT_KEYS, Address, Evaluation, Requirement
-from domain.shared.errors import InvalidArgument
+from domain.shared.errors import FieldViolation, InvalidArgument
 from entrepot.platform.v1 import types_pb2
 from entrepot.registration.v1 import registration_pb2 as pb
 from server.convert import ts
@@ -85,6 +85,28 @@ def answer_to_proto(value: Answer) -> pb.FieldValue:
 # ------------------------------------------------------------------ forms, rules, catalog
 
 
+COMMERCE_MODE_TO_PB = {
+    "b2b": pb.COMMERCE_MODE_B2B,
+    "b2c": pb.COMMERCE_MODE_B2C,
+    "both": pb.COMMERCE_MODE_BOTH,
+}
+COMMERCE_MODE_FROM_PB: dict[int, str] = {int(v): k for k, v in COMMERCE_MODE_TO_PB.items()}
+
+
+def commerce_mode(value: int, field: str, *, registering: bool = False) -> str:
+    """The domain's commerce mode of a CommerceMode field ("" when unspecified).
+    A registration is made in B2B or B2C, never BOTH."""
+    mode = COMMERCE_MODE_FROM_PB.get(value, "") if value else ""
+    if (value and not mode) or (registering and mode == "both"):
+        allowed = "B2B or B2C" if registering else "B2B, B2C or BOTH"
+        raise InvalidArgument(
+            "INVALID_ARGUMENT",
+            f"{field} must be {allowed}",
+            field_violations=[FieldViolation(field, f"must be {allowed}")],
+        )
+    return mode
+
+
 def form_to_proto(f: catalog.Form) -> pb.RegistrationForm:
     out = pb.RegistrationForm(
         id=f.id,
@@ -98,6 +120,7 @@ def form_to_proto(f: catalog.Form) -> pb.RegistrationForm:
         active=f.active,
         create_time=ts(f.created_at),
         update_time=ts(f.updated_at),
+        commerce_mode=COMMERCE_MODE_TO_PB[f.commerce_mode],
     )
     for step in f.steps:
         json_format.ParseDict(step, out.steps.add())

@@ -1008,3 +1008,59 @@ async def test_checkout_claims_its_request_id_in_its_first_statement(
     # Without a request_id there is nothing to claim.
     done = await admin.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=c.id, version=c.version))
     assert done.cart.state == pb.Cart.STATE_CONVERTED and await levels(sessions, sku) == (100, 3)
+
+
+async def test_approval_covers_exactly_what_was_approved(
+    client_factory: Callable[..., Entrepot], sessions: Sessions
+) -> None:
+    sku, extra = unique("AT"), unique("AX")
+    await stock(sessions, sku, 10)
+    await stock(sessions, extra, 10)
+    buyer = client_factory(
+        sub="buyer-at", permissions=["cart.write", "cart.read", "cart.checkout", "order.read"]
+    )
+    manager = client_factory(sub="manager-at", permissions=["cart.approve", "cart.read"])
+
+    async def approve(cart: pb.Cart) -> pb.Cart:
+        cart = await buyer.cart.submit_cart_for_approval(
+            pb.SubmitCartForApprovalRequest(cart_id=cart.id, version=cart.version)
+        )
+        return await manager.cart.decide_cart_approval(
+            pb.DecideCartApprovalRequest(
+                cart_id=cart.id, version=cart.version, decision=pb.Approval.DECISION_APPROVE
+            )
+        )
+
+    cart = await approve(await new_cart(buyer, line(sku, 3, 1250), approval=True))
+    a = cart.approval
+    assert cart.state == pb.Cart.STATE_APPROVED and not a.stale
+    assert a.approved_grand_total == eur(3750)
+    assert [(x.sku, x.quantity, x.unit_price.amount_minor) for x in a.approved_lines] == [(sku, 3, 1250)]
+
+    # A change after the approval sends the cart back: active again, its approval stale.
+    cart = await buyer.cart.update_cart_line(
+        pb.UpdateCartLineRequest(
+            cart_id=cart.id,
+            version=cart.version,
+            line=pb.CartLine(line_id=a.approved_lines[0].line_id, unit_price=eur(999)),
+            update_mask={"paths": ["unit_price"]},
+        )
+    )
+    assert cart.state == pb.Cart.STATE_ACTIVE and cart.approval.stale
+    assert cart.approval.approved_grand_total == eur(3750) and cart.subtotal == eur(2997)
+    with pytest.raises(FailedPreconditionError) as stale:
+        await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    assert stale.value.reason == "APPROVAL_STALE"
+    assert stale.value.metadata["approved_grand_total_minor"] == "3750"
+    assert stale.value.metadata["grand_total_minor"] == "2997"
+
+    # Approved again (with one more line), the cart converts exactly the approved total.
+    cart = await buyer.cart.add_cart_line(
+        pb.AddCartLineRequest(cart_id=cart.id, version=cart.version, line=line(extra, 1, 3))
+    )
+    cart = await approve(cart)
+    assert cart.approval.approved_grand_total == eur(3000) and not cart.approval.stale
+    done = await buyer.cart.checkout_cart(pb.CheckoutCartRequest(cart_id=cart.id, version=cart.version))
+    order = await buyer.order.get_order(order_pb2.GetOrderRequest(id=done.order_id))
+    assert order.totals.grand_total == eur(3000)
+    assert done.cart.approval.approved_grand_total == eur(3000) and not done.cart.approval.stale

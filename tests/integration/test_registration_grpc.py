@@ -133,7 +133,7 @@ def steps(extra: list[pb.FormField] | None = None) -> list[pb.FormStep]:
 
 
 async def make_form(
-    ep: Entrepot, *, expire_seconds: int = 3600, invitation: bool = False
+    ep: Entrepot, *, expire_seconds: int = 3600, invitation: bool = False, commerce_mode: int = 0
 ) -> pb.RegistrationForm:
     form = pb.RegistrationForm(
         slug=unique("form"),
@@ -142,6 +142,7 @@ async def make_form(
         invitation_required=invitation,
         steps=steps(),
         active=True,
+        commerce_mode=commerce_mode,  # type: ignore[arg-type]
     )
     form.expire_after.FromSeconds(expire_seconds)
     return await ep.registration.create_registration_form(
@@ -848,3 +849,50 @@ async def test_document_type_crud_and_listing(admin: Entrepot, catalog_codes: di
     await admin.registration.delete_document_type(pb.DeleteDocumentTypeRequest(code=code, request_id=rid()))
     with pytest.raises(NotFoundError):
         await admin.registration.get_document_type(pb.GetDocumentTypeRequest(code=code))
+
+
+async def test_forms_serve_commerce_modes(admin: Entrepot) -> None:
+    b2b = await make_form(admin, commerce_mode=pb.COMMERCE_MODE_B2B)
+    b2c = await make_form(admin, commerce_mode=pb.COMMERCE_MODE_B2C)
+    both = await make_form(admin)
+    assert (b2b.commerce_mode, b2c.commerce_mode, both.commerce_mode) == (
+        pb.COMMERCE_MODE_B2B,
+        pb.COMMERCE_MODE_B2C,
+        pb.COMMERCE_MODE_BOTH,
+    ), "an unspecified mode is both"
+    mine = {b2b.slug, b2c.slug, both.slug}
+
+    async def listed(mode: int) -> set[str]:
+        slugs: set[str] = set()
+        request = pb.ListRegistrationFormsRequest(page_size=2, commerce_mode=mode)  # type: ignore[arg-type]
+        while True:
+            page = await admin.registration.list_registration_forms(request)
+            slugs |= {f.slug for f in page.forms} & mine
+            if not page.next_page_token:
+                return slugs
+            request.page_token = page.next_page_token
+
+    assert await listed(pb.COMMERCE_MODE_B2B) == {b2b.slug, both.slug}
+    assert await listed(pb.COMMERCE_MODE_B2C) == {b2c.slug, both.slug}
+    assert await listed(pb.COMMERCE_MODE_BOTH) == {both.slug}
+    assert await listed(pb.COMMERCE_MODE_UNSPECIFIED) == mine
+
+    with pytest.raises(FailedPreconditionError) as refused:
+        await submit(admin, b2b, commerce_mode=pb.COMMERCE_MODE_B2C)
+    assert refused.value.reason == "COMMERCE_MODE_NOT_SERVED"
+    with pytest.raises(InvalidArgumentError) as invalid:
+        await submit(admin, both, commerce_mode=pb.COMMERCE_MODE_BOTH)
+    assert [v.field for v in invalid.value.field_violations] == ["commerce_mode"]
+    assert (await submit(admin, both, commerce_mode=pb.COMMERCE_MODE_B2C)).id
+    assert (await submit(admin, b2b, commerce_mode=pb.COMMERCE_MODE_B2B)).id
+
+    # The mode is versioned like the other settings: an update may move the form to B2C.
+    moved = await admin.registration.update_registration_form(
+        pb.UpdateRegistrationFormRequest(
+            form=pb.RegistrationForm(id=b2b.id, commerce_mode=pb.COMMERCE_MODE_B2C),
+            update_mask={"paths": ["commerce_mode"]},
+            request_id=rid(),
+        )
+    )
+    assert moved.commerce_mode == pb.COMMERCE_MODE_B2C and moved.version == 2
+    assert await listed(pb.COMMERCE_MODE_B2B) == {both.slug}

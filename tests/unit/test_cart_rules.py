@@ -101,3 +101,27 @@ def test_four_eyes() -> None:
         with pytest.raises(PermissionDenied) as exc:
             check_decider("c", who, "buyer", "creator")
         assert exc.value.reason == "SELF_APPROVAL_FORBIDDEN"
+
+
+def test_an_approval_covers_only_what_it_approved() -> None:
+    from domain.cart.rules import ApprovedLine, approval_stale, check_approval_current
+
+    approved = (ApprovedLine("ln-1", "A", 2, 500),)
+    changed = (ApprovedLine("ln-1", "A", 2, 400),)
+    check_approval_current("c", CartState.APPROVED, True, approved, 1000, approved)
+    check_approval_current("c", CartState.ACTIVE, True, None, None, changed)  # never approved
+    check_approval_current("c", CartState.ACTIVE, False, approved, 1000, changed)  # approval not needed
+    for state, lines, total in [
+        (CartState.APPROVED, changed, 1000),  # lines differ from the approval
+        (CartState.APPROVED, approved, 999),  # total differs from the approval
+        (CartState.ACTIVE, approved, 1000),  # edited after approval (back to active)
+    ]:
+        with pytest.raises(FailedPrecondition) as exc:
+            check_approval_current("c", state, True, approved, total, lines)
+        assert exc.value.reason == "APPROVAL_STALE"
+    assert not approval_stale(CartState.APPROVED, approved, approved)
+    assert approval_stale(CartState.APPROVED, approved, changed)
+    assert approval_stale(CartState.ACTIVE, approved, approved)
+    assert not approval_stale(CartState.ACTIVE, None, changed)
+    # Only a pending approval locks the cart now; an approved one is edited back to active.
+    check_editable("c", CartState.APPROVED)

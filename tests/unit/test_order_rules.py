@@ -162,3 +162,23 @@ def test_payload_is_a_json_object_without_floats() -> None:
     for bad in ("[1]", "{", '{"amount": 1.5}', "x" * 20000):
         with pytest.raises(InvalidArgument):
             parse_payload(bad)
+
+
+def test_stored_content_reads_back_into_the_same_intent() -> None:
+    from datetime import UTC, datetime
+
+    from domain.order.rules import intent_of_content
+
+    for i in (
+        intent(submitted_at=datetime(2026, 12, 1, 9, 30, tzinfo=UTC), customer_ref="c-1"),
+        intent(reissued_from="0f0c7a4e-0000-4000-8000-000000000001", reissue_reason="lost", payments=()),
+    ):
+        content = canonical_content(i, "web")
+        assert intent_of_content(content) == i
+        assert content_hash(canonical_content(intent_of_content(content), "web")) == content_hash(content)
+    plain = canonical_content(intent(), "web")
+    assert "reissue" not in plain, "the content of intents that are not reissues keeps its shape"
+    assert canonical_content(intent(reissued_from="x", reissue_reason="r"), "web")["reissue"] == {
+        "of": "x",
+        "reason": "r",
+    }

@@ -311,6 +311,12 @@ class OrderClient(AsyncServiceClient):
     async def get_shipment_status(self, request: order_v1_order_pb2.GetShipmentStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipmentStatus:
         return await self._unary("GetShipmentStatus", request, timeout, metadata)  # type: ignore[no-any-return]
 
+    async def reissue_order(self, request: order_v1_order_pb2.ReissueOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("ReissueOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def acknowledge_order_handoff(self, request: order_v1_order_pb2.AcknowledgeOrderHandoffRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return await self._unary("AcknowledgeOrderHandoff", request, timeout, metadata)  # type: ignore[no-any-return]
+
     def watch_order_events(self, request: order_v1_order_pb2.WatchOrderEventsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> AsyncIterator[order_v1_order_pb2.WatchOrderEventsResponse]:
         return self._server_stream("WatchOrderEvents", request, timeout, metadata)
 
@@ -352,6 +358,12 @@ class OrderSyncClient(SyncServiceClient):
 
     def get_shipment_status(self, request: order_v1_order_pb2.GetShipmentStatusRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.ShipmentStatus:
         return self._unary("GetShipmentStatus", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def reissue_order(self, request: order_v1_order_pb2.ReissueOrderRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("ReissueOrder", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def acknowledge_order_handoff(self, request: order_v1_order_pb2.AcknowledgeOrderHandoffRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> order_v1_order_pb2.Order:
+        return self._unary("AcknowledgeOrderHandoff", request, timeout, metadata)  # type: ignore[no-any-return]
 
     def watch_order_events(self, request: order_v1_order_pb2.WatchOrderEventsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> Iterator[order_v1_order_pb2.WatchOrderEventsResponse]:
         return self._server_stream("WatchOrderEvents", request, timeout, metadata)

@@ -21,7 +21,7 @@ from entrepot.platform.v1 import types_pb2
 from entrepot_client._services import CartClient
 from entrepot_client.errors import AbortedError
 
-__all__ = ["line", "shortages", "with_latest_version"]
+__all__ = ["approval_covers", "line", "shortages", "with_latest_version"]
 
 T = TypeVar("T")
 
@@ -48,6 +48,18 @@ async def with_latest_version(
             if err.reason != "CART_VERSION_MISMATCH" or attempt == attempts - 1:
                 raise
     raise AssertionError("unreachable")
+
+
+def approval_covers(cart: cart_pb2.Cart) -> bool:
+    """The cart has an approval on record that still covers its lines and total
+    (CheckoutCart refuses a stale one with APPROVAL_STALE)."""
+    a = cart.approval
+    return (
+        cart.HasField("approval")
+        and a.decision == cart_pb2.Approval.DECISION_APPROVE
+        and not a.stale
+        and a.approved_grand_total.amount_minor == cart.subtotal.amount_minor
+    )
 
 
 def shortages(err: Exception) -> dict[str, str]:

@@ -10,20 +10,32 @@ resp = await ep.order.submit_order_intent(
 
 async for event in watch_order_events(ep.order, after_event_id=last_seen):
     ...  # reconnects after UNAVAILABLE and resumes from the last event seen
+
+replacement = await reissue_order(ep.order, order.id, "parcel lost", lines=[("1", 1)], request_id="claim-7")
+order = await acknowledge_handoff(ep.order, order.id, "ERP-4711", module="erp", request_id="erp-4711")
+async for order in stuck_handoffs(ep.order, timedelta(hours=2)):
+    ...  # orders older than two hours that no system acknowledged yet
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from datetime import datetime
+from datetime import datetime, timedelta
 
 from entrepot.order.v1 import order_pb2
 from entrepot.platform.v1 import types_pb2
 from entrepot_client._services import OrderClient
 from entrepot_client.errors import UnavailableError
 
-__all__ = ["build_intent", "money", "watch_order_events"]
+__all__ = [
+    "acknowledge_handoff",
+    "build_intent",
+    "money",
+    "reissue_order",
+    "stuck_handoffs",
+    "watch_order_events",
+]
 
 
 def money(currency: str, amount_minor: int) -> types_pb2.Money:
@@ -99,3 +111,53 @@ async def watch_order_events(
                 cursor = response.cursor or cursor
         except UnavailableError:
             await asyncio.sleep(reconnect_delay)
+
+
+async def reissue_order(
+    client: OrderClient,
+    order_id: str,
+    reason: str,
+    *,
+    lines: Sequence[tuple[str, int]] = (),
+    keep_unit_prices: bool = False,
+    request_id: str = "",
+) -> order_pb2.Order:
+    """The reissue of `order_id`: (line_id, quantity) pairs, or every line in full;
+    zero-priced unless `keep_unit_prices`. Pass a request_id to retry safely."""
+    return await client.reissue_order(
+        order_pb2.ReissueOrderRequest(
+            order_id=order_id,
+            reason=reason,
+            lines=[order_pb2.LineQuantity(line_id=lid, quantity=q) for lid, q in lines],
+            keep_unit_prices=keep_unit_prices,
+            request_id=request_id,
+        )
+    )
+
+
+async def acknowledge_handoff(
+    client: OrderClient, order_id: str, external_reference: str, *, module: str = "", request_id: str = ""
+) -> order_pb2.Order:
+    """Records the reference of the system that took the order over (once; the
+    same reference again is a no-op). `module`: the history namespace, when the
+    token has more than one."""
+    return await client.acknowledge_order_handoff(
+        order_pb2.AcknowledgeOrderHandoffRequest(
+            order_id=order_id, external_reference=external_reference, module=module, request_id=request_id
+        )
+    )
+
+
+async def stuck_handoffs(
+    client: OrderClient, older_than: timedelta, *, states: Sequence[int] = (), page_size: int = 100
+) -> AsyncIterator[order_pb2.Order]:
+    """Orders created at least `older_than` ago whose handoff nobody acknowledged, newest first."""
+    request = order_pb2.ListOrdersRequest(page_size=page_size, states=list(states))
+    request.handoff_unacknowledged_for.FromTimedelta(older_than)
+    while True:
+        page = await client.list_orders(request)
+        for order in page.orders:
+            yield order
+        if not page.next_page_token:
+            return
+        request.page_token = page.next_page_token

@@ -111,3 +111,18 @@ async def wait_for_state(
                 f"registration {registration_id} is {pb.Registration.State.Name(reg.state)} after {timeout}s"
             )
         await asyncio.sleep(interval)
+
+
+async def forms_for(
+    client: Any, commerce_mode: int, *, page_size: int = 100
+) -> AsyncIterator[pb.RegistrationForm]:
+    """The channel's forms that serve `commerce_mode` (pb.COMMERCE_MODE_B2B or _B2C:
+    the forms for that mode and those for both; _BOTH: only the forms for both)."""
+    request = pb.ListRegistrationFormsRequest(page_size=page_size, commerce_mode=commerce_mode)  # type: ignore[arg-type]
+    while True:
+        page: pb.ListRegistrationFormsResponse = await client.registration.list_registration_forms(request)
+        for form in page.forms:
+            yield form
+        if not page.next_page_token:
+            return
+        request.page_token = page.next_page_token

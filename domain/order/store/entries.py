@@ -263,10 +263,12 @@ _INSERT_INTENT = DriverStatement(
     WITH o AS (
         INSERT INTO orders.orders (id, channel, source_system, intent_id, external_order_id, customer_ref,
             currency, subtotal_minor, tax_minor, shipping_minor, discount_minor, grand_total_minor, state,
-            content_hash, content, reservation_id, submitted_at)
+            content_hash, content, reservation_id, submitted_at, reissued_from_order_id, reissue_reason,
+            inventory_risk)
         VALUES (:order_id, :channel, :source_system, :intent_id, :external_order_id, :customer_ref, :currency,
                 :subtotal, :tax, :shipping, :discount, :grand_total, :state, :content_hash,
-                CAST(:content AS jsonb), :reservation_id, coalesce(CAST(:submitted_at AS timestamptz), now()))
+                CAST(:content AS jsonb), :reservation_id, coalesce(CAST(:submitted_at AS timestamptz), now()),
+                CAST(:reissued_from AS uuid), :reissue_reason, :inventory_risk)
         ON CONFLICT DO NOTHING
         RETURNING id, submitted_at, created_at, updated_at
     ), l AS (
@@ -289,7 +291,8 @@ _INSERT_INTENT = DriverStatement(
 _SET_RESERVATION = DriverStatement(
     f"""
     WITH u AS (
-        UPDATE orders.orders SET reservation_id = :reservation_id, updated_at = now()
+        UPDATE orders.orders SET reservation_id = :reservation_id, inventory_risk = :inventory_risk,
+            updated_at = now()
         WHERE id = CAST(:order_id AS uuid)
     ), {_entry_ctes("CAST(:order_id AS uuid)")}
     SELECT count(*) FROM s
@@ -342,6 +345,7 @@ async def insert_intent(
     content: dict[str, Any],
     digest: bytes,
     reservation_id: str | None,
+    inventory_risk: bool,
     specs: Sequence[EntrySpec],
     before: Sequence[Event],
 ) -> asyncpg.Record | None:
@@ -370,6 +374,9 @@ async def insert_intent(
             "content": json.dumps(content),
             "reservation_id": reservation_id,
             "submitted_at": intent.submitted_at,
+            "reissued_from": intent.reissued_from or None,
+            "reissue_reason": intent.reissue_reason,
+            "inventory_risk": inventory_risk,
             "line_ids": [li.line_id for li in intent.lines],
             "line_skus": [li.sku for li in intent.lines],
             "line_quantities": [li.quantity for li in intent.lines],
@@ -384,10 +391,16 @@ async def insert_intent(
 
 
 async def set_reservation(
-    session: AsyncSession, head: OrderHead, reservation_id: str, spec: EntrySpec
+    session: AsyncSession, head: OrderHead, reservation_id: str, spec: EntrySpec, *, inventory_risk: bool
 ) -> None:
-    """Records the reservation on an order inserted by this transaction, with its entry, in one statement."""
+    """Records the reservation (and whether it leaves the order at risk) on an
+    order inserted by this transaction, with its entry, in one statement."""
     conn = await driver_connection(session)
     await _SET_RESERVATION.fetch(
-        conn, {**_entry_params(session, head, [spec]), "reservation_id": reservation_id}
+        conn,
+        {
+            **_entry_params(session, head, [spec]),
+            "reservation_id": reservation_id,
+            "inventory_risk": inventory_risk,
+        },
     )

@@ -27,7 +27,7 @@ from domain.shared.errors import Violations
 
 _FORM_SELECT = """
     SELECT f.id, f.slug, f.channel, v.version, v.name, v.description, v.customer_group, v.invitation_required,
-           v.steps, v.expire_after_seconds, f.active, f.created_at, f.updated_at
+           v.steps, v.expire_after_seconds, f.active, f.created_at, f.updated_at, v.commerce_mode
     FROM registration.forms f JOIN registration.form_versions v ON v.form_id = f.id
 """
 
@@ -47,6 +47,7 @@ def _form(row: Any) -> Form:
         row[10],
         row[11],
         row[12],
+        row[13],
     )
 
 
@@ -75,12 +76,13 @@ async def insert_form_version(
     invitation_required: bool,
     steps: Sequence[Mapping[str, Any]],
     expire_after_seconds: int,
+    commerce_mode: str,
 ) -> None:
     await session.execute(
         text(
             "INSERT INTO registration.form_versions (form_id, version, name, description, customer_group, "
-            "invitation_required, expire_after_seconds, steps) "
-            "VALUES (:id, :v, :name, :d, :g, :inv, :exp, CAST(:steps AS jsonb))"
+            "invitation_required, expire_after_seconds, steps, commerce_mode) "
+            "VALUES (:id, :v, :name, :d, :g, :inv, :exp, CAST(:steps AS jsonb), :mode)"
         ),
         {
             "id": form_id,
@@ -91,6 +93,7 @@ async def insert_form_version(
             "inv": invitation_required,
             "exp": expire_after_seconds,
             "steps": json.dumps(list(steps)),
+            "mode": commerce_mode,
         },
     )
 
@@ -129,16 +132,18 @@ async def find_form(
 
 
 async def forms_after(
-    session: AsyncSession, *, channel: str, slug: str, limit: int
+    session: AsyncSession, *, channel: str, slug: str, limit: int, modes: Collection[str] = ()
 ) -> tuple[list[Form], bool]:
-    """Up to `limit` current forms by slug after `slug`; and whether more follow."""
+    """Up to `limit` current forms by slug after `slug` (of a commerce mode in
+    `modes` only, when given); and whether more follow."""
+    only_modes = "AND v.commerce_mode = ANY(CAST(:modes AS text[])) " if modes else ""
     rows = (
         await session.execute(
             text(
                 f"{_FORM_SELECT} WHERE f.channel = :ch AND v.version = f.version AND f.slug > :after "
-                "ORDER BY f.slug LIMIT :n"
+                f"{only_modes}ORDER BY f.slug LIMIT :n"
             ),
-            {"ch": channel, "after": slug, "n": limit + 1},
+            {"ch": channel, "after": slug, "n": limit + 1, "modes": sorted(modes)},
         )
     ).all()
     return [_form(r) for r in rows[:limit]], len(rows) > limit

@@ -103,7 +103,7 @@ class StockHold(_message.Message):
     def __init__(self, state: _Optional[_Union[StockHold.State, str]] = ..., reservation_id: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class Approval(_message.Message):
-    __slots__ = ("submitted_by", "submit_time", "submit_note", "decision", "decided_by", "decide_time", "reason", "shortages")
+    __slots__ = ("submitted_by", "submit_time", "submit_note", "decision", "decided_by", "decide_time", "reason", "shortages", "approved_grand_total", "approved_lines", "stale")
     class Decision(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         DECISION_UNSPECIFIED: _ClassVar[Approval.Decision]
@@ -120,6 +120,9 @@ class Approval(_message.Message):
     DECIDE_TIME_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     SHORTAGES_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_GRAND_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    APPROVED_LINES_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     submitted_by: str
     submit_time: _timestamp_pb2.Timestamp
     submit_note: str
@@ -128,7 +131,22 @@ class Approval(_message.Message):
     decide_time: _timestamp_pb2.Timestamp
     reason: str
     shortages: _containers.RepeatedCompositeFieldContainer[StockShortage]
-    def __init__(self, submitted_by: _Optional[str] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submit_note: _Optional[str] = ..., decision: _Optional[_Union[Approval.Decision, str]] = ..., decided_by: _Optional[str] = ..., decide_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., shortages: _Optional[_Iterable[_Union[StockShortage, _Mapping]]] = ...) -> None: ...
+    approved_grand_total: _types_pb2.Money
+    approved_lines: _containers.RepeatedCompositeFieldContainer[ApprovedLine]
+    stale: bool
+    def __init__(self, submitted_by: _Optional[str] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., submit_note: _Optional[str] = ..., decision: _Optional[_Union[Approval.Decision, str]] = ..., decided_by: _Optional[str] = ..., decide_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reason: _Optional[str] = ..., shortages: _Optional[_Iterable[_Union[StockShortage, _Mapping]]] = ..., approved_grand_total: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., approved_lines: _Optional[_Iterable[_Union[ApprovedLine, _Mapping]]] = ..., stale: _Optional[bool] = ...) -> None: ...
+
+class ApprovedLine(_message.Message):
+    __slots__ = ("line_id", "sku", "quantity", "unit_price")
+    LINE_ID_FIELD_NUMBER: _ClassVar[int]
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    UNIT_PRICE_FIELD_NUMBER: _ClassVar[int]
+    line_id: str
+    sku: str
+    quantity: int
+    unit_price: _types_pb2.Money
+    def __init__(self, line_id: _Optional[str] = ..., sku: _Optional[str] = ..., quantity: _Optional[int] = ..., unit_price: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class StockShortage(_message.Message):
     __slots__ = ("sku", "description")

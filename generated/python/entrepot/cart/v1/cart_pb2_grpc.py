@@ -39,8 +39,17 @@ class CartServiceStub:
     States: ACTIVE (editable) -> PENDING_APPROVAL (locked) -> APPROVED or
     APPROVED_BLOCKED_INVENTORY or REJECTED; REJECTED carts are editable again
     (an edit makes them ACTIVE). CheckoutCart makes a cart CONVERTED (final).
-    Editing a locked cart is FAILED_PRECONDITION with reason CART_LOCKED; any
-    mutation of a converted cart is FAILED_PRECONDITION CART_CONVERTED.
+    Editing a PENDING_APPROVAL cart is FAILED_PRECONDITION with reason
+    CART_LOCKED; any mutation of a converted cart is FAILED_PRECONDITION
+    CART_CONVERTED.
+
+    An approval covers exactly what was approved: DecideCartApproval records
+    `approval.approved_grand_total` (the sum of the line totals) and
+    `approval.approved_lines`. Editing an approved cart (a line added, removed,
+    or its quantity or price changed) sends it back to ACTIVE: the approval
+    stays on record with `approval.stale` = true and the cart needs a new
+    submission. CheckoutCart of a cart whose approval no longer covers its
+    lines and total is FAILED_PRECONDITION with reason APPROVAL_STALE.
 
     Purchase limits (SetPurchaseLimit) are checked whenever a line changes and
     again at checkout: a violation is FAILED_PRECONDITION with reason
@@ -136,8 +145,17 @@ class CartServiceServicer:
     States: ACTIVE (editable) -> PENDING_APPROVAL (locked) -> APPROVED or
     APPROVED_BLOCKED_INVENTORY or REJECTED; REJECTED carts are editable again
     (an edit makes them ACTIVE). CheckoutCart makes a cart CONVERTED (final).
-    Editing a locked cart is FAILED_PRECONDITION with reason CART_LOCKED; any
-    mutation of a converted cart is FAILED_PRECONDITION CART_CONVERTED.
+    Editing a PENDING_APPROVAL cart is FAILED_PRECONDITION with reason
+    CART_LOCKED; any mutation of a converted cart is FAILED_PRECONDITION
+    CART_CONVERTED.
+
+    An approval covers exactly what was approved: DecideCartApproval records
+    `approval.approved_grand_total` (the sum of the line totals) and
+    `approval.approved_lines`. Editing an approved cart (a line added, removed,
+    or its quantity or price changed) sends it back to ACTIVE: the approval
+    stays on record with `approval.stale` = true and the cart needs a new
+    submission. CheckoutCart of a cart whose approval no longer covers its
+    lines and total is FAILED_PRECONDITION with reason APPROVAL_STALE.
 
     Purchase limits (SetPurchaseLimit) are checked whenever a line changes and
     again at checkout: a violation is FAILED_PRECONDITION with reason
@@ -230,6 +248,7 @@ class CartServiceServicer:
     def DecideCartApproval(self, request, context):
         """Approve or reject a PENDING_APPROVAL cart. The submitter (and the cart's
         creator) can never decide: PERMISSION_DENIED SELF_APPROVAL_FORBIDDEN.
+        Approving records the approved grand total and lines (see above).
         Approving re-checks stock: when short, the state is
         APPROVED_BLOCKED_INVENTORY and `approval.shortages` say what is missing
         (a later checkout re-checks again). A rejection needs a reason.
@@ -244,7 +263,9 @@ class CartServiceServicer:
         order through OrderService's intent path (source system "cart", intent id
         = cart id), mark the cart CONVERTED. Idempotent by request_id. Short stock
         is FAILED_PRECONDITION INSUFFICIENT_STOCK with one violation per SKU, and
-        nothing is written (an existing hold stays as it was).
+        nothing is written (an existing hold stays as it was). An approved cart
+        converts only what was approved: lines or total that differ from the
+        approval are FAILED_PRECONDITION APPROVAL_STALE.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -340,8 +361,17 @@ class CartService:
     States: ACTIVE (editable) -> PENDING_APPROVAL (locked) -> APPROVED or
     APPROVED_BLOCKED_INVENTORY or REJECTED; REJECTED carts are editable again
     (an edit makes them ACTIVE). CheckoutCart makes a cart CONVERTED (final).
-    Editing a locked cart is FAILED_PRECONDITION with reason CART_LOCKED; any
-    mutation of a converted cart is FAILED_PRECONDITION CART_CONVERTED.
+    Editing a PENDING_APPROVAL cart is FAILED_PRECONDITION with reason
+    CART_LOCKED; any mutation of a converted cart is FAILED_PRECONDITION
+    CART_CONVERTED.
+
+    An approval covers exactly what was approved: DecideCartApproval records
+    `approval.approved_grand_total` (the sum of the line totals) and
+    `approval.approved_lines`. Editing an approved cart (a line added, removed,
+    or its quantity or price changed) sends it back to ACTIVE: the approval
+    stays on record with `approval.stale` = true and the cart needs a new
+    submission. CheckoutCart of a cart whose approval no longer covers its
+    lines and total is FAILED_PRECONDITION with reason APPROVAL_STALE.
 
     Purchase limits (SetPurchaseLimit) are checked whenever a line changes and
     again at checkout: a violation is FAILED_PRECONDITION with reason

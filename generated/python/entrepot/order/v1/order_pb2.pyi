@@ -2,6 +2,7 @@ import datetime
 
 from entrepot.auth.v1 import auth_pb2 as _auth_pb2
 from entrepot.platform.v1 import types_pb2 as _types_pb2
+from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -103,7 +104,7 @@ class OrderIntent(_message.Message):
     def __init__(self, intent_id: _Optional[str] = ..., source_system: _Optional[str] = ..., external_order_id: _Optional[str] = ..., customer_ref: _Optional[str] = ..., lines: _Optional[_Iterable[_Union[OrderLine, _Mapping]]] = ..., totals: _Optional[_Union[OrderTotals, _Mapping]] = ..., payments: _Optional[_Iterable[_Union[Payment, _Mapping]]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Order(_message.Message):
-    __slots__ = ("id", "channel", "source_system", "intent_id", "external_order_id", "customer_ref", "state", "lines", "totals", "payments", "submit_time", "create_time", "update_time", "reservation_id", "blocked")
+    __slots__ = ("id", "channel", "source_system", "intent_id", "external_order_id", "customer_ref", "state", "lines", "totals", "payments", "submit_time", "create_time", "update_time", "reservation_id", "blocked", "reissue", "reissued_from_order_id", "reissue_reason", "reissue_order_ids", "external_handoff_reference", "external_handoff_acknowledge_time", "inventory_risk")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Order.State]
@@ -135,6 +136,13 @@ class Order(_message.Message):
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     RESERVATION_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_FIELD_NUMBER: _ClassVar[int]
+    REISSUE_FIELD_NUMBER: _ClassVar[int]
+    REISSUED_FROM_ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REISSUE_REASON_FIELD_NUMBER: _ClassVar[int]
+    REISSUE_ORDER_IDS_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_HANDOFF_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_HANDOFF_ACKNOWLEDGE_TIME_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_RISK_FIELD_NUMBER: _ClassVar[int]
     id: str
     channel: str
     source_system: str
@@ -150,7 +158,14 @@ class Order(_message.Message):
     update_time: _timestamp_pb2.Timestamp
     reservation_id: str
     blocked: bool
-    def __init__(self, id: _Optional[str] = ..., channel: _Optional[str] = ..., source_system: _Optional[str] = ..., intent_id: _Optional[str] = ..., external_order_id: _Optional[str] = ..., customer_ref: _Optional[str] = ..., state: _Optional[_Union[Order.State, str]] = ..., lines: _Optional[_Iterable[_Union[OrderLine, _Mapping]]] = ..., totals: _Optional[_Union[OrderTotals, _Mapping]] = ..., payments: _Optional[_Iterable[_Union[Payment, _Mapping]]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reservation_id: _Optional[str] = ..., blocked: _Optional[bool] = ...) -> None: ...
+    reissue: bool
+    reissued_from_order_id: str
+    reissue_reason: str
+    reissue_order_ids: _containers.RepeatedScalarFieldContainer[str]
+    external_handoff_reference: str
+    external_handoff_acknowledge_time: _timestamp_pb2.Timestamp
+    inventory_risk: bool
+    def __init__(self, id: _Optional[str] = ..., channel: _Optional[str] = ..., source_system: _Optional[str] = ..., intent_id: _Optional[str] = ..., external_order_id: _Optional[str] = ..., customer_ref: _Optional[str] = ..., state: _Optional[_Union[Order.State, str]] = ..., lines: _Optional[_Iterable[_Union[OrderLine, _Mapping]]] = ..., totals: _Optional[_Union[OrderTotals, _Mapping]] = ..., payments: _Optional[_Iterable[_Union[Payment, _Mapping]]] = ..., submit_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., reservation_id: _Optional[str] = ..., blocked: _Optional[bool] = ..., reissue: _Optional[bool] = ..., reissued_from_order_id: _Optional[str] = ..., reissue_reason: _Optional[str] = ..., reissue_order_ids: _Optional[_Iterable[str]] = ..., external_handoff_reference: _Optional[str] = ..., external_handoff_acknowledge_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inventory_risk: _Optional[bool] = ...) -> None: ...
 
 class SubmitOrderIntentRequest(_message.Message):
     __slots__ = ("intent", "reserve_inventory", "request_id")
@@ -185,7 +200,7 @@ class GetOrderByExternalIdRequest(_message.Message):
     def __init__(self, source_system: _Optional[str] = ..., external_order_id: _Optional[str] = ...) -> None: ...
 
 class ListOrdersRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "states", "customer_ref", "source_system", "start_time", "end_time", "blocked_only")
+    __slots__ = ("page_size", "page_token", "states", "customer_ref", "source_system", "start_time", "end_time", "blocked_only", "inventory_risk_only", "handoff_unacknowledged_for")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     STATES_FIELD_NUMBER: _ClassVar[int]
@@ -194,6 +209,8 @@ class ListOrdersRequest(_message.Message):
     START_TIME_FIELD_NUMBER: _ClassVar[int]
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     BLOCKED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_RISK_ONLY_FIELD_NUMBER: _ClassVar[int]
+    HANDOFF_UNACKNOWLEDGED_FOR_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     states: _containers.RepeatedScalarFieldContainer[Order.State]
@@ -202,7 +219,9 @@ class ListOrdersRequest(_message.Message):
     start_time: _timestamp_pb2.Timestamp
     end_time: _timestamp_pb2.Timestamp
     blocked_only: bool
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[Order.State, str]]] = ..., customer_ref: _Optional[str] = ..., source_system: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., blocked_only: _Optional[bool] = ...) -> None: ...
+    inventory_risk_only: bool
+    handoff_unacknowledged_for: _duration_pb2.Duration
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., states: _Optional[_Iterable[_Union[Order.State, str]]] = ..., customer_ref: _Optional[str] = ..., source_system: _Optional[str] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., blocked_only: _Optional[bool] = ..., inventory_risk_only: _Optional[bool] = ..., handoff_unacknowledged_for: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
 
 class ListOrdersResponse(_message.Message):
     __slots__ = ("orders", "next_page_token")
@@ -291,16 +310,18 @@ class GetOrderStatusSummaryRequest(_message.Message):
     def __init__(self, order_id: _Optional[str] = ...) -> None: ...
 
 class OrderStatusSummary(_message.Message):
-    __slots__ = ("order_id", "state", "latest_by_module", "open_blocking")
+    __slots__ = ("order_id", "state", "latest_by_module", "open_blocking", "inventory_risk")
     ORDER_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     LATEST_BY_MODULE_FIELD_NUMBER: _ClassVar[int]
     OPEN_BLOCKING_FIELD_NUMBER: _ClassVar[int]
+    INVENTORY_RISK_FIELD_NUMBER: _ClassVar[int]
     order_id: str
     state: Order.State
     latest_by_module: _containers.RepeatedCompositeFieldContainer[OrderStatusEntry]
     open_blocking: _containers.RepeatedCompositeFieldContainer[OrderStatusEntry]
-    def __init__(self, order_id: _Optional[str] = ..., state: _Optional[_Union[Order.State, str]] = ..., latest_by_module: _Optional[_Iterable[_Union[OrderStatusEntry, _Mapping]]] = ..., open_blocking: _Optional[_Iterable[_Union[OrderStatusEntry, _Mapping]]] = ...) -> None: ...
+    inventory_risk: bool
+    def __init__(self, order_id: _Optional[str] = ..., state: _Optional[_Union[Order.State, str]] = ..., latest_by_module: _Optional[_Iterable[_Union[OrderStatusEntry, _Mapping]]] = ..., open_blocking: _Optional[_Iterable[_Union[OrderStatusEntry, _Mapping]]] = ..., inventory_risk: _Optional[bool] = ...) -> None: ...
 
 class TransitionOrderRequest(_message.Message):
     __slots__ = ("order_id", "target_state", "reason", "tracking_number", "carrier", "request_id")
@@ -317,6 +338,32 @@ class TransitionOrderRequest(_message.Message):
     carrier: str
     request_id: str
     def __init__(self, order_id: _Optional[str] = ..., target_state: _Optional[_Union[Order.State, str]] = ..., reason: _Optional[str] = ..., tracking_number: _Optional[str] = ..., carrier: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class ReissueOrderRequest(_message.Message):
+    __slots__ = ("order_id", "reason", "lines", "keep_unit_prices", "request_id")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    LINES_FIELD_NUMBER: _ClassVar[int]
+    KEEP_UNIT_PRICES_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    reason: str
+    lines: _containers.RepeatedCompositeFieldContainer[LineQuantity]
+    keep_unit_prices: bool
+    request_id: str
+    def __init__(self, order_id: _Optional[str] = ..., reason: _Optional[str] = ..., lines: _Optional[_Iterable[_Union[LineQuantity, _Mapping]]] = ..., keep_unit_prices: _Optional[bool] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class AcknowledgeOrderHandoffRequest(_message.Message):
+    __slots__ = ("order_id", "external_reference", "module", "request_id")
+    ORDER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXTERNAL_REFERENCE_FIELD_NUMBER: _ClassVar[int]
+    MODULE_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    order_id: str
+    external_reference: str
+    module: str
+    request_id: str
+    def __init__(self, order_id: _Optional[str] = ..., external_reference: _Optional[str] = ..., module: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class LineQuantity(_message.Message):
     __slots__ = ("line_id", "quantity")

@@ -38,10 +38,16 @@ class OrderServiceStub:
 
     History codes are `module:status` (e.g. `payment:captured`,
     `procurement:blocking_exception`). The service itself writes `order:*`
-    (submitted, processing, items_shipped, shipped, delivered, cancelled) and
-    `inventory:*` (reservation_confirmed, reservation_backordered, fulfilled,
-    released). Manual corrections are `order:manually_adjusted` entries, never
-    rewrites of the order.
+    (submitted, processing, items_shipped, shipped, delivered, cancelled,
+    reissued, reissue_of) and `inventory:*` (reservation_confirmed,
+    reservation_backordered, fulfilled, released). Manual corrections are
+    `order:manually_adjusted` entries, never rewrites of the order.
+
+    Inventory risk: `Order.inventory_risk` is true while a line still to ship is
+    not covered by the order's reservation: backordered units, or a reservation
+    released, expired or partially released by inventory. It is set and cleared
+    in the transactions that change the stock state (reserving, shipping,
+    cancelling, and inventory's release / expiry of the order's reservation).
     """
 
     def __init__(self, channel):
@@ -105,6 +111,16 @@ class OrderServiceStub:
                 request_serializer=entrepot_dot_order_dot_v1_dot_order__pb2.GetShipmentStatusRequest.SerializeToString,
                 response_deserializer=entrepot_dot_order_dot_v1_dot_order__pb2.ShipmentStatus.FromString,
                 _registered_method=True)
+        self.ReissueOrder = channel.unary_unary(
+                '/entrepot.order.v1.OrderService/ReissueOrder',
+                request_serializer=entrepot_dot_order_dot_v1_dot_order__pb2.ReissueOrderRequest.SerializeToString,
+                response_deserializer=entrepot_dot_order_dot_v1_dot_order__pb2.Order.FromString,
+                _registered_method=True)
+        self.AcknowledgeOrderHandoff = channel.unary_unary(
+                '/entrepot.order.v1.OrderService/AcknowledgeOrderHandoff',
+                request_serializer=entrepot_dot_order_dot_v1_dot_order__pb2.AcknowledgeOrderHandoffRequest.SerializeToString,
+                response_deserializer=entrepot_dot_order_dot_v1_dot_order__pb2.Order.FromString,
+                _registered_method=True)
         self.WatchOrderEvents = channel.unary_stream(
                 '/entrepot.order.v1.OrderService/WatchOrderEvents',
                 request_serializer=entrepot_dot_order_dot_v1_dot_order__pb2.WatchOrderEventsRequest.SerializeToString,
@@ -125,10 +141,16 @@ class OrderServiceServicer:
 
     History codes are `module:status` (e.g. `payment:captured`,
     `procurement:blocking_exception`). The service itself writes `order:*`
-    (submitted, processing, items_shipped, shipped, delivered, cancelled) and
-    `inventory:*` (reservation_confirmed, reservation_backordered, fulfilled,
-    released). Manual corrections are `order:manually_adjusted` entries, never
-    rewrites of the order.
+    (submitted, processing, items_shipped, shipped, delivered, cancelled,
+    reissued, reissue_of) and `inventory:*` (reservation_confirmed,
+    reservation_backordered, fulfilled, released). Manual corrections are
+    `order:manually_adjusted` entries, never rewrites of the order.
+
+    Inventory risk: `Order.inventory_risk` is true while a line still to ship is
+    not covered by the order's reservation: backordered units, or a reservation
+    released, expired or partially released by inventory. It is set and cleared
+    in the transactions that change the stock state (reserving, shipping,
+    cancelling, and inventory's release / expiry of the order's reservation).
     """
 
     def SubmitOrderIntent(self, request, context):
@@ -220,6 +242,36 @@ class OrderServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReissueOrder(self, request, context):
+        """Creates a new order from an existing one (e.g. a replacement shipment):
+        all lines, or some lines and quantities, with a required reason. The new
+        order is PENDING, has `reissue` = true, `reissued_from_order_id` and
+        `reissue_reason`, reserves its stock in the same transaction (short stock
+        fails the call and creates nothing), and gets an `order:reissue_of` entry;
+        the original gets `order:reissued` and nothing else changes on it (lines,
+        totals, payments). Money is explicit: zero-priced by default (unit prices
+        and totals 0, no payments); `keep_unit_prices` copies the original unit
+        prices (grand total = subtotal, no tax, shipping, discount or payments).
+        The new order's intent key is source system "entrepot-reissue" and
+        intent id "<original order id>:<n>". A reissue can itself be reissued;
+        GetOrder shows the chain both ways.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AcknowledgeOrderHandoff(self, request, context):
+        """The system that takes the order over (an ERP, a WMS) acknowledges it with
+        its own reference, once: `external_handoff_reference` and
+        `external_handoff_acknowledge_time` are set and a `<module>:handoff_acknowledged`
+        entry is appended in the caller's namespace. The same reference again is a
+        no-op (the order as it is); another reference is FAILED_PRECONDITION with
+        reason HANDOFF_ALREADY_ACKNOWLEDGED. Same namespace rule as AppendOrderStatus.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def WatchOrderEvents(self, request, context):
         """Committed order events of the caller's channel, in commit order; resumable
         by event id with nothing lost or repeated.
@@ -286,6 +338,16 @@ def add_OrderServiceServicer_to_server(servicer, server):
                     request_deserializer=entrepot_dot_order_dot_v1_dot_order__pb2.GetShipmentStatusRequest.FromString,
                     response_serializer=entrepot_dot_order_dot_v1_dot_order__pb2.ShipmentStatus.SerializeToString,
             ),
+            'ReissueOrder': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReissueOrder,
+                    request_deserializer=entrepot_dot_order_dot_v1_dot_order__pb2.ReissueOrderRequest.FromString,
+                    response_serializer=entrepot_dot_order_dot_v1_dot_order__pb2.Order.SerializeToString,
+            ),
+            'AcknowledgeOrderHandoff': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcknowledgeOrderHandoff,
+                    request_deserializer=entrepot_dot_order_dot_v1_dot_order__pb2.AcknowledgeOrderHandoffRequest.FromString,
+                    response_serializer=entrepot_dot_order_dot_v1_dot_order__pb2.Order.SerializeToString,
+            ),
             'WatchOrderEvents': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchOrderEvents,
                     request_deserializer=entrepot_dot_order_dot_v1_dot_order__pb2.WatchOrderEventsRequest.FromString,
@@ -312,10 +374,16 @@ class OrderService:
 
     History codes are `module:status` (e.g. `payment:captured`,
     `procurement:blocking_exception`). The service itself writes `order:*`
-    (submitted, processing, items_shipped, shipped, delivered, cancelled) and
-    `inventory:*` (reservation_confirmed, reservation_backordered, fulfilled,
-    released). Manual corrections are `order:manually_adjusted` entries, never
-    rewrites of the order.
+    (submitted, processing, items_shipped, shipped, delivered, cancelled,
+    reissued, reissue_of) and `inventory:*` (reservation_confirmed,
+    reservation_backordered, fulfilled, released). Manual corrections are
+    `order:manually_adjusted` entries, never rewrites of the order.
+
+    Inventory risk: `Order.inventory_risk` is true while a line still to ship is
+    not covered by the order's reservation: backordered units, or a reservation
+    released, expired or partially released by inventory. It is set and cleared
+    in the transactions that change the stock state (reserving, shipping,
+    cancelling, and inventory's release / expiry of the order's reservation).
     """
 
     @staticmethod
@@ -605,6 +673,60 @@ class OrderService:
             '/entrepot.order.v1.OrderService/GetShipmentStatus',
             entrepot_dot_order_dot_v1_dot_order__pb2.GetShipmentStatusRequest.SerializeToString,
             entrepot_dot_order_dot_v1_dot_order__pb2.ShipmentStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReissueOrder(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entrepot.order.v1.OrderService/ReissueOrder',
+            entrepot_dot_order_dot_v1_dot_order__pb2.ReissueOrderRequest.SerializeToString,
+            entrepot_dot_order_dot_v1_dot_order__pb2.Order.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcknowledgeOrderHandoff(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entrepot.order.v1.OrderService/AcknowledgeOrderHandoff',
+            entrepot_dot_order_dot_v1_dot_order__pb2.AcknowledgeOrderHandoffRequest.SerializeToString,
+            entrepot_dot_order_dot_v1_dot_order__pb2.Order.FromString,
             options,
             channel_credentials,
             insecure,

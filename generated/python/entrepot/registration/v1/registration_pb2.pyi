@@ -41,6 +41,13 @@ class FieldType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     FIELD_TYPE_HIDDEN: _ClassVar[FieldType]
     FIELD_TYPE_COMPANY_NUMBER: _ClassVar[FieldType]
 
+class CommerceMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMMERCE_MODE_UNSPECIFIED: _ClassVar[CommerceMode]
+    COMMERCE_MODE_B2B: _ClassVar[CommerceMode]
+    COMMERCE_MODE_B2C: _ClassVar[CommerceMode]
+    COMMERCE_MODE_BOTH: _ClassVar[CommerceMode]
+
 class SignatureMethod(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     SIGNATURE_METHOD_UNSPECIFIED: _ClassVar[SignatureMethod]
@@ -72,6 +79,10 @@ FIELD_TYPE_AGREEMENT: FieldType
 FIELD_TYPE_DATETIME: FieldType
 FIELD_TYPE_HIDDEN: FieldType
 FIELD_TYPE_COMPANY_NUMBER: FieldType
+COMMERCE_MODE_UNSPECIFIED: CommerceMode
+COMMERCE_MODE_B2B: CommerceMode
+COMMERCE_MODE_B2C: CommerceMode
+COMMERCE_MODE_BOTH: CommerceMode
 SIGNATURE_METHOD_UNSPECIFIED: SignatureMethod
 SIGNATURE_METHOD_DRAWN: SignatureMethod
 SIGNATURE_METHOD_TYPED: SignatureMethod
@@ -218,7 +229,7 @@ class FormStep(_message.Message):
     def __init__(self, key: _Optional[str] = ..., title: _Optional[str] = ..., visible_when: _Optional[_Union[VisibilityCondition, _Mapping]] = ..., sections: _Optional[_Iterable[_Union[FormSection, _Mapping]]] = ...) -> None: ...
 
 class RegistrationForm(_message.Message):
-    __slots__ = ("id", "slug", "channel", "name", "description", "version", "customer_group", "invitation_required", "steps", "expire_after", "active", "create_time", "update_time")
+    __slots__ = ("id", "slug", "channel", "name", "description", "version", "customer_group", "invitation_required", "steps", "expire_after", "active", "create_time", "update_time", "commerce_mode")
     ID_FIELD_NUMBER: _ClassVar[int]
     SLUG_FIELD_NUMBER: _ClassVar[int]
     CHANNEL_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +243,7 @@ class RegistrationForm(_message.Message):
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMMERCE_MODE_FIELD_NUMBER: _ClassVar[int]
     id: str
     slug: str
     channel: str
@@ -245,7 +257,8 @@ class RegistrationForm(_message.Message):
     active: bool
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., slug: _Optional[str] = ..., channel: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., version: _Optional[int] = ..., customer_group: _Optional[str] = ..., invitation_required: _Optional[bool] = ..., steps: _Optional[_Iterable[_Union[FormStep, _Mapping]]] = ..., expire_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., active: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    commerce_mode: CommerceMode
+    def __init__(self, id: _Optional[str] = ..., slug: _Optional[str] = ..., channel: _Optional[str] = ..., name: _Optional[str] = ..., description: _Optional[str] = ..., version: _Optional[int] = ..., customer_group: _Optional[str] = ..., invitation_required: _Optional[bool] = ..., steps: _Optional[_Iterable[_Union[FormStep, _Mapping]]] = ..., expire_after: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., active: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., commerce_mode: _Optional[_Union[CommerceMode, str]] = ...) -> None: ...
 
 class CreateRegistrationFormRequest(_message.Message):
     __slots__ = ("form", "request_id")
@@ -276,12 +289,14 @@ class GetRegistrationFormRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., slug: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class ListRegistrationFormsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token")
+    __slots__ = ("page_size", "page_token", "commerce_mode")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    COMMERCE_MODE_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+    commerce_mode: CommerceMode
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., commerce_mode: _Optional[_Union[CommerceMode, str]] = ...) -> None: ...
 
 class ListRegistrationFormsResponse(_message.Message):
     __slots__ = ("forms", "next_page_token")
@@ -876,7 +891,7 @@ class Registration(_message.Message):
     def __init__(self, id: _Optional[str] = ..., channel: _Optional[str] = ..., form_id: _Optional[str] = ..., form_version: _Optional[int] = ..., state: _Optional[_Union[Registration.State, str]] = ..., answers: _Optional[_Mapping[str, FieldValue]] = ..., address: _Optional[_Union[_types_pb2.PostalAddress, _Mapping]] = ..., invitation_code: _Optional[str] = ..., customer_group: _Optional[str] = ..., requirements: _Optional[_Union[RequirementGroup, _Mapping]] = ..., requirement_status: _Optional[_Union[RequirementStatus, _Mapping]] = ..., account: _Optional[_Union[Account, _Mapping]] = ..., documents: _Optional[_Iterable[_Union[RegistrationDocument, _Mapping]]] = ..., signatures: _Optional[_Iterable[_Union[AgreementSignature, _Mapping]]] = ..., history: _Optional[_Iterable[_Union[RegistrationEvent, _Mapping]]] = ..., decision: _Optional[_Union[Registration.Decision, str]] = ..., decision_note: _Optional[str] = ..., reviewer: _Optional[str] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SubmitRegistrationRequest(_message.Message):
-    __slots__ = ("form", "answers", "address", "invitation_code", "request_id")
+    __slots__ = ("form", "answers", "address", "invitation_code", "request_id", "commerce_mode")
     class AnswersEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -889,12 +904,14 @@ class SubmitRegistrationRequest(_message.Message):
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     INVITATION_CODE_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMERCE_MODE_FIELD_NUMBER: _ClassVar[int]
     form: str
     answers: _containers.MessageMap[str, FieldValue]
     address: _types_pb2.PostalAddress
     invitation_code: str
     request_id: str
-    def __init__(self, form: _Optional[str] = ..., answers: _Optional[_Mapping[str, FieldValue]] = ..., address: _Optional[_Union[_types_pb2.PostalAddress, _Mapping]] = ..., invitation_code: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+    commerce_mode: CommerceMode
+    def __init__(self, form: _Optional[str] = ..., answers: _Optional[_Mapping[str, FieldValue]] = ..., address: _Optional[_Union[_types_pb2.PostalAddress, _Mapping]] = ..., invitation_code: _Optional[str] = ..., request_id: _Optional[str] = ..., commerce_mode: _Optional[_Union[CommerceMode, str]] = ...) -> None: ...
 
 class UploadRegistrationDocumentRequest(_message.Message):
     __slots__ = ("header", "chunk")

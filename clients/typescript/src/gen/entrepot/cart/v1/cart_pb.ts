@@ -15,7 +15,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file entrepot/cart/v1/cart.proto.
  */
 export const file_entrepot_cart_v1_cart: GenFile = /*@__PURE__*/
-  fileDesc("ChtlbnRyZXBvdC9jYXJ0L3YxL2NhcnQucHJvdG8SEGVudHJlcG90LmNhcnQudjEikwUKBENhcnQSCgoCaWQYASABKAkSDwoHY2hhbm5lbBgCIAEoCRIUCgxjdXN0b21lcl9yZWYYAyABKAkSDwoHdmVyc2lvbhgEIAEoAxIrCgVzdGF0ZRgFIAEoDjIcLmVudHJlcG90LmNhcnQudjEuQ2FydC5TdGF0ZRIpCgVsaW5lcxgGIAMoCzIaLmVudHJlcG90LmNhcnQudjEuQ2FydExpbmUSLQoIc3VidG90YWwYByABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leRISCgppdGVtX2NvdW50GAggASgDEhkKEWFwcHJvdmFsX3JlcXVpcmVkGAkgASgIEikKBGhvbGQYCiABKAsyGy5lbnRyZXBvdC5jYXJ0LnYxLlN0b2NrSG9sZBIsCghhcHByb3ZhbBgLIAEoCzIaLmVudHJlcG90LmNhcnQudjEuQXBwcm92YWwSEAoIb3JkZXJfaWQYDCABKAkSEgoKY3JlYXRlZF9ieRgNIAEoCRIvCgtjcmVhdGVfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq8BCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX0FDVElWRRABEhoKFlNUQVRFX1BFTkRJTkdfQVBQUk9WQUwQAhISCg5TVEFURV9BUFBST1ZFRBADEiQKIFNUQVRFX0FQUFJPVkVEX0JMT0NLRURfSU5WRU5UT1JZEAQSEgoOU1RBVEVfUkVKRUNURUQQBRITCg9TVEFURV9DT05WRVJURUQQBiKcAQoIQ2FydExpbmUSDwoHbGluZV9pZBgBIAEoCRILCgNza3UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAMSLwoKdW5pdF9wcmljZRgEIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5Ei8KCmxpbmVfdG90YWwYBSABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leSKVAgoJU3RvY2tIb2xkEjAKBXN0YXRlGAEgASgOMiEuZW50cmVwb3QuY2FydC52MS5TdG9ja0hvbGQuU3RhdGUSFgoOcmVzZXJ2YXRpb25faWQYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJlCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEg4KClNUQVRFX05PTkUQARIOCgpTVEFURV9IRUxEEAISEQoNU1RBVEVfRVhQSVJFRBADEhIKDlNUQVRFX1JFTEVBU0VEEAQi9wIKCEFwcHJvdmFsEhQKDHN1Ym1pdHRlZF9ieRgBIAEoCRIvCgtzdWJtaXRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc3VibWl0X25vdGUYAyABKAkSNQoIZGVjaXNpb24YBCABKA4yIy5lbnRyZXBvdC5jYXJ0LnYxLkFwcHJvdmFsLkRlY2lzaW9uEhIKCmRlY2lkZWRfYnkYBSABKAkSLwoLZGVjaWRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlYXNvbhgHIAEoCRIyCglzaG9ydGFnZXMYCCADKAsyHy5lbnRyZXBvdC5jYXJ0LnYxLlN0b2NrU2hvcnRhZ2UiTwoIRGVjaXNpb24SGAoUREVDSVNJT05fVU5TUEVDSUZJRUQQABIUChBERUNJU0lPTl9BUFBST1ZFEAESEwoPREVDSVNJT05fUkVKRUNUEAIiMQoNU3RvY2tTaG9ydGFnZRILCgNza3UYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkivQEKDVB1cmNoYXNlTGltaXQSCwoDc2t1GAEgASgJEg8KB2NoYW5uZWwYAiABKAkSFAoMbWluX3F1YW50aXR5GAMgASgDEhYKDm9yZGVyX211bHRpcGxlGAQgASgDEhUKDW1heF9wZXJfb3JkZXIYBSABKAMSGAoQbWF4X3Blcl9jdXN0b21lchgGIAEoAxIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiTQoRQ3JlYXRlQ2FydFJlcXVlc3QSJAoEY2FydBgBIAEoCzIWLmVudHJlcG90LmNhcnQudjEuQ2FydBISCgpyZXF1ZXN0X2lkGAIgASgJIiEKDkdldENhcnRSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkifAoQTGlzdENhcnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIUCgxjdXN0b21lcl9yZWYYAyABKAkSKwoFc3RhdGUYBCABKA4yHC5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQuU3RhdGUiUwoRTGlzdENhcnRzUmVzcG9uc2USJQoFY2FydHMYASADKAsyFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJInQKEkFkZENhcnRMaW5lUmVxdWVzdBIPCgdjYXJ0X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSKAoEbGluZRgDIAEoCzIaLmVudHJlcG90LmNhcnQudjEuQ2FydExpbmUSEgoKcmVxdWVzdF9pZBgEIAEoCSKoAQoVVXBkYXRlQ2FydExpbmVSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIoCgRsaW5lGAMgASgLMhouZW50cmVwb3QuY2FydC52MS5DYXJ0TGluZRIvCgt1cGRhdGVfbWFzaxgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2sSEgoKcmVxdWVzdF9pZBgFIAEoCSJeChVSZW1vdmVDYXJ0TGluZVJlcXVlc3QSDwoHY2FydF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgDEg8KB2xpbmVfaWQYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCSJ0ChRIb2xkQ2FydFN0b2NrUmVxdWVzdBIPCgdjYXJ0X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhIKCnJlcXVlc3RfaWQYBCABKAkiTgoWUmVsZWFzZUNhcnRIb2xkUmVxdWVzdBIPCgdjYXJ0X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSEgoKcmVxdWVzdF9pZBgDIAEoCSJdChdTZXRQdXJjaGFzZUxpbWl0UmVxdWVzdBIuCgVsaW1pdBgBIAEoCzIfLmVudHJlcG90LmNhcnQudjEuUHVyY2hhc2VMaW1pdBISCgpyZXF1ZXN0X2lkGAIgASgJIiYKF0dldFB1cmNoYXNlTGltaXRSZXF1ZXN0EgsKA3NrdRgBIAEoCSJiChxTdWJtaXRDYXJ0Rm9yQXBwcm92YWxSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIMCgRub3RlGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkimAEKGURlY2lkZUNhcnRBcHByb3ZhbFJlcXVlc3QSDwoHY2FydF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgDEjUKCGRlY2lzaW9uGAMgASgOMiMuZW50cmVwb3QuY2FydC52MS5BcHByb3ZhbC5EZWNpc2lvbhIOCgZyZWFzb24YBCABKAkSEgoKcmVxdWVzdF9pZBgFIAEoCSJ+Cg9DaGVja291dFBheW1lbnQSEQoJdGVuZGVyX2lkGAEgASgJEg4KBm1ldGhvZBgCIAEoCRItCghjYXB0dXJlZBgDIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EhkKEWdhdGV3YXlfcmVmZXJlbmNlGAQgASgJIqMCChNDaGVja291dENhcnRSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIoCgN0YXgYAyABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leRItCghzaGlwcGluZxgEIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5Ei0KCGRpc2NvdW50GAUgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSMwoIcGF5bWVudHMYBiADKAsyIS5lbnRyZXBvdC5jYXJ0LnYxLkNoZWNrb3V0UGF5bWVudBIZChFleHRlcm5hbF9vcmRlcl9pZBgHIAEoCRISCgpyZXF1ZXN0X2lkGAggASgJImYKFENoZWNrb3V0Q2FydFJlc3BvbnNlEiQKBGNhcnQYASABKAsyFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQSEAoIb3JkZXJfaWQYAiABKAkSFgoOcmVzZXJ2YXRpb25faWQYAyABKAky7QoKC0NhcnRTZXJ2aWNlEl0KCkNyZWF0ZUNhcnQSIy5lbnRyZXBvdC5jYXJ0LnYxLkNyZWF0ZUNhcnRSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESVgoHR2V0Q2FydBIgLmVudHJlcG90LmNhcnQudjEuR2V0Q2FydFJlcXVlc3QaFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQiEcrzGA0KCWNhcnQucmVhZBABEmcKCUxpc3RDYXJ0cxIiLmVudHJlcG90LmNhcnQudjEuTGlzdENhcnRzUmVxdWVzdBojLmVudHJlcG90LmNhcnQudjEuTGlzdENhcnRzUmVzcG9uc2UiEcrzGA0KCWNhcnQucmVhZBABEl8KC0FkZENhcnRMaW5lEiQuZW50cmVwb3QuY2FydC52MS5BZGRDYXJ0TGluZVJlcXVlc3QaFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQiEsrzGA4KCmNhcnQud3JpdGUQARJlCg5VcGRhdGVDYXJ0TGluZRInLmVudHJlcG90LmNhcnQudjEuVXBkYXRlQ2FydExpbmVSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESZQoOUmVtb3ZlQ2FydExpbmUSJy5lbnRyZXBvdC5jYXJ0LnYxLlJlbW92ZUNhcnRMaW5lUmVxdWVzdBoWLmVudHJlcG90LmNhcnQudjEuQ2FydCISyvMYDgoKY2FydC53cml0ZRABEmMKDUhvbGRDYXJ0U3RvY2sSJi5lbnRyZXBvdC5jYXJ0LnYxLkhvbGRDYXJ0U3RvY2tSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESZwoPUmVsZWFzZUNhcnRIb2xkEiguZW50cmVwb3QuY2FydC52MS5SZWxlYXNlQ2FydEhvbGRSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAEScgoQU2V0UHVyY2hhc2VMaW1pdBIpLmVudHJlcG90LmNhcnQudjEuU2V0UHVyY2hhc2VMaW1pdFJlcXVlc3QaHy5lbnRyZXBvdC5jYXJ0LnYxLlB1cmNoYXNlTGltaXQiEsrzGA4KCmNhcnQuYWRtaW4QARJxChBHZXRQdXJjaGFzZUxpbWl0EikuZW50cmVwb3QuY2FydC52MS5HZXRQdXJjaGFzZUxpbWl0UmVxdWVzdBofLmVudHJlcG90LmNhcnQudjEuUHVyY2hhc2VMaW1pdCIRyvMYDQoJY2FydC5yZWFkEAEScwoVU3VibWl0Q2FydEZvckFwcHJvdmFsEi4uZW50cmVwb3QuY2FydC52MS5TdWJtaXRDYXJ0Rm9yQXBwcm92YWxSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESbwoSRGVjaWRlQ2FydEFwcHJvdmFsEisuZW50cmVwb3QuY2FydC52MS5EZWNpZGVDYXJ0QXBwcm92YWxSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhTK8xgQCgxjYXJ0LmFwcHJvdmUQARJ0CgxDaGVja291dENhcnQSJS5lbnRyZXBvdC5jYXJ0LnYxLkNoZWNrb3V0Q2FydFJlcXVlc3QaJi5lbnRyZXBvdC5jYXJ0LnYxLkNoZWNrb3V0Q2FydFJlc3BvbnNlIhXK8xgRCg1jYXJ0LmNoZWNrb3V0EAFiBnByb3RvMw", [file_entrepot_auth_v1_auth, file_entrepot_platform_v1_types, file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
+  fileDesc("ChtlbnRyZXBvdC9jYXJ0L3YxL2NhcnQucHJvdG8SEGVudHJlcG90LmNhcnQudjEikwUKBENhcnQSCgoCaWQYASABKAkSDwoHY2hhbm5lbBgCIAEoCRIUCgxjdXN0b21lcl9yZWYYAyABKAkSDwoHdmVyc2lvbhgEIAEoAxIrCgVzdGF0ZRgFIAEoDjIcLmVudHJlcG90LmNhcnQudjEuQ2FydC5TdGF0ZRIpCgVsaW5lcxgGIAMoCzIaLmVudHJlcG90LmNhcnQudjEuQ2FydExpbmUSLQoIc3VidG90YWwYByABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leRISCgppdGVtX2NvdW50GAggASgDEhkKEWFwcHJvdmFsX3JlcXVpcmVkGAkgASgIEikKBGhvbGQYCiABKAsyGy5lbnRyZXBvdC5jYXJ0LnYxLlN0b2NrSG9sZBIsCghhcHByb3ZhbBgLIAEoCzIaLmVudHJlcG90LmNhcnQudjEuQXBwcm92YWwSEAoIb3JkZXJfaWQYDCABKAkSEgoKY3JlYXRlZF9ieRgNIAEoCRIvCgtjcmVhdGVfdGltZRgOIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYDyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIq8BCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhAKDFNUQVRFX0FDVElWRRABEhoKFlNUQVRFX1BFTkRJTkdfQVBQUk9WQUwQAhISCg5TVEFURV9BUFBST1ZFRBADEiQKIFNUQVRFX0FQUFJPVkVEX0JMT0NLRURfSU5WRU5UT1JZEAQSEgoOU1RBVEVfUkVKRUNURUQQBRITCg9TVEFURV9DT05WRVJURUQQBiKcAQoIQ2FydExpbmUSDwoHbGluZV9pZBgBIAEoCRILCgNza3UYAiABKAkSEAoIcXVhbnRpdHkYAyABKAMSLwoKdW5pdF9wcmljZRgEIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5Ei8KCmxpbmVfdG90YWwYBSABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leSKVAgoJU3RvY2tIb2xkEjAKBXN0YXRlGAEgASgOMiEuZW50cmVwb3QuY2FydC52MS5TdG9ja0hvbGQuU3RhdGUSFgoOcmVzZXJ2YXRpb25faWQYAiABKAkSLwoLZXhwaXJlX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiYKA3R0bBgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiJlCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEg4KClNUQVRFX05PTkUQARIOCgpTVEFURV9IRUxEEAISEQoNU1RBVEVfRVhQSVJFRBADEhIKDlNUQVRFX1JFTEVBU0VEEAQi+QMKCEFwcHJvdmFsEhQKDHN1Ym1pdHRlZF9ieRgBIAEoCRIvCgtzdWJtaXRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEwoLc3VibWl0X25vdGUYAyABKAkSNQoIZGVjaXNpb24YBCABKA4yIy5lbnRyZXBvdC5jYXJ0LnYxLkFwcHJvdmFsLkRlY2lzaW9uEhIKCmRlY2lkZWRfYnkYBSABKAkSLwoLZGVjaWRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg4KBnJlYXNvbhgHIAEoCRIyCglzaG9ydGFnZXMYCCADKAsyHy5lbnRyZXBvdC5jYXJ0LnYxLlN0b2NrU2hvcnRhZ2USOQoUYXBwcm92ZWRfZ3JhbmRfdG90YWwYCSABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leRI2Cg5hcHByb3ZlZF9saW5lcxgKIAMoCzIeLmVudHJlcG90LmNhcnQudjEuQXBwcm92ZWRMaW5lEg0KBXN0YWxlGAsgASgIIk8KCERlY2lzaW9uEhgKFERFQ0lTSU9OX1VOU1BFQ0lGSUVEEAASFAoQREVDSVNJT05fQVBQUk9WRRABEhMKD0RFQ0lTSU9OX1JFSkVDVBACIm8KDEFwcHJvdmVkTGluZRIPCgdsaW5lX2lkGAEgASgJEgsKA3NrdRgCIAEoCRIQCghxdWFudGl0eRgDIAEoAxIvCgp1bml0X3ByaWNlGAQgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkiMQoNU3RvY2tTaG9ydGFnZRILCgNza3UYASABKAkSEwoLZGVzY3JpcHRpb24YAiABKAkivQEKDVB1cmNoYXNlTGltaXQSCwoDc2t1GAEgASgJEg8KB2NoYW5uZWwYAiABKAkSFAoMbWluX3F1YW50aXR5GAMgASgDEhYKDm9yZGVyX211bHRpcGxlGAQgASgDEhUKDW1heF9wZXJfb3JkZXIYBSABKAMSGAoQbWF4X3Blcl9jdXN0b21lchgGIAEoAxIvCgt1cGRhdGVfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiTQoRQ3JlYXRlQ2FydFJlcXVlc3QSJAoEY2FydBgBIAEoCzIWLmVudHJlcG90LmNhcnQudjEuQ2FydBISCgpyZXF1ZXN0X2lkGAIgASgJIiEKDkdldENhcnRSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkifAoQTGlzdENhcnRzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIUCgxjdXN0b21lcl9yZWYYAyABKAkSKwoFc3RhdGUYBCABKA4yHC5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQuU3RhdGUiUwoRTGlzdENhcnRzUmVzcG9uc2USJQoFY2FydHMYASADKAsyFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJInQKEkFkZENhcnRMaW5lUmVxdWVzdBIPCgdjYXJ0X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSKAoEbGluZRgDIAEoCzIaLmVudHJlcG90LmNhcnQudjEuQ2FydExpbmUSEgoKcmVxdWVzdF9pZBgEIAEoCSKoAQoVVXBkYXRlQ2FydExpbmVSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIoCgRsaW5lGAMgASgLMhouZW50cmVwb3QuY2FydC52MS5DYXJ0TGluZRIvCgt1cGRhdGVfbWFzaxgEIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5GaWVsZE1hc2sSEgoKcmVxdWVzdF9pZBgFIAEoCSJeChVSZW1vdmVDYXJ0TGluZVJlcXVlc3QSDwoHY2FydF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgDEg8KB2xpbmVfaWQYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCSJ0ChRIb2xkQ2FydFN0b2NrUmVxdWVzdBIPCgdjYXJ0X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSJgoDdHRsGAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhIKCnJlcXVlc3RfaWQYBCABKAkiTgoWUmVsZWFzZUNhcnRIb2xkUmVxdWVzdBIPCgdjYXJ0X2lkGAEgASgJEg8KB3ZlcnNpb24YAiABKAMSEgoKcmVxdWVzdF9pZBgDIAEoCSJdChdTZXRQdXJjaGFzZUxpbWl0UmVxdWVzdBIuCgVsaW1pdBgBIAEoCzIfLmVudHJlcG90LmNhcnQudjEuUHVyY2hhc2VMaW1pdBISCgpyZXF1ZXN0X2lkGAIgASgJIiYKF0dldFB1cmNoYXNlTGltaXRSZXF1ZXN0EgsKA3NrdRgBIAEoCSJiChxTdWJtaXRDYXJ0Rm9yQXBwcm92YWxSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIMCgRub3RlGAMgASgJEhIKCnJlcXVlc3RfaWQYBCABKAkimAEKGURlY2lkZUNhcnRBcHByb3ZhbFJlcXVlc3QSDwoHY2FydF9pZBgBIAEoCRIPCgd2ZXJzaW9uGAIgASgDEjUKCGRlY2lzaW9uGAMgASgOMiMuZW50cmVwb3QuY2FydC52MS5BcHByb3ZhbC5EZWNpc2lvbhIOCgZyZWFzb24YBCABKAkSEgoKcmVxdWVzdF9pZBgFIAEoCSJ+Cg9DaGVja291dFBheW1lbnQSEQoJdGVuZGVyX2lkGAEgASgJEg4KBm1ldGhvZBgCIAEoCRItCghjYXB0dXJlZBgDIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EhkKEWdhdGV3YXlfcmVmZXJlbmNlGAQgASgJIqMCChNDaGVja291dENhcnRSZXF1ZXN0Eg8KB2NhcnRfaWQYASABKAkSDwoHdmVyc2lvbhgCIAEoAxIoCgN0YXgYAyABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leRItCghzaGlwcGluZxgEIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5Ei0KCGRpc2NvdW50GAUgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSMwoIcGF5bWVudHMYBiADKAsyIS5lbnRyZXBvdC5jYXJ0LnYxLkNoZWNrb3V0UGF5bWVudBIZChFleHRlcm5hbF9vcmRlcl9pZBgHIAEoCRISCgpyZXF1ZXN0X2lkGAggASgJImYKFENoZWNrb3V0Q2FydFJlc3BvbnNlEiQKBGNhcnQYASABKAsyFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQSEAoIb3JkZXJfaWQYAiABKAkSFgoOcmVzZXJ2YXRpb25faWQYAyABKAky7QoKC0NhcnRTZXJ2aWNlEl0KCkNyZWF0ZUNhcnQSIy5lbnRyZXBvdC5jYXJ0LnYxLkNyZWF0ZUNhcnRSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESVgoHR2V0Q2FydBIgLmVudHJlcG90LmNhcnQudjEuR2V0Q2FydFJlcXVlc3QaFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQiEcrzGA0KCWNhcnQucmVhZBABEmcKCUxpc3RDYXJ0cxIiLmVudHJlcG90LmNhcnQudjEuTGlzdENhcnRzUmVxdWVzdBojLmVudHJlcG90LmNhcnQudjEuTGlzdENhcnRzUmVzcG9uc2UiEcrzGA0KCWNhcnQucmVhZBABEl8KC0FkZENhcnRMaW5lEiQuZW50cmVwb3QuY2FydC52MS5BZGRDYXJ0TGluZVJlcXVlc3QaFi5lbnRyZXBvdC5jYXJ0LnYxLkNhcnQiEsrzGA4KCmNhcnQud3JpdGUQARJlCg5VcGRhdGVDYXJ0TGluZRInLmVudHJlcG90LmNhcnQudjEuVXBkYXRlQ2FydExpbmVSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESZQoOUmVtb3ZlQ2FydExpbmUSJy5lbnRyZXBvdC5jYXJ0LnYxLlJlbW92ZUNhcnRMaW5lUmVxdWVzdBoWLmVudHJlcG90LmNhcnQudjEuQ2FydCISyvMYDgoKY2FydC53cml0ZRABEmMKDUhvbGRDYXJ0U3RvY2sSJi5lbnRyZXBvdC5jYXJ0LnYxLkhvbGRDYXJ0U3RvY2tSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESZwoPUmVsZWFzZUNhcnRIb2xkEiguZW50cmVwb3QuY2FydC52MS5SZWxlYXNlQ2FydEhvbGRSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAEScgoQU2V0UHVyY2hhc2VMaW1pdBIpLmVudHJlcG90LmNhcnQudjEuU2V0UHVyY2hhc2VMaW1pdFJlcXVlc3QaHy5lbnRyZXBvdC5jYXJ0LnYxLlB1cmNoYXNlTGltaXQiEsrzGA4KCmNhcnQuYWRtaW4QARJxChBHZXRQdXJjaGFzZUxpbWl0EikuZW50cmVwb3QuY2FydC52MS5HZXRQdXJjaGFzZUxpbWl0UmVxdWVzdBofLmVudHJlcG90LmNhcnQudjEuUHVyY2hhc2VMaW1pdCIRyvMYDQoJY2FydC5yZWFkEAEScwoVU3VibWl0Q2FydEZvckFwcHJvdmFsEi4uZW50cmVwb3QuY2FydC52MS5TdWJtaXRDYXJ0Rm9yQXBwcm92YWxSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhLK8xgOCgpjYXJ0LndyaXRlEAESbwoSRGVjaWRlQ2FydEFwcHJvdmFsEisuZW50cmVwb3QuY2FydC52MS5EZWNpZGVDYXJ0QXBwcm92YWxSZXF1ZXN0GhYuZW50cmVwb3QuY2FydC52MS5DYXJ0IhTK8xgQCgxjYXJ0LmFwcHJvdmUQARJ0CgxDaGVja291dENhcnQSJS5lbnRyZXBvdC5jYXJ0LnYxLkNoZWNrb3V0Q2FydFJlcXVlc3QaJi5lbnRyZXBvdC5jYXJ0LnYxLkNoZWNrb3V0Q2FydFJlc3BvbnNlIhXK8xgRCg1jYXJ0LmNoZWNrb3V0EAFiBnByb3RvMw", [file_entrepot_auth_v1_auth, file_entrepot_platform_v1_types, file_google_protobuf_duration, file_google_protobuf_field_mask, file_google_protobuf_timestamp]);
 
 /**
  * @generated from message entrepot.cart.v1.Cart
@@ -529,6 +529,28 @@ export type Approval = Message<"entrepot.cart.v1.Approval"> & {
    * @generated from field: repeated entrepot.cart.v1.StockShortage shortages = 8;
    */
   shortages: StockShortage[];
+
+  /**
+   * Output only, set by an approval: the sum of the approved line totals.
+   *
+   * @generated from field: entrepot.platform.v1.Money approved_grand_total = 9;
+   */
+  approvedGrandTotal?: Money | undefined;
+
+  /**
+   * Output only, set by an approval: the lines as approved, in line order.
+   *
+   * @generated from field: repeated entrepot.cart.v1.ApprovedLine approved_lines = 10;
+   */
+  approvedLines: ApprovedLine[];
+
+  /**
+   * Output only: the cart's lines or total changed after this approval; the
+   * cart needs a new approval before checkout (APPROVAL_STALE).
+   *
+   * @generated from field: bool stale = 11;
+   */
+  stale: boolean;
 };
 
 /**
@@ -580,6 +602,28 @@ export type ApprovalJson = {
    * @generated from field: repeated entrepot.cart.v1.StockShortage shortages = 8;
    */
   shortages?: StockShortageJson[];
+
+  /**
+   * Output only, set by an approval: the sum of the approved line totals.
+   *
+   * @generated from field: entrepot.platform.v1.Money approved_grand_total = 9;
+   */
+  approvedGrandTotal?: MoneyJson;
+
+  /**
+   * Output only, set by an approval: the lines as approved, in line order.
+   *
+   * @generated from field: repeated entrepot.cart.v1.ApprovedLine approved_lines = 10;
+   */
+  approvedLines?: ApprovedLineJson[];
+
+  /**
+   * Output only: the cart's lines or total changed after this approval; the
+   * cart needs a new approval before checkout (APPROVAL_STALE).
+   *
+   * @generated from field: bool stale = 11;
+   */
+  stale?: boolean;
 };
 
 /**
@@ -621,6 +665,67 @@ export const Approval_DecisionSchema: GenEnum<Approval_Decision, Approval_Decisi
   enumDesc(file_entrepot_cart_v1_cart, 3, 0);
 
 /**
+ * A line as it was approved.
+ *
+ * @generated from message entrepot.cart.v1.ApprovedLine
+ */
+export type ApprovedLine = Message<"entrepot.cart.v1.ApprovedLine"> & {
+  /**
+   * @generated from field: string line_id = 1;
+   */
+  lineId: string;
+
+  /**
+   * @generated from field: string sku = 2;
+   */
+  sku: string;
+
+  /**
+   * @generated from field: int64 quantity = 3;
+   */
+  quantity: bigint;
+
+  /**
+   * @generated from field: entrepot.platform.v1.Money unit_price = 4;
+   */
+  unitPrice?: Money | undefined;
+};
+
+/**
+ * A line as it was approved.
+ *
+ * @generated from message entrepot.cart.v1.ApprovedLine
+ */
+export type ApprovedLineJson = {
+  /**
+   * @generated from field: string line_id = 1;
+   */
+  lineId?: string;
+
+  /**
+   * @generated from field: string sku = 2;
+   */
+  sku?: string;
+
+  /**
+   * @generated from field: int64 quantity = 3;
+   */
+  quantity?: string;
+
+  /**
+   * @generated from field: entrepot.platform.v1.Money unit_price = 4;
+   */
+  unitPrice?: MoneyJson;
+};
+
+/**
+ * Describes the message entrepot.cart.v1.ApprovedLine.
+ * Use `create(ApprovedLineSchema)` to create a new message.
+ */
+export const ApprovedLineSchema: GenMessage<ApprovedLine, {jsonType: ApprovedLineJson}> = /*@__PURE__*/
+  messageDesc(file_entrepot_cart_v1_cart, 4);
+
+/**
  * @generated from message entrepot.cart.v1.StockShortage
  */
 export type StockShortage = Message<"entrepot.cart.v1.StockShortage"> & {
@@ -659,7 +764,7 @@ export type StockShortageJson = {
  * Use `create(StockShortageSchema)` to create a new message.
  */
 export const StockShortageSchema: GenMessage<StockShortage, {jsonType: StockShortageJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 4);
+  messageDesc(file_entrepot_cart_v1_cart, 5);
 
 /**
  * @generated from message entrepot.cart.v1.PurchaseLimit
@@ -770,7 +875,7 @@ export type PurchaseLimitJson = {
  * Use `create(PurchaseLimitSchema)` to create a new message.
  */
 export const PurchaseLimitSchema: GenMessage<PurchaseLimit, {jsonType: PurchaseLimitJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 5);
+  messageDesc(file_entrepot_cart_v1_cart, 6);
 
 /**
  * @generated from message entrepot.cart.v1.CreateCartRequest
@@ -815,7 +920,7 @@ export type CreateCartRequestJson = {
  * Use `create(CreateCartRequestSchema)` to create a new message.
  */
 export const CreateCartRequestSchema: GenMessage<CreateCartRequest, {jsonType: CreateCartRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 6);
+  messageDesc(file_entrepot_cart_v1_cart, 7);
 
 /**
  * @generated from message entrepot.cart.v1.GetCartRequest
@@ -842,7 +947,7 @@ export type GetCartRequestJson = {
  * Use `create(GetCartRequestSchema)` to create a new message.
  */
 export const GetCartRequestSchema: GenMessage<GetCartRequest, {jsonType: GetCartRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 7);
+  messageDesc(file_entrepot_cart_v1_cart, 8);
 
 /**
  * @generated from message entrepot.cart.v1.ListCartsRequest
@@ -903,7 +1008,7 @@ export type ListCartsRequestJson = {
  * Use `create(ListCartsRequestSchema)` to create a new message.
  */
 export const ListCartsRequestSchema: GenMessage<ListCartsRequest, {jsonType: ListCartsRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 8);
+  messageDesc(file_entrepot_cart_v1_cart, 9);
 
 /**
  * @generated from message entrepot.cart.v1.ListCartsResponse
@@ -940,7 +1045,7 @@ export type ListCartsResponseJson = {
  * Use `create(ListCartsResponseSchema)` to create a new message.
  */
 export const ListCartsResponseSchema: GenMessage<ListCartsResponse, {jsonType: ListCartsResponseJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 9);
+  messageDesc(file_entrepot_cart_v1_cart, 10);
 
 /**
  * @generated from message entrepot.cart.v1.AddCartLineRequest
@@ -1009,7 +1114,7 @@ export type AddCartLineRequestJson = {
  * Use `create(AddCartLineRequestSchema)` to create a new message.
  */
 export const AddCartLineRequestSchema: GenMessage<AddCartLineRequest, {jsonType: AddCartLineRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 10);
+  messageDesc(file_entrepot_cart_v1_cart, 11);
 
 /**
  * @generated from message entrepot.cart.v1.UpdateCartLineRequest
@@ -1092,7 +1197,7 @@ export type UpdateCartLineRequestJson = {
  * Use `create(UpdateCartLineRequestSchema)` to create a new message.
  */
 export const UpdateCartLineRequestSchema: GenMessage<UpdateCartLineRequest, {jsonType: UpdateCartLineRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 11);
+  messageDesc(file_entrepot_cart_v1_cart, 12);
 
 /**
  * @generated from message entrepot.cart.v1.RemoveCartLineRequest
@@ -1157,7 +1262,7 @@ export type RemoveCartLineRequestJson = {
  * Use `create(RemoveCartLineRequestSchema)` to create a new message.
  */
 export const RemoveCartLineRequestSchema: GenMessage<RemoveCartLineRequest, {jsonType: RemoveCartLineRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 12);
+  messageDesc(file_entrepot_cart_v1_cart, 13);
 
 /**
  * @generated from message entrepot.cart.v1.HoldCartStockRequest
@@ -1226,7 +1331,7 @@ export type HoldCartStockRequestJson = {
  * Use `create(HoldCartStockRequestSchema)` to create a new message.
  */
 export const HoldCartStockRequestSchema: GenMessage<HoldCartStockRequest, {jsonType: HoldCartStockRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 13);
+  messageDesc(file_entrepot_cart_v1_cart, 14);
 
 /**
  * @generated from message entrepot.cart.v1.ReleaseCartHoldRequest
@@ -1281,7 +1386,7 @@ export type ReleaseCartHoldRequestJson = {
  * Use `create(ReleaseCartHoldRequestSchema)` to create a new message.
  */
 export const ReleaseCartHoldRequestSchema: GenMessage<ReleaseCartHoldRequest, {jsonType: ReleaseCartHoldRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 14);
+  messageDesc(file_entrepot_cart_v1_cart, 15);
 
 /**
  * @generated from message entrepot.cart.v1.SetPurchaseLimitRequest
@@ -1326,7 +1431,7 @@ export type SetPurchaseLimitRequestJson = {
  * Use `create(SetPurchaseLimitRequestSchema)` to create a new message.
  */
 export const SetPurchaseLimitRequestSchema: GenMessage<SetPurchaseLimitRequest, {jsonType: SetPurchaseLimitRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 15);
+  messageDesc(file_entrepot_cart_v1_cart, 16);
 
 /**
  * @generated from message entrepot.cart.v1.GetPurchaseLimitRequest
@@ -1353,7 +1458,7 @@ export type GetPurchaseLimitRequestJson = {
  * Use `create(GetPurchaseLimitRequestSchema)` to create a new message.
  */
 export const GetPurchaseLimitRequestSchema: GenMessage<GetPurchaseLimitRequest, {jsonType: GetPurchaseLimitRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 16);
+  messageDesc(file_entrepot_cart_v1_cart, 17);
 
 /**
  * @generated from message entrepot.cart.v1.SubmitCartForApprovalRequest
@@ -1418,7 +1523,7 @@ export type SubmitCartForApprovalRequestJson = {
  * Use `create(SubmitCartForApprovalRequestSchema)` to create a new message.
  */
 export const SubmitCartForApprovalRequestSchema: GenMessage<SubmitCartForApprovalRequest, {jsonType: SubmitCartForApprovalRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 17);
+  messageDesc(file_entrepot_cart_v1_cart, 18);
 
 /**
  * @generated from message entrepot.cart.v1.DecideCartApprovalRequest
@@ -1497,7 +1602,7 @@ export type DecideCartApprovalRequestJson = {
  * Use `create(DecideCartApprovalRequestSchema)` to create a new message.
  */
 export const DecideCartApprovalRequestSchema: GenMessage<DecideCartApprovalRequest, {jsonType: DecideCartApprovalRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 18);
+  messageDesc(file_entrepot_cart_v1_cart, 19);
 
 /**
  * @generated from message entrepot.cart.v1.CheckoutPayment
@@ -1554,7 +1659,7 @@ export type CheckoutPaymentJson = {
  * Use `create(CheckoutPaymentSchema)` to create a new message.
  */
 export const CheckoutPaymentSchema: GenMessage<CheckoutPayment, {jsonType: CheckoutPaymentJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 19);
+  messageDesc(file_entrepot_cart_v1_cart, 20);
 
 /**
  * @generated from message entrepot.cart.v1.CheckoutCartRequest
@@ -1669,7 +1774,7 @@ export type CheckoutCartRequestJson = {
  * Use `create(CheckoutCartRequestSchema)` to create a new message.
  */
 export const CheckoutCartRequestSchema: GenMessage<CheckoutCartRequest, {jsonType: CheckoutCartRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 20);
+  messageDesc(file_entrepot_cart_v1_cart, 21);
 
 /**
  * @generated from message entrepot.cart.v1.CheckoutCartResponse
@@ -1724,7 +1829,7 @@ export type CheckoutCartResponseJson = {
  * Use `create(CheckoutCartResponseSchema)` to create a new message.
  */
 export const CheckoutCartResponseSchema: GenMessage<CheckoutCartResponse, {jsonType: CheckoutCartResponseJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_cart_v1_cart, 21);
+  messageDesc(file_entrepot_cart_v1_cart, 22);
 
 /**
  * Carts of one channel (every RPC needs `x-channel-slug`; a cart of another
@@ -1740,8 +1845,17 @@ export const CheckoutCartResponseSchema: GenMessage<CheckoutCartResponse, {jsonT
  * States: ACTIVE (editable) -> PENDING_APPROVAL (locked) -> APPROVED or
  * APPROVED_BLOCKED_INVENTORY or REJECTED; REJECTED carts are editable again
  * (an edit makes them ACTIVE). CheckoutCart makes a cart CONVERTED (final).
- * Editing a locked cart is FAILED_PRECONDITION with reason CART_LOCKED; any
- * mutation of a converted cart is FAILED_PRECONDITION CART_CONVERTED.
+ * Editing a PENDING_APPROVAL cart is FAILED_PRECONDITION with reason
+ * CART_LOCKED; any mutation of a converted cart is FAILED_PRECONDITION
+ * CART_CONVERTED.
+ *
+ * An approval covers exactly what was approved: DecideCartApproval records
+ * `approval.approved_grand_total` (the sum of the line totals) and
+ * `approval.approved_lines`. Editing an approved cart (a line added, removed,
+ * or its quantity or price changed) sends it back to ACTIVE: the approval
+ * stays on record with `approval.stale` = true and the cart needs a new
+ * submission. CheckoutCart of a cart whose approval no longer covers its
+ * lines and total is FAILED_PRECONDITION with reason APPROVAL_STALE.
  *
  * Purchase limits (SetPurchaseLimit) are checked whenever a line changes and
  * again at checkout: a violation is FAILED_PRECONDITION with reason
@@ -1865,6 +1979,7 @@ export const CartService: GenService<{
   /**
    * Approve or reject a PENDING_APPROVAL cart. The submitter (and the cart's
    * creator) can never decide: PERMISSION_DENIED SELF_APPROVAL_FORBIDDEN.
+   * Approving records the approved grand total and lines (see above).
    * Approving re-checks stock: when short, the state is
    * APPROVED_BLOCKED_INVENTORY and `approval.shortages` say what is missing
    * (a later checkout re-checks again). A rejection needs a reason.
@@ -1882,7 +1997,9 @@ export const CartService: GenService<{
    * order through OrderService's intent path (source system "cart", intent id
    * = cart id), mark the cart CONVERTED. Idempotent by request_id. Short stock
    * is FAILED_PRECONDITION INSUFFICIENT_STOCK with one violation per SKU, and
-   * nothing is written (an existing hold stays as it was).
+   * nothing is written (an existing hold stays as it was). An approved cart
+   * converts only what was approved: lines or total that differ from the
+   * approval are FAILED_PRECONDITION APPROVAL_STALE.
    *
    * @generated from rpc entrepot.cart.v1.CartService.CheckoutCart
    */

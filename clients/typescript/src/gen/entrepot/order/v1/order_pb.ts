@@ -7,15 +7,15 @@ import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf
 import { file_entrepot_auth_v1_auth } from "../../auth/v1/auth_pb.js";
 import type { Money, MoneyJson } from "../../platform/v1/types_pb.js";
 import { file_entrepot_platform_v1_types } from "../../platform/v1/types_pb.js";
-import type { Timestamp, TimestampJson } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Duration, DurationJson, Timestamp, TimestampJson } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file entrepot/order/v1/order.proto.
  */
 export const file_entrepot_order_v1_order: GenFile = /*@__PURE__*/
-  fileDesc("Ch1lbnRyZXBvdC9vcmRlci92MS9vcmRlci5wcm90bxIRZW50cmVwb3Qub3JkZXIudjEi0gEKCU9yZGVyTGluZRIPCgdsaW5lX2lkGAEgASgJEgsKA3NrdRgCIAEoCRIQCghxdWFudGl0eRgDIAEoAxIvCgp1bml0X3ByaWNlGAQgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSLwoKbGluZV90b3RhbBgFIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EhgKEHNoaXBwZWRfcXVhbnRpdHkYBiABKAMSGQoRcmVmdW5kZWRfcXVhbnRpdHkYByABKAMi9gEKC09yZGVyVG90YWxzEi0KCHN1YnRvdGFsGAEgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSKAoDdGF4GAIgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSLQoIc2hpcHBpbmcYAyABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leRItCghkaXNjb3VudBgEIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EjAKC2dyYW5kX3RvdGFsGAUgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkipQEKB1BheW1lbnQSEQoJdGVuZGVyX2lkGAEgASgJEg4KBm1ldGhvZBgCIAEoCRItCghjYXB0dXJlZBgDIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EhkKEWdhdGV3YXlfcmVmZXJlbmNlGAQgASgJEi0KCHJlZnVuZGVkGAUgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkipAIKC09yZGVySW50ZW50EhEKCWludGVudF9pZBgBIAEoCRIVCg1zb3VyY2Vfc3lzdGVtGAIgASgJEhkKEWV4dGVybmFsX29yZGVyX2lkGAMgASgJEhQKDGN1c3RvbWVyX3JlZhgEIAEoCRIrCgVsaW5lcxgFIAMoCzIcLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyTGluZRIuCgZ0b3RhbHMYBiABKAsyHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlclRvdGFscxIsCghwYXltZW50cxgHIAMoCzIaLmVudHJlcG90Lm9yZGVyLnYxLlBheW1lbnQSLwoLc3VibWl0X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIpkFCgVPcmRlchIKCgJpZBgBIAEoCRIPCgdjaGFubmVsGAIgASgJEhUKDXNvdXJjZV9zeXN0ZW0YAyABKAkSEQoJaW50ZW50X2lkGAQgASgJEhkKEWV4dGVybmFsX29yZGVyX2lkGAUgASgJEhQKDGN1c3RvbWVyX3JlZhgGIAEoCRItCgVzdGF0ZRgHIAEoDjIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyLlN0YXRlEisKBWxpbmVzGAggAygLMhwuZW50cmVwb3Qub3JkZXIudjEuT3JkZXJMaW5lEi4KBnRvdGFscxgJIAEoCzIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyVG90YWxzEiwKCHBheW1lbnRzGAogAygLMhouZW50cmVwb3Qub3JkZXIudjEuUGF5bWVudBIvCgtzdWJtaXRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLY3JlYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5yZXNlcnZhdGlvbl9pZBgOIAEoCRIPCgdibG9ja2VkGA8gASgIIqEBCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhEKDVNUQVRFX1BFTkRJTkcQARIUChBTVEFURV9QUk9DRVNTSU5HEAISGwoXU1RBVEVfUEFSVElBTExZX1NISVBQRUQQAxIRCg1TVEFURV9TSElQUEVEEAQSEwoPU1RBVEVfREVMSVZFUkVEEAUSEwoPU1RBVEVfQ0FOQ0VMTEVEEAYieQoYU3VibWl0T3JkZXJJbnRlbnRSZXF1ZXN0Ei4KBmludGVudBgBIAEoCzIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVySW50ZW50EhkKEXJlc2VydmVfaW52ZW50b3J5GAIgASgIEhIKCnJlcXVlc3RfaWQYAyABKAkiVQoZU3VibWl0T3JkZXJJbnRlbnRSZXNwb25zZRInCgVvcmRlchgBIAEoCzIYLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyEg8KB2NyZWF0ZWQYAiABKAgiHQoPR2V0T3JkZXJSZXF1ZXN0EgoKAmlkGAEgASgJIk8KG0dldE9yZGVyQnlFeHRlcm5hbElkUmVxdWVzdBIVCg1zb3VyY2Vfc3lzdGVtGAEgASgJEhkKEWV4dGVybmFsX29yZGVyX2lkGAIgASgJIosCChFMaXN0T3JkZXJzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIuCgZzdGF0ZXMYAyADKA4yHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlci5TdGF0ZRIUCgxjdXN0b21lcl9yZWYYBCABKAkSFQoNc291cmNlX3N5c3RlbRgFIAEoCRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMYmxvY2tlZF9vbmx5GAggASgIIlcKEkxpc3RPcmRlcnNSZXNwb25zZRIoCgZvcmRlcnMYASADKAsyGC5lbnRyZXBvdC5vcmRlci52MS5PcmRlchIXCg9uZXh0X3BhZ2VfdG9rZW4YAiABKAkigAMKEE9yZGVyU3RhdHVzRW50cnkSCgoCaWQYASABKAMSEAoIb3JkZXJfaWQYAiABKAkSDAoEY29kZRgDIAEoCRIOCgZtb2R1bGUYBCABKAkSEAoIY2F0ZWdvcnkYBSABKAkSLQoIc2V2ZXJpdHkYBiABKA4yGy5lbnRyZXBvdC5vcmRlci52MS5TZXZlcml0eRIUCgxwYXlsb2FkX2pzb24YByABKAkSLwoLcmVjb3JkX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhIKCndyaXR0ZW5fYnkYCSABKAkSLwoLY3JlYXRlX3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCmNsb3NlX3RpbWUYCyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWNsb3NlZF9ieRgMIAEoCRISCgpjbG9zZV9ub3RlGA0gASgJEgwKBG9wZW4YDiABKAgiYgoYQXBwZW5kT3JkZXJTdGF0dXNSZXF1ZXN0EjIKBWVudHJ5GAEgASgLMiMuZW50cmVwb3Qub3JkZXIudjEuT3JkZXJTdGF0dXNFbnRyeRISCgpyZXF1ZXN0X2lkGAIgASgJIl8KF0Nsb3NlT3JkZXJTdGF0dXNSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJEhAKCGVudHJ5X2lkGAIgASgDEgwKBG5vdGUYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCSJoCh1MaXN0T3JkZXJTdGF0dXNIaXN0b3J5UmVxdWVzdBIQCghvcmRlcl9pZBgBIAEoCRIRCglwYWdlX3NpemUYAiABKAUSEgoKcGFnZV90b2tlbhgDIAEoCRIOCgZtb2R1bGUYBCABKAkibwoeTGlzdE9yZGVyU3RhdHVzSGlzdG9yeVJlc3BvbnNlEjQKB2VudHJpZXMYASADKAsyIy5lbnRyZXBvdC5vcmRlci52MS5PcmRlclN0YXR1c0VudHJ5EhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIwChxHZXRPcmRlclN0YXR1c1N1bW1hcnlSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJItABChJPcmRlclN0YXR1c1N1bW1hcnkSEAoIb3JkZXJfaWQYASABKAkSLQoFc3RhdGUYAiABKA4yHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlci5TdGF0ZRI9ChBsYXRlc3RfYnlfbW9kdWxlGAMgAygLMiMuZW50cmVwb3Qub3JkZXIudjEuT3JkZXJTdGF0dXNFbnRyeRI6Cg1vcGVuX2Jsb2NraW5nGAQgAygLMiMuZW50cmVwb3Qub3JkZXIudjEuT3JkZXJTdGF0dXNFbnRyeSKuAQoWVHJhbnNpdGlvbk9yZGVyUmVxdWVzdBIQCghvcmRlcl9pZBgBIAEoCRI0Cgx0YXJnZXRfc3RhdGUYAiABKA4yHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlci5TdGF0ZRIOCgZyZWFzb24YAyABKAkSFwoPdHJhY2tpbmdfbnVtYmVyGAQgASgJEg8KB2NhcnJpZXIYBSABKAkSEgoKcmVxdWVzdF9pZBgGIAEoCSIxCgxMaW5lUXVhbnRpdHkSDwoHbGluZV9pZBgBIAEoCRIQCghxdWFudGl0eRgCIAEoAyKXAQoVU2hpcE9yZGVySXRlbXNSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJEi4KBWxpbmVzGAIgAygLMh8uZW50cmVwb3Qub3JkZXIudjEuTGluZVF1YW50aXR5EhcKD3RyYWNraW5nX251bWJlchgDIAEoCRIPCgdjYXJyaWVyGAQgASgJEhIKCnJlcXVlc3RfaWQYBSABKAkiswEKCFNoaXBtZW50EgoKAmlkGAEgASgJEhAKCG9yZGVyX2lkGAIgASgJEi4KBWxpbmVzGAMgAygLMh8uZW50cmVwb3Qub3JkZXIudjEuTGluZVF1YW50aXR5EhcKD3RyYWNraW5nX251bWJlchgEIAEoCRIPCgdjYXJyaWVyGAUgASgJEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJwChZTaGlwT3JkZXJJdGVtc1Jlc3BvbnNlEicKBW9yZGVyGAEgASgLMhguZW50cmVwb3Qub3JkZXIudjEuT3JkZXISLQoIc2hpcG1lbnQYAiABKAsyGy5lbnRyZXBvdC5vcmRlci52MS5TaGlwbWVudCIsChhHZXRTaGlwbWVudFN0YXR1c1JlcXVlc3QSEAoIb3JkZXJfaWQYASABKAkiggEKEkxpbmVTaGlwbWVudFN0YXR1cxIPCgdsaW5lX2lkGAEgASgJEgsKA3NrdRgCIAEoCRIYChBvcmRlcmVkX3F1YW50aXR5GAMgASgDEhgKEHNoaXBwZWRfcXVhbnRpdHkYBCABKAMSGgoScmVtYWluaW5nX3F1YW50aXR5GAUgASgDIrcBCg5TaGlwbWVudFN0YXR1cxIQCghvcmRlcl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyLlN0YXRlEjQKBWxpbmVzGAMgAygLMiUuZW50cmVwb3Qub3JkZXIudjEuTGluZVNoaXBtZW50U3RhdHVzEi4KCXNoaXBtZW50cxgEIAMoCzIbLmVudHJlcG90Lm9yZGVyLnYxLlNoaXBtZW50InUKF1dhdGNoT3JkZXJFdmVudHNSZXF1ZXN0EjAKBXR5cGVzGAEgAygOMiEuZW50cmVwb3Qub3JkZXIudjEuT3JkZXJFdmVudFR5cGUSEAoIb3JkZXJfaWQYAiABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAyABKAMipgIKCk9yZGVyRXZlbnQSEAoIZXZlbnRfaWQYASABKAMSLwoEdHlwZRgCIAEoDjIhLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyRXZlbnRUeXBlEhAKCG9yZGVyX2lkGAMgASgJEi0KBXN0YXRlGAQgASgOMh4uZW50cmVwb3Qub3JkZXIudjEuT3JkZXIuU3RhdGUSNgoOcHJldmlvdXNfc3RhdGUYBSABKA4yHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlci5TdGF0ZRIyCgVlbnRyeRgGIAEoCzIjLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzRW50cnkSKAoEdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiWQoYV2F0Y2hPcmRlckV2ZW50c1Jlc3BvbnNlEi0KBmV2ZW50cxgBIAMoCzIdLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyRXZlbnQSDgoGY3Vyc29yGAIgASgDKmQKCFNldmVyaXR5EhgKFFNFVkVSSVRZX1VOU1BFQ0lGSUVEEAASEQoNU0VWRVJJVFlfSU5GTxABEhQKEFNFVkVSSVRZX1dBUk5JTkcQAhIVChFTRVZFUklUWV9CTE9DS0lORxADKr0BCg5PcmRlckV2ZW50VHlwZRIgChxPUkRFUl9FVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASHAoYT1JERVJfRVZFTlRfVFlQRV9DUkVBVEVEEAESIQodT1JERVJfRVZFTlRfVFlQRV9UUkFOU0lUSU9ORUQQAhIkCiBPUkRFUl9FVkVOVF9UWVBFX1NUQVRVU19BUFBFTkRFRBADEiIKHk9SREVSX0VWRU5UX1RZUEVfU1RBVFVTX0NMT1NFRBAEMt0LCgxPcmRlclNlcnZpY2USgwEKEVN1Ym1pdE9yZGVySW50ZW50EisuZW50cmVwb3Qub3JkZXIudjEuU3VibWl0T3JkZXJJbnRlbnRSZXF1ZXN0GiwuZW50cmVwb3Qub3JkZXIudjEuU3VibWl0T3JkZXJJbnRlbnRSZXNwb25zZSITyvMYDwoLb3JkZXIud3JpdGUQARJcCghHZXRPcmRlchIiLmVudHJlcG90Lm9yZGVyLnYxLkdldE9yZGVyUmVxdWVzdBoYLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyIhLK8xgOCgpvcmRlci5yZWFkEAESdAoUR2V0T3JkZXJCeUV4dGVybmFsSWQSLi5lbnRyZXBvdC5vcmRlci52MS5HZXRPcmRlckJ5RXh0ZXJuYWxJZFJlcXVlc3QaGC5lbnRyZXBvdC5vcmRlci52MS5PcmRlciISyvMYDgoKb3JkZXIucmVhZBABEm0KCkxpc3RPcmRlcnMSJC5lbnRyZXBvdC5vcmRlci52MS5MaXN0T3JkZXJzUmVxdWVzdBolLmVudHJlcG90Lm9yZGVyLnYxLkxpc3RPcmRlcnNSZXNwb25zZSISyvMYDgoKb3JkZXIucmVhZBABEoEBChFBcHBlbmRPcmRlclN0YXR1cxIrLmVudHJlcG90Lm9yZGVyLnYxLkFwcGVuZE9yZGVyU3RhdHVzUmVxdWVzdBojLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzRW50cnkiGsrzGBYKEm9yZGVyLnN0YXR1cy53cml0ZRABEn8KEENsb3NlT3JkZXJTdGF0dXMSKi5lbnRyZXBvdC5vcmRlci52MS5DbG9zZU9yZGVyU3RhdHVzUmVxdWVzdBojLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzRW50cnkiGsrzGBYKEm9yZGVyLnN0YXR1cy53cml0ZRABEpEBChZMaXN0T3JkZXJTdGF0dXNIaXN0b3J5EjAuZW50cmVwb3Qub3JkZXIudjEuTGlzdE9yZGVyU3RhdHVzSGlzdG9yeVJlcXVlc3QaMS5lbnRyZXBvdC5vcmRlci52MS5MaXN0T3JkZXJTdGF0dXNIaXN0b3J5UmVzcG9uc2UiEsrzGA4KCm9yZGVyLnJlYWQQARKDAQoVR2V0T3JkZXJTdGF0dXNTdW1tYXJ5Ei8uZW50cmVwb3Qub3JkZXIudjEuR2V0T3JkZXJTdGF0dXNTdW1tYXJ5UmVxdWVzdBolLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzU3VtbWFyeSISyvMYDgoKb3JkZXIucmVhZBABEmsKD1RyYW5zaXRpb25PcmRlchIpLmVudHJlcG90Lm9yZGVyLnYxLlRyYW5zaXRpb25PcmRlclJlcXVlc3QaGC5lbnRyZXBvdC5vcmRlci52MS5PcmRlciITyvMYDwoLb3JkZXIud3JpdGUQARJ7Cg5TaGlwT3JkZXJJdGVtcxIoLmVudHJlcG90Lm9yZGVyLnYxLlNoaXBPcmRlckl0ZW1zUmVxdWVzdBopLmVudHJlcG90Lm9yZGVyLnYxLlNoaXBPcmRlckl0ZW1zUmVzcG9uc2UiFMrzGBAKDG9yZGVyLmZ1bGZpbBABEncKEUdldFNoaXBtZW50U3RhdHVzEisuZW50cmVwb3Qub3JkZXIudjEuR2V0U2hpcG1lbnRTdGF0dXNSZXF1ZXN0GiEuZW50cmVwb3Qub3JkZXIudjEuU2hpcG1lbnRTdGF0dXMiEsrzGA4KCm9yZGVyLnJlYWQQARKBAQoQV2F0Y2hPcmRlckV2ZW50cxIqLmVudHJlcG90Lm9yZGVyLnYxLldhdGNoT3JkZXJFdmVudHNSZXF1ZXN0GisuZW50cmVwb3Qub3JkZXIudjEuV2F0Y2hPcmRlckV2ZW50c1Jlc3BvbnNlIhLK8xgOCgpvcmRlci5yZWFkEAEwAWIGcHJvdG8z", [file_entrepot_auth_v1_auth, file_entrepot_platform_v1_types, file_google_protobuf_timestamp]);
+  fileDesc("Ch1lbnRyZXBvdC9vcmRlci92MS9vcmRlci5wcm90bxIRZW50cmVwb3Qub3JkZXIudjEi0gEKCU9yZGVyTGluZRIPCgdsaW5lX2lkGAEgASgJEgsKA3NrdRgCIAEoCRIQCghxdWFudGl0eRgDIAEoAxIvCgp1bml0X3ByaWNlGAQgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSLwoKbGluZV90b3RhbBgFIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EhgKEHNoaXBwZWRfcXVhbnRpdHkYBiABKAMSGQoRcmVmdW5kZWRfcXVhbnRpdHkYByABKAMi9gEKC09yZGVyVG90YWxzEi0KCHN1YnRvdGFsGAEgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSKAoDdGF4GAIgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkSLQoIc2hpcHBpbmcYAyABKAsyGy5lbnRyZXBvdC5wbGF0Zm9ybS52MS5Nb25leRItCghkaXNjb3VudBgEIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EjAKC2dyYW5kX3RvdGFsGAUgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkipQEKB1BheW1lbnQSEQoJdGVuZGVyX2lkGAEgASgJEg4KBm1ldGhvZBgCIAEoCRItCghjYXB0dXJlZBgDIAEoCzIbLmVudHJlcG90LnBsYXRmb3JtLnYxLk1vbmV5EhkKEWdhdGV3YXlfcmVmZXJlbmNlGAQgASgJEi0KCHJlZnVuZGVkGAUgASgLMhsuZW50cmVwb3QucGxhdGZvcm0udjEuTW9uZXkipAIKC09yZGVySW50ZW50EhEKCWludGVudF9pZBgBIAEoCRIVCg1zb3VyY2Vfc3lzdGVtGAIgASgJEhkKEWV4dGVybmFsX29yZGVyX2lkGAMgASgJEhQKDGN1c3RvbWVyX3JlZhgEIAEoCRIrCgVsaW5lcxgFIAMoCzIcLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyTGluZRIuCgZ0b3RhbHMYBiABKAsyHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlclRvdGFscxIsCghwYXltZW50cxgHIAMoCzIaLmVudHJlcG90Lm9yZGVyLnYxLlBheW1lbnQSLwoLc3VibWl0X3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIoAHCgVPcmRlchIKCgJpZBgBIAEoCRIPCgdjaGFubmVsGAIgASgJEhUKDXNvdXJjZV9zeXN0ZW0YAyABKAkSEQoJaW50ZW50X2lkGAQgASgJEhkKEWV4dGVybmFsX29yZGVyX2lkGAUgASgJEhQKDGN1c3RvbWVyX3JlZhgGIAEoCRItCgVzdGF0ZRgHIAEoDjIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyLlN0YXRlEisKBWxpbmVzGAggAygLMhwuZW50cmVwb3Qub3JkZXIudjEuT3JkZXJMaW5lEi4KBnRvdGFscxgJIAEoCzIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyVG90YWxzEiwKCHBheW1lbnRzGAogAygLMhouZW50cmVwb3Qub3JkZXIudjEuUGF5bWVudBIvCgtzdWJtaXRfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLY3JlYXRlX3RpbWUYDCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGA0gASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIWCg5yZXNlcnZhdGlvbl9pZBgOIAEoCRIPCgdibG9ja2VkGA8gASgIEg8KB3JlaXNzdWUYECABKAgSHgoWcmVpc3N1ZWRfZnJvbV9vcmRlcl9pZBgRIAEoCRIWCg5yZWlzc3VlX3JlYXNvbhgSIAEoCRIZChFyZWlzc3VlX29yZGVyX2lkcxgTIAMoCRIiChpleHRlcm5hbF9oYW5kb2ZmX3JlZmVyZW5jZRgUIAEoCRJFCiFleHRlcm5hbF9oYW5kb2ZmX2Fja25vd2xlZGdlX3RpbWUYFSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhYKDmludmVudG9yeV9yaXNrGBYgASgIIqEBCgVTdGF0ZRIVChFTVEFURV9VTlNQRUNJRklFRBAAEhEKDVNUQVRFX1BFTkRJTkcQARIUChBTVEFURV9QUk9DRVNTSU5HEAISGwoXU1RBVEVfUEFSVElBTExZX1NISVBQRUQQAxIRCg1TVEFURV9TSElQUEVEEAQSEwoPU1RBVEVfREVMSVZFUkVEEAUSEwoPU1RBVEVfQ0FOQ0VMTEVEEAYieQoYU3VibWl0T3JkZXJJbnRlbnRSZXF1ZXN0Ei4KBmludGVudBgBIAEoCzIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVySW50ZW50EhkKEXJlc2VydmVfaW52ZW50b3J5GAIgASgIEhIKCnJlcXVlc3RfaWQYAyABKAkiVQoZU3VibWl0T3JkZXJJbnRlbnRSZXNwb25zZRInCgVvcmRlchgBIAEoCzIYLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyEg8KB2NyZWF0ZWQYAiABKAgiHQoPR2V0T3JkZXJSZXF1ZXN0EgoKAmlkGAEgASgJIk8KG0dldE9yZGVyQnlFeHRlcm5hbElkUmVxdWVzdBIVCg1zb3VyY2Vfc3lzdGVtGAEgASgJEhkKEWV4dGVybmFsX29yZGVyX2lkGAIgASgJIucCChFMaXN0T3JkZXJzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRIuCgZzdGF0ZXMYAyADKA4yHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlci5TdGF0ZRIUCgxjdXN0b21lcl9yZWYYBCABKAkSFQoNc291cmNlX3N5c3RlbRgFIAEoCRIuCgpzdGFydF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASFAoMYmxvY2tlZF9vbmx5GAggASgIEhsKE2ludmVudG9yeV9yaXNrX29ubHkYCSABKAgSPQoaaGFuZG9mZl91bmFja25vd2xlZGdlZF9mb3IYCiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iVwoSTGlzdE9yZGVyc1Jlc3BvbnNlEigKBm9yZGVycxgBIAMoCzIYLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKAAwoQT3JkZXJTdGF0dXNFbnRyeRIKCgJpZBgBIAEoAxIQCghvcmRlcl9pZBgCIAEoCRIMCgRjb2RlGAMgASgJEg4KBm1vZHVsZRgEIAEoCRIQCghjYXRlZ29yeRgFIAEoCRItCghzZXZlcml0eRgGIAEoDjIbLmVudHJlcG90Lm9yZGVyLnYxLlNldmVyaXR5EhQKDHBheWxvYWRfanNvbhgHIAEoCRIvCgtyZWNvcmRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEgoKd3JpdHRlbl9ieRgJIAEoCRIvCgtjcmVhdGVfdGltZRgKIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKY2xvc2VfdGltZRgLIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJY2xvc2VkX2J5GAwgASgJEhIKCmNsb3NlX25vdGUYDSABKAkSDAoEb3BlbhgOIAEoCCJiChhBcHBlbmRPcmRlclN0YXR1c1JlcXVlc3QSMgoFZW50cnkYASABKAsyIy5lbnRyZXBvdC5vcmRlci52MS5PcmRlclN0YXR1c0VudHJ5EhIKCnJlcXVlc3RfaWQYAiABKAkiXwoXQ2xvc2VPcmRlclN0YXR1c1JlcXVlc3QSEAoIb3JkZXJfaWQYASABKAkSEAoIZW50cnlfaWQYAiABKAMSDAoEbm90ZRgDIAEoCRISCgpyZXF1ZXN0X2lkGAQgASgJImgKHUxpc3RPcmRlclN0YXR1c0hpc3RvcnlSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJEhEKCXBhZ2Vfc2l6ZRgCIAEoBRISCgpwYWdlX3Rva2VuGAMgASgJEg4KBm1vZHVsZRgEIAEoCSJvCh5MaXN0T3JkZXJTdGF0dXNIaXN0b3J5UmVzcG9uc2USNAoHZW50cmllcxgBIAMoCzIjLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzRW50cnkSFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIjAKHEdldE9yZGVyU3RhdHVzU3VtbWFyeVJlcXVlc3QSEAoIb3JkZXJfaWQYASABKAki6AEKEk9yZGVyU3RhdHVzU3VtbWFyeRIQCghvcmRlcl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyLlN0YXRlEj0KEGxhdGVzdF9ieV9tb2R1bGUYAyADKAsyIy5lbnRyZXBvdC5vcmRlci52MS5PcmRlclN0YXR1c0VudHJ5EjoKDW9wZW5fYmxvY2tpbmcYBCADKAsyIy5lbnRyZXBvdC5vcmRlci52MS5PcmRlclN0YXR1c0VudHJ5EhYKDmludmVudG9yeV9yaXNrGAUgASgIIq4BChZUcmFuc2l0aW9uT3JkZXJSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJEjQKDHRhcmdldF9zdGF0ZRgCIAEoDjIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyLlN0YXRlEg4KBnJlYXNvbhgDIAEoCRIXCg90cmFja2luZ19udW1iZXIYBCABKAkSDwoHY2FycmllchgFIAEoCRISCgpyZXF1ZXN0X2lkGAYgASgJIpUBChNSZWlzc3VlT3JkZXJSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJEg4KBnJlYXNvbhgCIAEoCRIuCgVsaW5lcxgDIAMoCzIfLmVudHJlcG90Lm9yZGVyLnYxLkxpbmVRdWFudGl0eRIYChBrZWVwX3VuaXRfcHJpY2VzGAQgASgIEhIKCnJlcXVlc3RfaWQYBSABKAkicgoeQWNrbm93bGVkZ2VPcmRlckhhbmRvZmZSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJEhoKEmV4dGVybmFsX3JlZmVyZW5jZRgCIAEoCRIOCgZtb2R1bGUYAyABKAkSEgoKcmVxdWVzdF9pZBgEIAEoCSIxCgxMaW5lUXVhbnRpdHkSDwoHbGluZV9pZBgBIAEoCRIQCghxdWFudGl0eRgCIAEoAyKXAQoVU2hpcE9yZGVySXRlbXNSZXF1ZXN0EhAKCG9yZGVyX2lkGAEgASgJEi4KBWxpbmVzGAIgAygLMh8uZW50cmVwb3Qub3JkZXIudjEuTGluZVF1YW50aXR5EhcKD3RyYWNraW5nX251bWJlchgDIAEoCRIPCgdjYXJyaWVyGAQgASgJEhIKCnJlcXVlc3RfaWQYBSABKAkiswEKCFNoaXBtZW50EgoKAmlkGAEgASgJEhAKCG9yZGVyX2lkGAIgASgJEi4KBWxpbmVzGAMgAygLMh8uZW50cmVwb3Qub3JkZXIudjEuTGluZVF1YW50aXR5EhcKD3RyYWNraW5nX251bWJlchgEIAEoCRIPCgdjYXJyaWVyGAUgASgJEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJwChZTaGlwT3JkZXJJdGVtc1Jlc3BvbnNlEicKBW9yZGVyGAEgASgLMhguZW50cmVwb3Qub3JkZXIudjEuT3JkZXISLQoIc2hpcG1lbnQYAiABKAsyGy5lbnRyZXBvdC5vcmRlci52MS5TaGlwbWVudCIsChhHZXRTaGlwbWVudFN0YXR1c1JlcXVlc3QSEAoIb3JkZXJfaWQYASABKAkiggEKEkxpbmVTaGlwbWVudFN0YXR1cxIPCgdsaW5lX2lkGAEgASgJEgsKA3NrdRgCIAEoCRIYChBvcmRlcmVkX3F1YW50aXR5GAMgASgDEhgKEHNoaXBwZWRfcXVhbnRpdHkYBCABKAMSGgoScmVtYWluaW5nX3F1YW50aXR5GAUgASgDIrcBCg5TaGlwbWVudFN0YXR1cxIQCghvcmRlcl9pZBgBIAEoCRItCgVzdGF0ZRgCIAEoDjIeLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyLlN0YXRlEjQKBWxpbmVzGAMgAygLMiUuZW50cmVwb3Qub3JkZXIudjEuTGluZVNoaXBtZW50U3RhdHVzEi4KCXNoaXBtZW50cxgEIAMoCzIbLmVudHJlcG90Lm9yZGVyLnYxLlNoaXBtZW50InUKF1dhdGNoT3JkZXJFdmVudHNSZXF1ZXN0EjAKBXR5cGVzGAEgAygOMiEuZW50cmVwb3Qub3JkZXIudjEuT3JkZXJFdmVudFR5cGUSEAoIb3JkZXJfaWQYAiABKAkSFgoOYWZ0ZXJfZXZlbnRfaWQYAyABKAMipgIKCk9yZGVyRXZlbnQSEAoIZXZlbnRfaWQYASABKAMSLwoEdHlwZRgCIAEoDjIhLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyRXZlbnRUeXBlEhAKCG9yZGVyX2lkGAMgASgJEi0KBXN0YXRlGAQgASgOMh4uZW50cmVwb3Qub3JkZXIudjEuT3JkZXIuU3RhdGUSNgoOcHJldmlvdXNfc3RhdGUYBSABKA4yHi5lbnRyZXBvdC5vcmRlci52MS5PcmRlci5TdGF0ZRIyCgVlbnRyeRgGIAEoCzIjLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzRW50cnkSKAoEdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiWQoYV2F0Y2hPcmRlckV2ZW50c1Jlc3BvbnNlEi0KBmV2ZW50cxgBIAMoCzIdLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyRXZlbnQSDgoGY3Vyc29yGAIgASgDKmQKCFNldmVyaXR5EhgKFFNFVkVSSVRZX1VOU1BFQ0lGSUVEEAASEQoNU0VWRVJJVFlfSU5GTxABEhQKEFNFVkVSSVRZX1dBUk5JTkcQAhIVChFTRVZFUklUWV9CTE9DS0lORxADKr0BCg5PcmRlckV2ZW50VHlwZRIgChxPUkRFUl9FVkVOVF9UWVBFX1VOU1BFQ0lGSUVEEAASHAoYT1JERVJfRVZFTlRfVFlQRV9DUkVBVEVEEAESIQodT1JERVJfRVZFTlRfVFlQRV9UUkFOU0lUSU9ORUQQAhIkCiBPUkRFUl9FVkVOVF9UWVBFX1NUQVRVU19BUFBFTkRFRBADEiIKHk9SREVSX0VWRU5UX1RZUEVfU1RBVFVTX0NMT1NFRBAEMskNCgxPcmRlclNlcnZpY2USgwEKEVN1Ym1pdE9yZGVySW50ZW50EisuZW50cmVwb3Qub3JkZXIudjEuU3VibWl0T3JkZXJJbnRlbnRSZXF1ZXN0GiwuZW50cmVwb3Qub3JkZXIudjEuU3VibWl0T3JkZXJJbnRlbnRSZXNwb25zZSITyvMYDwoLb3JkZXIud3JpdGUQARJcCghHZXRPcmRlchIiLmVudHJlcG90Lm9yZGVyLnYxLkdldE9yZGVyUmVxdWVzdBoYLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyIhLK8xgOCgpvcmRlci5yZWFkEAESdAoUR2V0T3JkZXJCeUV4dGVybmFsSWQSLi5lbnRyZXBvdC5vcmRlci52MS5HZXRPcmRlckJ5RXh0ZXJuYWxJZFJlcXVlc3QaGC5lbnRyZXBvdC5vcmRlci52MS5PcmRlciISyvMYDgoKb3JkZXIucmVhZBABEm0KCkxpc3RPcmRlcnMSJC5lbnRyZXBvdC5vcmRlci52MS5MaXN0T3JkZXJzUmVxdWVzdBolLmVudHJlcG90Lm9yZGVyLnYxLkxpc3RPcmRlcnNSZXNwb25zZSISyvMYDgoKb3JkZXIucmVhZBABEoEBChFBcHBlbmRPcmRlclN0YXR1cxIrLmVudHJlcG90Lm9yZGVyLnYxLkFwcGVuZE9yZGVyU3RhdHVzUmVxdWVzdBojLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzRW50cnkiGsrzGBYKEm9yZGVyLnN0YXR1cy53cml0ZRABEn8KEENsb3NlT3JkZXJTdGF0dXMSKi5lbnRyZXBvdC5vcmRlci52MS5DbG9zZU9yZGVyU3RhdHVzUmVxdWVzdBojLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzRW50cnkiGsrzGBYKEm9yZGVyLnN0YXR1cy53cml0ZRABEpEBChZMaXN0T3JkZXJTdGF0dXNIaXN0b3J5EjAuZW50cmVwb3Qub3JkZXIudjEuTGlzdE9yZGVyU3RhdHVzSGlzdG9yeVJlcXVlc3QaMS5lbnRyZXBvdC5vcmRlci52MS5MaXN0T3JkZXJTdGF0dXNIaXN0b3J5UmVzcG9uc2UiEsrzGA4KCm9yZGVyLnJlYWQQARKDAQoVR2V0T3JkZXJTdGF0dXNTdW1tYXJ5Ei8uZW50cmVwb3Qub3JkZXIudjEuR2V0T3JkZXJTdGF0dXNTdW1tYXJ5UmVxdWVzdBolLmVudHJlcG90Lm9yZGVyLnYxLk9yZGVyU3RhdHVzU3VtbWFyeSISyvMYDgoKb3JkZXIucmVhZBABEmsKD1RyYW5zaXRpb25PcmRlchIpLmVudHJlcG90Lm9yZGVyLnYxLlRyYW5zaXRpb25PcmRlclJlcXVlc3QaGC5lbnRyZXBvdC5vcmRlci52MS5PcmRlciITyvMYDwoLb3JkZXIud3JpdGUQARJ7Cg5TaGlwT3JkZXJJdGVtcxIoLmVudHJlcG90Lm9yZGVyLnYxLlNoaXBPcmRlckl0ZW1zUmVxdWVzdBopLmVudHJlcG90Lm9yZGVyLnYxLlNoaXBPcmRlckl0ZW1zUmVzcG9uc2UiFMrzGBAKDG9yZGVyLmZ1bGZpbBABEncKEUdldFNoaXBtZW50U3RhdHVzEisuZW50cmVwb3Qub3JkZXIudjEuR2V0U2hpcG1lbnRTdGF0dXNSZXF1ZXN0GiEuZW50cmVwb3Qub3JkZXIudjEuU2hpcG1lbnRTdGF0dXMiEsrzGA4KCm9yZGVyLnJlYWQQARJlCgxSZWlzc3VlT3JkZXISJi5lbnRyZXBvdC5vcmRlci52MS5SZWlzc3VlT3JkZXJSZXF1ZXN0GhguZW50cmVwb3Qub3JkZXIudjEuT3JkZXIiE8rzGA8KC29yZGVyLndyaXRlEAESggEKF0Fja25vd2xlZGdlT3JkZXJIYW5kb2ZmEjEuZW50cmVwb3Qub3JkZXIudjEuQWNrbm93bGVkZ2VPcmRlckhhbmRvZmZSZXF1ZXN0GhguZW50cmVwb3Qub3JkZXIudjEuT3JkZXIiGsrzGBYKEm9yZGVyLnN0YXR1cy53cml0ZRABEoEBChBXYXRjaE9yZGVyRXZlbnRzEiouZW50cmVwb3Qub3JkZXIudjEuV2F0Y2hPcmRlckV2ZW50c1JlcXVlc3QaKy5lbnRyZXBvdC5vcmRlci52MS5XYXRjaE9yZGVyRXZlbnRzUmVzcG9uc2UiEsrzGA4KCm9yZGVyLnJlYWQQATABYgZwcm90bzM", [file_entrepot_auth_v1_auth, file_entrepot_platform_v1_types, file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * A line of an order. Immutable after creation except for the output-only
@@ -509,6 +509,58 @@ export type Order = Message<"entrepot.order.v1.Order"> & {
    * @generated from field: bool blocked = 15;
    */
   blocked: boolean;
+
+  /**
+   * Output only: true for an order created by ReissueOrder.
+   *
+   * @generated from field: bool reissue = 16;
+   */
+  reissue: boolean;
+
+  /**
+   * Output only: the order this one reissues (reissues only).
+   *
+   * @generated from field: string reissued_from_order_id = 17;
+   */
+  reissuedFromOrderId: string;
+
+  /**
+   * Output only: why it was reissued (reissues only).
+   *
+   * @generated from field: string reissue_reason = 18;
+   */
+  reissueReason: string;
+
+  /**
+   * Output only: the orders reissued from this one, oldest first.
+   *
+   * @generated from field: repeated string reissue_order_ids = 19;
+   */
+  reissueOrderIds: string[];
+
+  /**
+   * Output only: the reference of the system that took the order over
+   * (AcknowledgeOrderHandoff); empty until acknowledged.
+   *
+   * @generated from field: string external_handoff_reference = 20;
+   */
+  externalHandoffReference: string;
+
+  /**
+   * Output only: when the handoff was acknowledged (the stored
+   * external_handoff_acknowledged_at); unset until then.
+   *
+   * @generated from field: google.protobuf.Timestamp external_handoff_acknowledge_time = 21;
+   */
+  externalHandoffAcknowledgeTime?: Timestamp | undefined;
+
+  /**
+   * Output only: a line still to ship is not covered by the order's
+   * reservation (backordered, or the reservation released, expired or short).
+   *
+   * @generated from field: bool inventory_risk = 22;
+   */
+  inventoryRisk: boolean;
 };
 
 /**
@@ -595,6 +647,58 @@ export type OrderJson = {
    * @generated from field: bool blocked = 15;
    */
   blocked?: boolean;
+
+  /**
+   * Output only: true for an order created by ReissueOrder.
+   *
+   * @generated from field: bool reissue = 16;
+   */
+  reissue?: boolean;
+
+  /**
+   * Output only: the order this one reissues (reissues only).
+   *
+   * @generated from field: string reissued_from_order_id = 17;
+   */
+  reissuedFromOrderId?: string;
+
+  /**
+   * Output only: why it was reissued (reissues only).
+   *
+   * @generated from field: string reissue_reason = 18;
+   */
+  reissueReason?: string;
+
+  /**
+   * Output only: the orders reissued from this one, oldest first.
+   *
+   * @generated from field: repeated string reissue_order_ids = 19;
+   */
+  reissueOrderIds?: string[];
+
+  /**
+   * Output only: the reference of the system that took the order over
+   * (AcknowledgeOrderHandoff); empty until acknowledged.
+   *
+   * @generated from field: string external_handoff_reference = 20;
+   */
+  externalHandoffReference?: string;
+
+  /**
+   * Output only: when the handoff was acknowledged (the stored
+   * external_handoff_acknowledged_at); unset until then.
+   *
+   * @generated from field: google.protobuf.Timestamp external_handoff_acknowledge_time = 21;
+   */
+  externalHandoffAcknowledgeTime?: TimestampJson;
+
+  /**
+   * Output only: a line still to ship is not covered by the order's
+   * reservation (backordered, or the reservation released, expired or short).
+   *
+   * @generated from field: bool inventory_risk = 22;
+   */
+  inventoryRisk?: boolean;
 };
 
 /**
@@ -876,6 +980,22 @@ export type ListOrdersRequest = Message<"entrepot.order.v1.ListOrdersRequest"> &
    * @generated from field: bool blocked_only = 8;
    */
   blockedOnly: boolean;
+
+  /**
+   * Only orders with `inventory_risk`.
+   *
+   * @generated from field: bool inventory_risk_only = 9;
+   */
+  inventoryRiskOnly: boolean;
+
+  /**
+   * When set (> 0): only orders created at least this long ago whose handoff
+   * is not acknowledged yet (the "stuck handoffs" view). Combine with
+   * `states` to leave out cancelled orders.
+   *
+   * @generated from field: google.protobuf.Duration handoff_unacknowledged_for = 10;
+   */
+  handoffUnacknowledgedFor?: Duration | undefined;
 };
 
 /**
@@ -929,6 +1049,22 @@ export type ListOrdersRequestJson = {
    * @generated from field: bool blocked_only = 8;
    */
   blockedOnly?: boolean;
+
+  /**
+   * Only orders with `inventory_risk`.
+   *
+   * @generated from field: bool inventory_risk_only = 9;
+   */
+  inventoryRiskOnly?: boolean;
+
+  /**
+   * When set (> 0): only orders created at least this long ago whose handoff
+   * is not acknowledged yet (the "stuck handoffs" view). Combine with
+   * `states` to leave out cancelled orders.
+   *
+   * @generated from field: google.protobuf.Duration handoff_unacknowledged_for = 10;
+   */
+  handoffUnacknowledgedFor?: DurationJson;
 };
 
 /**
@@ -1460,6 +1596,13 @@ export type OrderStatusSummary = Message<"entrepot.order.v1.OrderStatusSummary">
    * @generated from field: repeated entrepot.order.v1.OrderStatusEntry open_blocking = 4;
    */
   openBlocking: OrderStatusEntry[];
+
+  /**
+   * The order's `inventory_risk`.
+   *
+   * @generated from field: bool inventory_risk = 5;
+   */
+  inventoryRisk: boolean;
 };
 
 /**
@@ -1489,6 +1632,13 @@ export type OrderStatusSummaryJson = {
    * @generated from field: repeated entrepot.order.v1.OrderStatusEntry open_blocking = 4;
    */
   openBlocking?: OrderStatusEntryJson[];
+
+  /**
+   * The order's `inventory_risk`.
+   *
+   * @generated from field: bool inventory_risk = 5;
+   */
+  inventoryRisk?: boolean;
 };
 
 /**
@@ -1596,6 +1746,180 @@ export const TransitionOrderRequestSchema: GenMessage<TransitionOrderRequest, {j
   messageDesc(file_entrepot_order_v1_order, 18);
 
 /**
+ * @generated from message entrepot.order.v1.ReissueOrderRequest
+ */
+export type ReissueOrderRequest = Message<"entrepot.order.v1.ReissueOrderRequest"> & {
+  /**
+   * The order to reissue.
+   *
+   * @generated from field: string order_id = 1;
+   */
+  orderId: string;
+
+  /**
+   * Required, 1 to 1000 characters (e.g. "parcel lost in transit").
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason: string;
+
+  /**
+   * The lines and quantities to reissue: each line of the original at most
+   * once, quantity 1 to the line's ordered quantity. Empty: every line with
+   * its full quantity.
+   *
+   * @generated from field: repeated entrepot.order.v1.LineQuantity lines = 3;
+   */
+  lines: LineQuantity[];
+
+  /**
+   * False (default): the reissue is zero-priced. True: the lines keep the
+   * original unit prices and grand total = subtotal.
+   *
+   * @generated from field: bool keep_unit_prices = 4;
+   */
+  keepUnitPrices: boolean;
+
+  /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
+   * @generated from field: string request_id = 5;
+   */
+  requestId: string;
+};
+
+/**
+ * @generated from message entrepot.order.v1.ReissueOrderRequest
+ */
+export type ReissueOrderRequestJson = {
+  /**
+   * The order to reissue.
+   *
+   * @generated from field: string order_id = 1;
+   */
+  orderId?: string;
+
+  /**
+   * Required, 1 to 1000 characters (e.g. "parcel lost in transit").
+   *
+   * @generated from field: string reason = 2;
+   */
+  reason?: string;
+
+  /**
+   * The lines and quantities to reissue: each line of the original at most
+   * once, quantity 1 to the line's ordered quantity. Empty: every line with
+   * its full quantity.
+   *
+   * @generated from field: repeated entrepot.order.v1.LineQuantity lines = 3;
+   */
+  lines?: LineQuantityJson[];
+
+  /**
+   * False (default): the reissue is zero-priced. True: the lines keep the
+   * original unit prices and grand total = subtotal.
+   *
+   * @generated from field: bool keep_unit_prices = 4;
+   */
+  keepUnitPrices?: boolean;
+
+  /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
+   * @generated from field: string request_id = 5;
+   */
+  requestId?: string;
+};
+
+/**
+ * Describes the message entrepot.order.v1.ReissueOrderRequest.
+ * Use `create(ReissueOrderRequestSchema)` to create a new message.
+ */
+export const ReissueOrderRequestSchema: GenMessage<ReissueOrderRequest, {jsonType: ReissueOrderRequestJson}> = /*@__PURE__*/
+  messageDesc(file_entrepot_order_v1_order, 19);
+
+/**
+ * @generated from message entrepot.order.v1.AcknowledgeOrderHandoffRequest
+ */
+export type AcknowledgeOrderHandoffRequest = Message<"entrepot.order.v1.AcknowledgeOrderHandoffRequest"> & {
+  /**
+   * @generated from field: string order_id = 1;
+   */
+  orderId: string;
+
+  /**
+   * The order's id in the system that took it over; 1 to 128 printable
+   * ASCII characters without spaces.
+   *
+   * @generated from field: string external_reference = 2;
+   */
+  externalReference: string;
+
+  /**
+   * The namespace of the history entry (one of the token's
+   * `status_namespaces`); may be empty when the token lists exactly one.
+   *
+   * @generated from field: string module = 3;
+   */
+  module: string;
+
+  /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId: string;
+};
+
+/**
+ * @generated from message entrepot.order.v1.AcknowledgeOrderHandoffRequest
+ */
+export type AcknowledgeOrderHandoffRequestJson = {
+  /**
+   * @generated from field: string order_id = 1;
+   */
+  orderId?: string;
+
+  /**
+   * The order's id in the system that took it over; 1 to 128 printable
+   * ASCII characters without spaces.
+   *
+   * @generated from field: string external_reference = 2;
+   */
+  externalReference?: string;
+
+  /**
+   * The namespace of the history entry (one of the token's
+   * `status_namespaces`); may be empty when the token lists exactly one.
+   *
+   * @generated from field: string module = 3;
+   */
+  module?: string;
+
+  /**
+   * Idempotency key (AIP-155). The same subject and channel sending the same request
+   * under this id get the first answer again (errors included); the id with another
+   * request, method or channel is ALREADY_EXISTS, reason REQUEST_ID_REUSED.
+   *
+   * @generated from field: string request_id = 4;
+   */
+  requestId?: string;
+};
+
+/**
+ * Describes the message entrepot.order.v1.AcknowledgeOrderHandoffRequest.
+ * Use `create(AcknowledgeOrderHandoffRequestSchema)` to create a new message.
+ */
+export const AcknowledgeOrderHandoffRequestSchema: GenMessage<AcknowledgeOrderHandoffRequest, {jsonType: AcknowledgeOrderHandoffRequestJson}> = /*@__PURE__*/
+  messageDesc(file_entrepot_order_v1_order, 20);
+
+/**
  * Units of one line.
  *
  * @generated from message entrepot.order.v1.LineQuantity
@@ -1638,7 +1962,7 @@ export type LineQuantityJson = {
  * Use `create(LineQuantitySchema)` to create a new message.
  */
 export const LineQuantitySchema: GenMessage<LineQuantity, {jsonType: LineQuantityJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 19);
+  messageDesc(file_entrepot_order_v1_order, 21);
 
 /**
  * @generated from message entrepot.order.v1.ShipOrderItemsRequest
@@ -1719,7 +2043,7 @@ export type ShipOrderItemsRequestJson = {
  * Use `create(ShipOrderItemsRequestSchema)` to create a new message.
  */
 export const ShipOrderItemsRequestSchema: GenMessage<ShipOrderItemsRequest, {jsonType: ShipOrderItemsRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 20);
+  messageDesc(file_entrepot_order_v1_order, 22);
 
 /**
  * @generated from message entrepot.order.v1.Shipment
@@ -1796,7 +2120,7 @@ export type ShipmentJson = {
  * Use `create(ShipmentSchema)` to create a new message.
  */
 export const ShipmentSchema: GenMessage<Shipment, {jsonType: ShipmentJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 21);
+  messageDesc(file_entrepot_order_v1_order, 23);
 
 /**
  * @generated from message entrepot.order.v1.ShipOrderItemsResponse
@@ -1833,7 +2157,7 @@ export type ShipOrderItemsResponseJson = {
  * Use `create(ShipOrderItemsResponseSchema)` to create a new message.
  */
 export const ShipOrderItemsResponseSchema: GenMessage<ShipOrderItemsResponse, {jsonType: ShipOrderItemsResponseJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 22);
+  messageDesc(file_entrepot_order_v1_order, 24);
 
 /**
  * @generated from message entrepot.order.v1.GetShipmentStatusRequest
@@ -1860,7 +2184,7 @@ export type GetShipmentStatusRequestJson = {
  * Use `create(GetShipmentStatusRequestSchema)` to create a new message.
  */
 export const GetShipmentStatusRequestSchema: GenMessage<GetShipmentStatusRequest, {jsonType: GetShipmentStatusRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 23);
+  messageDesc(file_entrepot_order_v1_order, 25);
 
 /**
  * @generated from message entrepot.order.v1.LineShipmentStatus
@@ -1927,7 +2251,7 @@ export type LineShipmentStatusJson = {
  * Use `create(LineShipmentStatusSchema)` to create a new message.
  */
 export const LineShipmentStatusSchema: GenMessage<LineShipmentStatus, {jsonType: LineShipmentStatusJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 24);
+  messageDesc(file_entrepot_order_v1_order, 26);
 
 /**
  * @generated from message entrepot.order.v1.ShipmentStatus
@@ -1988,7 +2312,7 @@ export type ShipmentStatusJson = {
  * Use `create(ShipmentStatusSchema)` to create a new message.
  */
 export const ShipmentStatusSchema: GenMessage<ShipmentStatus, {jsonType: ShipmentStatusJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 25);
+  messageDesc(file_entrepot_order_v1_order, 27);
 
 /**
  * @generated from message entrepot.order.v1.WatchOrderEventsRequest
@@ -2051,7 +2375,7 @@ export type WatchOrderEventsRequestJson = {
  * Use `create(WatchOrderEventsRequestSchema)` to create a new message.
  */
 export const WatchOrderEventsRequestSchema: GenMessage<WatchOrderEventsRequest, {jsonType: WatchOrderEventsRequestJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 26);
+  messageDesc(file_entrepot_order_v1_order, 28);
 
 /**
  * @generated from message entrepot.order.v1.OrderEvent
@@ -2150,7 +2474,7 @@ export type OrderEventJson = {
  * Use `create(OrderEventSchema)` to create a new message.
  */
 export const OrderEventSchema: GenMessage<OrderEvent, {jsonType: OrderEventJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 27);
+  messageDesc(file_entrepot_order_v1_order, 29);
 
 /**
  * @generated from message entrepot.order.v1.WatchOrderEventsResponse
@@ -2197,7 +2521,7 @@ export type WatchOrderEventsResponseJson = {
  * Use `create(WatchOrderEventsResponseSchema)` to create a new message.
  */
 export const WatchOrderEventsResponseSchema: GenMessage<WatchOrderEventsResponse, {jsonType: WatchOrderEventsResponseJson}> = /*@__PURE__*/
-  messageDesc(file_entrepot_order_v1_order, 28);
+  messageDesc(file_entrepot_order_v1_order, 30);
 
 /**
  * How much an entry matters to fulfilment.
@@ -2299,10 +2623,16 @@ export const OrderEventTypeSchema: GenEnum<OrderEventType, OrderEventTypeJson> =
  *
  * History codes are `module:status` (e.g. `payment:captured`,
  * `procurement:blocking_exception`). The service itself writes `order:*`
- * (submitted, processing, items_shipped, shipped, delivered, cancelled) and
- * `inventory:*` (reservation_confirmed, reservation_backordered, fulfilled,
- * released). Manual corrections are `order:manually_adjusted` entries, never
- * rewrites of the order.
+ * (submitted, processing, items_shipped, shipped, delivered, cancelled,
+ * reissued, reissue_of) and `inventory:*` (reservation_confirmed,
+ * reservation_backordered, fulfilled, released). Manual corrections are
+ * `order:manually_adjusted` entries, never rewrites of the order.
+ *
+ * Inventory risk: `Order.inventory_risk` is true while a line still to ship is
+ * not covered by the order's reservation: backordered units, or a reservation
+ * released, expired or partially released by inventory. It is set and cleared
+ * in the transactions that change the stock state (reserving, shipping,
+ * cancelling, and inventory's release / expiry of the order's reservation).
  *
  * @generated from service entrepot.order.v1.OrderService
  */
@@ -2423,6 +2753,42 @@ export const OrderService: GenService<{
     methodKind: "unary";
     input: typeof GetShipmentStatusRequestSchema;
     output: typeof ShipmentStatusSchema;
+  },
+  /**
+   * Creates a new order from an existing one (e.g. a replacement shipment):
+   * all lines, or some lines and quantities, with a required reason. The new
+   * order is PENDING, has `reissue` = true, `reissued_from_order_id` and
+   * `reissue_reason`, reserves its stock in the same transaction (short stock
+   * fails the call and creates nothing), and gets an `order:reissue_of` entry;
+   * the original gets `order:reissued` and nothing else changes on it (lines,
+   * totals, payments). Money is explicit: zero-priced by default (unit prices
+   * and totals 0, no payments); `keep_unit_prices` copies the original unit
+   * prices (grand total = subtotal, no tax, shipping, discount or payments).
+   * The new order's intent key is source system "entrepot-reissue" and
+   * intent id "<original order id>:<n>". A reissue can itself be reissued;
+   * GetOrder shows the chain both ways.
+   *
+   * @generated from rpc entrepot.order.v1.OrderService.ReissueOrder
+   */
+  reissueOrder: {
+    methodKind: "unary";
+    input: typeof ReissueOrderRequestSchema;
+    output: typeof OrderSchema;
+  },
+  /**
+   * The system that takes the order over (an ERP, a WMS) acknowledges it with
+   * its own reference, once: `external_handoff_reference` and
+   * `external_handoff_acknowledge_time` are set and a `<module>:handoff_acknowledged`
+   * entry is appended in the caller's namespace. The same reference again is a
+   * no-op (the order as it is); another reference is FAILED_PRECONDITION with
+   * reason HANDOFF_ALREADY_ACKNOWLEDGED. Same namespace rule as AppendOrderStatus.
+   *
+   * @generated from rpc entrepot.order.v1.OrderService.AcknowledgeOrderHandoff
+   */
+  acknowledgeOrderHandoff: {
+    methodKind: "unary";
+    input: typeof AcknowledgeOrderHandoffRequestSchema;
+    output: typeof OrderSchema;
   },
   /**
    * Committed order events of the caller's channel, in commit order; resumable
