@@ -38,7 +38,13 @@ def server_options(s: Settings) -> list[tuple[str, int]]:
     opts = [
         ("grpc.max_receive_message_length", s.max_message_bytes),
         ("grpc.max_send_message_length", s.max_message_bytes),
-        ("grpc.max_metadata_size", s.max_metadata_bytes),
+        # gRPC refuses headers between its soft and hard limit at random (a hard limit of
+        # 1.25x the soft one when only the soft is set), and at the hard limit itself; both
+        # one past the setting make it exact: a header list of more than max_metadata_bytes
+        # (each entry counted as name + value + 32, pseudo-headers included) is refused
+        # every time, anything else accepted (tests/reliability/test_metadata_limit.py).
+        ("grpc.max_metadata_size", s.max_metadata_bytes + 1),
+        ("grpc.absolute_max_metadata_size", s.max_metadata_bytes + 1),
         ("grpc.max_concurrent_streams", s.max_concurrent_streams),
         ("grpc.keepalive_time_ms", s.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", s.keepalive_timeout_ms),

@@ -89,7 +89,12 @@ class Runtime:
     async def read_one_statement(self, fn: Callable[[asyncpg.Connection[Any]], Awaitable[T]]) -> T:
         """Hot reads that are a single statement (and the notifier's NOTIFY): on a
         connection of the small asyncpg read pool, in autocommit (no BEGIN/COMMIT
-        round trips, no session)."""
+        round trips, no session).
+
+        A connection found dead is dropped with every other one of the pool (they
+        most likely died with it: a database restart, a mass termination) and the
+        statement run once more on a fresh one, like UnitOfWork does at BEGIN. A
+        single read (or NOTIFY, a wake-up) may run twice without harm."""
         pool = self._read_pool
         if pool is None:
             async with self._read_pool_lock:
@@ -97,18 +102,23 @@ class Runtime:
                     url = self.engine.url.render_as_string(hide_password=False)
                     self._read_pool = await make_read_pool(url, size=self.settings.db_read_pool_size)
                 pool = self._read_pool
-        async with pool.acquire() as conn:
-            try:
-                return await fn(conn)
-            except Exception as exc:
-                if connection_lost(exc):
+        for last in (False, True):
+            async with pool.acquire() as conn:
+                try:
+                    return await fn(conn)
+                except Exception as exc:
+                    if not connection_lost(exc):
+                        raise
                     # Its state is unknown (dropped mid-operation): never hand it out
-                    # again; the pool opens a new one on the next acquire. A connection
-                    # the database closed has already gone back to the pool by itself
-                    # (its proxy then refuses every call): nothing is left to terminate.
+                    # again. A connection the database closed has already gone back to
+                    # the pool by itself (its proxy then refuses every call).
                     with contextlib.suppress(asyncpg.InterfaceError):
                         conn.terminate()
-                raise
+                    if last:
+                        raise
+            await pool.expire_connections()
+            log.info("a read pool connection was dead; reading on a fresh one")
+        raise AssertionError("unreachable")
 
     async def mutate(self, request: Message, fn: Callable[[UnitOfWork], Awaitable[M]]) -> M:
         """Run `fn` in one transaction, idempotently by `request.request_id` (AIP-155).

@@ -13,12 +13,16 @@ The two streams differ only in what their watchers are given here:
   StockEvents, filtered by SKU (indexed), warehouse and threshold; a watcher
   whose buffer overflows is cut off (RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW,
   metadata `cursor`) and resumes from that cursor; an idle watcher gets a
-  heartbeat only when its cursor advanced past filtered-out events;
+  heartbeat only when its cursor advanced past filtered-out events (and the
+  first one, below);
 - order watchers see the order topics they asked for as outbox.StoredEvents
   of their channel (indexed), optionally of one order; a watcher whose buffer
   overflows falls back to its own reads from what it was sent, then rejoins
   (it is never cut off); an idle watcher gets a heartbeat every
   `heartbeat_seconds`.
+Every watcher gets its first message within `heartbeat_seconds` of opening, a
+heartbeat with its cursor when nothing else came (an empty outbox included):
+a client knows the stream is live without waiting for an event.
 A message's cursor is the last event of the watcher's topics it covers,
 matching its filter or not: resuming after it loses and repeats nothing.
 
@@ -55,7 +59,6 @@ READ_LIMIT = 1000
 MESSAGE_EVENTS = 500
 # Order watchers: events buffered before a watcher falls back to its own reads.
 ORDER_BUFFER_EVENTS = 10_000
-ORDER_HEARTBEAT_SECONDS = 15.0
 
 Position = tuple[int, int]
 
@@ -348,21 +351,24 @@ class Hub:
         loop = asyncio.get_running_loop()
         sent, sent_position = w.latest_cursor, w.latest_position
         last_sent = loop.time()
+        greeted = False  # a first message went out
         try:
             while True:
                 async with contextlib.aclosing(self._catch_up(w, stream)) as catching_up:
                     async for msg in catching_up:
                         yield msg
                         sent, sent_position, last_sent = msg.cursor, msg.position, loop.time()
+                        greeted = True
                 while True:
                     try:
                         async with asyncio.timeout(max(0.0, last_sent + heartbeat_seconds - loop.time())):
                             queued = await w.queue.get()
                     except TimeoutError:
                         # Queue empty: everything dispatched was sent; tell the cursor.
-                        if idle_heartbeat or w.latest_cursor > sent:
+                        if idle_heartbeat or not greeted or w.latest_cursor > sent:
                             sent, sent_position = w.latest_cursor, w.latest_position
                             yield Message([], sent, sent_position)
+                            greeted = True
                         last_sent = loop.time()
                         continue
                     if queued is None:
@@ -370,6 +376,7 @@ class Hub:
                     w.queued_events -= len(queued.events)
                     yield queued
                     sent, sent_position, last_sent = queued.cursor, queued.position, loop.time()
+                    greeted = True
                 # The buffer overflowed.
                 if cut_off:
                     raise ResourceExhausted(
@@ -420,7 +427,8 @@ async def watch_stock(
     """
     start = await rt.read(lambda s: stock_watch.start_position(s, after_event_id))
     w = Watcher(_STOCK_TOPICS, flt.skus, flt.matches, start, max_events)
-    w.latest_cursor = after_event_id
+    # From now (0): the head's event, so the first heartbeat names a cursor to resume after.
+    w.latest_cursor, w.latest_position = start[1], start
     messages = hub_for(rt).subscribe(
         w, _STOCK, heartbeat_seconds=heartbeat_seconds, cut_off=True, idle_heartbeat=False
     )
@@ -434,9 +442,12 @@ async def watch_orders(
     flt: order_watch.Filter,
     after_event_id: int,
     *,
-    heartbeat_seconds: float = ORDER_HEARTBEAT_SECONDS,
+    heartbeat_seconds: float | None = None,
 ) -> AsyncIterator[Message]:
-    """WatchOrderEvents: messages of outbox.StoredEvents of the filter's channel."""
+    """WatchOrderEvents: messages of outbox.StoredEvents of the filter's channel; an idle
+    watcher gets a heartbeat every `heartbeat_seconds` (default: the setting)."""
+    if heartbeat_seconds is None:
+        heartbeat_seconds = rt.settings.watch_heartbeat_seconds
     start = await rt.read(lambda s: order_watch.start_position(s, after_event_id))
     w = Watcher(flt.topics, frozenset({flt.channel}), flt.matches, start, ORDER_BUFFER_EVENTS)
     w.latest_cursor, w.latest_position = start[1], start

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import re
+import weakref
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Connection, MetaData, event, exc
+from sqlalchemy import Connection, MetaData, event, exc, pool
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -129,11 +130,13 @@ def _explicit_transactions(engine: AsyncEngine) -> None:
     @event.listens_for(sync.pool, "checkout")
     def checkout(dbapi_connection: Any, record: Any, proxy: Any) -> None:
         # The driver already knows the database closed this connection (a restart,
-        # a terminated backend): take a fresh one instead of failing the call, and
-        # retire every connection pooled before now (they are likely closed too).
-        # A local check, not a round trip like pre-ping.
-        if dbapi_connection.driver_connection.is_closed():
-            raise exc.InvalidatePoolError("the database closed this pooled connection")
+        # a terminated backend), or a unit of work found one dead (retire_pooled):
+        # take a fresh one instead of failing the call, and retire every connection
+        # pooled before now (they are likely closed too). A local check, not a
+        # round trip like pre-ping.
+        retire = _RETIRE_AT_NEXT_CHECKOUT.pop(sync.pool, False)
+        if retire or dbapi_connection.driver_connection.is_closed():
+            raise exc.InvalidatePoolError("the database closed a pooled connection")
 
     @event.listens_for(sync.pool, "reset")
     def reset(dbapi_connection: Any, record: Any, state: Any) -> None:
@@ -142,6 +145,17 @@ def _explicit_transactions(engine: AsyncEngine) -> None:
         driver = dbapi_connection.driver_connection
         if not driver.is_closed() and driver.is_in_transaction():
             dbapi_connection.run_async(lambda d: d.execute("ROLLBACK"))
+
+
+_RETIRE_AT_NEXT_CHECKOUT: weakref.WeakKeyDictionary[pool.Pool, bool] = weakref.WeakKeyDictionary()
+
+
+def retire_pooled(engine: AsyncEngine) -> None:
+    """Every connection now in `engine`'s pool is replaced before its next use: the
+    next checkout opens a fresh connection (see the checkout event in make_engine).
+    For when one pooled connection was found dead: the others most likely died with
+    it (a database restart, a mass termination), though the driver may not know yet."""
+    _RETIRE_AT_NEXT_CHECKOUT[engine.sync_engine.pool] = True
 
 
 def make_session_factory(engine: AsyncEngine) -> async_sessionmaker[AsyncSession]:

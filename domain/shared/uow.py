@@ -10,9 +10,9 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import TypeVar
 
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from domain.shared.db import RETRYABLE_SQLSTATES, connection_lost, driver_if_used, sqlstate
+from domain.shared.db import RETRYABLE_SQLSTATES, connection_lost, driver_if_used, retire_pooled, sqlstate
 
 log = logging.getLogger("entrepot.uow")
 
@@ -58,7 +58,8 @@ class UnitOfWork:
 
     The transaction begins on entry. A connection found dead then, before the
     transaction sent anything else, is dropped and the transaction begun once
-    more on a fresh one: nothing can have happened twice. Leaving the block
+    more on a fresh one (the pool's other connections are retired too: they
+    most likely died with it): nothing can have happened twice. Leaving the block
     without commit rolls back, so a failure anywhere in a call that spans
     modules leaves nothing behind.
     """
@@ -85,6 +86,9 @@ class UnitOfWork:
                 await session.invalidate()
                 if last or not isinstance(exc, Exception) or not connection_lost(exc):
                     raise
+                bind = session.bind
+                if isinstance(bind, AsyncEngine):
+                    retire_pooled(bind)
                 log.info("a pooled connection was dead at BEGIN; beginning on a fresh one")
                 continue
             self._session = session

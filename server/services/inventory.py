@@ -22,7 +22,7 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.inventory.v1 import inventory_pb2_grpc
 from server import metrics
 from server.context import current_caller, current_method
-from server.convert import from_duration, from_ts, mask_paths
+from server.convert import from_duration, from_ts_field, mask_paths
 from server.errors import status_from_domain
 from server.runtime import Runtime, request_digest
 from server.services.inventory_convert import (
@@ -285,8 +285,8 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
         self, request: pb.ListStockMovementsRequest, context: Ctx
     ) -> pb.ListStockMovementsResponse:
         types = movement_types(list(request.types))
-        start = from_ts(request.start_time, "start_time")
-        end = from_ts(request.end_time, "end_time")
+        start = from_ts_field(request, "start_time")
+        end = from_ts_field(request, "end_time")
         moves, token = await self.rt.read(
             lambda s: inv.list_movements(
                 s,

@@ -22,7 +22,7 @@ from domain.shared.errors import DomainError, InvalidArgument
 from domain.shared.uow import retrying
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from server.context import current_caller
-from server.convert import ts
+from server.convert import timestamp_micros, ts
 from server.runtime import Runtime
 from server.watch_hub import watch_stock
 
@@ -58,8 +58,7 @@ def events_from_proto(batch: pb.SyncBatch) -> list[sync.SyncEvent]:
     for e in batch.events:
         occurred_us = None
         if e.HasField("occurred_at"):
-            occurred = e.occurred_at
-            occurred_us = occurred.seconds * 1_000_000 + occurred.nanos // 1000
+            occurred_us = timestamp_micros(e.occurred_at, "batch.events.occurred_at")
         cost = None
         if e.HasField("unit_cost"):
             cost = Cost(e.unit_cost.amount_minor, e.unit_cost.currency_code)

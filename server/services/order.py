@@ -14,14 +14,13 @@ from entrepot.order.v1 import order_pb2 as pb
 from entrepot.order.v1 import order_pb2_grpc
 from server import metrics
 from server.context import current_caller, current_channel
-from server.convert import from_duration
+from server.convert import from_duration, from_ts_field
 from server.runtime import Runtime
 from server.services.order_convert import (
     EVENT_TOPICS,
     STATE_FROM_PB,
     entry_pb,
     event_pb,
-    from_ts,
     intent_from_pb,
     order_pb,
     shipment_pb,
@@ -93,8 +92,8 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             states=tuple(STATE_FROM_PB[s] for s in request.states if s in STATE_FROM_PB),
             customer_ref=request.customer_ref,
             source_system=request.source_system,
-            start=from_ts(request, "start_time"),
-            end=from_ts(request, "end_time"),
+            start=from_ts_field(request, "start_time"),
+            end=from_ts_field(request, "end_time"),
             blocked_only=request.blocked_only,
             inventory_risk_only=request.inventory_risk_only,
             handoff_unacknowledged_for=from_duration(

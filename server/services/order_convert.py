@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
-from typing import Any
-
-from google.protobuf.timestamp_pb2 import Timestamp
 
 import domain.order as orders
 from domain.shared.money import Money
 from domain.shared.outbox import StoredEvent
 from entrepot.order.v1 import order_pb2 as pb
 from entrepot.platform.v1 import types_pb2
-from server import convert
+from server.convert import from_ts_field, ts
 
 STATE_TO_PB = {
     orders.State.PENDING: pb.Order.STATE_PENDING,
@@ -41,21 +37,6 @@ EVENT_TOPICS = {
 TOPIC_TYPES = {v: k for k, v in EVENT_TOPICS.items()}
 
 
-def ts(dt: datetime | None) -> Timestamp | None:
-    if dt is None:
-        return None
-    t = Timestamp()
-    t.FromDatetime(dt.astimezone(UTC))
-    return t
-
-
-def from_ts(msg: Any, name: str) -> datetime | None:
-    """An optional timestamp field; out-of-range values are INVALID_ARGUMENT (server.convert)."""
-    if not msg.HasField(name):
-        return None
-    return convert.from_ts(getattr(msg, name), name)
-
-
 def money_pb(m: Money) -> types_pb2.Money:
     return types_pb2.Money(currency_code=m.currency, amount_minor=m.amount_minor)
 
@@ -79,7 +60,7 @@ def intent_from_pb(i: pb.OrderIntent) -> orders.Intent:
             orders.PaymentIn(p.tender_id, p.method, money(p.captured), p.gateway_reference)
             for p in i.payments
         ),
-        submitted_at=from_ts(i, "submit_time"),
+        submitted_at=from_ts_field(i, "submit_time", "intent.submit_time"),
     )
 
 
@@ -162,7 +143,7 @@ def status_in(e: pb.OrderStatusEntry) -> orders.StatusIn:
         severity=SEVERITY_FROM_PB.get(e.severity, orders.Severity.INFO),
         category=e.category,
         payload=orders.parse_payload(e.payload_json),
-        recorded_at=from_ts(e, "record_time"),
+        recorded_at=from_ts_field(e, "record_time", "entry.record_time"),
     )
 
 

@@ -31,6 +31,7 @@ from entrepot.registration.v1 import registration_pb2 as pb
 from entrepot.registration.v1 import registration_pb2_grpc
 from server.client_address import client_ip, parse_networks
 from server.context import current_caller, current_channel
+from server.convert import from_ts_field
 from server.interceptors import check_text
 from server.runtime import Runtime
 from server.services import registration_convert as cv
@@ -357,7 +358,7 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
                 form_id=c.form_id,
                 customer_group=c.customer_group,
                 max_uses=c.max_uses,
-                expires_at=cv.from_ts(c.expire_time) if c.HasField("expire_time") else None,
+                expires_at=from_ts_field(c, "expire_time", "invitation_code.expire_time"),
                 active=c.active,
             )
             return cv.invitation_to_proto(ic)

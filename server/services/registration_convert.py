@@ -7,12 +7,10 @@ stored; the domain parses and validates that JSON.
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import json_format
 from google.protobuf.message import Message
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from domain.registration import catalog, submissions
 from domain.registration.forms import Answer
@@ -20,24 +18,11 @@ from domain.registration.rules import REQUIREMENT_KEYS, Address, Evaluation, Req
 from domain.shared.errors import FieldViolation, InvalidArgument
 from entrepot.platform.v1 import types_pb2
 from entrepot.registration.v1 import registration_pb2 as pb
-from server import convert
+from server.convert import ts
 
 
 def to_json(message: Message) -> dict[str, Any]:
     return json_format.MessageToDict(message, preserving_proto_field_name=True)
-
-
-def ts(value: datetime | None) -> Timestamp | None:
-    if value is None:
-        return None
-    t = Timestamp()
-    t.FromDatetime(value.astimezone(UTC))
-    return t
-
-
-def from_ts(t: Timestamp) -> datetime | None:
-    """Unset -> None; out-of-range values are INVALID_ARGUMENT (server.convert)."""
-    return convert.from_ts(t)
 
 
 def enum_value(enum: Any, prefix: str, name: str) -> Any:

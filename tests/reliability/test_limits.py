@@ -82,7 +82,9 @@ async def test_oversized_metadata_is_resource_exhausted(database_url: str) -> No
     async with serving(database_url, max_metadata_bytes=8 * 1024) as app:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
             stub = channel_pb2_grpc.ChannelServiceStub(ch)
-            for _ in range(3):  # gRPC refuses between the soft and hard limit at random; above: always
+            for _ in range(
+                3
+            ):  # exact since both gRPC limits are set (tests/reliability/test_metadata_limit.py)
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await stub.ListChannels(
                         channel_pb2.ListChannelsRequest(),
