@@ -28,6 +28,12 @@ RESERVE_BATCH_SIZE = Histogram(
     "ReserveStock requests per group-committed transaction",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
 )
+STOCK_DRIFT = Gauge(
+    "entrepot_stock_drift",
+    "Stock levels whose counters drift, by kind (on_hand, reserved, lots), as of the last audit "
+    "run by the replica holding the stock-audit lease",
+    ["kind"],
+)
 
 
 class MethodMetrics:

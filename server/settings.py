@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     temporal_address: str | None = Field(default=None, validation_alias=_env("TEMPORAL_ADDRESS"))
     temporal_namespace: str = Field(default="default", validation_alias=_env("TEMPORAL_NAMESPACE"))
     temporal_task_queue: str = Field(default="entrepot", validation_alias=_env("TEMPORAL_TASK_QUEUE"))
+    # How long an RPC waits for the start of the workflow its commit asked for; past it (Temporal
+    # down or slow) the answer stands and the reconcilers start the workflow (server/runtime.py).
+    temporal_start_timeout_seconds: float = 3.0
 
     listen: str = "127.0.0.1:50051"
     # 0 disables the metrics endpoint.
@@ -98,6 +101,9 @@ class Settings(BaseSettings):
     reserve_batch_window_ms: float = 0.0
     reserve_batch_inflight: int = 1
     reservation_sweep_seconds: float = 1.0
+    # Stock audit (server/background.py): how often the leased job audits every level and
+    # updates the entrepot_stock_drift gauge; 0 turns the job off.
+    stock_audit_seconds: float = 3600.0
 
     # Inventory streams (server/services/inventory_streams.py).
     # SyncStock: an unknown SKU becomes a tracked item with default policy (create) or the
