@@ -29,11 +29,14 @@ _FIGURES = """
     ) g ON true
     ORDER BY lv.sku, lv.warehouse_code"""
 
-_LOCKED = text(
+_LOCK = text(
+    "SELECT 1 FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh FOR NO KEY UPDATE"
+)
+_ONE = text(
     """
     WITH lv AS MATERIALIZED (
         SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
-        WHERE sku = :sku AND warehouse_code = :wh FOR NO KEY UPDATE
+        WHERE sku = :sku AND warehouse_code = :wh
     )"""
     + _FIGURES
 )
@@ -80,8 +83,13 @@ async def figures_page(
 
 async def locked_figures(session: AsyncSession, sku: str, warehouse_code: str) -> Any | None:
     """One level's figures with the level row locked (no counter moves until commit);
-    None when there is no such level."""
-    return (await session.execute(_LOCKED, {"sku": sku, "wh": warehouse_code})).one_or_none()
+    None when there is no such level. The figures are read by a second statement: one
+    that waited for the lock would still read the reservations as they were before the
+    wait (READ COMMITTED takes a statement's snapshot when it starts)."""
+    params = {"sku": sku, "wh": warehouse_code}
+    if (await session.execute(_LOCK, params)).first() is None:
+        return None
+    return (await session.execute(_ONE, params)).one()
 
 
 async def threshold_facts(session: AsyncSession, sku: str) -> Any:

@@ -194,7 +194,7 @@ async def test_audit_pages_through_a_warehouse_and_refuses_bad_input(
 ) -> None:
     wh = await make_warehouse(admin)
     skus = sorted([await make_item(admin, {wh: 5}) for _ in range(12)])
-    corrupted = skus[::2] + [skus[1]]
+    corrupted = [*skus[::2], skus[1]]
     for sku in corrupted:
         await sql(sessions, "UPDATE inventory.stock_levels SET on_hand = on_hand + 1 WHERE sku = :s", s=sku)
     pages, token, seen = 0, "", []
