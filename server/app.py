@@ -191,8 +191,11 @@ class App:
                 async with asyncio.timeout(2.0):
                     _, writer = await asyncio.open_connection(host or "127.0.0.1", int(port))
                     writer.close()
+                self.rt.temporal_reachable = True
                 await self.health.set(TEMPORAL_HEALTH, serving)
             except (OSError, TimeoutError, ValueError):
+                # RPCs then leave their workflow starts to the reconcilers (Runtime.start_after_commit).
+                self.rt.temporal_reachable = False
                 await self.health.set(TEMPORAL_HEALTH, not_serving)
         if relay.relay_name(self.settings) is not None:
             await self._check_relay()

@@ -17,6 +17,7 @@ from domain import inventory
 from domain.platform import idempotency
 from domain.registration import starter as registration_starter
 from domain.shared import leases, outbox
+from server.metrics import STOCK_DRIFT
 from server.runtime import Runtime
 
 log = logging.getLogger("entrepot.background")
@@ -176,3 +177,24 @@ async def _event_relay(rt: Runtime, holder: str) -> None:
 
 # Events: the outbox relayed to a message broker (NATS JetStream), exactly once.
 JOBS.append(_event_relay)
+
+
+async def _stock_audit_step(rt: Runtime) -> int:
+    counts = dict.fromkeys(inventory.DRIFT_KINDS, 0)
+    async for page in inventory.audit_all(rt.read):
+        for drift in page.drifts:
+            counts[drift.kind] += 1
+    for kind, n in counts.items():
+        STOCK_DRIFT.labels(kind).set(n)
+    if any(counts.values()):
+        log.warning("stock drift found: run `entrepot audit` for the details", extra={"drifts": counts})
+    return sum(counts.values())
+
+
+async def _stock_audit(rt: Runtime, holder: str) -> None:
+    if rt.settings.stock_audit_seconds > 0:
+        await run_leased(rt, holder, "stock-audit", rt.settings.stock_audit_seconds, _stock_audit_step)
+
+
+# Inventory: audits every stock level and exports entrepot_stock_drift per kind.
+JOBS.append(_stock_audit)

@@ -1,4 +1,4 @@
-"""`entrepot` command line: serve, worker, migrate, token, channel create, orders verify, dev."""
+"""`entrepot` command line: serve, worker, migrate, token, channel create, orders verify, audit, dev."""
 
 from __future__ import annotations
 
@@ -268,6 +268,70 @@ def cmd_orders_verify(args: argparse.Namespace) -> int:
     return 1 if differing else 0
 
 
+DRIFT_FOUND = 2  # `entrepot audit`'s exit code when a drift remains (1: the command failed)
+_DRIFT_LINE = {
+    "on_hand": "on_hand {counter} but the ledger sums to {derived}",
+    "reserved": "reserved {counter} but active reservations hold {derived}",
+    "lots": "lots hold {counter} units but on_hand is {derived}",
+}
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    from domain import inventory
+    from domain.shared.errors import DomainError
+    from server.runtime import Runtime
+
+    settings = _settings()
+    _require_database(settings.database_url)
+    if args.repair and not args.reason.strip():
+        raise CommandError("--repair needs --reason (kept on each audit movement)")
+    actor = f"cli:{os.environ.get('USER', 'operator')}"
+
+    async def run() -> int:
+        rt = Runtime(settings)
+        drifts = repaired = levels = 0
+        try:
+            async for page in inventory.audit_all(
+                rt.read, skus=args.sku, warehouse_codes=args.warehouse, kinds=args.kind
+            ):
+                levels += page.levels_checked
+                for d in page.drifts:
+                    drifts += 1
+                    line = _DRIFT_LINE[d.kind].format(counter=d.counter, derived=d.derived)
+                    print(f"drift {d.kind}: {d.sku} in {d.warehouse_code}: {line} ({d.difference:+d})")
+                    if args.repair:
+                        async with rt.uow() as uow:
+                            r = await inventory.repair_stock(
+                                uow.session,
+                                sku=d.sku,
+                                warehouse_code=d.warehouse_code,
+                                kind=d.kind,
+                                expected_counter=d.counter,
+                                expected_derived=d.derived,
+                                reason=args.reason,
+                                actor=actor,
+                            )
+                            await uow.commit()
+                        if r.movement is not None:
+                            repaired += 1
+                            print(f"  repaired: audit movement {r.movement.id}")
+        except DomainError as err:
+            details = "; ".join(
+                [f"{v.field} {v.description}" for v in err.field_violations]
+                + [v.description for v in err.precondition_violations]
+            )
+            raise CommandError(f"{err.message}: {details}" if details else err.message) from None
+        finally:
+            await rt.close()
+        print(
+            f"{levels} stock levels checked, {drifts} drifts"
+            + (f", {repaired} repaired" if args.repair else "")
+        )
+        return DRIFT_FOUND if drifts > repaired else 0
+
+    return asyncio.run(run())
+
+
 def cmd_dev(args: argparse.Namespace) -> int:
     from server.dev import run_dev
 
@@ -326,6 +390,20 @@ def parser() -> argparse.ArgumentParser:
     ov.add_argument("--channel", help="only this channel's orders (slug)")
     ov.add_argument("--since", help="only orders created at or after this ISO 8601 time")
     ov.set_defaults(fn=cmd_orders_verify)
+    a = sub.add_parser(
+        "audit",
+        help="check every stock level against its ledger, reservations and lots",
+        description="Prints one line per drift and exits 2 when any remains (1 when the command "
+        "fails). --repair fixes each through the ledger (docs/operations.md, Stock audit).",
+    )
+    a.add_argument("--sku", action="append", default=[], help="only this SKU (repeatable)")
+    a.add_argument("--warehouse", action="append", default=[], help="only this warehouse (repeatable)")
+    a.add_argument(
+        "--kind", action="append", default=[], choices=["on_hand", "reserved", "lots"], help="only this kind"
+    )
+    a.add_argument("--repair", action="store_true", help="repair each drift found (an audit movement each)")
+    a.add_argument("--reason", default="", help="why, kept on the audit movements (with --repair)")
+    a.set_defaults(fn=cmd_audit)
 
     d = sub.add_parser(
         "dev", help="start everything locally (embedded PostgreSQL and Temporal unless configured)"

@@ -65,6 +65,14 @@ class IntentOutcome:
             count_order_intent(self.source_system, self.outcome)
 
 
+STOCK_DRIFT = Gauge(
+    "entrepot_stock_drift",
+    "Stock levels whose counters drift, by kind (on_hand, reserved, lots), as of the last audit "
+    "run by the replica holding the stock-audit lease",
+    ["kind"],
+)
+
+
 class MethodMetrics:
     """Label children resolved once per method, not per call."""
 

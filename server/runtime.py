@@ -66,6 +66,8 @@ class Runtime:
         # own, exporting Prometheus metrics (server/worker.py).
         self.temporal_runtime: Any = None
         self._temporal_lock = asyncio.Lock()
+        # What the app's health check last found (server/app.py); True until it says otherwise.
+        self.temporal_reachable = True
         # Filled by the app: response message class per full method name.
         self.response_types: dict[str, type[Message]] = {}
         # Set by the app: drops a channel from the interceptor's cache after an update.
@@ -230,6 +232,36 @@ class Runtime:
                         runtime=self.temporal_runtime,
                     )
         return self._temporal
+
+    async def start_after_commit(self, start: Callable[[Any], Awaitable[object]], **context: str) -> bool:
+        """Start the workflow of a record that just committed, waiting at most
+        temporal_start_timeout_seconds; True when it started (or was running) now.
+
+        When Temporal cannot be reached (down, slow, never connected), the caller's
+        committed answer stands: the reconcilers (server/background.py) start the
+        workflow once Temporal is back, and since every workflow id derives from its
+        record, a start that did reach Temporal makes theirs a no-op. Without this
+        bound a call would wait out the Temporal client's own retries (~6 s); while
+        the health check (server/app.py) finds Temporal unreachable, no start is tried.
+        """
+        if not self.settings.temporal_address:
+            log.warning("TEMPORAL_ADDRESS is not set: workflow not started", extra=context)
+            return False
+        if not self.temporal_reachable:
+            log.info("Temporal is unreachable: the reconciler will start the workflow", extra=context)
+            return False
+        try:
+            async with asyncio.timeout(self.settings.temporal_start_timeout_seconds):
+                await start(await self.temporal())
+        except DomainError:
+            raise
+        except Exception as exc:  # Temporal unreachable in any way: the reconciler's job now
+            log.warning(
+                "workflow not started now; the reconciler will start it",
+                extra={**context, "error": f"{type(exc).__name__}: {exc}"[:300]},
+            )
+            return False
+        return True
 
     async def close(self) -> None:
         await self.notifier.close()

@@ -25,6 +25,9 @@ class Settings(BaseSettings):
     # The event relay (server/relay.py, docs/events.md): set, every outbox event is published
     # to this NATS JetStream server; unset, no relay runs.
     nats_url: str | None = Field(default=None, validation_alias=_env("NATS_URL"))
+    # How long an RPC waits for the start of the workflow its commit asked for; past it (Temporal
+    # down or slow) the answer stands and the reconcilers start the workflow (server/runtime.py).
+    temporal_start_timeout_seconds: float = 3.0
 
     listen: str = "127.0.0.1:50051"
     # 0 disables the metrics endpoint.
@@ -104,6 +107,9 @@ class Settings(BaseSettings):
     reserve_batch_window_ms: float = 0.0
     reserve_batch_inflight: int = 1
     reservation_sweep_seconds: float = 1.0
+    # Stock audit (server/background.py): how often the leased job audits every level and
+    # updates the entrepot_stock_drift gauge; 0 turns the job off.
+    stock_audit_seconds: float = 3600.0
 
     # Inventory streams (server/services/inventory_streams.py).
     # SyncStock: an unknown SKU becomes a tracked item with default policy (create) or the

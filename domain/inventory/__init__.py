@@ -50,9 +50,16 @@ Expiry: sweep_expired(session, limit) releases expired holds in the caller's
 transaction; run_sweeper(sessions, stop) is the server's background loop
 (advisory lock: one sweeper at a time across replicas).
 
+Audit and repair (audit.py): audit_stock(session, size=, token=, skus=, warehouse_codes=,
+  kinds=) -> AuditPage(drifts, next_token, levels_checked); audit_all(rt.read, ...) pages
+  through everything; repair_stock(session, sku=, warehouse_code=, kind=, expected_counter=,
+  expected_derived=, reason=, actor=) -> Repair: one `audit` ledger movement, or nothing
+  when the drift is gone; STOCK_CHANGED when the figures are not the audited ones.
+
 Group commit: ReserveBatcher (batcher.py) for the ReserveStock RPC hot path.
 """
 
+from domain.inventory.audit import DRIFT_KINDS, AuditPage, Drift, Repair, audit_all, audit_stock, repair_stock
 from domain.inventory.batcher import Executed, ReserveBatcher
 from domain.inventory.catalog import (
     WAREHOUSE_UPDATABLE,
@@ -175,3 +182,4 @@ __all__ = [
     "update_warehouse",
     "upsert_item",
 ]
+__all__ += ["DRIFT_KINDS", "AuditPage", "Drift", "Repair", "audit_all", "audit_stock", "repair_stock"]

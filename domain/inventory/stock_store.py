@@ -81,6 +81,29 @@ _LOT = text(
 )
 
 
+_RESTORE_RESERVED = text(
+    """
+    UPDATE inventory.stock_levels SET reserved = :new, updated_at = now()
+    WHERE sku = :sku AND warehouse_code = :wh AND reserved = :expected
+    RETURNING on_hand, reserved, updated_at
+    """
+)
+
+
+async def restore_reserved(
+    session: AsyncSession, sku: str, warehouse_code: str, *, expected: int, new: int
+) -> Any | None:
+    """RepairStock's one counter write: reserved := the open holds, guarded by the
+    value the caller found (None when it moved). No allowance guard: the holds
+    already exist, and the counter must show them (an oversold level is reported by
+    its `available`, not hidden)."""
+    return (
+        await session.execute(
+            _RESTORE_RESERVED, {"sku": sku, "wh": warehouse_code, "expected": expected, "new": new}
+        )
+    ).one_or_none()
+
+
 async def change_level(
     session: AsyncSession, sku: str, warehouse_code: str, *, is_set: bool, quantity: int, expected: int | None
 ) -> Any | None:

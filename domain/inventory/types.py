@@ -6,7 +6,18 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
-MOVEMENT_TYPES = ("receive", "adjust", "set", "reserve", "release", "fulfil", "return", "import", "sync")
+MOVEMENT_TYPES = (
+    "receive",
+    "adjust",
+    "set",
+    "reserve",
+    "release",
+    "fulfil",
+    "return",
+    "import",
+    "sync",
+    "audit",
+)
 RESERVATION_STATES = ("active", "fulfilled", "released", "expired")
 ADDRESS_FIELDS = ("line1", "line2", "city", "state", "county", "postal_code", "country_code")
 CONTACT_FIELDS = ("name", "email", "phone")

@@ -30,11 +30,15 @@ from server.services.inventory_convert import (
     address_to_dict,
     change_to_proto,
     contact_to_dict,
+    drift_kind,
+    drift_kinds,
+    drift_to_proto,
     item_to_proto,
     level_to_proto,
     movement_to_proto,
     movement_types,
     quantities,
+    repair_to_proto,
     reservation_to_proto,
     sku_stock_to_proto,
     warehouse_to_proto,
@@ -397,5 +401,43 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 reservation=reservation_to_proto(done.reservation),
                 movements=[movement_to_proto(m) for m in done.movements],
             )
+
+        return await self.rt.mutate(request, run)
+
+    # ------------------------------------------------------------ audit and repair
+
+    async def AuditStock(self, request: pb.AuditStockRequest, context: Ctx) -> pb.AuditStockResponse:
+        kinds = drift_kinds(list(request.kinds))
+        page = await self.rt.read(
+            lambda s: inv.audit_stock(
+                s,
+                size=request.page_size,
+                token=request.page_token,
+                skus=list(request.skus),
+                warehouse_codes=list(request.warehouse_codes),
+                kinds=kinds,
+            )
+        )
+        return pb.AuditStockResponse(
+            drifts=[drift_to_proto(d) for d in page.drifts],
+            next_page_token=page.next_token,
+            levels_checked=page.levels_checked,
+        )
+
+    async def RepairStock(self, request: pb.RepairStockRequest, context: Ctx) -> pb.RepairStockResponse:
+        actor = self._actor()
+
+        async def run(uow: UnitOfWork) -> pb.RepairStockResponse:
+            done = await inv.repair_stock(
+                uow.session,
+                sku=request.sku,
+                warehouse_code=request.warehouse_code,
+                kind=drift_kind(request.kind),
+                expected_counter=request.expected_counter,
+                expected_derived=request.expected_derived,
+                reason=request.reason,
+                actor=actor,
+            )
+            return repair_to_proto(done)
 
         return await self.rt.mutate(request, run)

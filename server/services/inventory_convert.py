@@ -18,6 +18,7 @@ MOVEMENT_TO_PROTO = {
     "return": pb.MOVEMENT_TYPE_RETURN,
     "import": pb.MOVEMENT_TYPE_IMPORT,
     "sync": pb.MOVEMENT_TYPE_SYNC,
+    "audit": pb.MOVEMENT_TYPE_AUDIT,
 }
 MOVEMENT_FROM_PROTO: dict[int, str] = {int(v): k for k, v in MOVEMENT_TO_PROTO.items()}
 STATE_TO_PROTO = {
@@ -151,3 +152,45 @@ def quantities(lines: list[pb.ReservationQuantity]) -> list[inv.LineQuantity] | 
     if not lines:
         return None
     return [inv.LineQuantity(x.sku, x.quantity, x.warehouse_code) for x in lines]
+
+
+DRIFT_TO_PROTO = {
+    "on_hand": pb.STOCK_DRIFT_KIND_ON_HAND,
+    "reserved": pb.STOCK_DRIFT_KIND_RESERVED,
+    "lots": pb.STOCK_DRIFT_KIND_LOTS,
+}
+DRIFT_FROM_PROTO: dict[int, str] = {int(v): k for k, v in DRIFT_TO_PROTO.items()}
+
+
+def drift_kind(value: int) -> str:
+    """A StockDriftKind as the domain's name ("" for UNSPECIFIED or unknown: the domain refuses it)."""
+    return DRIFT_FROM_PROTO.get(value, "")
+
+
+def drift_kinds(values: list[int]) -> list[str]:
+    out = []
+    for i, v in enumerate(values):
+        if v not in DRIFT_FROM_PROTO:
+            raise InvalidArgument("INVALID_ARGUMENT", f"kinds[{i}] is not a drift kind")
+        out.append(DRIFT_FROM_PROTO[v])
+    return out
+
+
+def drift_to_proto(d: inv.Drift) -> pb.StockDrift:
+    return pb.StockDrift(
+        sku=d.sku,
+        warehouse_code=d.warehouse_code,
+        kind=DRIFT_TO_PROTO[d.kind],
+        counter=d.counter,
+        derived=d.derived,
+        difference=d.difference,
+    )
+
+
+def repair_to_proto(r: inv.Repair) -> pb.RepairStockResponse:
+    return pb.RepairStockResponse(
+        repaired=r.repaired,
+        drift=drift_to_proto(r.drift),
+        movement=movement_to_proto(r.movement) if r.movement else None,
+        level=level_to_proto(r.level),
+    )

@@ -45,6 +45,7 @@ _MOVEMENTS = {
     "return": pb.MOVEMENT_TYPE_RETURN,
     "import": pb.MOVEMENT_TYPE_IMPORT,
     "sync": pb.MOVEMENT_TYPE_SYNC,
+    "audit": pb.MOVEMENT_TYPE_AUDIT,
 }
 # The reader task's end-of-stream marker on the queue.
 _END = object()

@@ -109,16 +109,10 @@ class RefundServicer(refund_pb2_grpc.RefundServiceServicer):
         current = await self.rt.read(lambda s: refunds.get_refund(s, response.refund_id, channel=None))
         if current.state != refunds.EXECUTING:
             return
-        try:
-            client = await self.rt.temporal()
-            await refunds.start_execution(
-                client, self.rt.settings.temporal_task_queue, current.id, current.execution_attempt
-            )
-        except Exception:
-            # Committed already: the reconciler starts it later; the caller's answer stands.
-            log.warning(
-                "could not start refund execution now", exc_info=True, extra={"refund_id": current.id}
-            )
+        queue, attempt = self.rt.settings.temporal_task_queue, current.execution_attempt
+        await self.rt.start_after_commit(
+            lambda client: refunds.start_execution(client, queue, current.id, attempt), refund_id=current.id
+        )
 
     async def SubmitRefundForApproval(
         self, request: refund_pb2.SubmitRefundForApprovalRequest, context: grpc.aio.ServicerContext

@@ -96,14 +96,15 @@ class RegistrationServicer(registration_pb2_grpc.RegistrationServiceServicer):
             raise _temporal_unavailable(exc) from exc
 
     async def _start_registration_workflow(self, reg: pb.Registration) -> None:
-        """After the commit; if this never happens (crash, Temporal down), the
-        reconciler job (server/background.py, domain/registration/starter.py) starts it."""
+        """After the commit; when Temporal cannot be reached now (or the process dies
+        first), the reconciler job (server/background.py, domain/registration/starter.py)
+        starts it: the registration is stored, so the answer stands."""
         expires_at = reg.expire_time.ToDatetime(tzinfo=UTC).isoformat()
-        client = await self.rt.temporal()
-        try:
-            await starter.start_registration(client, self.rt.settings.temporal_task_queue, reg.id, expires_at)
-        except RPCError as exc:
-            raise _temporal_unavailable(exc) from exc
+        queue = self.rt.settings.temporal_task_queue
+        await self.rt.start_after_commit(
+            lambda client: starter.start_registration(client, queue, reg.id, expires_at),
+            registration_id=reg.id,
+        )
 
     async def _signal(self, registration_id: str, signal: str) -> None:
         client = await self.rt.temporal()

@@ -15,6 +15,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
+from typing import IO
 
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from temporalio.testing import WorkflowEnvironment
@@ -50,7 +51,9 @@ async def psp(sessions: async_sessionmaker[AsyncSession], ref: str) -> list[refu
         return await refunds.simulated_psp_refunds(s, ref)
 
 
-def worker_process(database_url: str, temporal_address: str, queue: str) -> subprocess.Popen[bytes]:
+def worker_process(
+    database_url: str, temporal_address: str, queue: str, log: IO[bytes] | None = None
+) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "DATABASE_URL": database_url,
@@ -59,7 +62,7 @@ def worker_process(database_url: str, temporal_address: str, queue: str) -> subp
         "ENTREPOT_JWT_HS256_SECRET": TEST_SECRET,
         "ENTREPOT_LOG_LEVEL": "WARNING",
     }
-    return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env, cwd=ROOT)
+    return subprocess.Popen([sys.executable, "-m", "server.cli", "worker"], env=env, cwd=ROOT, stderr=log)
 
 
 async def test_worker_killed_between_gateway_and_completion(

@@ -191,6 +191,12 @@ class InventoryClient(AsyncServiceClient):
     def watch_stock_changes(self, request: inventory_v1_inventory_pb2.WatchStockChangesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> AsyncIterator[inventory_v1_inventory_pb2.WatchStockChangesResponse]:
         return self._server_stream("WatchStockChanges", request, timeout, metadata)
 
+    async def audit_stock(self, request: inventory_v1_inventory_pb2.AuditStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.AuditStockResponse:
+        return await self._unary("AuditStock", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def repair_stock(self, request: inventory_v1_inventory_pb2.RepairStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.RepairStockResponse:
+        return await self._unary("RepairStock", request, timeout, metadata)  # type: ignore[no-any-return]
+
 
 class InventorySyncClient(SyncServiceClient):
     """entrepot.inventory.v1.InventoryService (sync)."""
@@ -271,6 +277,12 @@ class InventorySyncClient(SyncServiceClient):
 
     def watch_stock_changes(self, request: inventory_v1_inventory_pb2.WatchStockChangesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> Iterator[inventory_v1_inventory_pb2.WatchStockChangesResponse]:
         return self._server_stream("WatchStockChanges", request, timeout, metadata)
+
+    def audit_stock(self, request: inventory_v1_inventory_pb2.AuditStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.AuditStockResponse:
+        return self._unary("AuditStock", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def repair_stock(self, request: inventory_v1_inventory_pb2.RepairStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.RepairStockResponse:
+        return self._unary("RepairStock", request, timeout, metadata)  # type: ignore[no-any-return]
 
 
 class OrderClient(AsyncServiceClient):

@@ -8,12 +8,16 @@ async with Entrepot(target, token) as ep:
         res = await reserve(ep, [("SKU-1", 2), ("SKU-2", 1)], reference="order:42", ttl_seconds=900)
     except FailedPreconditionError as err:
         print(shortages(err))   # {"SKU-1": "requested 2, available 1"}
+
+    async for drift in audit(ep, warehouse_codes=["PAR-1"]):   # needs inventory.admin
+        print(drift.sku, drift.kind, drift.counter, drift.derived)
+        await repair(ep, drift, reason="restored backup of 2026-05-01")
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 from google.protobuf import duration_pb2
@@ -65,3 +69,43 @@ def available(stock: pb.SkuStock, warehouse_code: str = "") -> int:
     if not warehouse_code:
         return stock.available
     return sum(lv.available for lv in stock.warehouses if lv.warehouse_code == warehouse_code)
+
+
+async def audit(
+    ep: Any,
+    *,
+    skus: Iterable[str] = (),
+    warehouse_codes: Iterable[str] = (),
+    kinds: Iterable[pb.StockDriftKind.ValueType] = (),
+    page_size: int = 500,
+    timeout: float | None = None,
+) -> AsyncIterator[pb.StockDrift]:
+    """Every drift AuditStock reports, following the pages (empty: no drift)."""
+    req = pb.AuditStockRequest(
+        page_size=page_size, skus=list(skus), warehouse_codes=list(warehouse_codes), kinds=list(kinds)
+    )
+    while True:
+        page = await ep.inventory.audit_stock(req, timeout=timeout)
+        for drift in page.drifts:
+            yield drift
+        if not page.next_page_token:
+            return
+        req.page_token = page.next_page_token
+
+
+async def repair(
+    ep: Any, drift: pb.StockDrift, *, reason: str, request_id: str | None = None, timeout: float | None = None
+) -> pb.RepairStockResponse:
+    """RepairStock for a drift as audited (its figures are the expected ones): a fresh
+    request_id unless one is given (keep it for retries). FailedPreconditionError
+    (reason STOCK_CHANGED) when the level moved since: audit again."""
+    req = pb.RepairStockRequest(
+        sku=drift.sku,
+        warehouse_code=drift.warehouse_code,
+        kind=drift.kind,
+        expected_counter=drift.counter,
+        expected_derived=drift.derived,
+        reason=reason,
+        request_id=request_id or uuid.uuid4().hex,
+    )
+    return await ep.inventory.repair_stock(req, timeout=timeout)  # type: ignore[no-any-return]

@@ -26,6 +26,7 @@ class MovementType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MOVEMENT_TYPE_RETURN: _ClassVar[MovementType]
     MOVEMENT_TYPE_IMPORT: _ClassVar[MovementType]
     MOVEMENT_TYPE_SYNC: _ClassVar[MovementType]
+    MOVEMENT_TYPE_AUDIT: _ClassVar[MovementType]
 
 class SyncEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -33,6 +34,13 @@ class SyncEventKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SYNC_EVENT_KIND_SET: _ClassVar[SyncEventKind]
     SYNC_EVENT_KIND_ADJUST: _ClassVar[SyncEventKind]
     SYNC_EVENT_KIND_RECEIVE: _ClassVar[SyncEventKind]
+
+class StockDriftKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STOCK_DRIFT_KIND_UNSPECIFIED: _ClassVar[StockDriftKind]
+    STOCK_DRIFT_KIND_ON_HAND: _ClassVar[StockDriftKind]
+    STOCK_DRIFT_KIND_RESERVED: _ClassVar[StockDriftKind]
+    STOCK_DRIFT_KIND_LOTS: _ClassVar[StockDriftKind]
 MOVEMENT_TYPE_UNSPECIFIED: MovementType
 MOVEMENT_TYPE_RECEIVE: MovementType
 MOVEMENT_TYPE_ADJUST: MovementType
@@ -43,10 +51,15 @@ MOVEMENT_TYPE_FULFIL: MovementType
 MOVEMENT_TYPE_RETURN: MovementType
 MOVEMENT_TYPE_IMPORT: MovementType
 MOVEMENT_TYPE_SYNC: MovementType
+MOVEMENT_TYPE_AUDIT: MovementType
 SYNC_EVENT_KIND_UNSPECIFIED: SyncEventKind
 SYNC_EVENT_KIND_SET: SyncEventKind
 SYNC_EVENT_KIND_ADJUST: SyncEventKind
 SYNC_EVENT_KIND_RECEIVE: SyncEventKind
+STOCK_DRIFT_KIND_UNSPECIFIED: StockDriftKind
+STOCK_DRIFT_KIND_ON_HAND: StockDriftKind
+STOCK_DRIFT_KIND_RESERVED: StockDriftKind
+STOCK_DRIFT_KIND_LOTS: StockDriftKind
 
 class Warehouse(_message.Message):
     __slots__ = ("code", "name", "address", "contact", "priority", "active", "create_time", "update_time")
@@ -699,3 +712,73 @@ class WatchStockChangesResponse(_message.Message):
     events: _containers.RepeatedCompositeFieldContainer[StockChangeEvent]
     cursor: int
     def __init__(self, events: _Optional[_Iterable[_Union[StockChangeEvent, _Mapping]]] = ..., cursor: _Optional[int] = ...) -> None: ...
+
+class StockDrift(_message.Message):
+    __slots__ = ("sku", "warehouse_code", "kind", "counter", "derived", "difference")
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    COUNTER_FIELD_NUMBER: _ClassVar[int]
+    DERIVED_FIELD_NUMBER: _ClassVar[int]
+    DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    sku: str
+    warehouse_code: str
+    kind: StockDriftKind
+    counter: int
+    derived: int
+    difference: int
+    def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., kind: _Optional[_Union[StockDriftKind, str]] = ..., counter: _Optional[int] = ..., derived: _Optional[int] = ..., difference: _Optional[int] = ...) -> None: ...
+
+class AuditStockRequest(_message.Message):
+    __slots__ = ("page_size", "page_token", "skus", "warehouse_codes", "kinds")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    SKUS_FIELD_NUMBER: _ClassVar[int]
+    WAREHOUSE_CODES_FIELD_NUMBER: _ClassVar[int]
+    KINDS_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    skus: _containers.RepeatedScalarFieldContainer[str]
+    warehouse_codes: _containers.RepeatedScalarFieldContainer[str]
+    kinds: _containers.RepeatedScalarFieldContainer[StockDriftKind]
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., skus: _Optional[_Iterable[str]] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[StockDriftKind, str]]] = ...) -> None: ...
+
+class AuditStockResponse(_message.Message):
+    __slots__ = ("drifts", "next_page_token", "levels_checked")
+    DRIFTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    LEVELS_CHECKED_FIELD_NUMBER: _ClassVar[int]
+    drifts: _containers.RepeatedCompositeFieldContainer[StockDrift]
+    next_page_token: str
+    levels_checked: int
+    def __init__(self, drifts: _Optional[_Iterable[_Union[StockDrift, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., levels_checked: _Optional[int] = ...) -> None: ...
+
+class RepairStockRequest(_message.Message):
+    __slots__ = ("sku", "warehouse_code", "kind", "expected_counter", "expected_derived", "reason", "request_id")
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_COUNTER_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_DERIVED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    sku: str
+    warehouse_code: str
+    kind: StockDriftKind
+    expected_counter: int
+    expected_derived: int
+    reason: str
+    request_id: str
+    def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., kind: _Optional[_Union[StockDriftKind, str]] = ..., expected_counter: _Optional[int] = ..., expected_derived: _Optional[int] = ..., reason: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class RepairStockResponse(_message.Message):
+    __slots__ = ("repaired", "drift", "movement", "level")
+    REPAIRED_FIELD_NUMBER: _ClassVar[int]
+    DRIFT_FIELD_NUMBER: _ClassVar[int]
+    MOVEMENT_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    repaired: bool
+    drift: StockDrift
+    movement: StockMovement
+    level: StockLevel
+    def __init__(self, repaired: _Optional[bool] = ..., drift: _Optional[_Union[StockDrift, _Mapping]] = ..., movement: _Optional[_Union[StockMovement, _Mapping]] = ..., level: _Optional[_Union[StockLevel, _Mapping]] = ...) -> None: ...

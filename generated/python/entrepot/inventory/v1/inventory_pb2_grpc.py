@@ -164,6 +164,16 @@ class InventoryServiceStub:
                 request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.WatchStockChangesRequest.SerializeToString,
                 response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.WatchStockChangesResponse.FromString,
                 _registered_method=True)
+        self.AuditStock = channel.unary_unary(
+                '/entrepot.inventory.v1.InventoryService/AuditStock',
+                request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.AuditStockRequest.SerializeToString,
+                response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.AuditStockResponse.FromString,
+                _registered_method=True)
+        self.RepairStock = channel.unary_unary(
+                '/entrepot.inventory.v1.InventoryService/RepairStock',
+                request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockRequest.SerializeToString,
+                response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockResponse.FromString,
+                _registered_method=True)
 
 
 class InventoryServiceServicer:
@@ -338,6 +348,27 @@ class InventoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AuditStock(self, request, context):
+        """Audit and repair. Operators edit databases, restore backups and import
+        data; these find and fix what that did to the counters, through the ledger.
+        AuditStock compares every stock level (or the SKUs/warehouses asked for)
+        with what its counters derive from and reports each drift with its
+        figures. Read-only; a level's drifts are never split across pages.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RepairStock(self, request, context):
+        """Fixes one reported drift with an `audit` ledger movement (and its
+        stock_changed event), never by overwriting silently. Refused with
+        FAILED_PRECONDITION, reason STOCK_CHANGED, when the level's figures are no
+        longer the expected ones; a drift that is gone is a no-op (repaired false).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -465,6 +496,16 @@ def add_InventoryServiceServicer_to_server(servicer, server):
                     servicer.WatchStockChanges,
                     request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.WatchStockChangesRequest.FromString,
                     response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.WatchStockChangesResponse.SerializeToString,
+            ),
+            'AuditStock': grpc.unary_unary_rpc_method_handler(
+                    servicer.AuditStock,
+                    request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.AuditStockRequest.FromString,
+                    response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.AuditStockResponse.SerializeToString,
+            ),
+            'RepairStock': grpc.unary_unary_rpc_method_handler(
+                    servicer.RepairStock,
+                    request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockRequest.FromString,
+                    response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1147,6 +1188,60 @@ class InventoryService:
             '/entrepot.inventory.v1.InventoryService/WatchStockChanges',
             entrepot_dot_inventory_dot_v1_dot_inventory__pb2.WatchStockChangesRequest.SerializeToString,
             entrepot_dot_inventory_dot_v1_dot_inventory__pb2.WatchStockChangesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AuditStock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entrepot.inventory.v1.InventoryService/AuditStock',
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.AuditStockRequest.SerializeToString,
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.AuditStockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RepairStock(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entrepot.inventory.v1.InventoryService/RepairStock',
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockRequest.SerializeToString,
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockResponse.FromString,
             options,
             channel_credentials,
             insecure,

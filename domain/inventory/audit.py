@@ -1,0 +1,254 @@
+"""Stock audit and repair: find where a level's counters disagree with what they
+derive from, and fix a drift through the ledger.
+
+The invariants (true by construction; operators' direct SQL, restored backups
+and imports are what break them):
+- on_hand = the sum of the level's ledger on_hand deltas;
+- reserved = the open quantity of the active reservations' tracked lines;
+- the lots' remaining units <= on_hand (negative adjustments and counts do not
+  consume lots, so this one also reports lots that outlived the units).
+
+What a repair means, per kind (each writes ONE `audit` ledger movement and its
+stock_changed event, in the transaction of the guarded change, the level row
+locked; reason, actor and the figures found are on the movement):
+- on_hand: the counter is what every call has been served and guarded against,
+  so the movement records the change nobody recorded (before = the ledger's
+  figure, after = the counter): the ledger sums to on_hand again and watchers
+  that follow deltas catch up. A wrong physical figure is then a normal SetStock.
+- reserved: the reservations are the truth; reserved := their open quantity
+  (guarded on the value found), the movement going from the ledger's reserved
+  figure to it, so the ledger's reserved deltas sum to the counter too.
+- lots: the excess units are written off the oldest lots first (the FIFO order
+  of fulfilment), recorded as lot consumptions of the movement; counters unchanged.
+A repair refuses (STOCK_CHANGED) when the figures are not the ones the caller
+audited, and does nothing when the drift is gone (so repeating one is a no-op).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.inventory import audit_store, ledger
+from domain.inventory import reservation_store as holds
+from domain.inventory import stock_store as store
+from domain.inventory.types import Movement, StockLevel, is_below_threshold
+from domain.inventory.validation import check_sku, check_text, check_warehouse_code
+from domain.shared.errors import FailedPrecondition, NotFound, PreconditionViolation, Violations
+from domain.shared.pagination import decode_token, encode_token, page_size
+
+DRIFT_KINDS = ("on_hand", "reserved", "lots")
+MAX_AUDIT_SKUS = 1000
+# Levels one AuditStock page may check: bounds the work of a call when drifts are rare.
+SCAN_CHUNK = 500
+SCAN_BUDGET = 4000
+
+
+@dataclass(frozen=True)
+class Drift:
+    sku: str
+    warehouse_code: str
+    kind: str
+    counter: int
+    derived: int
+
+    @property
+    def difference(self) -> int:
+        return self.counter - self.derived
+
+
+@dataclass(frozen=True)
+class AuditPage:
+    drifts: list[Drift]
+    next_token: str
+    levels_checked: int
+
+
+@dataclass(frozen=True)
+class Repair:
+    repaired: bool
+    drift: Drift  # as found under the lock (difference 0 when it was gone)
+    movement: Movement | None
+    level: StockLevel
+
+
+def _figure(row: Any, kind: str) -> Drift:
+    """The counter of `kind` next to what it derives from (a drift when they disagree)."""
+    if kind == "on_hand":
+        counter, derived = int(row.on_hand), int(row.ledger_on_hand)
+    elif kind == "reserved":
+        counter, derived = int(row.reserved), int(row.open_reserved)
+    else:
+        counter, derived = int(row.lots_remaining), int(row.on_hand)
+    return Drift(row.sku, row.warehouse_code, kind, counter, derived)
+
+
+def _drifts(row: Any, kinds: Sequence[str]) -> list[Drift]:
+    out = []
+    for kind in kinds:
+        d = _figure(row, kind)
+        if d.counter > d.derived if kind == "lots" else d.counter != d.derived:
+            out.append(d)
+    return out
+
+
+def _check_kinds(v: Violations, field_path: str, kinds: Sequence[str]) -> None:
+    for i, k in enumerate(kinds):
+        if k not in DRIFT_KINDS:
+            v.add(f"{field_path}[{i}]", f"unknown drift kind {k!r}")
+
+
+async def audit_stock(
+    session: AsyncSession,
+    *,
+    size: int = 0,
+    token: str = "",
+    skus: Sequence[str] = (),
+    warehouse_codes: Sequence[str] = (),
+    kinds: Sequence[str] = (),
+) -> AuditPage:
+    """Drifts of the levels ordered by (sku, warehouse_code), keyset-paginated; a page
+    checks at most SCAN_BUDGET levels, so it may come back short with a token."""
+    v = Violations()
+    if len(skus) > MAX_AUDIT_SKUS:
+        v.add("skus", f"must hold at most {MAX_AUDIT_SKUS} SKUs")
+    wanted = sorted({check_sku(v, f"skus[{i}]", s) for i, s in enumerate(skus)})
+    for i, wh in enumerate(warehouse_codes):
+        check_warehouse_code(v, f"warehouse_codes[{i}]", wh)
+    _check_kinds(v, "kinds", kinds)
+    v.raise_if_any("the audit request is invalid")
+    n = page_size(size)
+    whs = sorted(set(warehouse_codes))
+    checked_kinds = [k for k in DRIFT_KINDS if not kinds or k in kinds]
+    filters = ["audit", wanted, whs, checked_kinds]
+    key = decode_token(token, filters)
+    after = None if key is None else (str(key[0]), str(key[1]))
+    drifts: list[Drift] = []
+    checked = 0
+    while checked < SCAN_BUDGET:
+        rows = await audit_store.figures_page(
+            session, skus=wanted, warehouse_codes=whs, after=after, limit=SCAN_CHUNK
+        )
+        for row in rows:
+            found = _drifts(row, checked_kinds)
+            if drifts and len(drifts) + len(found) > n:
+                return AuditPage(drifts, encode_token(list(after or ()), filters), checked)
+            drifts += found
+            checked += 1
+            after = (row.sku, row.warehouse_code)
+        if len(rows) < SCAN_CHUNK:
+            return AuditPage(drifts, "", checked)
+    return AuditPage(drifts, encode_token(list(after or ()), filters), checked)
+
+
+async def audit_all(
+    read: Callable[[Callable[[AsyncSession], Awaitable[AuditPage]]], Awaitable[AuditPage]],
+    *,
+    skus: Sequence[str] = (),
+    warehouse_codes: Sequence[str] = (),
+    kinds: Sequence[str] = (),
+) -> AsyncIterator[AuditPage]:
+    """Every page of an audit, each in its own read transaction (`read`: Runtime.read)."""
+    token = ""
+    while True:
+        page = await read(
+            lambda s, after=token: audit_stock(  # type: ignore[misc]
+                s, size=500, token=after, skus=skus, warehouse_codes=warehouse_codes, kinds=kinds
+            )
+        )
+        yield page
+        token = page.next_token
+        if not token:
+            return
+
+
+async def repair_stock(
+    session: AsyncSession,
+    *,
+    sku: str,
+    warehouse_code: str,
+    kind: str,
+    expected_counter: int,
+    expected_derived: int,
+    reason: str,
+    actor: str = "",
+) -> Repair:
+    """Fix one drift (see the module docstring for what each kind's repair does)."""
+    v = Violations()
+    sku = check_sku(v, "sku", sku)
+    check_warehouse_code(v, "warehouse_code", warehouse_code)
+    if kind not in DRIFT_KINDS:
+        v.add("kind", "must be ON_HAND, RESERVED or LOTS")
+    if not reason.strip():
+        v.add("reason", "is required: it is kept on the audit movement")
+    check_text(v, "reason", reason)
+    v.raise_if_any("the repair request is invalid")
+    row = await audit_store.locked_figures(session, sku, warehouse_code)
+    if row is None:
+        raise NotFound(
+            "STOCK_LEVEL_NOT_FOUND",
+            f"there is no stock level of {sku!r} in {warehouse_code!r}",
+            metadata={"sku": sku, "warehouse_code": warehouse_code},
+        )
+    found = _figure(row, kind)
+    level = StockLevel(sku, warehouse_code, int(row.on_hand), int(row.reserved), None)
+    if not _drifts(row, [kind]):
+        return Repair(False, found, None, level)
+    if (found.counter, found.derived) != (expected_counter, expected_derived):
+        raise FailedPrecondition(
+            "STOCK_CHANGED",
+            f"the {kind} figures of {sku!r} in {warehouse_code!r} are {found.counter} / {found.derived}, "
+            f"not the audited {expected_counter} / {expected_derived}: audit again",
+            metadata={
+                "sku": sku,
+                "warehouse_code": warehouse_code,
+                "counter": str(found.counter),
+                "derived": str(found.derived),
+            },
+            precondition_violations=[
+                PreconditionViolation(
+                    "STOCK_CHANGED",
+                    f"{sku}/{warehouse_code}",
+                    f"expected {kind} {expected_counter} (derived {expected_derived}), "
+                    f"found {found.counter} (derived {found.derived})",
+                )
+            ],
+        )
+    on_hand, reserved = int(row.on_hand), int(row.reserved)
+    ohb, rb, ra = on_hand, reserved, reserved
+    consumed: list[tuple[int, int, int, str]] = []
+    cost = None
+    if kind == "on_hand":
+        ohb = int(row.ledger_on_hand)
+    elif kind == "reserved":
+        restored = await store.restore_reserved(
+            session, sku, warehouse_code, expected=reserved, new=int(row.open_reserved)
+        )
+        if restored is None:
+            raise RuntimeError("stock level changed under its lock")
+        rb, ra = int(row.ledger_reserved), int(restored.reserved)
+        level = StockLevel(sku, warehouse_code, on_hand, ra, restored.updated_at)
+    else:
+        cost, consumed = await holds.consume_lots(session, sku, warehouse_code, found.difference)
+    facts = await audit_store.threshold_facts(session, sku)
+    draft = ledger.Draft(
+        sku=sku,
+        warehouse_code=warehouse_code,
+        type="audit",
+        on_hand_before=ohb,
+        on_hand_after=on_hand,
+        reserved_before=rb,
+        reserved_after=ra,
+        below_threshold=is_below_threshold(int(facts.total_available), int(facts.threshold)),
+        reason=f"{reason} (audit: {kind} {found.counter}, derived {found.derived})",
+        source="audit",
+        actor=actor,
+        reference=f"audit:{kind}",
+        cost=cost,
+    )
+    (movement,) = await ledger.write(session, [draft])
+    await holds.record_consumptions(session, [(movement.id, *c) for c in consumed])
+    return Repair(True, found, movement, level)
