@@ -10,7 +10,7 @@ from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 
 from domain.inventory.stock_rules import Level, Policy, within_allowance
-from domain.inventory.types import LineRequest
+from domain.inventory.types import ChannelAllocation, GeoPoint, LineRequest
 from domain.shared.errors import FailedPrecondition, NotFound, PreconditionViolation
 
 Key = tuple[str, str]  # (sku, warehouse_code)
@@ -21,6 +21,7 @@ class WarehouseInfo:
     code: str
     priority: int
     active: bool
+    location: GeoPoint | None = None
 
 
 @dataclass
@@ -46,15 +47,19 @@ def allocate(
     policies: Mapping[str, Policy],
     warehouses: Sequence[WarehouseInfo],
     levels: MutableMapping[Key, Level],
+    *,
+    channel: ChannelAllocation | None = None,
+    destination: GeoPoint | None = None,
 ) -> list[Alloc]:
     """Plan one request, all or nothing.
 
-    `warehouses` in allocation order (priority, code). On success `levels`
+    `warehouses` in allocation order (priority, code). With `channel`, only
+    the channel's warehouses, in its order, by its strategy. On success `levels`
     is updated (reserved grows) and the allocations are returned, one per
     (SKU, warehouse). On failure `levels` is untouched and a DomainError is
     raised: INSUFFICIENT_STOCK carries one violation per short SKU.
     """
-    plan = _Plan(policies, warehouses, levels)
+    plan = _Plan(policies, warehouses, levels, channel)
     for line in sum_lines(lines):
         plan.line(line.sku, line.quantity, line.warehouse_code)
     plan.raise_if_short()
@@ -68,11 +73,23 @@ class _Plan:
     """One request's allocations so far, over the levels as they would be after them."""
 
     def __init__(
-        self, policies: Mapping[str, Policy], warehouses: Sequence[WarehouseInfo], levels: Mapping[Key, Level]
+        self,
+        policies: Mapping[str, Policy],
+        warehouses: Sequence[WarehouseInfo],
+        levels: Mapping[Key, Level],
+        channel: ChannelAllocation | None = None,
     ) -> None:
         self.policies = policies
         self.by_code = {w.code: w for w in warehouses}
-        self.active = [w.code for w in warehouses if w.active]
+        self.channel = channel
+        # The warehouses the request may use, in PRIORITY order: the channel's
+        # list (active ones), or every active warehouse by (priority, code).
+        self.allowed: frozenset[str] | None = None
+        if channel is not None and channel.warehouse_codes:
+            self.allowed = frozenset(channel.warehouse_codes)
+            self.active = [c for c in channel.warehouse_codes if c in self.by_code and self.by_code[c].active]
+        else:
+            self.active = [w.code for w in warehouses if w.active]
         self.levels = levels
         self.extra: dict[Key, int] = {}  # tentative reserved increase
         self.allocs: dict[Key, Alloc] = {}
@@ -106,6 +123,13 @@ class _Plan:
                 "WAREHOUSE_NOT_FOUND",
                 f"warehouse {warehouse_code!r} does not exist",
                 metadata={"code": warehouse_code},
+            )
+        if self.allowed is not None and warehouse_code not in self.allowed:
+            slug = self.channel.channel if self.channel else ""
+            raise FailedPrecondition(
+                "WAREHOUSE_NOT_IN_CHANNEL",
+                f"channel {slug!r} does not sell from warehouse {warehouse_code!r}",
+                metadata={"code": warehouse_code, "channel": slug},
             )
         if not w.active:
             raise FailedPrecondition(

@@ -50,7 +50,9 @@ async def reserve_new(
 ) -> str:
     """`reserve` for an order just inserted: the order update and its entry in one statement."""
     demand = sum_by_sku(wanted)
-    res = await inventory.reserve(session, demand, reference=f"order:{head.id}", actor=actor)
+    res = await inventory.reserve(
+        session, demand, reference=f"order:{head.id}", actor=actor, channel=head.channel
+    )
     await entries.set_reservation(session, head, res.reservation_id, reservation_entry(demand, res, actor))
     return res.reservation_id
 
@@ -65,6 +67,8 @@ async def reserve(
 ) -> None:
     """Reserves (sku, quantity) pairs for the order and records the reservation on it."""
     demand = sum_by_sku(wanted)
-    res = await inventory.reserve(session, demand, reference=f"order:{row.id}", actor=actor)
+    res = await inventory.reserve(
+        session, demand, reference=f"order:{row.id}", actor=actor, channel=row.channel
+    )
     await orders.update_order(session, row, reservation_id=res.reservation_id)
     await entries.append_entry(session, row, reservation_entry(demand, res, actor))

@@ -191,6 +191,12 @@ class InventoryClient(AsyncServiceClient):
     def watch_stock_changes(self, request: inventory_v1_inventory_pb2.WatchStockChangesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> AsyncIterator[inventory_v1_inventory_pb2.WatchStockChangesResponse]:
         return self._server_stream("WatchStockChanges", request, timeout, metadata)
 
+    async def set_channel_allocation(self, request: inventory_v1_inventory_pb2.SetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return await self._unary("SetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_channel_allocation(self, request: inventory_v1_inventory_pb2.GetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return await self._unary("GetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
+
 
 class InventorySyncClient(SyncServiceClient):
     """entrepot.inventory.v1.InventoryService (sync)."""
@@ -271,6 +277,12 @@ class InventorySyncClient(SyncServiceClient):
 
     def watch_stock_changes(self, request: inventory_v1_inventory_pb2.WatchStockChangesRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> Iterator[inventory_v1_inventory_pb2.WatchStockChangesResponse]:
         return self._server_stream("WatchStockChanges", request, timeout, metadata)
+
+    def set_channel_allocation(self, request: inventory_v1_inventory_pb2.SetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return self._unary("SetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_channel_allocation(self, request: inventory_v1_inventory_pb2.GetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return self._unary("GetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
 
 
 class OrderClient(AsyncServiceClient):
@@ -642,6 +654,7 @@ READ_METHODS = [
     ('entrepot.inventory.v1.InventoryService', 'GetReservation'),
     ('entrepot.inventory.v1.InventoryService', 'ListReservations'),
     ('entrepot.inventory.v1.InventoryService', 'GetSyncCursor'),
+    ('entrepot.inventory.v1.InventoryService', 'GetChannelAllocation'),
     ('entrepot.order.v1.OrderService', 'GetOrder'),
     ('entrepot.order.v1.OrderService', 'GetOrderByExternalId'),
     ('entrepot.order.v1.OrderService', 'ListOrders'),
