@@ -90,6 +90,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 address=address_to_dict(w.address),
                 contact=contact_to_dict(w.contact),
                 priority=w.priority,
+                location=geo_point_from_proto(w, "location"),
             )
             return warehouse_to_proto(created)
 
@@ -111,6 +112,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 contact=contact_to_dict(w.contact),
                 priority=w.priority,
                 active=w.active,
+                location=geo_point_from_proto(w, "location"),
             )
             return warehouse_to_proto(updated)
 

@@ -59,6 +59,9 @@ def warehouse_to_proto(w: inv.Warehouse) -> pb.Warehouse:
         active=w.active,
         create_time=ts(w.created_at),
         update_time=ts(w.updated_at),
+        location=None
+        if w.location is None
+        else pb.GeoPoint(latitude=w.location.latitude, longitude=w.location.longitude),
     )
 
 

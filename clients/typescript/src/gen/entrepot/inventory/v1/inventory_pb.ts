@@ -226,7 +226,8 @@ export type UpdateWarehouseRequest = Message<"entrepot.inventory.v1.UpdateWareho
   warehouse?: Warehouse | undefined;
 
   /**
-   * Updatable: name, address, contact, priority, active. Empty mask updates all.
+   * Updatable: name, address, contact, priority, active, location (unset
+   * clears it). Empty mask updates all.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
@@ -254,7 +255,8 @@ export type UpdateWarehouseRequestJson = {
   warehouse?: WarehouseJson;
 
   /**
-   * Updatable: name, address, contact, priority, active. Empty mask updates all.
+   * Updatable: name, address, contact, priority, active, location (unset
+   * clears it). Empty mask updates all.
    *
    * @generated from field: google.protobuf.FieldMask update_mask = 2;
    */
