@@ -110,6 +110,7 @@ async def _shortages(session: AsyncSession, row: Any, lines: Sequence[CartLine])
             reference=f"cart:{row.id}:approval-check",
             actor="",
             source="cart",
+            channel=row.channel,
         )
     except FailedPrecondition as err:
         return [Shortage(p.subject, p.description) for p in err.precondition_violations] or [

@@ -159,6 +159,7 @@ async def _order_reservation(
         ttl=None,
         actor=actor,
         source="cart",
+        channel=row.channel,
     )
 
 

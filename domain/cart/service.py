@@ -225,6 +225,7 @@ async def _reserve_for_cart(
         ttl=ttl,
         actor=actor,
         source="cart",
+        channel=row.channel,
     )
 
 

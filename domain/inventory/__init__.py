@@ -11,11 +11,14 @@ One formula everywhere: available = on_hand - reserved.
 
 Reservations (OrderService, CartService):
   reserve(session, lines: [LineRequest(sku, quantity, warehouse_code="")], *,
-          reference="", ttl: timedelta | None = None, actor="", warehouse_code="")
+          reference="", ttl: timedelta | None = None, actor="", warehouse_code="",
+          channel="", destination: GeoPoint | None = None)
       -> Reservation
       All or nothing. Lines of the same SKU are summed; a line without a
       warehouse is allocated over active warehouses by (priority, code), split
-      when one is short; backorders per item policy (up to max_backorder);
+      when one is short; with `channel`, over that channel's warehouses by its
+      strategy (set_channel_allocation; docs/allocation.md), and a line naming a
+      warehouse outside them is WAREHOUSE_NOT_IN_CHANNEL; backorders per item policy (up to max_backorder);
       untracked items always succeed. Short stock: FailedPrecondition
       INSUFFICIENT_STOCK with one PreconditionViolation per SKU (subject = SKU,
       description "requested N, available M"). Nothing is written on refusal.
@@ -36,8 +39,9 @@ Reservations (OrderService, CartService):
       (orders keep their inventory_risk flag true with it).
   list_reservations(session, *, reference="", state="", size=0, token="") -> (list, next_token)
 
-Stock reads: get_stock_level(session, sku, warehouse_code="") -> SkuStock,
-  batch_get_stock_levels(session, skus) -> (stocks, missing), list_stock_levels(...).
+Stock reads: get_stock_level(session, sku, warehouse_code="", *, channel="") -> SkuStock,
+  batch_get_stock_levels(session, skus, *, channel="") -> (stocks, missing), list_stock_levels(...);
+  with a channel: over the warehouses it sells from (sellable_warehouses).
 
 Stock changes (each: one conditional UPDATE, one ledger row, one outbox event
 `inventory.stock_changed` with aggregate_id = sku): adjust_stock, set_stock,
@@ -70,6 +74,11 @@ from domain.inventory.catalog import (
     list_warehouses,
     update_warehouse,
     upsert_item,
+)
+from domain.inventory.channel_allocation import (
+    get_channel_allocation,
+    sellable_warehouses,
+    set_channel_allocation,
 )
 from domain.inventory.reservations import (
     ReserveRequest,
@@ -107,9 +116,12 @@ from domain.inventory.types import (
     CONTACT_FIELDS,
     MOVEMENT_TYPES,
     RESERVATION_STATES,
+    STRATEGIES,
     Adjustment,
+    ChannelAllocation,
     Cost,
     Fulfilment,
+    GeoPoint,
     Item,
     LineQuantity,
     LineRequest,
@@ -130,11 +142,14 @@ __all__ = [
     "MAX_BATCH_GET",
     "MOVEMENT_TYPES",
     "RESERVATION_STATES",
+    "STRATEGIES",
     "WAREHOUSE_UPDATABLE",
     "Adjustment",
+    "ChannelAllocation",
     "Cost",
     "Executed",
     "Fulfilment",
+    "GeoPoint",
     "Item",
     "LineQuantity",
     "LineRequest",
@@ -157,6 +172,7 @@ __all__ = [
     "extend",
     "fetch_sku_stocks",
     "fulfil",
+    "get_channel_allocation",
     "get_item",
     "get_reservation",
     "get_stock_level",
@@ -176,6 +192,8 @@ __all__ = [
     "retarget",
     "return_stock",
     "run_sweeper",
+    "sellable_warehouses",
+    "set_channel_allocation",
     "set_stock",
     "stock_of",
     "sweep_expired",

@@ -9,9 +9,10 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory.models import ItemRow, WarehouseRow
-from domain.inventory.types import ADDRESS_FIELDS, CONTACT_FIELDS, Item, Warehouse
+from domain.inventory.types import ADDRESS_FIELDS, CONTACT_FIELDS, GeoPoint, Item, Warehouse
 from domain.inventory.validation import (
     MAX_QUANTITY,
+    check_geo_point,
     check_sku,
     check_text,
     check_warehouse_code,
@@ -22,7 +23,7 @@ from domain.shared.errors import AlreadyExists, NotFound, Violations
 from domain.shared.outbox import Event, emit
 from domain.shared.pagination import decode_token, encode_token, page_size
 
-WAREHOUSE_UPDATABLE = ("name", "address", "contact", "priority", "active")
+WAREHOUSE_UPDATABLE = ("name", "address", "contact", "priority", "active", "location")
 
 
 def _warehouse(row: WarehouseRow) -> Warehouse:
@@ -35,6 +36,9 @@ def _warehouse(row: WarehouseRow) -> Warehouse:
         active=row.active,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        location=None
+        if row.latitude is None or row.longitude is None
+        else GeoPoint(row.latitude, row.longitude),
     )
 
 
@@ -79,16 +83,28 @@ async def create_warehouse(
     address: Mapping[str, str],
     contact: Mapping[str, str],
     priority: int = 0,
+    location: GeoPoint | None = None,
 ) -> Warehouse:
     v = Violations()
     check_warehouse_code(v, "warehouse.code", code)
     addr, cont = _clean(address, ADDRESS_FIELDS), _clean(contact, CONTACT_FIELDS)
     _check_warehouse_fields(v, name, addr, cont, priority)
+    if location is not None:
+        check_geo_point(v, "warehouse.location", location)
     v.raise_if_any("the warehouse is invalid")
     row = (
         await session.execute(
             insert(WarehouseRow)
-            .values(code=code, name=name.strip(), address=addr, contact=cont, priority=priority, active=True)
+            .values(
+                code=code,
+                name=name.strip(),
+                address=addr,
+                contact=cont,
+                priority=priority,
+                active=True,
+                latitude=None if location is None else location.latitude,
+                longitude=None if location is None else location.longitude,
+            )
             .on_conflict_do_nothing(index_elements=["code"])
             .returning(WarehouseRow)
         )
@@ -117,10 +133,12 @@ async def update_warehouse(
     contact: Mapping[str, str] | None = None,
     priority: int = 0,
     active: bool = True,
+    location: GeoPoint | None = None,
 ) -> Warehouse:
     """Field-mask update: only `fields` change (empty = all updatable fields).
 
-    Paths may name sub-fields of address/contact ("address.city")."""
+    Paths may name sub-fields of address/contact ("address.city"); "location"
+    with no location clears it."""
     paths = set(fields) or set(WAREHOUSE_UPDATABLE)
     v = Violations()
     for p in paths:
@@ -159,8 +177,13 @@ async def update_warehouse(
     new_name = name if "name" in paths else row.name
     new_priority = priority if "priority" in paths else row.priority
     _check_warehouse_fields(v, new_name, new_addr, new_cont, new_priority)
+    if "location" in paths and location is not None:
+        check_geo_point(v, "warehouse.location", location)
     v.raise_if_any("the warehouse is invalid")
     row.name, row.address, row.contact, row.priority = new_name.strip(), new_addr, new_cont, new_priority
+    if "location" in paths:
+        row.latitude = None if location is None else location.latitude
+        row.longitude = None if location is None else location.longitude
     if "active" in paths:
         row.active = active
     await session.flush()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +22,14 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from domain.inventory import ledger
 from domain.inventory.allocation import Key, WarehouseInfo
 from domain.inventory.stock_rules import Level, Policy, may_reserve_sql
-from domain.inventory.types import Cost, Reservation, ReservationChange, ReservationLine
+from domain.inventory.types import (
+    ChannelAllocation,
+    Cost,
+    GeoPoint,
+    Reservation,
+    ReservationChange,
+    ReservationLine,
+)
 from domain.inventory.validation import MAX_MINOR
 from domain.platform import idempotency
 from domain.platform.idempotency import Answers, Claim
@@ -42,21 +49,29 @@ def ttl_us(ttl: timedelta | None) -> int | None:
 # Everything a plan needs, in one statement that also locks the levels (in one
 # global order). One row per thing, `kind` saying which; the columns a kind
 # does not use are NULL, and every row carries the transaction's now().
+# 'channel' rows: the allocation settings of the batch's channels (sku = the
+# slug, principal = the strategy); a batch without channels reads none.
 _PLAN_ROWS = """
     SELECT 'level' AS kind, sku, warehouse_code, on_hand, reserved,
            NULL::boolean AS track_inventory, NULL::boolean AS allow_backorder, NULL::bigint AS max_backorder,
            NULL::bigint AS low_stock_threshold, NULL::bigint AS priority, NULL::boolean AS active,
-           NULL::text AS principal, NULL::text AS request_id, now() AS now
+           NULL::text AS principal, NULL::text AS request_id, now() AS now,
+           NULL::double precision AS latitude, NULL::double precision AS longitude, NULL::text[] AS codes
     FROM levels
     UNION ALL
     SELECT 'item', sku, NULL, NULL, NULL, track_inventory, allow_backorder, max_backorder, low_stock_threshold,
-           NULL, NULL, NULL, NULL, now()
+           NULL, NULL, NULL, NULL, now(), NULL, NULL, NULL
     FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
     UNION ALL
-    SELECT 'warehouse', NULL, code, NULL, NULL, NULL, NULL, NULL, NULL, priority::bigint, active, NULL, NULL, now()
+    SELECT 'warehouse', NULL, code, NULL, NULL, NULL, NULL, NULL, NULL, priority::bigint, active, NULL, NULL, now(),
+           latitude, longitude, NULL
     FROM inventory.warehouses
     UNION ALL
-    SELECT 'now', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, now()
+    SELECT 'channel', channel_slug, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, strategy, NULL, now(),
+           NULL, NULL, warehouse_codes
+    FROM inventory.channel_allocations WHERE channel_slug = ANY(CAST(:channels AS text[]))
+    UNION ALL
+    SELECT 'now', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, now(), NULL, NULL, NULL
 """
 _LOCKED_LEVELS = """levels AS (
         SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
@@ -74,13 +89,14 @@ _CLAIM_AND_LOAD_FOR_PLAN = DriverStatement(
     + _LOCKED_LEVELS
     + """
     SELECT 'claimed' AS kind, NULL, NULL, NULL::bigint, NULL::bigint, NULL::boolean, NULL::boolean, NULL::bigint,
-           NULL::bigint, NULL::bigint, NULL::boolean, principal, request_id, now()
+           NULL::bigint, NULL::bigint, NULL::boolean, principal, request_id, now(),
+           NULL::double precision, NULL::double precision, NULL::text[]
     FROM claimed
     UNION ALL"""
     + _PLAN_ROWS
 )
 (_KIND, _SKU, _WAREHOUSE, _ON_HAND, _RESERVED, _TRACK, _BACKORDER, _MAX_BACKORDER, _THRESHOLD, _PRIORITY,
- _ACTIVE, _PRINCIPAL, _REQUEST_ID, _NOW) = range(14)  # fmt: skip
+ _ACTIVE, _PRINCIPAL, _REQUEST_ID, _NOW, _LATITUDE, _LONGITUDE, _CODES) = range(17)  # fmt: skip
 
 
 @dataclass
@@ -90,19 +106,22 @@ class PlanInputs:
     levels: dict[Key, Level]  # locked
     now: datetime
     claimed: set[idempotency.Key]  # keys this statement claimed
+    channels: dict[str, ChannelAllocation] = field(default_factory=dict)  # channels with a setting
 
 
 async def load_for_plan(
-    conn: asyncpg.Connection[Any], skus: list[str], claims: Sequence[Claim] = ()
+    conn: asyncpg.Connection[Any], skus: list[str], claims: Sequence[Claim] = (), channels: Sequence[str] = ()
 ) -> PlanInputs:
-    """Lock the SKUs' levels and read what allocation needs; with `claims` (sorted
-    by key), claim those idempotency keys first."""
+    """Lock the SKUs' levels and read what allocation needs (with the allocation
+    settings of `channels`); with `claims` (sorted by key), claim those
+    idempotency keys first."""
+    params: dict[str, object] = {"skus": skus, "channels": list(channels)}
     if claims:
         rows = await _CLAIM_AND_LOAD_FOR_PLAN.fetch(
-            conn, {"skus": skus, **idempotency.batch_claim_params(claims)}
+            conn, {**params, **idempotency.batch_claim_params(claims)}
         )
     else:
-        rows = await _LOAD_FOR_PLAN.fetch(conn, {"skus": skus})
+        rows = await _LOAD_FOR_PLAN.fetch(conn, params)
     out = PlanInputs({}, [], {}, rows[-1][_NOW], set())
     for r in rows:
         kind = r[_KIND]
@@ -111,7 +130,11 @@ async def load_for_plan(
         elif kind == "item":
             out.policies[r[_SKU]] = Policy(r[_TRACK], r[_BACKORDER], r[_MAX_BACKORDER], r[_THRESHOLD])
         elif kind == "warehouse":
-            out.warehouses.append(WarehouseInfo(r[_WAREHOUSE], r[_PRIORITY], r[_ACTIVE]))
+            lat, lon = r[_LATITUDE], r[_LONGITUDE]
+            location = None if lat is None or lon is None else GeoPoint(lat, lon)
+            out.warehouses.append(WarehouseInfo(r[_WAREHOUSE], r[_PRIORITY], r[_ACTIVE], location))
+        elif kind == "channel":
+            out.channels[r[_SKU]] = ChannelAllocation(r[_SKU], tuple(r[_CODES]), r[_PRINCIPAL])
         elif kind == "claimed":
             out.claimed.add((r[_PRINCIPAL], r[_REQUEST_ID]))
     out.warehouses.sort(key=lambda w: (w.priority, w.code))

@@ -33,6 +33,7 @@ from domain.inventory.types import (
     RESERVATION_STATES,
     Cost,
     Fulfilment,
+    GeoPoint,
     LineQuantity,
     LineRequest,
     Movement,
@@ -42,6 +43,7 @@ from domain.inventory.types import (
     is_below_threshold,
 )
 from domain.inventory.validation import (
+    check_geo_point,
     check_quantity,
     check_sku,
     check_text,
@@ -79,6 +81,8 @@ class ReserveRequest:
     ttl: timedelta | None = None
     actor: str = ""
     source: str = "api"
+    channel: str = ""  # allocate within this channel's warehouses, by its strategy ("" = none)
+    destination: GeoPoint | None = None  # for the NEAREST strategy
 
 
 def reserve_request(
@@ -88,6 +92,8 @@ def reserve_request(
     ttl: timedelta | None = None,
     actor: str = "",
     source: str = "api",
+    channel: str = "",
+    destination: GeoPoint | None = None,
 ) -> ReserveRequest:
     """Validate and normalise (NFC SKUs); raises InvalidArgument with every problem."""
     v = Violations()
@@ -102,8 +108,11 @@ def reserve_request(
     check_text(v, "reference", reference, 256)
     if ttl is not None and not timedelta(0) < ttl <= MAX_TTL:
         v.add("ttl", "must be positive and at most 30 days")
+    check_text(v, "channel", channel, 64)
+    if destination is not None:
+        check_geo_point(v, "destination", destination)
     v.raise_if_any("the reservation request is invalid")
-    return ReserveRequest(tuple(norm), reference, ttl, actor, source)
+    return ReserveRequest(tuple(norm), reference, ttl, actor, source, channel, destination)
 
 
 # ------------------------------------------------------------------ reserve
@@ -163,10 +172,11 @@ async def _plan(
     A backorder into a level that never had stock creates the level and plans
     again under the lock (the new row was not locked when we planned)."""
     skus = sorted({line.sku for r in requests for line in r.lines})
+    channels = sorted({r.channel for r in requests if r.channel})
     to_claim = sorted((c for c in claims if c is not None), key=lambda c: c.key)
     claimed: set[tuple[str, str]] = set()
     for attempt in range(2):
-        inputs = await store.load_for_plan(conn, skus, to_claim if attempt == 0 else ())
+        inputs = await store.load_for_plan(conn, skus, to_claim if attempt == 0 else (), channels)
         if attempt == 0:
             claimed = inputs.claimed
         state = {k: Level(v.on_hand, v.reserved) for k, v in inputs.levels.items()}
@@ -176,7 +186,16 @@ async def _plan(
                 plans.append(None)  # key already present: not executed, replayed by the caller
                 continue
             try:
-                plans.append(allocate(req.lines, inputs.policies, inputs.warehouses, state))
+                plans.append(
+                    allocate(
+                        req.lines,
+                        inputs.policies,
+                        inputs.warehouses,
+                        state,
+                        channel=inputs.channels.get(req.channel),
+                        destination=req.destination,
+                    )
+                )
             except DomainError as err:  # this request is refused; the others go on
                 plans.append(err)
         missing = sorted(
@@ -274,12 +293,23 @@ async def reserve(
     actor: str = "",
     warehouse_code: str = "",
     source: str = "api",
+    channel: str = "",
+    destination: GeoPoint | None = None,
 ) -> Reservation:
     """Reserve in the caller's transaction (all or nothing). `warehouse_code`
-    pins every line without its own warehouse to that warehouse."""
+    pins every line without its own warehouse to that warehouse; `channel`
+    allocates only from that channel's warehouses, by its strategy."""
     if warehouse_code:
         lines = [LineRequest(x.sku, x.quantity, x.warehouse_code or warehouse_code) for x in lines]
-    req = reserve_request(lines, reference=reference, ttl=ttl, actor=actor, source=source)
+    req = reserve_request(
+        lines,
+        reference=reference,
+        ttl=ttl,
+        actor=actor,
+        source=source,
+        channel=channel,
+        destination=destination,
+    )
     (result,) = await reserve_many(session, [req])
     if isinstance(result, DomainError):
         raise result

@@ -6,7 +6,7 @@ transaction (ledger.write)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory import ledger
 from domain.inventory import stock_store as store
+from domain.inventory.channel_allocation import sellable_warehouses
 from domain.inventory.types import (
     MOVEMENT_TYPES,
     Adjustment,
@@ -440,32 +441,53 @@ async def stock_of(load_one: Callable[[str], Awaitable[SkuStock | None]], sku: s
     return st
 
 
-async def get_stock_level(session: AsyncSession, sku: str, warehouse_code: str = "") -> SkuStock:
-    """One SKU: per warehouse and in total (only `warehouse_code` when given)."""
+def _within(st: SkuStock, warehouses: Collection[str] | None) -> SkuStock:
+    """The SKU's stock over these warehouses only (None: all of them)."""
+    if warehouses is None:
+        return st
+    return SkuStock(
+        st.sku, [lv for lv in st.levels if lv.warehouse_code in warehouses], st.low_stock_threshold
+    )
+
+
+async def _channel_warehouses(session: AsyncSession, channel: str) -> frozenset[str] | None:
+    return frozenset(await sellable_warehouses(session, channel)) if channel else None
+
+
+async def get_stock_level(
+    session: AsyncSession, sku: str, warehouse_code: str = "", *, channel: str = ""
+) -> SkuStock:
+    """One SKU: per warehouse and in total (only `warehouse_code` when given;
+    only the warehouses `channel` sells from when given)."""
     sku = sku_or_raise(sku)
     filters_or_raise(warehouse_code=warehouse_code)
+    allowed = await _channel_warehouses(session, channel)
     stocks = await load_sku_stocks(session, [sku])
     if sku not in stocks:
         raise _item_not_found(sku)
-    st = stocks[sku]
+    st = _within(stocks[sku], allowed)
     if warehouse_code:
         levels = [lv for lv in st.levels if lv.warehouse_code == warehouse_code]
         if not levels:
-            if not await store.warehouse_exists(session, warehouse_code):
+            if allowed is not None and warehouse_code not in allowed:
+                levels = []
+            elif not await store.warehouse_exists(session, warehouse_code):
                 raise NotFound(
                     "WAREHOUSE_NOT_FOUND",
                     f"warehouse {warehouse_code!r} does not exist",
                     metadata={"code": warehouse_code},
                 )
-            levels = [StockLevel(sku, warehouse_code, 0, 0, None)]
+            else:
+                levels = [StockLevel(sku, warehouse_code, 0, 0, None)]
         st = SkuStock(sku, levels, st.low_stock_threshold)
     return st
 
 
 async def batch_get_stock_levels(
-    session: AsyncSession, skus: Sequence[str]
+    session: AsyncSession, skus: Sequence[str], *, channel: str = ""
 ) -> tuple[list[SkuStock], list[str]]:
-    """Up to 1,000 SKUs; returns (stocks in first-mention order, unknown SKUs)."""
+    """Up to 1,000 SKUs; returns (stocks in first-mention order, unknown SKUs);
+    with `channel`, over the warehouses it sells from."""
     v = Violations()
     if not 1 <= len(skus) <= MAX_BATCH_GET:
         v.add("skus", f"must hold 1 to {MAX_BATCH_GET} SKUs")
@@ -477,8 +499,11 @@ async def batch_get_stock_levels(
             seen.add(sku)
             wanted.append(sku)
     v.raise_if_any("the request is invalid")
+    allowed = await _channel_warehouses(session, channel)
     stocks = await load_sku_stocks(session, wanted)
-    return [stocks[s] for s in wanted if s in stocks], [s for s in wanted if s not in stocks]
+    return [_within(stocks[s], allowed) for s in wanted if s in stocks], [
+        s for s in wanted if s not in stocks
+    ]
 
 
 async def list_stock_levels(
@@ -490,15 +515,21 @@ async def list_stock_levels(
     sku_prefix: str = "",
     below_threshold_only: bool = False,
     backordered_only: bool = False,
+    channel: str = "",
 ) -> tuple[list[StockLevel], str]:
-    """Levels ordered by (sku, warehouse_code), keyset-paginated."""
+    """Levels ordered by (sku, warehouse_code), keyset-paginated; with `channel`,
+    only the levels of the warehouses it sells from."""
     filters_or_raise(warehouse_code=warehouse_code, sku_prefix=sku_prefix)
     n = page_size(size)
-    filters = ["levels", warehouse_code, sku_prefix, below_threshold_only, backordered_only]
+    filters: list[object] = ["levels", warehouse_code, sku_prefix, below_threshold_only, backordered_only]
+    if channel:
+        filters.append(channel)
     after = decode_token(token, filters)
+    allowed = await _channel_warehouses(session, channel)
     levels = await store.levels_page(
         session,
         warehouse_code=warehouse_code,
+        warehouse_codes=None if allowed is None else sorted(allowed),
         sku_prefix=sku_prefix,
         below_threshold_only=below_threshold_only,
         backordered_only=backordered_only,

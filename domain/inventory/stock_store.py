@@ -7,6 +7,7 @@ asyncpg connection (DriverStatement), everything else on the session.
 from __future__ import annotations
 
 import uuid
+from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
@@ -197,6 +198,7 @@ async def levels_page(
     backordered_only: bool,
     after: tuple[str, str] | None,
     limit: int,
+    warehouse_codes: Sequence[str] | None = None,
 ) -> list[StockLevel]:
     """Levels ordered by (sku, warehouse_code), after a key."""
     where = ["true"]
@@ -204,6 +206,9 @@ async def levels_page(
     if warehouse_code:
         where.append("l.warehouse_code = :wh")
         params["wh"] = warehouse_code
+    if warehouse_codes is not None:
+        where.append("l.warehouse_code = ANY(CAST(:whs AS text[]))")
+        params["whs"] = warehouse_codes
     if sku_prefix:
         # Range condition for the primary-key index, starts_with for exactness.
         where.append("l.sku >= :prefix AND starts_with(l.sku, :prefix)")

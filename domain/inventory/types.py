@@ -6,6 +6,8 @@ import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 
+# Allocation strategies of a channel (docs/allocation.md); "priority" is the default.
+STRATEGIES = ("priority", "high_stock", "fewest_splits", "nearest")
 MOVEMENT_TYPES = (
     "receive",
     "adjust",
@@ -34,6 +36,26 @@ class Warehouse:
     active: bool
     created_at: datetime
     updated_at: datetime
+    location: GeoPoint | None = None
+
+
+@dataclass(frozen=True)
+class GeoPoint:
+    """WGS 84 degrees."""
+
+    latitude: float
+    longitude: float
+
+
+@dataclass(frozen=True)
+class ChannelAllocation:
+    """A channel's warehouses (in its order; empty = every active warehouse by
+    priority) and its allocation strategy (one of STRATEGIES)."""
+
+    channel: str
+    warehouse_codes: tuple[str, ...] = ()
+    strategy: str = "priority"
+    updated_at: datetime | None = None
 
 
 @dataclass(frozen=True)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import math
 import re
 import unicodedata
 
+from domain.inventory.types import GeoPoint
 from domain.shared.errors import Violations
 
 MAX_SKU = 128
@@ -64,3 +66,10 @@ def filters_or_raise(**fields: str) -> None:
     for name, value in fields.items():
         check_text(v, name, value, 256)
     v.raise_if_any("the request is invalid")
+
+
+def check_geo_point(v: Violations, field_path: str, point: GeoPoint) -> None:
+    if not (math.isfinite(point.latitude) and -90 <= point.latitude <= 90):
+        v.add(field_path + ".latitude", "must be between -90 and 90")
+    if not (math.isfinite(point.longitude) and -180 <= point.longitude <= 180):
+        v.add(field_path + ".longitude", "must be between -180 and 180")

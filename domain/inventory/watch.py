@@ -8,7 +8,7 @@ where a cursor resumes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -70,16 +70,24 @@ class Filter:
     skus: frozenset[str]
     warehouses: frozenset[str]
     below_threshold_only: bool
+    channel_warehouses: frozenset[str] | None = None  # a channel's warehouses (None: no channel filter)
 
     def matches(self, e: StockEvent) -> bool:
         if self.skus and e.sku not in self.skus:
             return False
         if self.warehouses and e.warehouse_code not in self.warehouses:
             return False
+        if self.channel_warehouses is not None and e.warehouse_code not in self.channel_warehouses:
+            return False
         return not self.below_threshold_only or e.below_threshold
 
 
-def make_filter(skus: Sequence[str], warehouses: Sequence[str], below_threshold_only: bool) -> Filter:
+def make_filter(
+    skus: Sequence[str],
+    warehouses: Sequence[str],
+    below_threshold_only: bool,
+    channel_warehouses: Collection[str] | None = None,
+) -> Filter:
     if len(skus) > MAX_FILTER or len(warehouses) > MAX_FILTER:
         raise InvalidArgument("INVALID_FILTER", f"at most {MAX_FILTER} SKUs and {MAX_FILTER} warehouses")
     norm = set()
@@ -88,7 +96,12 @@ def make_filter(skus: Sequence[str], warehouses: Sequence[str], below_threshold_
         if sku is None:
             raise InvalidArgument("INVALID_FILTER", f"{raw!r} is not a valid SKU", metadata={"field": "skus"})
         norm.add(sku)
-    return Filter(frozenset(norm), frozenset(warehouses), below_threshold_only)
+    return Filter(
+        frozenset(norm),
+        frozenset(warehouses),
+        below_threshold_only,
+        None if channel_warehouses is None else frozenset(channel_warehouses),
+    )
 
 
 # The highest id ever handed out (purged or not): above it, a cursor was never issued.

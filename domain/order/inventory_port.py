@@ -30,8 +30,16 @@ class Reserved:
 
 class InventoryPort(Protocol):
     async def reserve(
-        self, session: AsyncSession, lines: Sequence[StockLine], *, reference: str, actor: str
-    ) -> Reserved: ...
+        self,
+        session: AsyncSession,
+        lines: Sequence[StockLine],
+        *,
+        reference: str,
+        actor: str,
+        channel: str = "",
+    ) -> Reserved:
+        """All or nothing; `channel`: only from that channel's warehouses, by its strategy."""
+        ...
 
     async def fulfil(
         self,
@@ -52,7 +60,13 @@ class DomainInventory:
     """InventoryPort over domain.inventory's public interface."""
 
     async def reserve(
-        self, session: AsyncSession, lines: Sequence[StockLine], *, reference: str, actor: str
+        self,
+        session: AsyncSession,
+        lines: Sequence[StockLine],
+        *,
+        reference: str,
+        actor: str,
+        channel: str = "",
     ) -> Reserved:
         import domain.inventory as inventory
 
@@ -63,6 +77,7 @@ class DomainInventory:
             ttl=None,
             actor=actor,
             source="order",
+            channel=channel,
         )
         backordered: dict[str, int] = {}
         for line in res.lines:

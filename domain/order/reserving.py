@@ -51,7 +51,9 @@ async def reserve_new(
     """`reserve` for an order just inserted: the order update and its entry in
     one statement. The reservation's id, and whether it leaves the order at risk."""
     demand = sum_by_sku(wanted)
-    res = await inventory.reserve(session, demand, reference=f"order:{head.id}", actor=actor)
+    res = await inventory.reserve(
+        session, demand, reference=f"order:{head.id}", actor=actor, channel=head.channel
+    )
     await entries.set_reservation(
         session,
         head,
@@ -72,7 +74,9 @@ async def reserve(
 ) -> None:
     """Reserves (sku, quantity) pairs for the order and records the reservation on it."""
     demand = sum_by_sku(wanted)
-    res = await inventory.reserve(session, demand, reference=f"order:{row.id}", actor=actor)
+    res = await inventory.reserve(
+        session, demand, reference=f"order:{row.id}", actor=actor, channel=row.channel
+    )
     # Backordered units leave the order at risk until they ship.
     await orders.update_order(
         session, row, reservation_id=res.reservation_id, inventory_risk=bool(res.backordered)

@@ -21,7 +21,7 @@ from domain.shared.uow import UnitOfWork
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.inventory.v1 import inventory_pb2_grpc
 from server import metrics
-from server.context import current_caller, current_method
+from server.context import bound_channel, current_caller, current_method
 from server.convert import from_duration, from_ts_field, mask_paths
 from server.errors import status_from_domain
 from server.runtime import Runtime, request_digest
@@ -29,10 +29,12 @@ from server.services.inventory_convert import (
     STATE_FROM_PROTO,
     address_to_dict,
     change_to_proto,
+    channel_allocation_to_proto,
     contact_to_dict,
     drift_kind,
     drift_kinds,
     drift_to_proto,
+    geo_point_from_proto,
     item_to_proto,
     level_to_proto,
     movement_to_proto,
@@ -41,6 +43,7 @@ from server.services.inventory_convert import (
     repair_to_proto,
     reservation_to_proto,
     sku_stock_to_proto,
+    strategy_from_proto,
     warehouse_to_proto,
 )
 from server.services.inventory_streams import InventoryStreamsMixin
@@ -91,6 +94,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 address=address_to_dict(w.address),
                 contact=contact_to_dict(w.contact),
                 priority=w.priority,
+                location=geo_point_from_proto(w, "location"),
             )
             return warehouse_to_proto(created)
 
@@ -112,6 +116,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 contact=contact_to_dict(w.contact),
                 priority=w.priority,
                 active=w.active,
+                location=geo_point_from_proto(w, "location"),
             )
             return warehouse_to_proto(updated)
 
@@ -162,8 +167,10 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
     # ------------------------------------------------------------ levels
 
     async def GetStockLevel(self, request: pb.GetStockLevelRequest, context: Ctx) -> pb.SkuStock:
-        if request.warehouse_code:
-            st = await self.rt.read(lambda s: inv.get_stock_level(s, request.sku, request.warehouse_code))
+        if request.warehouse_code or request.channel:
+            st = await self.rt.read(
+                lambda s: inv.get_stock_level(s, request.sku, request.warehouse_code, channel=request.channel)
+            )
         else:
             st = await inv.stock_of(self._stocks.get, request.sku)
         return sku_stock_to_proto(st)
@@ -171,7 +178,9 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
     async def BatchGetStockLevels(
         self, request: pb.BatchGetStockLevelsRequest, context: Ctx
     ) -> pb.BatchGetStockLevelsResponse:
-        stocks, missing = await self.rt.read(lambda s: inv.batch_get_stock_levels(s, list(request.skus)))
+        stocks, missing = await self.rt.read(
+            lambda s: inv.batch_get_stock_levels(s, list(request.skus), channel=request.channel)
+        )
         return pb.BatchGetStockLevelsResponse(
             stocks=[sku_stock_to_proto(x) for x in stocks], missing_skus=missing
         )
@@ -188,6 +197,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 sku_prefix=request.sku_prefix,
                 below_threshold_only=request.below_threshold_only,
                 backordered_only=request.backordered_only,
+                channel=request.channel,
             )
         )
         return pb.ListStockLevelsResponse(levels=[level_to_proto(lv) for lv in levels], next_page_token=token)
@@ -317,6 +327,8 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
             reference=request.reference,
             ttl=from_duration(request.ttl),
             actor=actor,
+            channel=channel.slug if (channel := bound_channel()) is not None else "",
+            destination=geo_point_from_proto(request, "destination"),
         )
         if self.batcher is None:
 
@@ -343,6 +355,28 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
             # back costs a fraction of building the message again.
             return pb.Reservation.FromString(outcome.response)
         return reservation_to_proto(outcome.reservation)
+
+    # ------------------------------------------------------------ allocation per channel
+
+    async def SetChannelAllocation(
+        self, request: pb.SetChannelAllocationRequest, context: Ctx
+    ) -> pb.ChannelAllocation:
+        a = request.allocation
+        strategy = strategy_from_proto(a.strategy)
+
+        async def run(uow: UnitOfWork) -> pb.ChannelAllocation:
+            done = await inv.set_channel_allocation(
+                uow.session, channel=a.channel, warehouse_codes=list(a.warehouse_codes), strategy=strategy
+            )
+            return channel_allocation_to_proto(done)
+
+        return await self.rt.mutate(request, run)
+
+    async def GetChannelAllocation(
+        self, request: pb.GetChannelAllocationRequest, context: Ctx
+    ) -> pb.ChannelAllocation:
+        found = await self.rt.read(lambda s: inv.get_channel_allocation(s, request.channel))
+        return channel_allocation_to_proto(found)
 
     async def GetReservation(self, request: pb.GetReservationRequest, context: Ctx) -> pb.Reservation:
         return reservation_to_proto(await self.rt.read(lambda s: inv.get_reservation(s, request.id)))

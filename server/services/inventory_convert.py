@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from google.protobuf.message import Message
+
 from domain import inventory as inv
-from domain.shared.errors import InvalidArgument
+from domain.shared.errors import FieldViolation, InvalidArgument
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from server.convert import ts
@@ -28,6 +30,16 @@ STATE_TO_PROTO = {
     "expired": pb.Reservation.STATE_EXPIRED,
 }
 STATE_FROM_PROTO: dict[int, str] = {int(v): k for k, v in STATE_TO_PROTO.items()}
+STRATEGY_TO_PROTO = {
+    "priority": pb.ALLOCATION_STRATEGY_PRIORITY,
+    "high_stock": pb.ALLOCATION_STRATEGY_HIGH_STOCK,
+    "fewest_splits": pb.ALLOCATION_STRATEGY_FEWEST_SPLITS,
+    "nearest": pb.ALLOCATION_STRATEGY_NEAREST,
+}
+STRATEGY_FROM_PROTO: dict[int, str] = {
+    int(pb.ALLOCATION_STRATEGY_UNSPECIFIED): "priority",
+    **{int(v): k for k, v in STRATEGY_TO_PROTO.items()},
+}
 
 
 def address_to_dict(a: types_pb2.PostalAddress) -> dict[str, str]:
@@ -48,6 +60,9 @@ def warehouse_to_proto(w: inv.Warehouse) -> pb.Warehouse:
         active=w.active,
         create_time=ts(w.created_at),
         update_time=ts(w.updated_at),
+        location=None
+        if w.location is None
+        else pb.GeoPoint(latitude=w.location.latitude, longitude=w.location.longitude),
     )
 
 
@@ -194,3 +209,32 @@ def repair_to_proto(r: inv.Repair) -> pb.RepairStockResponse:
         movement=movement_to_proto(r.movement) if r.movement else None,
         level=level_to_proto(r.level),
     )
+
+
+def channel_allocation_to_proto(a: inv.ChannelAllocation) -> pb.ChannelAllocation:
+    return pb.ChannelAllocation(
+        channel=a.channel,
+        warehouse_codes=a.warehouse_codes,
+        strategy=STRATEGY_TO_PROTO[a.strategy],
+        update_time=ts(a.updated_at),
+    )
+
+
+def strategy_from_proto(value: int) -> str:
+    """The domain name of a strategy; an unknown number is INVALID_ARGUMENT."""
+    name = STRATEGY_FROM_PROTO.get(value)
+    if name is None:
+        raise InvalidArgument(
+            "INVALID_ARGUMENT",
+            f"unknown allocation strategy {value}",
+            field_violations=[FieldViolation("allocation.strategy", "unknown value")],
+        )
+    return name
+
+
+def geo_point_from_proto(owner: Message, field: str) -> inv.GeoPoint | None:
+    """The GeoPoint in `owner.field`, None when unset."""
+    if not owner.HasField(field):
+        return None
+    p = getattr(owner, field)
+    return inv.GeoPoint(p.latitude, p.longitude)

@@ -17,6 +17,7 @@ from typing import TypeAlias
 import grpc
 
 from domain.inventory import sync, watch
+from domain.inventory.channel_allocation import sellable_warehouses
 from domain.inventory.types import Cost
 from domain.shared.errors import DomainError, InvalidArgument
 from domain.shared.uow import retrying
@@ -214,8 +215,11 @@ class InventoryStreamsMixin:
         self, request: pb.WatchStockChangesRequest, context: Ctx
     ) -> AsyncIterator[pb.WatchStockChangesResponse]:
         cfg = self.rt.settings
+        sellable = None
+        if request.channel:
+            sellable = await self.rt.read(lambda s: sellable_warehouses(s, request.channel))
         flt = watch.make_filter(
-            list(request.skus), list(request.warehouse_codes), request.below_threshold_only
+            list(request.skus), list(request.warehouse_codes), request.below_threshold_only, sellable
         )
         async for msg in watch_stock(
             self.rt,

@@ -42,7 +42,13 @@ class RecordingInventory:
         self.backorder = backorder or {}
 
     async def reserve(
-        self, session: AsyncSession, lines: Sequence[StockLine], *, reference: str, actor: str
+        self,
+        session: AsyncSession,
+        lines: Sequence[StockLine],
+        *,
+        reference: str,
+        actor: str,
+        channel: str = "",
     ) -> orders.Reserved:
         rid = f"res-{uuid.uuid4().hex[:8]}"
         self.calls.append(("reserve", (rid, list(lines), reference)))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from domain.inventory.allocation import WarehouseInfo, allocate, sum_lines
+from domain.inventory.allocation import Alloc, WarehouseInfo, allocate, distance_km, sum_lines
 from domain.inventory.stock_rules import Level, Policy
-from domain.inventory.types import LineRequest
+from domain.inventory.types import ChannelAllocation, GeoPoint, LineRequest
 from domain.inventory.validation import normalize_sku
 from domain.shared.errors import FailedPrecondition, NotFound
 
@@ -77,3 +77,84 @@ def test_untracked_always_succeeds_and_explicit_warehouse_rules() -> None:
 )
 def test_sku_normalisation(raw: str, expected: str | None) -> None:
     assert normalize_sku(raw) == expected
+
+
+# ------------------------------------------------------------------ channels and strategies
+
+CH_WH = [
+    WarehouseInfo("A", 0, True, GeoPoint(48.8566, 2.3522)),  # Paris
+    WarehouseInfo("B", 1, True, GeoPoint(45.7640, 4.8357)),  # Lyon
+    WarehouseInfo("C", 2, True),  # no location
+    WarehouseInfo("OFF", 3, False),
+]
+
+
+def _where(allocs: list[Alloc]) -> list[tuple[str, str, int]]:
+    return [(a.sku, a.warehouse_code, a.quantity) for a in allocs]
+
+
+def test_a_channel_list_restricts_and_orders_the_warehouses() -> None:
+    levels = {
+        ("x", "A"): Level(5, 0),
+        ("x", "B"): Level(1, 0),
+        ("x", "C"): Level(9, 0),
+        ("x", "OFF"): Level(9, 0),
+    }
+    ch = ChannelAllocation("shop", ("B", "OFF", "A"))
+    assert _where(allocate([LineRequest("x", 3)], {"x": Policy()}, CH_WH, levels, channel=ch)) == [
+        ("x", "B", 1),
+        ("x", "A", 2),
+    ]
+    with pytest.raises(FailedPrecondition) as short:
+        allocate(
+            [LineRequest("x", 4)], {"x": Policy()}, CH_WH, levels, channel=ch
+        )  # C's 9 are not the shop's
+    assert short.value.reason == "INSUFFICIENT_STOCK"
+    with pytest.raises(FailedPrecondition) as outside:
+        allocate([LineRequest("x", 1, "C")], {"x": Policy()}, CH_WH, levels, channel=ch)
+    assert outside.value.reason == "WAREHOUSE_NOT_IN_CHANNEL"
+
+
+def test_an_empty_list_keeps_every_active_warehouse_by_priority() -> None:
+    levels = {("x", "A"): Level(1, 0), ("x", "B"): Level(1, 0)}
+    got = allocate([LineRequest("x", 2)], {"x": Policy()}, CH_WH, levels, channel=ChannelAllocation("shop"))
+    assert _where(got) == [("x", "A", 1), ("x", "B", 1)]
+
+
+def test_high_stock_fewest_splits_and_nearest_orders() -> None:
+    def levels() -> dict[tuple[str, str], Level]:
+        return {
+            ("x", "A"): Level(5, 0),
+            ("x", "B"): Level(3, 0),
+            ("y", "B"): Level(3, 0),
+            ("y", "C"): Level(5, 0),
+        }
+
+    pol = {"x": Policy(), "y": Policy()}
+    lines = [LineRequest("x", 3), LineRequest("y", 3)]
+    by = {s: ChannelAllocation("shop", (), s) for s in ("priority", "high_stock", "fewest_splits", "nearest")}
+    assert _where(allocate(lines, pol, CH_WH, levels(), channel=by["priority"])) == [
+        ("x", "A", 3),
+        ("y", "B", 3),
+    ]
+    assert _where(allocate(lines, pol, CH_WH, levels(), channel=by["high_stock"])) == [
+        ("x", "A", 3),
+        ("y", "C", 3),
+    ]
+    assert _where(allocate(lines, pol, CH_WH, levels(), channel=by["fewest_splits"])) == [
+        ("x", "B", 3),
+        ("y", "B", 3),
+    ]
+    marseille = GeoPoint(43.2965, 5.3698)
+    near = allocate(lines, pol, CH_WH, levels(), channel=by["nearest"], destination=marseille)
+    assert _where(near) == [("x", "B", 3), ("y", "B", 3)]  # Lyon is closer than Paris; C has no location
+    assert _where(allocate(lines, pol, CH_WH, levels(), channel=by["nearest"])) == [
+        ("x", "A", 3),
+        ("y", "B", 3),
+    ]
+
+
+def test_distance_is_great_circle() -> None:
+    paris, lyon = GeoPoint(48.8566, 2.3522), GeoPoint(45.7640, 4.8357)
+    assert 390 < distance_km(paris, lyon) < 394
+    assert distance_km(paris, paris) == 0

@@ -197,6 +197,12 @@ class InventoryClient(AsyncServiceClient):
     async def repair_stock(self, request: inventory_v1_inventory_pb2.RepairStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.RepairStockResponse:
         return await self._unary("RepairStock", request, timeout, metadata)  # type: ignore[no-any-return]
 
+    async def set_channel_allocation(self, request: inventory_v1_inventory_pb2.SetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return await self._unary("SetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    async def get_channel_allocation(self, request: inventory_v1_inventory_pb2.GetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return await self._unary("GetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
+
 
 class InventorySyncClient(SyncServiceClient):
     """entrepot.inventory.v1.InventoryService (sync)."""
@@ -283,6 +289,12 @@ class InventorySyncClient(SyncServiceClient):
 
     def repair_stock(self, request: inventory_v1_inventory_pb2.RepairStockRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.RepairStockResponse:
         return self._unary("RepairStock", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def set_channel_allocation(self, request: inventory_v1_inventory_pb2.SetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return self._unary("SetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def get_channel_allocation(self, request: inventory_v1_inventory_pb2.GetChannelAllocationRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.ChannelAllocation:
+        return self._unary("GetChannelAllocation", request, timeout, metadata)  # type: ignore[no-any-return]
 
 
 class OrderClient(AsyncServiceClient):
@@ -666,6 +678,7 @@ READ_METHODS = [
     ('entrepot.inventory.v1.InventoryService', 'GetReservation'),
     ('entrepot.inventory.v1.InventoryService', 'ListReservations'),
     ('entrepot.inventory.v1.InventoryService', 'GetSyncCursor'),
+    ('entrepot.inventory.v1.InventoryService', 'GetChannelAllocation'),
     ('entrepot.order.v1.OrderService', 'GetOrder'),
     ('entrepot.order.v1.OrderService', 'GetOrderByExternalId'),
     ('entrepot.order.v1.OrderService', 'ListOrders'),

@@ -29,9 +29,15 @@ Line = tuple[str, int] | tuple[str, int, str]  # (sku, quantity[, warehouse_code
 
 
 def reserve_request(
-    lines: Iterable[Line], *, reference: str = "", ttl_seconds: float = 0, request_id: str | None = None
+    lines: Iterable[Line],
+    *,
+    reference: str = "",
+    ttl_seconds: float = 0,
+    request_id: str | None = None,
+    destination: tuple[float, float] | None = None,
 ) -> pb.ReserveStockRequest:
-    """A ReserveStockRequest with a fresh request_id unless one is given (keep it for retries)."""
+    """A ReserveStockRequest with a fresh request_id unless one is given (keep it for retries).
+    `destination`: (latitude, longitude), for channels with the NEAREST strategy."""
     req = pb.ReserveStockRequest(
         lines=[
             pb.ReservationLineRequest(sku=x[0], quantity=x[1], warehouse_code=x[2] if len(x) > 2 else "")  # type: ignore[misc]
@@ -42,6 +48,8 @@ def reserve_request(
     )
     if ttl_seconds:
         req.ttl.CopyFrom(duration_pb2.Duration(seconds=int(ttl_seconds), nanos=int((ttl_seconds % 1) * 1e9)))
+    if destination is not None:
+        req.destination.CopyFrom(pb.GeoPoint(latitude=destination[0], longitude=destination[1]))
     return req
 
 
@@ -53,9 +61,13 @@ async def reserve(
     ttl_seconds: float = 0,
     request_id: str | None = None,
     timeout: float | None = None,
+    destination: tuple[float, float] | None = None,
 ) -> pb.Reservation:
-    """All or nothing; raises FailedPreconditionError (reason INSUFFICIENT_STOCK) when short."""
-    req = reserve_request(lines, reference=reference, ttl_seconds=ttl_seconds, request_id=request_id)
+    """All or nothing; raises FailedPreconditionError (reason INSUFFICIENT_STOCK) when short.
+    On a client bound to a channel (x-channel-slug), only that channel's warehouses are used."""
+    req = reserve_request(
+        lines, reference=reference, ttl_seconds=ttl_seconds, request_id=request_id, destination=destination
+    )
     return await ep.inventory.reserve_stock(req, timeout=timeout)  # type: ignore[no-any-return]
 
 
@@ -109,3 +121,24 @@ async def repair(
         request_id=request_id or uuid.uuid4().hex,
     )
     return await ep.inventory.repair_stock(req, timeout=timeout)  # type: ignore[no-any-return]
+
+
+async def set_channel_allocation(
+    ep: Any,
+    channel: str,
+    warehouse_codes: Iterable[str],
+    strategy: str = "priority",
+    *,
+    request_id: str | None = None,
+) -> pb.ChannelAllocation:
+    """The channel's warehouses in its order (empty: every active warehouse by priority) and its
+    strategy: "priority", "high_stock", "fewest_splits" or "nearest"."""
+    req = pb.SetChannelAllocationRequest(
+        allocation=pb.ChannelAllocation(
+            channel=channel,
+            warehouse_codes=list(warehouse_codes),
+            strategy=pb.AllocationStrategy.Value("ALLOCATION_STRATEGY_" + strategy.upper()),
+        ),
+        request_id=request_id or uuid.uuid4().hex,
+    )
+    return await ep.inventory.set_channel_allocation(req)  # type: ignore[no-any-return]

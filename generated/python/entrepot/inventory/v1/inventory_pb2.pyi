@@ -41,6 +41,14 @@ class StockDriftKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     STOCK_DRIFT_KIND_ON_HAND: _ClassVar[StockDriftKind]
     STOCK_DRIFT_KIND_RESERVED: _ClassVar[StockDriftKind]
     STOCK_DRIFT_KIND_LOTS: _ClassVar[StockDriftKind]
+
+class AllocationStrategy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ALLOCATION_STRATEGY_UNSPECIFIED: _ClassVar[AllocationStrategy]
+    ALLOCATION_STRATEGY_PRIORITY: _ClassVar[AllocationStrategy]
+    ALLOCATION_STRATEGY_HIGH_STOCK: _ClassVar[AllocationStrategy]
+    ALLOCATION_STRATEGY_FEWEST_SPLITS: _ClassVar[AllocationStrategy]
+    ALLOCATION_STRATEGY_NEAREST: _ClassVar[AllocationStrategy]
 MOVEMENT_TYPE_UNSPECIFIED: MovementType
 MOVEMENT_TYPE_RECEIVE: MovementType
 MOVEMENT_TYPE_ADJUST: MovementType
@@ -60,9 +68,14 @@ STOCK_DRIFT_KIND_UNSPECIFIED: StockDriftKind
 STOCK_DRIFT_KIND_ON_HAND: StockDriftKind
 STOCK_DRIFT_KIND_RESERVED: StockDriftKind
 STOCK_DRIFT_KIND_LOTS: StockDriftKind
+ALLOCATION_STRATEGY_UNSPECIFIED: AllocationStrategy
+ALLOCATION_STRATEGY_PRIORITY: AllocationStrategy
+ALLOCATION_STRATEGY_HIGH_STOCK: AllocationStrategy
+ALLOCATION_STRATEGY_FEWEST_SPLITS: AllocationStrategy
+ALLOCATION_STRATEGY_NEAREST: AllocationStrategy
 
 class Warehouse(_message.Message):
-    __slots__ = ("code", "name", "address", "contact", "priority", "active", "create_time", "update_time")
+    __slots__ = ("code", "name", "address", "contact", "priority", "active", "create_time", "update_time", "location")
     CODE_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -71,6 +84,7 @@ class Warehouse(_message.Message):
     ACTIVE_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
     code: str
     name: str
     address: _types_pb2.PostalAddress
@@ -79,7 +93,8 @@ class Warehouse(_message.Message):
     active: bool
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, code: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[_Union[_types_pb2.PostalAddress, _Mapping]] = ..., contact: _Optional[_Union[_types_pb2.Contact, _Mapping]] = ..., priority: _Optional[int] = ..., active: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    location: GeoPoint
+    def __init__(self, code: _Optional[str] = ..., name: _Optional[str] = ..., address: _Optional[_Union[_types_pb2.PostalAddress, _Mapping]] = ..., contact: _Optional[_Union[_types_pb2.Contact, _Mapping]] = ..., priority: _Optional[int] = ..., active: _Optional[bool] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., location: _Optional[_Union[GeoPoint, _Mapping]] = ...) -> None: ...
 
 class CreateWarehouseRequest(_message.Message):
     __slots__ = ("warehouse", "request_id")
@@ -200,18 +215,22 @@ class SkuStock(_message.Message):
     def __init__(self, sku: _Optional[str] = ..., warehouses: _Optional[_Iterable[_Union[StockLevel, _Mapping]]] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., backordered: _Optional[int] = ..., below_threshold: _Optional[bool] = ...) -> None: ...
 
 class GetStockLevelRequest(_message.Message):
-    __slots__ = ("sku", "warehouse_code")
+    __slots__ = ("sku", "warehouse_code", "channel")
     SKU_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     sku: str
     warehouse_code: str
-    def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ...) -> None: ...
+    channel: str
+    def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class BatchGetStockLevelsRequest(_message.Message):
-    __slots__ = ("skus",)
+    __slots__ = ("skus", "channel")
     SKUS_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     skus: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, skus: _Optional[_Iterable[str]] = ...) -> None: ...
+    channel: str
+    def __init__(self, skus: _Optional[_Iterable[str]] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class BatchGetStockLevelsResponse(_message.Message):
     __slots__ = ("stocks", "missing_skus")
@@ -222,20 +241,22 @@ class BatchGetStockLevelsResponse(_message.Message):
     def __init__(self, stocks: _Optional[_Iterable[_Union[SkuStock, _Mapping]]] = ..., missing_skus: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListStockLevelsRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "warehouse_code", "sku_prefix", "below_threshold_only", "backordered_only")
+    __slots__ = ("page_size", "page_token", "warehouse_code", "sku_prefix", "below_threshold_only", "backordered_only", "channel")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
     SKU_PREFIX_FIELD_NUMBER: _ClassVar[int]
     BELOW_THRESHOLD_ONLY_FIELD_NUMBER: _ClassVar[int]
     BACKORDERED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     warehouse_code: str
     sku_prefix: str
     below_threshold_only: bool
     backordered_only: bool
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., sku_prefix: _Optional[str] = ..., below_threshold_only: _Optional[bool] = ..., backordered_only: _Optional[bool] = ...) -> None: ...
+    channel: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., sku_prefix: _Optional[str] = ..., below_threshold_only: _Optional[bool] = ..., backordered_only: _Optional[bool] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class ListStockLevelsResponse(_message.Message):
     __slots__ = ("levels", "next_page_token")
@@ -426,16 +447,18 @@ class ReservationLineRequest(_message.Message):
     def __init__(self, sku: _Optional[str] = ..., quantity: _Optional[int] = ..., warehouse_code: _Optional[str] = ...) -> None: ...
 
 class ReserveStockRequest(_message.Message):
-    __slots__ = ("lines", "reference", "ttl", "request_id")
+    __slots__ = ("lines", "reference", "ttl", "request_id", "destination")
     LINES_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     TTL_FIELD_NUMBER: _ClassVar[int]
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
     lines: _containers.RepeatedCompositeFieldContainer[ReservationLineRequest]
     reference: str
     ttl: _duration_pb2.Duration
     request_id: str
-    def __init__(self, lines: _Optional[_Iterable[_Union[ReservationLineRequest, _Mapping]]] = ..., reference: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+    destination: GeoPoint
+    def __init__(self, lines: _Optional[_Iterable[_Union[ReservationLineRequest, _Mapping]]] = ..., reference: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_id: _Optional[str] = ..., destination: _Optional[_Union[GeoPoint, _Mapping]] = ...) -> None: ...
 
 class ReservationLine(_message.Message):
     __slots__ = ("sku", "warehouse_code", "quantity", "backordered_quantity", "fulfilled_quantity", "released_quantity", "open_quantity")
@@ -664,16 +687,18 @@ class SyncCursor(_message.Message):
     def __init__(self, source: _Optional[str] = ..., last_event_id: _Optional[str] = ..., events_seen: _Optional[int] = ..., events_applied: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class WatchStockChangesRequest(_message.Message):
-    __slots__ = ("skus", "warehouse_codes", "below_threshold_only", "after_event_id")
+    __slots__ = ("skus", "warehouse_codes", "below_threshold_only", "after_event_id", "channel")
     SKUS_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODES_FIELD_NUMBER: _ClassVar[int]
     BELOW_THRESHOLD_ONLY_FIELD_NUMBER: _ClassVar[int]
     AFTER_EVENT_ID_FIELD_NUMBER: _ClassVar[int]
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
     skus: _containers.RepeatedScalarFieldContainer[str]
     warehouse_codes: _containers.RepeatedScalarFieldContainer[str]
     below_threshold_only: bool
     after_event_id: int
-    def __init__(self, skus: _Optional[_Iterable[str]] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., below_threshold_only: _Optional[bool] = ..., after_event_id: _Optional[int] = ...) -> None: ...
+    channel: str
+    def __init__(self, skus: _Optional[_Iterable[str]] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., below_threshold_only: _Optional[bool] = ..., after_event_id: _Optional[int] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class StockChangeEvent(_message.Message):
     __slots__ = ("event_id", "sku", "warehouse_code", "type", "on_hand_delta", "reserved_delta", "on_hand", "reserved", "available", "reason", "time", "below_threshold", "movement_id")
@@ -782,3 +807,37 @@ class RepairStockResponse(_message.Message):
     movement: StockMovement
     level: StockLevel
     def __init__(self, repaired: _Optional[bool] = ..., drift: _Optional[_Union[StockDrift, _Mapping]] = ..., movement: _Optional[_Union[StockMovement, _Mapping]] = ..., level: _Optional[_Union[StockLevel, _Mapping]] = ...) -> None: ...
+
+class GeoPoint(_message.Message):
+    __slots__ = ("latitude", "longitude")
+    LATITUDE_FIELD_NUMBER: _ClassVar[int]
+    LONGITUDE_FIELD_NUMBER: _ClassVar[int]
+    latitude: float
+    longitude: float
+    def __init__(self, latitude: _Optional[float] = ..., longitude: _Optional[float] = ...) -> None: ...
+
+class ChannelAllocation(_message.Message):
+    __slots__ = ("channel", "warehouse_codes", "strategy", "update_time")
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    WAREHOUSE_CODES_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    warehouse_codes: _containers.RepeatedScalarFieldContainer[str]
+    strategy: AllocationStrategy
+    update_time: _timestamp_pb2.Timestamp
+    def __init__(self, channel: _Optional[str] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., strategy: _Optional[_Union[AllocationStrategy, str]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class SetChannelAllocationRequest(_message.Message):
+    __slots__ = ("allocation", "request_id")
+    ALLOCATION_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    allocation: ChannelAllocation
+    request_id: str
+    def __init__(self, allocation: _Optional[_Union[ChannelAllocation, _Mapping]] = ..., request_id: _Optional[str] = ...) -> None: ...
+
+class GetChannelAllocationRequest(_message.Message):
+    __slots__ = ("channel",)
+    CHANNEL_FIELD_NUMBER: _ClassVar[int]
+    channel: str
+    def __init__(self, channel: _Optional[str] = ...) -> None: ...

@@ -28,7 +28,11 @@ if _version_not_supported:
 class InventoryServiceStub:
     """Stock across warehouses: items and their policies, levels, an immutable
     ledger of every movement, reservations, and the streams WMS/ERP adapters and
-    watchers use. Inventory is shared by all channels, so no RPC here needs one.
+    watchers use. Inventory is shared by all channels, so no RPC here needs one;
+    a channel may restrict the warehouses it sells from and choose how it
+    allocates (SetChannelAllocation): ReserveStock called with x-channel-slug
+    allocates only from that channel's warehouses, and the stock reads take a
+    `channel` to answer what that channel can sell.
 
     One formula everywhere: available = on_hand - reserved.
     """
@@ -174,12 +178,26 @@ class InventoryServiceStub:
                 request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockRequest.SerializeToString,
                 response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockResponse.FromString,
                 _registered_method=True)
+        self.SetChannelAllocation = channel.unary_unary(
+                '/entrepot.inventory.v1.InventoryService/SetChannelAllocation',
+                request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.SetChannelAllocationRequest.SerializeToString,
+                response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.ChannelAllocation.FromString,
+                _registered_method=True)
+        self.GetChannelAllocation = channel.unary_unary(
+                '/entrepot.inventory.v1.InventoryService/GetChannelAllocation',
+                request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.GetChannelAllocationRequest.SerializeToString,
+                response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.ChannelAllocation.FromString,
+                _registered_method=True)
 
 
 class InventoryServiceServicer:
     """Stock across warehouses: items and their policies, levels, an immutable
     ledger of every movement, reservations, and the streams WMS/ERP adapters and
-    watchers use. Inventory is shared by all channels, so no RPC here needs one.
+    watchers use. Inventory is shared by all channels, so no RPC here needs one;
+    a channel may restrict the warehouses it sells from and choose how it
+    allocates (SetChannelAllocation): ReserveStock called with x-channel-slug
+    allocates only from that channel's warehouses, and the stock reads take a
+    `channel` to answer what that channel can sell.
 
     One formula everywhere: available = on_hand - reserved.
     """
@@ -369,6 +387,22 @@ class InventoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetChannelAllocation(self, request, context):
+        """Allocation per channel (docs/allocation.md). A channel's ordered warehouse
+        list and its strategy; a channel never set allocates from every active
+        warehouse by priority. Setting replaces the whole setting; reservations
+        already made keep their warehouses.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetChannelAllocation(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_InventoryServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -507,6 +541,16 @@ def add_InventoryServiceServicer_to_server(servicer, server):
                     request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockRequest.FromString,
                     response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockResponse.SerializeToString,
             ),
+            'SetChannelAllocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetChannelAllocation,
+                    request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.SetChannelAllocationRequest.FromString,
+                    response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.ChannelAllocation.SerializeToString,
+            ),
+            'GetChannelAllocation': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetChannelAllocation,
+                    request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.GetChannelAllocationRequest.FromString,
+                    response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.ChannelAllocation.SerializeToString,
+            ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
             'entrepot.inventory.v1.InventoryService', rpc_method_handlers)
@@ -518,7 +562,11 @@ def add_InventoryServiceServicer_to_server(servicer, server):
 class InventoryService:
     """Stock across warehouses: items and their policies, levels, an immutable
     ledger of every movement, reservations, and the streams WMS/ERP adapters and
-    watchers use. Inventory is shared by all channels, so no RPC here needs one.
+    watchers use. Inventory is shared by all channels, so no RPC here needs one;
+    a channel may restrict the warehouses it sells from and choose how it
+    allocates (SetChannelAllocation): ReserveStock called with x-channel-slug
+    allocates only from that channel's warehouses, and the stock reads take a
+    `channel` to answer what that channel can sell.
 
     One formula everywhere: available = on_hand - reserved.
     """
@@ -1242,6 +1290,60 @@ class InventoryService:
             '/entrepot.inventory.v1.InventoryService/RepairStock',
             entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockRequest.SerializeToString,
             entrepot_dot_inventory_dot_v1_dot_inventory__pb2.RepairStockResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetChannelAllocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entrepot.inventory.v1.InventoryService/SetChannelAllocation',
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.SetChannelAllocationRequest.SerializeToString,
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.ChannelAllocation.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetChannelAllocation(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entrepot.inventory.v1.InventoryService/GetChannelAllocation',
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.GetChannelAllocationRequest.SerializeToString,
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.ChannelAllocation.FromString,
             options,
             channel_credentials,
             insecure,
