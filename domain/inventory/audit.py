@@ -218,19 +218,19 @@ async def repair_stock(
             ],
         )
     on_hand, reserved = int(row.on_hand), int(row.reserved)
-    ohb, rb, ra = on_hand, reserved, reserved
+    on_hand_before, reserved_before, reserved_after = on_hand, reserved, reserved
     consumed: list[tuple[int, int, int, str]] = []
     cost = None
     if kind == "on_hand":
-        ohb = int(row.ledger_on_hand)
+        on_hand_before = int(row.ledger_on_hand)
     elif kind == "reserved":
         restored = await store.restore_reserved(
             session, sku, warehouse_code, expected=reserved, new=int(row.open_reserved)
         )
         if restored is None:
             raise RuntimeError("stock level changed under its lock")
-        rb, ra = int(row.ledger_reserved), int(restored.reserved)
-        level = StockLevel(sku, warehouse_code, on_hand, ra, restored.updated_at)
+        reserved_before, reserved_after = int(row.ledger_reserved), int(restored.reserved)
+        level = StockLevel(sku, warehouse_code, on_hand, reserved_after, restored.updated_at)
     else:
         cost, consumed = await holds.consume_lots(session, sku, warehouse_code, found.difference)
     facts = await audit_store.threshold_facts(session, sku)
@@ -238,10 +238,10 @@ async def repair_stock(
         sku=sku,
         warehouse_code=warehouse_code,
         type="audit",
-        on_hand_before=ohb,
+        on_hand_before=on_hand_before,
         on_hand_after=on_hand,
-        reserved_before=rb,
-        reserved_after=ra,
+        reserved_before=reserved_before,
+        reserved_after=reserved_after,
         below_threshold=is_below_threshold(int(facts.total_available), int(facts.threshold)),
         reason=f"{reason} (audit: {kind} {found.counter}, derived {found.derived})",
         source="audit",

@@ -44,31 +44,37 @@ class Draft:
 
 # The inventory.stock_changed payload of a movement (a row of `src`): its one builder.
 _EVENTS = f"""
-        SELECT ord, '{TOPIC}', 'sku', sku, NULL, jsonb_build_object(
-            'ledger_id', id, 'sku', sku, 'warehouse_code', wh, 'type', type,
-            'on_hand_delta', oha - ohb, 'reserved_delta', ra - rb,
-            'on_hand', oha, 'reserved', ra, 'available', oha - ra,
-            'reason', reason, 'source', source, 'reference', ref,
-            'reservation_id', rid, 'below_threshold', below)
+        SELECT input_order, '{TOPIC}', 'sku', sku, NULL, jsonb_build_object(
+            'ledger_id', id, 'sku', sku, 'warehouse_code', warehouse_code, 'type', type,
+            'on_hand_delta', on_hand_after - on_hand_before, 'reserved_delta', reserved_after - reserved_before,
+            'on_hand', on_hand_after, 'reserved', reserved_after, 'available', on_hand_after - reserved_after,
+            'reason', reason, 'source', source, 'reference', reference,
+            'reservation_id', reservation_id, 'below_threshold', below_threshold)
         FROM src"""
 
 # The movements of `params`, one row per draft in input order.
 _DRAFTS = """
         SELECT * FROM unnest(
-            CAST(:l_sku AS text[]), CAST(:l_wh AS text[]), CAST(:l_type AS text[]),
-            CAST(:l_ohb AS bigint[]), CAST(:l_oha AS bigint[]), CAST(:l_rb AS bigint[]), CAST(:l_ra AS bigint[]),
-            CAST(:l_reason AS text[]), CAST(:l_source AS text[]), CAST(:l_actor AS text[]), CAST(:l_ref AS text[]),
-            CAST(:l_rid AS uuid[]), CAST(:l_cost AS bigint[]), CAST(:l_cur AS text[]), CAST(:l_below AS boolean[])
-        ) WITH ORDINALITY AS t(sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur,
-                              below, ord)"""
+            CAST(:ledger_sku AS text[]), CAST(:ledger_warehouse_code AS text[]), CAST(:ledger_type AS text[]),
+            CAST(:ledger_on_hand_before AS bigint[]), CAST(:ledger_on_hand_after AS bigint[]),
+            CAST(:ledger_reserved_before AS bigint[]), CAST(:ledger_reserved_after AS bigint[]),
+            CAST(:ledger_reason AS text[]), CAST(:ledger_source AS text[]), CAST(:ledger_actor AS text[]),
+            CAST(:ledger_reference AS text[]), CAST(:ledger_reservation_id AS uuid[]),
+            CAST(:ledger_cost_minor AS bigint[]), CAST(:ledger_cost_currency AS text[]),
+            CAST(:ledger_below_threshold AS boolean[])
+        ) WITH ORDINALITY AS t(sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before,
+                              reserved_after, reason, source, actor, reference, reservation_id, cost_minor,
+                              cost_currency, below_threshold, input_order)"""
 
 
 def ctes(movements: str = _DRAFTS) -> str:
     """The ledger + outbox CTEs, reusable inside a larger statement (reservations
     and sync batches write everything in one statement): `src` (the movements
     with their ledger ids), `l` (the ledger rows) and `o` (their events).
-    `movements`: a SELECT of (sku, wh, type, ohb, oha, rb, ra, reason, source,
-    actor, ref, rid, cost, cur, below, ord), ord giving the order; by default
+    `movements`: a SELECT of (sku, warehouse_code, type, on_hand_before,
+    on_hand_after, reserved_before, reserved_after, reason, source, actor,
+    reference, reservation_id, cost_minor, cost_currency, below_threshold,
+    input_order), input_order giving the order; by default
     the drafts of `params`. The statement's outbox parameters come from
     `params` (or outbox.params(name="o") when `movements` is the caller's)."""
     return f"""
@@ -78,15 +84,16 @@ def ctes(movements: str = _DRAFTS) -> str:
         INSERT INTO inventory.ledger (id, sku, warehouse_code, type, on_hand_before, on_hand_after,
             reserved_before, reserved_after, reason, source, actor, reference, reservation_id,
             cost_minor, cost_currency)
-        SELECT id, sku, wh, type, ohb, oha, rb, ra, reason, source, actor, ref, rid, cost, cur
-        FROM src ORDER BY ord
+        SELECT id, sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before, reserved_after,
+               reason, source, actor, reference, reservation_id, cost_minor, cost_currency
+        FROM src ORDER BY input_order
     ), {outbox.cte("o", derived=_EVENTS, events=False)}
 """
 
 
 CTES = ctes()
 
-_WRITE = text("WITH " + CTES + " SELECT id, now() AS created_at FROM src ORDER BY ord")
+_WRITE = text("WITH " + CTES + " SELECT id, now() AS created_at FROM src ORDER BY input_order")
 
 
 def params(session: AsyncSession, drafts: Sequence[Draft]) -> dict[str, object]:
@@ -94,21 +101,21 @@ def params(session: AsyncSession, drafts: Sequence[Draft]) -> dict[str, object]:
     wakes the watchers after it commits)."""
     return {
         **outbox.params(session, name="o", derived_rows=len(drafts)),
-        "l_sku": [d.sku for d in drafts],
-        "l_wh": [d.warehouse_code for d in drafts],
-        "l_type": [d.type for d in drafts],
-        "l_ohb": [d.on_hand_before for d in drafts],
-        "l_oha": [d.on_hand_after for d in drafts],
-        "l_rb": [d.reserved_before for d in drafts],
-        "l_ra": [d.reserved_after for d in drafts],
-        "l_reason": [d.reason for d in drafts],
-        "l_source": [d.source for d in drafts],
-        "l_actor": [d.actor for d in drafts],
-        "l_ref": [d.reference for d in drafts],
-        "l_rid": [d.reservation_id for d in drafts],
-        "l_cost": [d.cost.amount_minor if d.cost else None for d in drafts],
-        "l_cur": [d.cost.currency if d.cost else None for d in drafts],
-        "l_below": [d.below_threshold for d in drafts],
+        "ledger_sku": [d.sku for d in drafts],
+        "ledger_warehouse_code": [d.warehouse_code for d in drafts],
+        "ledger_type": [d.type for d in drafts],
+        "ledger_on_hand_before": [d.on_hand_before for d in drafts],
+        "ledger_on_hand_after": [d.on_hand_after for d in drafts],
+        "ledger_reserved_before": [d.reserved_before for d in drafts],
+        "ledger_reserved_after": [d.reserved_after for d in drafts],
+        "ledger_reason": [d.reason for d in drafts],
+        "ledger_source": [d.source for d in drafts],
+        "ledger_actor": [d.actor for d in drafts],
+        "ledger_reference": [d.reference for d in drafts],
+        "ledger_reservation_id": [d.reservation_id for d in drafts],
+        "ledger_cost_minor": [d.cost.amount_minor if d.cost else None for d in drafts],
+        "ledger_cost_currency": [d.cost.currency if d.cost else None for d in drafts],
+        "ledger_below_threshold": [d.below_threshold for d in drafts],
     }
 
 

@@ -198,10 +198,10 @@ async def _change_counter(
         sku=sku,
         warehouse_code=warehouse_code,
         type=type,
-        on_hand_before=int(row.ohb),
-        on_hand_after=int(row.oha),
-        reserved_before=int(row.rb),
-        reserved_after=int(row.ra),
+        on_hand_before=int(row.on_hand_before),
+        on_hand_after=int(row.on_hand_after),
+        reserved_before=int(row.reserved_before),
+        reserved_after=int(row.reserved_after),
         below_threshold=is_below_threshold(int(row.total_available), int(row.threshold)),
         reason=reason,
         source=source,
@@ -209,7 +209,9 @@ async def _change_counter(
         reference=reference,
         cost=cost,
     )
-    return StockLevel(sku, warehouse_code, int(row.oha), int(row.ra), row.updated_at), draft
+    return StockLevel(
+        sku, warehouse_code, int(row.on_hand_after), int(row.reserved_after), row.updated_at
+    ), draft
 
 
 def _check_common(v: Violations, sku: str, wh: str, reason: str, reference: str) -> str:

@@ -45,10 +45,11 @@ _CHANGE = text(
           AND """
     + may_set_on_hand_sql(_NEW_ON_HAND)
     + """
-        RETURNING old.on_hand AS ohb, old.reserved AS rb, s.on_hand AS oha, s.reserved AS ra, s.updated_at,
+        RETURNING old.on_hand AS on_hand_before, old.reserved AS reserved_before,
+                  s.on_hand AS on_hand_after, s.reserved AS reserved_after, s.updated_at,
                   i.low_stock_threshold AS threshold
     )
-    SELECT u.*, u.oha - u.ra + coalesce((
+    SELECT u.*, u.on_hand_after - u.reserved_after + coalesce((
         SELECT sum(x.on_hand - x.reserved) FROM inventory.stock_levels x
         WHERE x.sku = :sku AND x.warehouse_code <> :wh), 0) AS total_available
     FROM u
@@ -109,8 +110,8 @@ async def change_level(
     session: AsyncSession, sku: str, warehouse_code: str, *, is_set: bool, quantity: int, expected: int | None
 ) -> Any | None:
     """The guarded change of one level's on_hand (None when it matched no row: a rule
-    refused it, or the level does not exist yet): before/after counters (ohb, rb, oha,
-    ra), updated_at, the item's threshold and the SKU's total availability after."""
+    refused it, or the level does not exist yet): before/after counters (on_hand_before,
+    reserved_before, on_hand_after, reserved_after), updated_at, the item's threshold and the SKU's total availability after."""
     params: dict[str, Any] = {
         "sku": sku,
         "wh": warehouse_code,

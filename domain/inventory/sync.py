@@ -21,7 +21,8 @@ One batch = one transaction, four round trips in the common case:
    the claims of the new event ids with their outcome, watermarks and the
    cursor (lots, for RECEIVEs with a unit cost, follow).
 
-The caller commits; an ack is sent only after that commit.
+The caller commits; an ack is sent only after that commit. The statements
+live in domain/inventory/sync_store.py.
 """
 
 from __future__ import annotations
@@ -31,15 +32,22 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from domain.inventory import ledger
+from domain.inventory import sync_store
 from domain.inventory.stock_rules import Policy, may_set_on_hand
+from domain.inventory.sync_store import (
+    BACKORDER,
+    LAST_SET_US,
+    MAX_BACKORDER,
+    ON_HAND,
+    RESERVED,
+    THRESHOLD,
+    TRACK,
+)
 from domain.inventory.types import Cost
 from domain.inventory.validation import MAX_QUANTITY, MAX_TEXT, WAREHOUSE_CODE, normalize_sku
-from domain.shared import outbox
-from domain.shared.db import DriverStatement, driver_connection
+from domain.shared.db import driver_connection
 from domain.shared.errors import InvalidArgument
 from domain.shared.money import is_currency
 
@@ -157,142 +165,6 @@ def _problem(e: SyncEvent, sku: str | None) -> EventError | None:
     return None
 
 
-# Hot statements run on the asyncpg connection under the session (driver_connection):
-# typed arrays + unnest cost the server less than JSON documents, and joins against
-# unnest() stay cheap under the generic plans of prepared statements (a
-# `col = ANY($n)` filter there is a linear search per row).
-
-_LOCK_SOURCE = "SELECT 1 FROM inventory.sync_sources WHERE source = $1 FOR UPDATE"
-# A separate statement from the lock above, so the next lock's snapshot sees a
-# row another transaction just inserted.
-_NEW_SOURCE = "INSERT INTO inventory.sync_sources (source) VALUES ($1) ON CONFLICT DO NOTHING"
-
-# Warehouses ('w'), items ('i') and the ids of this batch already claimed by the
-# source (their outcome 'a' / 's' / 'r'), in one round trip. Claims read here are
-# stable: every writer of a source's claims holds its cursor lock.
-_LOOKUP = """
-    SELECT 'w' AS k, w.code AS key, false AS track, false AS bo, 0::bigint AS maxbo, 0::bigint AS thr,
-           NULL::text AS reason, NULL::text AS message
-      FROM inventory.warehouses w WHERE w.code = ANY($1::text[])
-    UNION ALL
-    SELECT 'i', i.sku, i.track_inventory, i.allow_backorder, i.max_backorder, i.low_stock_threshold, NULL, NULL
-      FROM unnest($2::text[]) AS x(sku) JOIN inventory.items i ON i.sku = x.sku
-    UNION ALL
-    SELECT CAST(e.outcome AS text), e.event_id, false, false, 0, 0, e.reason, e.message
-      FROM unnest($4::text[]) AS x(id) JOIN inventory.sync_events e ON e.source = $3 AND e.event_id = x.id
-"""
-
-_CREATE_ITEMS = """
-    INSERT INTO inventory.items (sku, track_inventory)
-    SELECT s, true FROM unnest($1::text[]) AS s ORDER BY s
-    ON CONFLICT DO NOTHING
-"""
-
-_ITEMS = """
-    SELECT 'i' AS k, i.sku, i.track_inventory, i.allow_backorder, i.max_backorder, i.low_stock_threshold
-    FROM unnest($1::text[]) AS x(sku) JOIN inventory.items i ON i.sku = x.sku
-"""
-
-_ENSURE_LEVELS = """
-    INSERT INTO inventory.stock_levels (sku, warehouse_code)
-    SELECT s, w FROM unnest($1::text[], $2::text[]) AS t(s, w)
-    ORDER BY s, w
-    ON CONFLICT DO NOTHING
-"""
-
-# Every level of the affected SKUs (the totals decide the below-threshold
-# flag), locked in one global order so concurrent writers cannot deadlock on
-# them among themselves, with this source's SET watermark of each.
-_LOCK_LEVELS = """
-    SELECT l.sku, l.warehouse_code, l.on_hand, l.reserved, m.last_set_us
-    FROM unnest($1::text[]) AS x(sku)
-    JOIN inventory.stock_levels l ON l.sku = x.sku
-    LEFT JOIN inventory.sync_watermarks m
-           ON m.source = $2 AND m.sku = l.sku AND m.warehouse_code = l.warehouse_code
-    ORDER BY l.sku, l.warehouse_code
-    FOR NO KEY UPDATE OF l
-"""
-
-# Everything a batch writes, in one statement:
-# - upd: compare-and-set on counters read under the row lock above (a row
-#   changes only if it still holds exactly what the computation started from);
-# - src/l/o: ledger rows and their outbox events (ledger.ctes of _MOVEMENTS),
-#   ids drawn in input order;
-# - c: the claims of every new keyed event id with its final outcome: the
-#   applied ones are the ledger rows' references, the others come with their
-#   outcome (plain INSERT: the lookup under the cursor lock found none of them;
-#   a claim that exists anyway fails the batch rather than apply an event twice);
-# - marks/wu/wi: SET watermarks, updated or inserted (the lock query saw which
-#   exist; only holders of the cursor lock write them); a: the cursor.
-_MOVEMENTS = """
-        SELECT t.sku, t.wh, 'sync' AS type, t.ohb, t.oha, t.r AS rb, t.r AS ra, t.reason,
-               CAST(:source AS text) AS source, CAST(:actor AS text) AS actor, t.ref, CAST(NULL AS uuid) AS rid,
-               t.cost, t.cur, t.below, t.ord
-        FROM unnest(CAST(:l_sku AS text[]), CAST(:l_wh AS text[]), CAST(:l_ohb AS bigint[]),
-                    CAST(:l_oha AS bigint[]), CAST(:l_r AS bigint[]), CAST(:l_reason AS text[]),
-                    CAST(:l_ref AS text[]), CAST(:l_cost AS bigint[]), CAST(:l_cur AS text[]),
-                    CAST(:l_below AS boolean[]))
-             WITH ORDINALITY AS t(sku, wh, ohb, oha, r, reason, ref, cost, cur, below, ord)"""
-
-_WRITE = DriverStatement(
-    """
-    WITH upd AS (
-        UPDATE inventory.stock_levels s
-        SET on_hand = v.new, updated_at = now()
-        FROM unnest(CAST(:v_sku AS text[]), CAST(:v_wh AS text[]), CAST(:v_old AS bigint[]),
-                    CAST(:v_new AS bigint[]), CAST(:v_reserved AS bigint[]))
-             AS v(sku, wh, old, new, reserved)
-        WHERE s.sku = v.sku AND s.warehouse_code = v.wh AND s.on_hand = v.old AND s.reserved = v.reserved
-        RETURNING 1
-    ), """
-    + ledger.ctes(_MOVEMENTS)
-    + """, c AS (
-        INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
-        SELECT :source, ref, 'a', NULL, NULL FROM src
-        UNION ALL
-        SELECT :source, t.id, CAST(t.o AS "char"), t.r, t.m
-        FROM unnest(CAST(:c_id AS text[]), CAST(:c_outcome AS text[]), CAST(:c_reason AS text[]),
-                    CAST(:c_message AS text[])) AS t(id, o, r, m)
-    ), marks AS (
-        SELECT * FROM unnest(CAST(:m_sku AS text[]), CAST(:m_wh AS text[]), CAST(:m_us AS bigint[]),
-                             CAST(:m_known AS boolean[])) AS t(sku, wh, us, known)
-    ), wu AS (
-        UPDATE inventory.sync_watermarks m SET last_set_us = greatest(m.last_set_us, t.us)
-        FROM marks t
-        WHERE t.known AND m.source = :source AND m.sku = t.sku AND m.warehouse_code = t.wh
-    ), wi AS (
-        INSERT INTO inventory.sync_watermarks (source, sku, warehouse_code, last_set_us)
-        SELECT :source, t.sku, t.wh, t.us FROM marks t WHERE NOT t.known
-    ), a AS (
-        UPDATE inventory.sync_sources
-        SET last_event_id = :last_event_id, events_seen = events_seen + :seen,
-            events_applied = events_applied + :applied, updated_at = now()
-        WHERE source = :source
-        RETURNING source, last_event_id, events_seen, events_applied, updated_at
-    )
-    SELECT (SELECT count(*) FROM upd) AS updated,
-           (SELECT coalesce(array_agg(id ORDER BY ord) FILTER (WHERE cost IS NOT NULL), '{}') FROM src) AS lot_ids,
-           a.source, a.last_event_id, a.events_seen, a.events_applied, a.updated_at
-    FROM a
-"""
-)
-
-_LOTS = """
-    INSERT INTO inventory.lots (sku, warehouse_code, received_quantity, remaining_quantity,
-                                unit_cost_minor, currency, ledger_id)
-    SELECT sku, wh, qty, qty, cost, cur, lid
-    FROM unnest($1::text[], $2::text[], $3::bigint[], $4::bigint[], $5::text[], $6::bigint[])
-         AS t(sku, wh, qty, cost, cur, lid)
-"""
-
-_CURSOR = text(
-    """
-    SELECT source, last_event_id, events_seen, events_applied, updated_at
-    FROM inventory.sync_sources WHERE source = :source
-    """
-)
-
-
 def _cursor(row: Any) -> Cursor:
     return Cursor(
         row["source"],
@@ -306,41 +178,12 @@ def _cursor(row: Any) -> Cursor:
 async def get_cursor(session: AsyncSession, source: str) -> Cursor:
     """Where a source stands; an unknown source starts from the beginning."""
     source = check_source(source)
-    row = (await session.execute(_CURSOR, {"source": source})).mappings().one_or_none()
+    row = await sync_store.read_cursor(session, source)
     return _cursor(row) if row is not None else Cursor(source, "", 0, 0, None)
 
 
-# An item as the lookups return it (asyncpg records, used as they come):
-# (kind, sku, track_inventory, allow_backorder, max_backorder, low_stock_threshold).
-_TRACK, _BACKORDER, _MAX_BACKORDER, _THRESHOLD = 2, 3, 4, 5
-
-
 def _policy(item: Any) -> Policy:
-    return Policy(
-        bool(item[_TRACK]), bool(item[_BACKORDER]), int(item[_MAX_BACKORDER]), int(item[_THRESHOLD])
-    )
-
-
-@dataclass(slots=True)
-class _Writes:
-    """Column arrays of the batch's write statement."""
-
-    # Ledger + outbox rows, in event order.
-    sku: list[str] = field(default_factory=list)
-    wh: list[str] = field(default_factory=list)
-    ohb: list[int] = field(default_factory=list)
-    oha: list[int] = field(default_factory=list)
-    reserved: list[int] = field(default_factory=list)
-    reason: list[str] = field(default_factory=list)
-    ref: list[str] = field(default_factory=list)
-    cost: list[int | None] = field(default_factory=list)
-    cur: list[str | None] = field(default_factory=list)
-    below: list[bool] = field(default_factory=list)
-    # Claims of the events not applied (stale or rejected).
-    claim_id: list[str] = field(default_factory=list)
-    claim_outcome: list[str] = field(default_factory=list)
-    claim_reason: list[str | None] = field(default_factory=list)
-    claim_message: list[str | None] = field(default_factory=list)
+    return Policy(bool(item[TRACK]), bool(item[BACKORDER]), int(item[MAX_BACKORDER]), int(item[THRESHOLD]))
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,120 +269,87 @@ async def apply_batch(
     check_policy(unknown_sku)
     batch = events if isinstance(events, PreparedBatch) else prepare(events)
     conn = await driver_connection(session)
-    if await conn.fetchval(_LOCK_SOURCE, source) is None:
-        await conn.execute(_NEW_SOURCE, source)
-        await conn.fetchval(_LOCK_SOURCE, source)
+    await sync_store.lock_source(conn, source)
     res = BatchResult(
         duplicate=batch.duplicate, rejected=len(batch.invalid_ids), errors=list(batch.invalid_ids)
     )
-    valid = batch.valid
-    order = batch.order
-    pre = dict(batch.rejected)
-    skus = batch.skus
-    whs = batch.warehouses
-
-    # 3. Warehouses and items referenced by the valid events, and earlier claims.
-    known_wh: set[str] = set()
-    items: dict[str, Any] = {}
-    recorded: dict[str, tuple[str, str, str]] = {}
-    if order:
-        for r in await conn.fetch(_LOOKUP, whs, skus, source, order):
-            k = r[0]
-            if k == "i":
-                items[r[1]] = r
-            elif k == "w":
-                known_wh.add(r[1])
-            else:
-                recorded[r[1]] = (k, r[6] or "", r[7] or "")
-    for e in valid:
-        if e.warehouse_code not in known_wh:
-            pre[e.event_id] = EventError(
-                e.event_id, "UNKNOWN_WAREHOUSE", f"warehouse {e.warehouse_code!r} does not exist"
-            )
-        elif e.sku not in items and unknown_sku == "reject":
-            pre[e.event_id] = EventError(
-                e.event_id, "UNKNOWN_SKU", f"inventory item {e.sku!r} does not exist"
-            )
-    w = _Writes()
-    for eid in order:
-        rec = recorded.get(eid)
-        if rec is not None:
-            if rec[0] == "r":
-                # A replayed rejection answers the same.
-                res.rejected += 1
-                res.errors.append(EventError(eid, rec[1], rec[2]))
-            else:
-                res.duplicate += 1
-        elif eid in pre:
-            err = pre[eid]
-            res.rejected += 1
-            res.errors.append(err)
-            w.claim_id.append(eid)
-            w.claim_outcome.append("r")
-            w.claim_reason.append(err.reason)
-            w.claim_message.append(err.message)
-    todo = [e for e in valid if e.event_id not in recorded and e.event_id not in pre]
-
-    # 4. Apply in memory; 5. write everything in one statement.
-    level_rows: tuple[list[str], list[str], list[int], list[int], list[int]] = ([], [], [], [], [])
-    marks: tuple[list[str], list[str], list[int], list[bool]] = ([], [], [], [])
+    refs = sync_store.References()
+    if batch.order:
+        refs = await sync_store.load_references(conn, source, batch.warehouses, batch.skus, batch.order)
+    rejected = _refuse_unknown_references(batch, refs, unknown_sku)
+    w = sync_store.Writes()
+    _settle_claimed_and_rejected(batch.order, refs.claims, rejected, res, w)
+    todo = [e for e in batch.valid if e.event_id not in refs.claims and e.event_id not in rejected]
     lots: list[SyncEvent] = []
     if todo:
-        level_rows, marks, lots = await _apply(conn, source, todo, items, res, w)
-    v_sku, v_wh, v_old, v_new, v_reserved = level_rows
-    m_sku, m_wh, m_us, m_known = marks
-    rows = await _WRITE.fetch(
+        lots = await _apply(conn, source, todo, refs.items, res, w)
+    row = await sync_store.write_batch(
+        session,
         conn,
-        {
-            "v_sku": v_sku,
-            "v_wh": v_wh,
-            "v_old": v_old,
-            "v_new": v_new,
-            "v_reserved": v_reserved,
-            "l_sku": w.sku,
-            "l_wh": w.wh,
-            "l_ohb": w.ohb,
-            "l_oha": w.oha,
-            "l_r": w.reserved,
-            "l_reason": w.reason,
-            "l_ref": w.ref,
-            "l_cost": w.cost,
-            "l_cur": w.cur,
-            "l_below": w.below,
-            "source": source,
-            "actor": actor,
-            "c_id": w.claim_id,
-            "c_outcome": w.claim_outcome,
-            "c_reason": w.claim_reason,
-            "c_message": w.claim_message,
-            "m_sku": m_sku,
-            "m_wh": m_wh,
-            "m_us": m_us,
-            "m_known": m_known,
-            "last_event_id": batch.last_event_id,
-            "seen": batch.size,
-            "applied": res.applied,
-            # The ledger rows' events (ledger.ctes): the watchers wake after commit.
-            **outbox.params(session, derived_rows=len(w.sku)),
-        },
+        source,
+        actor,
+        w,
+        last_event_id=batch.last_event_id,
+        seen=batch.size,
+        applied=res.applied,
     )
-    row = rows[0]
-    if row["updated"] != len(level_rows[0]):
+    if row["updated"] != len(w.level_sku):
         # Cannot happen while the rows are locked; refuse rather than write a wrong ledger.
         raise RuntimeError("stock levels changed under a sync batch's lock")
     if lots:
-        lot_ids = row["lot_ids"]
-        await conn.execute(
-            _LOTS,
+        await sync_store.insert_lots(
+            conn,
             [e.sku for e in lots],
             [e.warehouse_code for e in lots],
             [e.quantity for e in lots],
             [e.unit_cost.amount_minor if e.unit_cost else 0 for e in lots],
             [e.unit_cost.currency if e.unit_cost else "" for e in lots],
-            list(lot_ids),
+            row["lot_ids"],
         )
     res.cursor = _cursor(row)
     return res
+
+
+def _refuse_unknown_references(
+    batch: PreparedBatch, refs: sync_store.References, unknown_sku: str
+) -> dict[str, EventError]:
+    """The batch's rejections: validation's, plus the valid events naming a warehouse
+    that does not exist, or (policy "reject") an item that does not exist."""
+    rejected = dict(batch.rejected)
+    for e in batch.valid:
+        if e.warehouse_code not in refs.warehouses:
+            rejected[e.event_id] = EventError(
+                e.event_id, "UNKNOWN_WAREHOUSE", f"warehouse {e.warehouse_code!r} does not exist"
+            )
+        elif e.sku not in refs.items and unknown_sku == "reject":
+            rejected[e.event_id] = EventError(
+                e.event_id, "UNKNOWN_SKU", f"inventory item {e.sku!r} does not exist"
+            )
+    return rejected
+
+
+def _settle_claimed_and_rejected(
+    order: list[str],
+    claimed: dict[str, tuple[str, str, str]],
+    rejected: dict[str, EventError],
+    res: BatchResult,
+    w: sync_store.Writes,
+) -> None:
+    """Count the ids claimed earlier (duplicates; a replayed rejection answers the
+    same) and the new rejections, which are claimed with their reason."""
+    for eid in order:
+        claim = claimed.get(eid)
+        if claim is not None:
+            if claim[0] == "r":
+                res.rejected += 1
+                res.errors.append(EventError(eid, claim[1], claim[2]))
+            else:
+                res.duplicate += 1
+        elif eid in rejected:
+            err = rejected[eid]
+            res.rejected += 1
+            res.errors.append(err)
+            w.claim(eid, "r", err.reason, err.message)
 
 
 async def _apply(
@@ -548,31 +358,42 @@ async def _apply(
     todo: list[SyncEvent],
     items: dict[str, Any],
     res: BatchResult,
-    w: _Writes,
-) -> tuple[
-    tuple[list[str], list[str], list[int], list[int], list[int]],
-    tuple[list[str], list[str], list[int], list[bool]],
-    list[SyncEvent],
-]:
-    # Levels are keyed by "sku NUL warehouse" (neither can hold NUL): strings, unlike
-    # tuples, are not tracked by the garbage collector, which thousands of
-    # short-lived containers per batch keep busy.
+    w: sync_store.Writes,
+) -> list[SyncEvent]:
+    """Lock the levels `todo` changes, run its events in order under the stock
+    rules, and add what they write to `w`; returns the events that make lots."""
     skus = list({e.sku for e in todo})
     missing = [s for s in skus if s not in items]
     if missing:
         # Policy "create": an unknown SKU becomes a tracked item with defaults.
-        await conn.execute(_CREATE_ITEMS, missing)
-        for r in await conn.fetch(_ITEMS, missing):
+        for r in await sync_store.create_items(conn, missing):
             items[r[1]] = r
-    # Locked rows (sku, warehouse_code, on_hand, reserved, watermark) by key, in lock order.
+    rows, groups = await _lock_levels(conn, source, skus, todo)
+    on_hand: dict[str, int] = {}
+    marks: dict[str, int] = {}
+    lots = _run_events(todo, items, rows, groups, on_hand, marks, res, w)
+    _add_level_writes(rows, on_hand, marks, w)
+    return lots
+
+
+# Levels are keyed by "sku NUL warehouse" (neither can hold NUL): strings, unlike
+# tuples, are not tracked by the garbage collector, which thousands of
+# short-lived containers per batch keep busy.
+
+
+async def _lock_levels(
+    conn: asyncpg.Connection[Any], source: str, skus: list[str], todo: list[SyncEvent]
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """Lock every level of `skus` (creating the levels `todo` needs first, then
+    locking again): the locked rows by key in lock order, and the keys of the
+    levels of each SKU with more than one level (their total decides `below`)."""
     rows: dict[str, Any] = {}
-    # Keys of the levels of SKUs with more than one level (their total decides `below`).
     groups: dict[str, list[str]] = {}
     for attempt in range(2):
         rows.clear()
         groups.clear()
         prev_sku = prev_key = ""
-        for r in await conn.fetch(_LOCK_LEVELS, skus, source):
+        for r in await sync_store.lock_levels(conn, source, skus):
             sku = r[0]
             key = sku + "\0" + r[1]
             rows[key] = r
@@ -589,10 +410,23 @@ async def _apply(
             break
         # First change of a SKU in a warehouse: create its level, then lock again.
         pairs = [k.split("\0") for k in missing_keys]
-        await conn.execute(_ENSURE_LEVELS, [p[0] for p in pairs], [p[1] for p in pairs])
-    # Current on_hand and SET watermark of the levels this batch changed.
-    on_hand: dict[str, int] = {}
-    marks: dict[str, int] = {}
+        await sync_store.ensure_levels(conn, [p[0] for p in pairs], [p[1] for p in pairs])
+    return rows, groups
+
+
+def _run_events(
+    todo: list[SyncEvent],
+    items: dict[str, Any],
+    rows: dict[str, Any],
+    groups: dict[str, list[str]],
+    on_hand: dict[str, int],
+    marks: dict[str, int],
+    res: BatchResult,
+    w: sync_store.Writes,
+) -> list[SyncEvent]:
+    """Run the events in order in memory: a stale SET or one the stock rules refuse
+    is claimed with its outcome; an applied one moves `on_hand` (and `marks`, the
+    SET watermarks) and adds its ledger row to `w`. Returns the events that make lots."""
     lots: list[SyncEvent] = []
     policies: dict[str, Policy] = {}
     applied = 0
@@ -602,18 +436,15 @@ async def _apply(
         row = rows[key]
         old = on_hand.get(key)
         if old is None:
-            old = row[2]
-        reserved = row[3]
+            old = row[ON_HAND]
+        reserved = row[RESERVED]
         occurred = e.occurred_us
         if e.kind == "set":
-            mark = marks.get(key, row[4])
+            mark = marks.get(key, row[LAST_SET_US])
             assert occurred is not None
             if mark is not None and occurred < mark:
                 res.stale += 1
-                w.claim_id.append(e.event_id)
-                w.claim_outcome.append("s")
-                w.claim_reason.append(None)
-                w.claim_message.append(None)
+                w.claim(e.event_id, "s", None, None)
                 continue
             new = e.quantity
         else:
@@ -623,22 +454,10 @@ async def _apply(
         if policy is None:
             policy = policies[sku] = _policy(item)
         if not may_set_on_hand(new, old, reserved, policy):
-            if new < 0:
-                err = EventError(
-                    e.event_id, "INSUFFICIENT_STOCK", f"on_hand {old} of {sku!r} would go below 0"
-                )
-            else:
-                err = EventError(
-                    e.event_id,
-                    "STOCK_RESERVED",
-                    f"on_hand of {sku!r} would be {new}, below the {reserved} reserved units",
-                )
+            err = _refusal(e, old, new, reserved)
             res.rejected += 1
             res.errors.append(err)
-            w.claim_id.append(e.event_id)
-            w.claim_outcome.append("r")
-            w.claim_reason.append(err.reason)
-            w.claim_message.append(err.message)
+            w.claim(e.event_id, "r", err.reason, err.message)
             continue
         if e.kind == "set":
             assert occurred is not None
@@ -648,39 +467,52 @@ async def _apply(
         if group is None:
             total = new - reserved
         else:
-            total = sum(on_hand.get(k, rows[k][2]) - rows[k][3] for k in group)
-        threshold: int = item[_THRESHOLD]
+            total = sum(on_hand.get(k, rows[k][ON_HAND]) - rows[k][RESERVED] for k in group)
+        threshold: int = item[THRESHOLD]
         w.sku.append(sku)
-        w.wh.append(e.warehouse_code)
-        w.ohb.append(old)
-        w.oha.append(new)
+        w.warehouse_code.append(e.warehouse_code)
+        w.on_hand_before.append(old)
+        w.on_hand_after.append(new)
         w.reserved.append(reserved)
         w.reason.append(e.reason)
-        w.ref.append(e.event_id)
-        w.below.append(threshold > 0 and total <= threshold)  # is_below_threshold, inlined
+        w.reference.append(e.event_id)
+        w.below_threshold.append(threshold > 0 and total <= threshold)  # is_below_threshold, inlined
         if e.unit_cost is not None:
             w.cost.append(e.unit_cost.amount_minor * e.quantity)
-            w.cur.append(e.unit_cost.currency)
+            w.currency.append(e.unit_cost.currency)
             lots.append(e)
         else:
             w.cost.append(None)
-            w.cur.append(None)
+            w.currency.append(None)
         applied += 1
     res.applied += applied
-    # In lock order (the rows are locked already).
-    changed = [rows[k] for k in rows if k in on_hand and on_hand[k] != rows[k][2]]
-    level_rows = (
-        [r[0] for r in changed],
-        [r[1] for r in changed],
-        [r[2] for r in changed],
-        [on_hand[r[0] + "\0" + r[1]] for r in changed],
-        [r[3] for r in changed],
+    return lots
+
+
+def _refusal(e: SyncEvent, old: int, new: int, reserved: int) -> EventError:
+    """Why the stock rules refuse to move on_hand from `old` to `new`."""
+    if new < 0:
+        return EventError(e.event_id, "INSUFFICIENT_STOCK", f"on_hand {old} of {e.sku!r} would go below 0")
+    return EventError(
+        e.event_id,
+        "STOCK_RESERVED",
+        f"on_hand of {e.sku!r} would be {new}, below the {reserved} reserved units",
     )
-    mark_rows = [rows[k] for k in marks]
-    mark_cols = (
-        [r[0] for r in mark_rows],
-        [r[1] for r in mark_rows],
-        list(marks.values()),
-        [r[4] is not None for r in mark_rows],
-    )
-    return level_rows, mark_cols, lots
+
+
+def _add_level_writes(
+    rows: dict[str, Any], on_hand: dict[str, int], marks: dict[str, int], w: sync_store.Writes
+) -> None:
+    """Add to `w` the levels whose on_hand changed and the SET watermarks, in lock
+    order (the rows are locked already)."""
+    changed = [r for k, r in rows.items() if k in on_hand and on_hand[k] != r[ON_HAND]]
+    w.level_sku = [r[0] for r in changed]
+    w.level_warehouse_code = [r[1] for r in changed]
+    w.level_on_hand_before = [r[ON_HAND] for r in changed]
+    w.level_on_hand_after = [on_hand[r[0] + "\0" + r[1]] for r in changed]
+    w.level_reserved = [r[RESERVED] for r in changed]
+    marked = [rows[k] for k in marks]
+    w.watermark_sku = [r[0] for r in marked]
+    w.watermark_warehouse_code = [r[1] for r in marked]
+    w.watermark_set_us = list(marks.values())
+    w.watermark_known = [r[LAST_SET_US] is not None for r in marked]
