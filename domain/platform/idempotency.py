@@ -117,8 +117,8 @@ def claim_cte(first: int) -> str:
 # so two batches never wait for each other's keys in opposite orders.
 BATCH_CLAIM_CTE = """claimed AS (
         INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash)
-        SELECT * FROM unnest(CAST(:c_p AS text[]), CAST(:c_r AS text[]), CAST(:c_m AS text[]),
-                             CAST(:c_h AS bytea[]))
+        SELECT * FROM unnest(CAST(:claim_principals AS text[]), CAST(:claim_request_ids AS text[]),
+                             CAST(:claim_methods AS text[]), CAST(:claim_hashes AS bytea[]))
         ON CONFLICT DO NOTHING
         RETURNING principal, request_id
     )"""
@@ -126,10 +126,10 @@ BATCH_CLAIM_CTE = """claimed AS (
 
 def batch_claim_params(claims: Sequence[Claim]) -> dict[str, object]:
     return {
-        "c_p": [c.principal for c in claims],
-        "c_r": [c.request_id for c in claims],
-        "c_m": [c.method for c in claims],
-        "c_h": [c.request_hash for c in claims],
+        "claim_principals": [c.principal for c in claims],
+        "claim_request_ids": [c.request_id for c in claims],
+        "claim_methods": [c.method for c in claims],
+        "claim_hashes": [c.request_hash for c in claims],
     }
 
 
@@ -140,8 +140,9 @@ def batch_claim_params(claims: Sequence[Claim]) -> dict[str, object]:
 # whole table per batch). The insert branch never runs.
 BATCH_STORE = """
     INSERT INTO platform.idempotency_keys (principal, request_id, method, request_hash, status_code, response)
-    SELECT * FROM unnest(CAST(:s_p AS text[]), CAST(:s_r AS text[]), CAST(:s_m AS text[]),
-                         CAST(:s_h AS bytea[]), CAST(:s_c AS int[]), CAST(:s_b AS bytea[]))
+    SELECT * FROM unnest(CAST(:answer_principals AS text[]), CAST(:answer_request_ids AS text[]),
+                         CAST(:answer_methods AS text[]), CAST(:answer_hashes AS bytea[]),
+                         CAST(:answer_status_codes AS int[]), CAST(:answer_bodies AS bytea[]))
     ON CONFLICT (principal, request_id) DO UPDATE SET status_code = excluded.status_code, response = excluded.response
 """
 
@@ -161,12 +162,12 @@ class Answers:
 
     def params(self) -> dict[str, object]:
         return {
-            "s_p": [c.principal for c in self.claims],
-            "s_r": [c.request_id for c in self.claims],
-            "s_m": [c.method for c in self.claims],
-            "s_h": [c.request_hash for c in self.claims],
-            "s_c": self.codes,
-            "s_b": self.bodies,
+            "answer_principals": [c.principal for c in self.claims],
+            "answer_request_ids": [c.request_id for c in self.claims],
+            "answer_methods": [c.method for c in self.claims],
+            "answer_hashes": [c.request_hash for c in self.claims],
+            "answer_status_codes": self.codes,
+            "answer_bodies": self.bodies,
         }
 
 
