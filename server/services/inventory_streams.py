@@ -25,6 +25,7 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from server.context import current_caller
 from server.convert import timestamp_micros, ts
 from server.runtime import Runtime
+from server.services.inventory_convert import MOVEMENT_TO_PROTO
 from server.watch_hub import watch_stock
 
 log = logging.getLogger("entrepot.sync")
@@ -35,18 +36,6 @@ _KINDS = {
     pb.SYNC_EVENT_KIND_SET: "set",
     pb.SYNC_EVENT_KIND_ADJUST: "adjust",
     pb.SYNC_EVENT_KIND_RECEIVE: "receive",
-}
-_MOVEMENTS = {
-    "receive": pb.MOVEMENT_TYPE_RECEIVE,
-    "adjust": pb.MOVEMENT_TYPE_ADJUST,
-    "set": pb.MOVEMENT_TYPE_SET,
-    "reserve": pb.MOVEMENT_TYPE_RESERVE,
-    "release": pb.MOVEMENT_TYPE_RELEASE,
-    "fulfil": pb.MOVEMENT_TYPE_FULFIL,
-    "return": pb.MOVEMENT_TYPE_RETURN,
-    "import": pb.MOVEMENT_TYPE_IMPORT,
-    "sync": pb.MOVEMENT_TYPE_SYNC,
-    "audit": pb.MOVEMENT_TYPE_AUDIT,
 }
 # The reader task's end-of-stream marker on the queue.
 _END = object()
@@ -107,7 +96,7 @@ def event_to_proto(e: watch.StockEvent) -> pb.StockChangeEvent:
         event_id=e.event_id,
         sku=e.sku,
         warehouse_code=e.warehouse_code,
-        type=_MOVEMENTS.get(e.type, pb.MOVEMENT_TYPE_UNSPECIFIED),
+        type=MOVEMENT_TO_PROTO.get(e.type, pb.MOVEMENT_TYPE_UNSPECIFIED),
         on_hand_delta=e.on_hand_delta,
         reserved_delta=e.reserved_delta,
         on_hand=e.on_hand,
