@@ -4,7 +4,8 @@ Subjects: `<prefix>.<topic>.<aggregate id>`, e.g. entrepot.inventory.stock_chang
 (the topic's dots become subject tokens; the aggregate id is one token, see
 `subject_token`). Message: a JSON envelope of the event; headers `Nats-Msg-Id` (the
 outbox id: JetStream drops an id it already stored within the stream's duplicate window)
-and `Entrepot-Position` (txid:id, so a new relay can tell where the stream stands).
+and `Entrepot-Position` (epoch:id, the relay's position: a new relay can tell where the
+stream stands).
 
 Publishing pipelines a batch on one connection and awaits the acks in order: JetStream
 stores the messages of one connection in the order they were sent, so the acknowledged
@@ -114,13 +115,13 @@ class NatsSink:
     async def _on_error(exc: Exception) -> None:
         log.warning("NATS connection error", extra={"error": type(exc).__name__, "detail": str(exc)[:200]})
 
-    async def publish(self, events: Sequence[outbox.StoredEvent]) -> Published:
+    async def publish(self, events: Sequence[outbox.StoredEvent], epoch: int) -> Published:
         js = await self._connect()
         futures: list[asyncio.Future[Any]] = []
         error: Exception | None = None
         try:
             for e in events:
-                headers = {Header.MSG_ID.value: str(e.id), POSITION_HEADER: f"{e.txid}:{e.id}"}
+                headers = {Header.MSG_ID.value: str(e.id), POSITION_HEADER: f"{epoch}:{e.id}"}
                 futures.append(
                     await js.publish_async(subject_for(self.prefix, e), envelope(e), headers=headers)
                 )
@@ -154,10 +155,10 @@ class NatsSink:
         except nats.js.errors.NotFoundError:
             return None
         value = (msg.headers or {}).get(POSITION_HEADER, "")
-        txid, _, event_id = value.partition(":")
-        if not (txid.isdigit() and event_id.isdigit()):
+        epoch, _, event_id = value.partition(":")
+        if not (epoch.isdigit() and event_id.isdigit()):
             return None
-        return (int(txid), int(event_id))
+        return (int(epoch), int(event_id))
 
     async def close(self) -> None:
         nc, self._nc, self._js = self._nc, None, None

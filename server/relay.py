@@ -1,18 +1,20 @@
 """The event relay: every platform.outbox event published to a message broker, once, in
-delivery order (docs/events.md).
+commit order per aggregate (docs/events.md).
 
-- Order: the outbox's delivery order, (txid, id) below the horizon of running
-  transactions (domain/shared/outbox.py, the rule the watch hub uses): what is published is
-  always a stable prefix, so nothing committed later can slip in before it.
+- Order: the relay publishes epoch after epoch (domain/platform/relay.py): the events whose
+  transactions ended between two snapshots it observed, each epoch in outbox id order.
+  Epochs follow commit time, and within one the id order of an aggregate's events is their
+  commit order (ids are drawn under the aggregate's lock): docs/events.md "Order".
 - Exactly once: each event carries its outbox id as the broker's message id; the broker
-  drops a message id it already stored (JetStream de-duplication), and the cursor
-  (domain/platform/relay.py) moves only after the broker acknowledged. A relay that dies
-  between the ack and the cursor write is followed by one that first asks the broker for the
-  newest event it holds (`EventSink.last_published`) and moves the cursor there, so even a
-  takeover after the de-duplication window publishes nothing twice.
+  drops a message id it already stored (JetStream de-duplication), and the cursor moves
+  only after the broker acknowledged. A relay that dies between the ack and the cursor
+  write is followed by one that first asks the broker for the newest event it holds
+  (`EventSink.last_published`: epoch and id) and moves the cursor there, so even a takeover
+  after the de-duplication window publishes nothing twice. An epoch is stored before any
+  of its events is published, so that epoch number always names a stored epoch.
 - One relay across replicas: the job runs under a lease (server/background.py run_leased,
-  domain/shared/leases.py); the cursor write renews the lease in the same transaction and is
-  refused to a replica that lost it.
+  domain/shared/leases.py); every cursor write renews the lease in the same transaction and
+  is refused to a replica that lost it.
 - Sinks: `EventSink` is all a broker needs to provide (NATS JetStream: server/nats_sink.py).
 """
 
@@ -26,6 +28,8 @@ from datetime import timedelta
 from functools import partial
 from typing import Protocol
 
+from sqlalchemy.ext.asyncio import AsyncSession
+
 from domain.platform import relay as cursors
 from domain.shared import outbox
 from server import metrics
@@ -34,6 +38,7 @@ from server.settings import Settings
 
 log = logging.getLogger("entrepot.relay")
 
+# (epoch, event id): where a published event stands.
 Position = tuple[int, int]
 
 
@@ -53,9 +58,10 @@ class EventSink(Protocol):
     # Names the relay's cursor and lease: one per broker and stream.
     name: str
 
-    async def publish(self, events: Sequence[outbox.StoredEvent]) -> Published:
-        """Publish `events` in order; the broker must store them in that order and drop an
-        event id it already holds. Returns how many leading events it acknowledged."""
+    async def publish(self, events: Sequence[outbox.StoredEvent], epoch: int) -> Published:
+        """Publish `events` (of relay epoch `epoch`) in order; the broker must store them in
+        that order, with their position (epoch, id), and drop an event id it already
+        holds. Returns how many leading events it acknowledged."""
         ...
 
     async def last_published(self) -> Position | None:
@@ -111,19 +117,30 @@ class Relay:
 
     async def _publish_all(self) -> int:
         name, limit = self.sink.name, self.rt.settings.relay_batch_size
-        position = await self.rt.read(lambda s: cursors.cursor(s, name))
+        at = await self.rt.read(lambda s: cursors.cursor(s, name))
         if self.unsure:
-            position = await self._catch_up_with_broker(position)
+            at = await self._catch_up_with_broker(at)
             self.unsure = False
         total = 0
         while True:
-            events = await self.rt.read(partial(outbox.read_all_after, position=position, limit=limit))
+            if at.done:
+                # The next epoch ends at a snapshot observed now.
+                end, ids = await self.rt.read(partial(_next_epoch, at=at))
+                if ids is None:
+                    return total
+                at = await self._begin_epoch(at, end, ids)
+            events = await self.rt.read(partial(_read_epoch, at=at, limit=limit))
             if not events:
-                return total
-            result = await self.sink.publish(events)
+                # The rest of the epoch was purged (retention) before it was published.
+                log.warning(
+                    "events of the relay's epoch were purged before they were published",
+                    extra={"relay": self.sink.name, "after": at.event_id, "last": at.last_id},
+                )
+                at = await self._advance(at, at.last_id, 0)
+                continue
+            result = await self.sink.publish(events, at.epoch)
             if result.acked:
-                position = events[result.acked - 1].position
-                await self._advance(position, result.acked)
+                at = await self._advance(at, events[result.acked - 1].id, result.acked)
                 total += result.acked
                 metrics.RELAY_PUBLISHED.inc(result.acked)
                 if result.duplicates:
@@ -134,40 +151,63 @@ class Relay:
                     )
             if result.error is not None:
                 raise result.error
-            if len(events) < limit:
+            if len(events) < limit and at.done:
                 return total
 
-    async def _advance(self, position: Position, published: int) -> None:
+    async def _begin_epoch(self, at: cursors.Cursor, end: str, ids: tuple[int, int]) -> cursors.Cursor:
         async with self.rt.uow() as uow:
-            mine = await cursors.advance(
-                uow.session, self.sink.name, self.holder, self.ttl, position, published
+            begun = await cursors.begin_epoch(
+                uow.session, self.sink.name, self.holder, self.ttl, at, end, ids
             )
             await uow.commit()
-        if not mine:
-            raise LeaseLost(f"the lease of relay {self.sink.name} is held by another replica")
+        if begun is None:
+            raise LeaseLost(f"the cursor of relay {self.sink.name} was moved by another replica")
+        return begun
 
-    async def _catch_up_with_broker(self, position: Position) -> Position:
+    async def _advance(self, at: cursors.Cursor, event_id: int, published: int) -> cursors.Cursor:
+        async with self.rt.uow() as uow:
+            moved = await cursors.advance(
+                uow.session, self.sink.name, self.holder, self.ttl, at, event_id, published
+            )
+            await uow.commit()
+        if moved is None:
+            raise LeaseLost(f"the lease of relay {self.sink.name} is held by another replica")
+        return moved
+
+    async def _catch_up_with_broker(self, at: cursors.Cursor) -> cursors.Cursor:
         """Move the cursor to the newest event the broker already holds when it is ahead
         (a relay died after the broker's ack, before writing the cursor)."""
         held = await self.sink.last_published()
-        if held is None or held <= position:
-            return position
-        known = await self.rt.read(lambda s: outbox.position_of(s, held[1]))
-        if known != held:
-            # Not an event of this database (another database used the same stream).
-            log.warning(
-                "the broker's newest event is not in this outbox; not moving the cursor",
-                extra={"relay": self.sink.name, "event_id": held[1]},
-            )
-            return position
-        await self._advance(held, 0)
-        log.info(
-            "cursor moved to the broker's newest event", extra={"relay": self.sink.name, "event_id": held[1]}
+        if held is None or held <= at.position:
+            return at
+        epoch, event_id = held
+        known = epoch == at.epoch and await self.rt.read(
+            lambda s: outbox.in_epoch(s, at.start, at.end, event_id)
         )
-        return held
+        if not known:
+            # An epoch this cursor never stored (another database used the same stream).
+            log.warning(
+                "the broker's newest event is not in this relay's epoch; not moving the cursor",
+                extra={"relay": self.sink.name, "epoch": epoch, "event_id": event_id},
+            )
+            return at
+        at = await self._advance(at, event_id, 0)
+        log.info(
+            "cursor moved to the broker's newest event", extra={"relay": self.sink.name, "event_id": event_id}
+        )
+        return at
 
     async def close(self) -> None:
         await self.sink.close()
+
+
+async def _read_epoch(session: AsyncSession, at: cursors.Cursor, limit: int) -> list[outbox.StoredEvent]:
+    return await outbox.read_epoch(session, at.start, at.end, at.event_id, at.last_id, limit)
+
+
+async def _next_epoch(session: AsyncSession, at: cursors.Cursor) -> tuple[str, tuple[int, int] | None]:
+    end = await outbox.current_snapshot(session)
+    return end, await outbox.epoch_ids(session, at.end, end)
 
 
 async def backlog(rt: Runtime) -> cursors.Backlog | None:

@@ -7,7 +7,10 @@ delivers rows whose transaction is older than the oldest transaction still
 running (`pg_snapshot_xmin(pg_current_snapshot())`), in (txid, id) order. No
 transaction that can still commit has a txid below that horizon, so the
 delivered sequence is a stable prefix: resuming after (txid, id) loses
-nothing and repeats nothing, on any replica.
+nothing and repeats nothing, on any replica. That order is not commit order
+per aggregate (a transaction can take its txid before it waits for the
+aggregate's lock); the event relay, which must keep that order, reads in epochs
+instead (`read_epoch` below, docs/events.md "Order").
 
 Writing. Every row is written by the one INSERT of `cte`: `emit` / `emit_many`
 run it on their own (one event, or many in order); hot paths fold it into
@@ -169,31 +172,61 @@ _READ = text(
     """
 )
 
-# Every topic, for the event relay (server/relay.py): the same horizon rule as _READ.
-_READ_ALL = text(
-    """
-    SELECT id, txid::text::bigint AS txid, topic, aggregate_type, aggregate_id, channel, payload, created_at
+# The event relay's reads (server/relay.py, domain/platform/relay.py): epochs. An epoch
+# is the set of events whose transactions are visible in snapshot :end but not in
+# snapshot :start (pg_snapshot values the relay observed, :start before :end): every
+# transaction of an epoch has ended, so the epoch is final, and it is read in id order.
+# Why that order is commit order per aggregate: docs/events.md "Order".
+_EPOCH = """
     FROM platform.outbox
-    WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id)
-      AND txid < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY txid, id
+    WHERE pg_visible_in_snapshot(txid, CAST(CAST(:end AS text) AS pg_snapshot))
+      AND NOT pg_visible_in_snapshot(txid, CAST(CAST(:start AS text) AS pg_snapshot))"""
+
+# The first and last id of an epoch: a range scan of the txid index (the epoch's txids lie
+# in [xmin(:start), xmax(:end)); index-only, once per epoch). OFFSET 0 keeps the rows
+# found that way: without it the planner answers min and max by walking the primary key
+# from either end, through every older event.
+_EPOCH_IDS = text(
+    f"""
+    SELECT min(id), max(id) FROM (
+        SELECT id {_EPOCH}
+          AND txid >= pg_snapshot_xmin(CAST(CAST(:start AS text) AS pg_snapshot))
+          AND txid < pg_snapshot_xmax(CAST(CAST(:end AS text) AS pg_snapshot))
+        OFFSET 0) AS e
+    """
+)
+
+# A page: the primary key walked in id order between the page's start and the epoch's last
+# id (no sort of the epoch, whatever its size).
+_READ_EPOCH = text(
+    f"""
+    SELECT id, txid::text::bigint AS txid, topic, aggregate_type, aggregate_id, channel, payload, created_at
+    {_EPOCH} AND id > :after AND id <= :last
+    ORDER BY id
     LIMIT :limit
     """
 )
 
-# What lies after a position (committed, whether or not below the horizon yet): how many
-# events, counted up to :cap, and the age of the first in delivery order.
-_BACKLOG = text(
+_IN_EPOCH = text(f"SELECT 1 {_EPOCH} AND id = :id")
+
+_SNAPSHOT = text("SELECT CAST(pg_current_snapshot() AS text)")
+
+# What an epoch cursor has still to publish: the rest of its epoch (id > :after) and every
+# event not visible in :end (a later epoch). Both lie at txid >= xmin(:start) (the
+# txid index's range); counted up to :cap, with the age of the oldest of those counted.
+_BACKLOG_EPOCH = text(
     """
-    SELECT
-        (SELECT count(*) FROM (
-            SELECT 1 FROM platform.outbox
-            WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id) LIMIT :cap) AS b),
-        (SELECT extract(epoch FROM now() - created_at) FROM platform.outbox
-            WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id)
-            ORDER BY txid, id LIMIT 1)
+    SELECT count(*), extract(epoch FROM now() - min(created_at)) FROM (
+        SELECT created_at FROM platform.outbox
+        WHERE txid >= pg_snapshot_xmin(CAST(CAST(:start AS text) AS pg_snapshot))
+          AND NOT pg_visible_in_snapshot(txid, CAST(CAST(:start AS text) AS pg_snapshot))
+          AND (id > :after OR NOT pg_visible_in_snapshot(txid, CAST(CAST(:end AS text) AS pg_snapshot)))
+        LIMIT :cap) AS b
     """
 )
+
+# A snapshot in which no transaction is visible: the start of the first epoch.
+EMPTY_SNAPSHOT = "1:1:"
 
 _POSITION = text("SELECT txid::text::bigint FROM platform.outbox WHERE id = :id")
 
@@ -218,17 +251,43 @@ async def read_after(
     return [StoredEvent(*row) for row in result.all()]
 
 
-async def read_all_after(session: AsyncSession, position: tuple[int, int], limit: int) -> list[StoredEvent]:
-    """Committed events of every topic after `position`, in delivery order."""
-    result = await session.execute(_READ_ALL, {"txid": str(position[0]), "id": position[1], "limit": limit})
+async def current_snapshot(session: AsyncSession) -> str:
+    """The snapshot of transactions this statement sees as ended (pg_snapshot, as text):
+    the end of a new epoch."""
+    return str((await session.execute(_SNAPSHOT)).scalar_one())
+
+
+async def epoch_ids(session: AsyncSession, start: str, end: str) -> tuple[int, int] | None:
+    """The first and last event id of the epoch (start, end] of snapshots; None when it
+    holds no event."""
+    first, last = (await session.execute(_EPOCH_IDS, {"start": start, "end": end})).one()
+    return None if first is None else (int(first), int(last))
+
+
+async def read_epoch(
+    session: AsyncSession, start: str, end: str, after: int, last: int, limit: int
+) -> list[StoredEvent]:
+    """Events of every topic committed in the epoch (start, end] of snapshots, with an id
+    above `after` and at most `last`, in id order."""
+    result = await session.execute(
+        _READ_EPOCH, {"start": start, "end": end, "after": after, "last": last, "limit": limit}
+    )
     return [StoredEvent(*row) for row in result.all()]
 
 
-async def backlog_after(session: AsyncSession, position: tuple[int, int], cap: int) -> tuple[int, float]:
-    """(events after `position`, counted up to `cap`; seconds since the first of them was
-    written, 0 when there is none)."""
+async def in_epoch(session: AsyncSession, start: str, end: str, event_id: int) -> bool:
+    """Whether event `event_id` exists and belongs to the epoch (start, end]."""
+    found = await session.execute(_IN_EPOCH, {"start": start, "end": end, "id": event_id})
+    return found.scalar_one_or_none() is not None
+
+
+async def backlog_of_epoch(
+    session: AsyncSession, start: str, end: str, after: int, cap: int
+) -> tuple[int, float]:
+    """(events after id `after` of the epoch (start, end] and of every later epoch, counted
+    up to `cap`; seconds since the oldest of those counted was written, 0 when none)."""
     count, age = (
-        await session.execute(_BACKLOG, {"txid": str(position[0]), "id": position[1], "cap": cap})
+        await session.execute(_BACKLOG_EPOCH, {"start": start, "end": end, "after": after, "cap": cap})
     ).one()
     return int(count), float(age or 0.0)
 

@@ -1,4 +1,4 @@
-"""platform: the event relay's cursor (where publishing to the broker stands).
+"""platform: the event relay's cursor (where publishing to the broker stands: epoch and event id).
 
 Revision ID: platform_0002
 """
@@ -14,14 +14,18 @@ depends_on = None
 
 
 def upgrade() -> None:
-    # One row per relay (sink and stream): the position (txid, event id) of the last
-    # outbox event the broker acknowledged. Written only by the holder of the relay's
-    # lease (platform.leases), see domain/platform/relay.py.
+    # One row per relay (sink and stream): the epoch it is publishing (the outbox events
+    # whose transactions are visible in snapshot epoch_end and not in epoch_start; the
+    # last of them is last_id) and the id of the last of them the broker acknowledged. Written only by the holder of
+    # the relay's lease (platform.leases), see domain/platform/relay.py.
     op.execute(
         """
         CREATE TABLE platform.relay_cursors (
             name text PRIMARY KEY,
-            txid xid8 NOT NULL,
+            epoch bigint NOT NULL,
+            epoch_start pg_snapshot NOT NULL,
+            epoch_end pg_snapshot NOT NULL,
+            last_id bigint NOT NULL,
             event_id bigint NOT NULL,
             published bigint NOT NULL DEFAULT 0,
             updated_at timestamptz NOT NULL DEFAULT now()

