@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 
-from sqlalchemy import select
+from sqlalchemy import select, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -210,7 +210,11 @@ async def list_warehouses(
     if not include_inactive:
         stmt = stmt.where(WarehouseRow.active)
     if after is not None:
-        stmt = stmt.where((WarehouseRow.priority, WarehouseRow.code) > (int(after[0]), str(after[1])))  # type: ignore[operator]
+        # A row comparison in SQL (a Python tuple comparison would compare the priority alone
+        # and skip the rest of a page boundary's priority).
+        stmt = stmt.where(
+            tuple_(WarehouseRow.priority, WarehouseRow.code) > tuple_(int(after[0]), str(after[1]))
+        )
     rows = list((await session.execute(stmt)).scalars())
     more = len(rows) > n
     rows = rows[:n]

@@ -72,6 +72,22 @@ def reserve(
     return req
 
 
+async def test_warehouse_pages_keep_every_warehouse_that_shares_a_priority(admin: Entrepot) -> None:
+    # Three warehouses share a priority no other test uses: with two per page, a page boundary
+    # falls inside the group, and the next page must start after (priority, code), not after priority.
+    priority = random.randint(900_000, 1_000_000)
+    group = sorted([await make_warehouse(admin, priority=priority) for _ in range(3)])
+    listed: list[str] = []
+    token = ""
+    while True:
+        page = await admin.inventory.list_warehouses(pb.ListWarehousesRequest(page_size=2, page_token=token))
+        listed += [w.code for w in page.warehouses if w.priority == priority]
+        token = page.next_page_token
+        if not token:
+            break
+    assert listed == group
+
+
 async def test_warehouses_create_update_mask_deactivate_and_list(admin: Entrepot) -> None:
     code = await make_warehouse(admin, priority=5)
     got = await admin.inventory.get_warehouse(pb.GetWarehouseRequest(code=code))
