@@ -318,16 +318,17 @@ def test_client_cli_failures_are_one_line(dev: Dev) -> None:
     nobody = _env(dev.data, ENTREPOT_TARGET=f"127.0.0.1:{free_port()}")
     line = one_line_failure(run([*CLIENT, "call", "channel.list_channels"], nobody))
     assert "no server answered at" in line and nobody["ENTREPOT_TARGET"] in line, line
-    # `methods | head -3`: the reader closes the pipe; the CLI stops quietly.
+    # A reader that went away (`methods | head` once head has exited): the CLI's write finds
+    # the pipe closed and it stops quietly with 141. The read end is closed before the CLI
+    # writes, so the write always fails (a reader that reads a few lines first races with a
+    # short output written whole, which rightly exits 0).
     proc = subprocess.Popen(
         [*CLIENT, "methods"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
     assert proc.stdout is not None and proc.stderr is not None
-    first = [proc.stdout.readline() for _ in range(3)]
     proc.stdout.close()
     code = proc.wait(30)
     err = proc.stderr.read().decode()
-    assert all(b"." in line for line in first), first
     assert code == 141, err
     assert err == "", err
 
