@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import sys
@@ -37,6 +38,7 @@ from bench.common import ROOT, Row, cpu_seconds, database_cpu_seconds
 from domain.shared.db import make_engine, make_session_factory
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot
+from entrepot_client.errors import EntrepotError
 from entrepot_client.streams import sync_stock
 from tests.inventory_support import migrated_database
 from tests.pg import drop_database
@@ -78,27 +80,45 @@ async def watch_client(target: str, token: str, after: int, first: int, count: i
     received: list[list[int]] = [[] for _ in flts]
     latencies: list[float] = []
     errors: dict[str, int] = {}
+    silent = set(range(len(flts)))  # watchers that have received no message at all
+    all_greeted = asyncio.Event()
 
     async def watcher(idx: int, ep: Entrepot, flt: list[str]) -> None:
         got = received[idx]
         call = ep.inventory.watch_stock_changes(pb.WatchStockChangesRequest(skus=flt, after_event_id=after))
         try:
             async for msg in call:
+                silent.discard(idx)
+                if not silent:
+                    all_greeted.set()
                 now = time.time()
                 for e in msg.events:
                     got.append(e.event_id)
                     latencies.append(now - e.time.ToDatetime(tzinfo=UTC).timestamp())
-        except grpc.aio.AioRpcError as err:  # counted: a watcher that ends early is a failure
-            errors[err.code().name] = errors.get(err.code().name, 0) + 1
+        except (
+            grpc.aio.AioRpcError,
+            EntrepotError,
+        ) as err:  # counted: a watcher that ends early is a failure
+            what = err.code().name if isinstance(err, grpc.aio.AioRpcError) else str(err)[:160]
+            errors[what] = errors.get(what, 0) + 1
+            return
+        errors["ENDED"] = errors.get("ENDED", 0) + 1  # a watch never ends by itself
 
     tasks = [asyncio.create_task(watcher(i, channels[i % n_conn], f)) for i, f in enumerate(flts)]
-    # The server sends nothing before the first event, so there is no signal that a
-    # stream is registered: give the calls time to open (a late one still catches up
-    # from `after`, its first latencies then read high).
-    await asyncio.sleep(2.0 + count / 1000)
+    # Every watcher gets its first message (a heartbeat) within the heartbeat interval
+    # of opening: ready once each has had one, so producing starts with every stream live.
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(all_greeted.wait(), 60 + count / 100)
     print("ready", flush=True)
     # The parent closes stdin when delivery has settled (or timed out).
     await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+    if silent:
+        errors["SILENT"] = len(silent)
+        # Silent watchers by connection: whole connections silent point at the transport.
+        per_conn: dict[int, int] = {}
+        for i in silent:
+            per_conn[i % n_conn] = per_conn.get(i % n_conn, 0) + 1
+        errors[f"SILENT_CONNECTIONS {len(per_conn)}/{n_conn} max {max(per_conn.values())}"] = 1
     for t in tasks:
         t.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
@@ -237,7 +257,10 @@ async def run_p6(
         for code, n in res["errors"].items():
             errors[code] = errors.get(code, 0) + n
     rss_after = rss_kb(server.proc.pid)
-    missing = sum(len(exp - got) for exp, got in zip(expected, received, strict=True))
+    missing_each = [len(exp - got) for exp, got in zip(expected, received, strict=True)]
+    missing = sum(missing_each)
+    missing_unfiltered = sum(missing_each[n_filtered:])
+    watchers_missing = sum(1 for m in missing_each if m)
     await engine.dispose()
     latencies.sort()
 
@@ -261,6 +284,8 @@ async def run_p6(
         "expected_deliveries": sum(len(e) for e in expected),
         "deliveries": len(latencies),
         "missing": missing,
+        "missing_unfiltered": missing_unfiltered,
+        "watchers_missing": watchers_missing,
         "watch_errors": errors,
         "p50_ms": pct(0.5),
         "p99_ms": p99,
