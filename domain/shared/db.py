@@ -7,6 +7,7 @@ import weakref
 from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, MetaData, event, exc, pool
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import DeclarativeBase
 
@@ -215,6 +216,7 @@ def sqlstate(exc: BaseException) -> str | None:
 # mid-operation, and the same class for misuse (wrong argument count); only
 # these messages say the connection is unusable (SQLAlchemy's is_disconnect
 # reads the message the same way).
+_CHECKOUT_EXHAUSTED = "This connection is closed"  # sqlalchemy.pool: reconnection attempts exhausted
 _UNUSABLE = ("connection is closed", "another operation is in progress", "another operation is cancelling")
 
 
@@ -229,6 +231,10 @@ def connection_lost(exc: BaseException) -> bool:
         ):
             return True
         if isinstance(layer, asyncpg.InterfaceError) and any(m in str(layer) for m in _UNUSABLE):
+            return True
+        # The pool's checkout gave up: every connection it tried was closed or retired
+        # (connections killed while it replaced them). Nothing was sent on any of them.
+        if isinstance(layer, InvalidRequestError) and str(layer) == _CHECKOUT_EXHAUSTED:
             return True
     return False
 

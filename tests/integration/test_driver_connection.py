@@ -9,6 +9,7 @@ import uuid
 import asyncpg
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import InvalidRequestError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.shared.db import connection_lost, driver_connection, make_engine, make_session_factory
@@ -153,3 +154,13 @@ async def test_misuse_of_the_driver_is_not_mistaken_for_an_outage(
             await conn.fetchval("SELECT $1::int", 1, 2)  # one argument too many
     assert not connection_lost(failed.value)
     assert not _transient_db_error(failed.value)
+
+
+def test_a_checkout_that_found_every_connection_closed_reads_as_an_outage() -> None:
+    # The pool gives up after its reconnection attempts when the connections it opens are killed
+    # as fast as it replaces them (seen under R6's mass kill): nothing was sent, so the unit of work
+    # may begin once more, and the call answers UNAVAILABLE if that fails too, not INTERNAL.
+    assert connection_lost(InvalidRequestError("This connection is closed"))
+    assert not connection_lost(
+        InvalidRequestError("Can't reconnect until invalid transaction is rolled back")
+    )
