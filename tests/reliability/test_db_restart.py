@@ -24,7 +24,7 @@ import signal
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Awaitable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
@@ -132,6 +132,31 @@ async def seed_stock(stub: inventory_pb2_grpc.InventoryServiceStub, metadata: li
         inventory_pb2.SetStockRequest(sku=SKU, warehouse_code=WAREHOUSE, quantity=INITIAL, reason="seed"),
         metadata=metadata,
     )
+
+
+async def mixed_call(
+    i: int,
+    inventory: inventory_pb2_grpc.InventoryServiceStub,
+    channels: channel_pb2_grpc.ChannelServiceStub,
+    metadata: list[tuple[str, str]],
+    prefix: str,
+) -> tuple[str, grpc.StatusCode]:
+    """Call number i of a mix (the coalesced read, a plain read, a keyed write): its kind and code."""
+    kind = ("GetStockLevel", "ListChannels", "AdjustStock")[i % 3]
+    try:
+        if kind == "GetStockLevel":
+            await inventory.GetStockLevel(
+                inventory_pb2.GetStockLevelRequest(sku=SKU), metadata=metadata, timeout=10
+            )
+        elif kind == "ListChannels":
+            await channels.ListChannels(
+                channel_pb2.ListChannelsRequest(page_size=5), metadata=metadata, timeout=10
+            )
+        else:
+            await inventory.AdjustStock(adjust(f"{prefix}-{uuid.uuid4().hex}"), metadata=metadata, timeout=10)
+        return kind, grpc.StatusCode.OK
+    except grpc.aio.AioRpcError as err:
+        return kind, err.code()
 
 
 async def start_load(
@@ -422,25 +447,8 @@ async def test_connections_that_died_unnoticed_are_replaced(
             channels = channel_pb2_grpc.ChannelServiceStub(ch)
             await seed_stock(inventory, metadata)
 
-            async def one(i: int) -> tuple[str, grpc.StatusCode]:
-                kinds = ("GetStockLevel", "ListChannels", "AdjustStock")
-                kind = kinds[i % 3]
-                try:
-                    if kind == "GetStockLevel":
-                        await inventory.GetStockLevel(
-                            inventory_pb2.GetStockLevelRequest(sku=SKU), metadata=metadata, timeout=10
-                        )
-                    elif kind == "ListChannels":
-                        await channels.ListChannels(
-                            channel_pb2.ListChannelsRequest(page_size=5), metadata=metadata, timeout=10
-                        )
-                    else:
-                        await inventory.AdjustStock(
-                            adjust(f"unnoticed-{uuid.uuid4().hex}"), metadata=metadata, timeout=10
-                        )
-                    return kind, grpc.StatusCode.OK
-                except grpc.aio.AioRpcError as err:
-                    return kind, err.code()
+            def one(i: int) -> Awaitable[tuple[str, grpc.StatusCode]]:
+                return mixed_call(i, inventory, channels, metadata, "unnoticed")
 
             failed: list[tuple[str, grpc.StatusCode]] = []
             total = 0
@@ -547,24 +555,8 @@ async def test_connections_cut_silently_are_replaced_on_first_use(
                 channels = channel_pb2_grpc.ChannelServiceStub(ch)
                 await seed_stock(inventory, metadata)
 
-                async def one(i: int) -> tuple[str, grpc.StatusCode]:
-                    kind = ("GetStockLevel", "ListChannels", "AdjustStock")[i % 3]
-                    try:
-                        if kind == "GetStockLevel":
-                            await inventory.GetStockLevel(
-                                inventory_pb2.GetStockLevelRequest(sku=SKU), metadata=metadata, timeout=10
-                            )
-                        elif kind == "ListChannels":
-                            await channels.ListChannels(
-                                channel_pb2.ListChannelsRequest(page_size=5), metadata=metadata, timeout=10
-                            )
-                        else:
-                            await inventory.AdjustStock(
-                                adjust(f"cut-{uuid.uuid4().hex}"), metadata=metadata, timeout=10
-                            )
-                        return kind, grpc.StatusCode.OK
-                    except grpc.aio.AioRpcError as err:
-                        return kind, err.code()
+                def one(i: int) -> Awaitable[tuple[str, grpc.StatusCode]]:
+                    return mixed_call(i, inventory, channels, metadata, "cut")
 
                 failed: list[tuple[str, grpc.StatusCode]] = []
                 total = 0
