@@ -8,6 +8,7 @@ import grpc
 
 import domain.order as orders
 from domain.order import watch
+from domain.platform.idempotency import Claim
 from domain.shared.errors import AlreadyExists, FieldViolation, InvalidArgument
 from domain.shared.uow import UnitOfWork
 from entrepot.order.v1 import order_pb2 as pb
@@ -43,7 +44,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
 
         decided = metrics.IntentOutcome(intent.source_system)
 
-        async def run(uow: UnitOfWork) -> pb.SubmitOrderIntentResponse:
+        async def run(uow: UnitOfWork, claim: Claim | None) -> pb.SubmitOrderIntentResponse:
             decided.outcome = ""
             try:
                 r = await orders.submit_intent(
@@ -52,6 +53,7 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
                     channel=channel,
                     actor=caller.subject,
                     reserve_inventory=request.reserve_inventory,
+                    claim=claim,
                 )
             except AlreadyExists as err:
                 if err.reason == "INTENT_CONFLICT":
@@ -61,7 +63,11 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
             return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
 
         try:
-            response = await self.rt.mutate(request, run)
+            if request.reserve_inventory:
+                # The reservation's first statement makes the idempotency claim (one round trip less).
+                response = await self.rt.mutate_claiming(request, run)
+            else:
+                response = await self.rt.mutate(request, lambda uow: run(uow, None))
         except AlreadyExists:
             decided.count()  # a conflict is the stored answer of a committed call
             raise
