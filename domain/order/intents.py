@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -38,6 +39,7 @@ async def submit_intent(
     reservation_backordered: bool = False,
     inventory: InventoryPort = DEFAULT_INVENTORY,
     claim: idempotency.Claim | None = None,
+    respond: Callable[[SubmitResult], bytes] | None = None,
 ) -> SubmitResult:
     """Creates the canonical order for an intent, or returns the one it already created.
 
@@ -48,7 +50,9 @@ async def submit_intent(
 
     `claim` (with `reserve_inventory` only): the RPC's idempotency claim, made
     by the reservation's first statement (see idempotency.Claim); KeyTaken
-    when its request_id was used before.
+    when its request_id was used before. `respond`: the RPC's response to a
+    result, as bytes, stored as the claim's answer by the reservation's write
+    (Claim.answers) when the order is created.
     """
     validate_intent(intent, channel.currency)
     _check_one_reservation_source(reserve_inventory, reservation_id)
@@ -92,10 +96,6 @@ async def submit_intent(
     if inserted is None:
         # An equal intent's order, even when the stock it would reserve now is gone.
         return await _existing_intent(session, intent, channel, content, digest)
-    if pending is not None:
-        if pending.refusal is not None:
-            raise pending.refusal
-        await pending.write()
     # Every write of this transaction stamps now(): the reservation's too.
     order = new_order(
         head,
@@ -107,7 +107,17 @@ async def submit_intent(
         reservation_id=reserved_id,
         inventory_risk=at_risk,
     )
-    return SubmitResult(order, created=True)
+    result = SubmitResult(order, created=True)
+    if pending is not None:
+        if pending.refusal is not None:
+            raise pending.refusal
+        # The last statement: it stores the RPC's answer too.
+        await pending.write(
+            claim.answers(respond(result))
+            if claim is not None and respond is not None
+            else idempotency.Answers()
+        )
+    return result
 
 
 def _check_one_reservation_source(reserve_inventory: bool, reservation_id: str | None) -> None:

@@ -36,12 +36,14 @@ class Reserved:
 
 @dataclass(frozen=True)
 class PendingReservation:
-    """A reservation planned (its stock levels locked), written by `write()`:
-    what it will hold (`reserved`), or the refusal that stops it (`refusal`)."""
+    """A reservation planned (its stock levels locked), written by
+    `write(answers)` with the RPC's idempotency answers (idempotency.Claim.answers;
+    Answers() for none): what it will hold (`reserved`), or the refusal that
+    stops it (`refusal`)."""
 
     reserved: Reserved | None
     refusal: DomainError | None
-    write: Callable[[], Awaitable[None]]
+    write: Callable[[Answers], Awaitable[None]]
 
 
 class InventoryPort(Protocol):
@@ -113,14 +115,11 @@ class DomainInventory:
         )
         prepared = await inventory.prepare_reserve(session, request, claim)
 
-        async def write() -> None:
-            await prepared.write(Answers())
-
         (outcome,) = prepared.results
         if isinstance(outcome, DomainError):
-            return PendingReservation(None, outcome, write)
+            return PendingReservation(None, outcome, prepared.write)
         assert outcome is not None  # a claimed key (prepare_reserve raised KeyTaken otherwise)
-        return PendingReservation(_reserved(outcome), None, write)
+        return PendingReservation(_reserved(outcome), None, prepared.write)
 
     async def reserve(
         self,

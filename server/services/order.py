@@ -44,8 +44,18 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
 
         decided = metrics.IntentOutcome(intent.source_system)
 
+        def encode(r: orders.SubmitResult) -> pb.SubmitOrderIntentResponse:
+            return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
+
         async def run(uow: UnitOfWork, claim: Claim | None) -> pb.SubmitOrderIntentResponse:
             decided.outcome = ""
+            # The response the reservation's write stored as the claim's answer, returned as it is.
+            answered: list[pb.SubmitOrderIntentResponse] = []
+
+            def respond(r: orders.SubmitResult) -> bytes:
+                answered.append(encode(r))
+                return answered[-1].SerializeToString()
+
             try:
                 r = await orders.submit_intent(
                     uow.session,
@@ -54,17 +64,19 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
                     actor=caller.subject,
                     reserve_inventory=request.reserve_inventory,
                     claim=claim,
+                    respond=respond,
                 )
             except AlreadyExists as err:
                 if err.reason == "INTENT_CONFLICT":
                     decided.outcome = "conflict"
                 raise
             decided.outcome = "created" if r.created else "duplicate"
-            return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
+            return answered[-1] if answered else encode(r)
 
         try:
             if request.reserve_inventory:
-                # The reservation's first statement makes the idempotency claim (one round trip less).
+                # The reservation's first statement makes the idempotency claim, its write
+                # stores the answer (two round trips less).
                 response = await self.rt.mutate_claiming(request, run)
             else:
                 response = await self.rt.mutate(request, lambda uow: run(uow, None))

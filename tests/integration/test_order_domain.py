@@ -19,7 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import domain.order as orders
 from domain.order import Intent, LineIn, PaymentIn, Severity, State, StatusIn, StockLine, TotalsIn
-from domain.platform.idempotency import Claim
+from domain.platform.idempotency import Answers, Claim
 from domain.shared.caller import Caller, ChannelRef
 from domain.shared.errors import (
     AlreadyExists,
@@ -68,7 +68,7 @@ class RecordingInventory:
     ) -> orders.PendingReservation:
         reserved = await self.reserve(session, lines, reference=reference, actor=actor, channel=channel)
 
-        async def write() -> None:
+        async def write(answers: Answers) -> None:
             self.written.append(reserved.reservation_id)
 
         return orders.PendingReservation(reserved, None, write)
