@@ -137,7 +137,8 @@ class Runtime:
     ) -> M:
         """`mutate` for hot paths whose first statement makes the idempotency claim
         itself (idempotency.Claim; None when the request has no request_id): the
-        same answers, one round trip less."""
+        same answers, one round trip less. One more when their last statement
+        also stores the answer (`Claim.answers`)."""
         return await self._mutate(request, fn, claim_in_fn=True)
 
     async def _mutate(
@@ -170,6 +171,7 @@ class Runtime:
         claim_in_fn: bool,
     ) -> M:
         method = claim.method
+        claim.owned = claim.answer = None  # nothing of an earlier attempt
         async with self.uow() as uow:
             if claim_in_fn:
                 owned = True  # or KeyTaken from fn's first statement
@@ -185,7 +187,11 @@ class Runtime:
                 else:
                     if claim_in_fn and claim.owned is not True:
                         raise RuntimeError(f"{method} did not make its idempotency claim")
-                    await idempotency.store(uow.session, claim, 0, result.SerializeToString())
+                    body = result.SerializeToString()
+                    if claim.answer is None:
+                        await idempotency.store(uow.session, claim, 0, body)
+                    elif claim.answer != body:
+                        raise RuntimeError(f"{method} stored another answer than the one it returns")
                     await uow.commit()
                     return result
             if not owned:

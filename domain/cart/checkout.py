@@ -2,11 +2,12 @@
 cart's conversion in one transaction (the caller's).
 
 The hot path: its two statements of its own (the bump that also reads lines
-and limits, and the conversion) run on the driver connection (see store.py)."""
+and limits and makes the idempotency claim, and the conversion that also
+stores the answer) run on the driver connection (see store.py)."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -56,11 +57,14 @@ async def checkout(
     actor: str,
     refunds: RefundedQuantities = NO_REFUNDS,
     claim: idempotency.Claim | None = None,
+    respond: Callable[[CheckoutResult], bytes] | None = None,
 ) -> CheckoutResult:
     """One transaction: any refusal leaves the cart, its hold and stock as they were.
 
     `claim`: the RPC's idempotency claim, made by the first statement (see
-    idempotency.Claim); KeyTaken when its request_id was used before."""
+    idempotency.Claim); KeyTaken when its request_id was used before.
+    `respond`: the RPC's response to the result, as bytes, stored as the
+    claim's answer by the last statement (Claim.answers)."""
     _check_request(version, external_order_id, payments)
     cid = parse_id(cart_id)
     row = await store.bump_for_checkout(session, cid, channel.slug, version, claim)
@@ -102,10 +106,19 @@ async def checkout(
     converted = cart_event(
         "cart.converted", row.id, channel.slug, order_id=order_id, reservation_id=str(res.id)
     )
+    result = CheckoutResult(_converted(row, lines, order_id), order_id, str(res.id))
     await store.convert(
-        session, row, channel=channel.slug, order_id=order_id, lines=lines, converted=converted
+        session,
+        row,
+        channel=channel.slug,
+        order_id=order_id,
+        lines=lines,
+        converted=converted,
+        answers=claim.answers(respond(result))
+        if claim is not None and respond is not None
+        else idempotency.Answers(),
     )
-    return CheckoutResult(_converted(row, lines, order_id), order_id, str(res.id))
+    return result
 
 
 def _check_request(version: int, external_order_id: str, payments: Sequence[Payment]) -> None:

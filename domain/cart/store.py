@@ -459,7 +459,8 @@ def _checkout_bump(claiming: bool) -> DriverStatement:
 _CHECKOUT_BUMP = _checkout_bump(claiming=False)
 _CHECKOUT_BUMP_CLAIMING = _checkout_bump(claiming=True)
 
-# The purchase rows, the conversion and its event in one statement.
+# The purchase rows, the conversion and its event in one statement, with the
+# RPC's idempotency answer (idempotency.Claim.answers; none without a request_id).
 _CONVERT = DriverStatement(f"""
     WITH p AS (
         INSERT INTO carts.purchases (channel, customer_ref, sku, quantity, cart_id, order_id)
@@ -469,7 +470,7 @@ _CONVERT = DriverStatement(f"""
         UPDATE carts.carts SET state = 'converted', order_id = :order_id, hold_reservation_id = NULL,
             hold_ttl_us = NULL, hold_expires_at = NULL
         WHERE id = :cart_id
-    ), {outbox.cte()}
+    ), {outbox.cte()}, answers AS ({idempotency.BATCH_STORE})
     SELECT 1
 """)
 
@@ -514,9 +515,10 @@ async def convert(
     order_id: str,
     lines: Sequence[CartLine],
     converted: Event,
+    answers: idempotency.Answers,
 ) -> None:
     """The purchase rows, the conversion to `order_id` (the hold is the
-    order's now) and its event `converted`, in one statement."""
+    order's now), its event `converted` and `answers`, in one statement."""
     conn = await driver_connection(session)
     await _CONVERT.execute(
         conn,
@@ -528,5 +530,6 @@ async def convert(
             "skus": [x.sku for x in lines],
             "quantities": [x.quantity for x in lines],
             **outbox.params(session, [converted]),
+            **answers.params(),
         },
     )

@@ -22,6 +22,11 @@ Reservations (OrderService, CartService):
       untracked items always succeed. Short stock: FailedPrecondition
       INSUFFICIENT_STOCK with one PreconditionViolation per SKU (subject = SKU,
       description "requested N, available M"). Nothing is written on refusal.
+  prepare_reserve(session, reserve_request(...), claim: Claim | None) -> Prepared
+      `reserve` in two steps, for a caller writing its own rows while the levels
+      stay locked: the plan now (results[0]: the Reservation or its refusal, not
+      raised; with `claim`, the RPC's idempotency claim made first, KeyTaken
+      when its key was used before), the writing on `await prepared.write(Answers())`.
   release(session, reservation_id, lines: [LineQuantity] | None = None, *, reason="", actor="")
       -> Reservation   (None = everything still held; releasing a closed
       reservation with None is a no-op, so cancelling after expiry is safe)
@@ -81,12 +86,14 @@ from domain.inventory.channel_allocation import (
     set_channel_allocation,
 )
 from domain.inventory.reservations import (
+    Prepared,
     ReserveRequest,
     extend,
     fulfil,
     get_reservation,
     list_reservations,
     observe_reservations,
+    prepare_reserve,
     release,
     reserve,
     reserve_many,
@@ -154,6 +161,7 @@ __all__ = [
     "LineQuantity",
     "LineRequest",
     "Movement",
+    "Prepared",
     "Reservation",
     "ReservationChange",
     "ReservationLine",
@@ -184,6 +192,7 @@ __all__ = [
     "load_sku_stocks",
     "normalize_sku",
     "observe_reservations",
+    "prepare_reserve",
     "receive_stock",
     "release",
     "reserve",

@@ -153,16 +153,56 @@ async def reserve_claimed(
     `store_answers` (batcher) turns the results into idempotency answers
     written in the same statement.
     """
+    prepared = await prepare_claimed(session, requests, claims)
+    await prepared.write(store_answers(prepared.results) if store_answers is not None else Answers())
+    return prepared.results
+
+
+@dataclass
+class Prepared:
+    """Reservations planned and granted under their levels' locks, not written
+    yet (`prepare_claimed`): `results` as reserve_claimed returns them; `write`
+    writes the granted ones (one statement) with the idempotency answers given."""
+
+    results: list[Outcome]
+    session: AsyncSession
+    conn: asyncpg.Connection[Any]
+    granted: list[Reservation]
+    reserved: dict[Key, int]
+    expected: dict[Key, Level]
+    drafts: list[ledger.Draft]
+
+    async def write(self, answers: Answers) -> None:
+        if self.granted:
+            await store.write_granted(
+                self.session, self.conn, self.granted, self.reserved, self.expected, self.drafts, answers
+            )
+        elif answers.claims:
+            await store.store_answers(self.conn, answers)
+
+
+async def prepare_claimed(
+    session: AsyncSession, requests: Sequence[ReserveRequest], claims: Sequence[Claim | None]
+) -> Prepared:
+    """reserve_claimed's first statement (claim, lock, load) and its plan, the
+    write left to `Prepared.write`: the caller may write rows of its own in
+    between, the levels staying locked."""
     conn = await driver_connection(session)
     inputs, plans = await _plan(conn, requests, claims)
     running = {k: Level(v.on_hand, v.reserved) for k, v in inputs.levels.items()}
     results, granted, reserved, drafts = _grant(requests, plans, inputs, running)
-    answers = store_answers(results) if store_answers is not None else Answers()
-    if granted:
-        await store.write_granted(session, conn, granted, reserved, running, drafts, answers)
-    elif answers.claims:
-        await store.store_answers(conn, answers)
-    return results
+    return Prepared(results, session, conn, granted, reserved, running, drafts)
+
+
+async def prepare_reserve(session: AsyncSession, request: ReserveRequest, claim: Claim | None) -> Prepared:
+    """`reserve` in two steps (see prepare_claimed) for one request, whose
+    result (`results[0]`) is its Reservation or the DomainError that refuses
+    it (not raised). With `claim`, the first statement makes the RPC's
+    idempotency claim: KeyTaken when its request_id was used before."""
+    prepared = await prepare_claimed(session, [request], [claim])
+    if claim is not None:
+        claim.made(prepared.results[0] is not None)
+    return prepared
 
 
 async def _plan(

@@ -31,7 +31,13 @@ from domain.order.history import (
     status_summary,
 )
 from domain.order.intents import submit_intent
-from domain.order.inventory_port import DEFAULT_INVENTORY, InventoryPort, Reserved, StockLine
+from domain.order.inventory_port import (
+    DEFAULT_INVENTORY,
+    InventoryPort,
+    PendingReservation,
+    Reserved,
+    StockLine,
+)
 from domain.order.lifecycle import ship_items, shipment_status, transition
 from domain.order.queries import get_order, get_order_by_external_id, list_orders
 from domain.order.refunds import list_refunds, record_refund
@@ -93,6 +99,7 @@ __all__ = [
     "Order",
     "OrderFilter",
     "PaymentIn",
+    "PendingReservation",
     "RefundRecord",
     "Reserved",
     "Severity",

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.order.inventory_port import DEFAULT_INVENTORY, InventoryPort
-from domain.order.reserving import reserve_new
+from domain.order.reserving import reservation_entry, sum_by_sku
 from domain.order.rules import (
     Intent,
     State,
@@ -20,6 +21,7 @@ from domain.order.rules import (
 )
 from domain.order.store import entries, orders
 from domain.order.types import CREATED, Line, Order, SubmitResult, Tender, Totals
+from domain.platform import idempotency
 from domain.shared.caller import ChannelRef
 from domain.shared.errors import AlreadyExists, FieldViolation, InvalidArgument
 from domain.shared.money import Money
@@ -36,6 +38,8 @@ async def submit_intent(
     reservation_id: str | None = None,
     reservation_backordered: bool = False,
     inventory: InventoryPort = DEFAULT_INVENTORY,
+    claim: idempotency.Claim | None = None,
+    respond: Callable[[SubmitResult], bytes] | None = None,
 ) -> SubmitResult:
     """Creates the canonical order for an intent, or returns the one it already created.
 
@@ -43,12 +47,37 @@ async def submit_intent(
     lines (a cart's hold turned into the order's; `reservation_backordered`
     when it holds backordered units); `reserve_inventory` reserves now. Both
     happen in the caller's transaction.
+
+    `claim` (with `reserve_inventory` only): the RPC's idempotency claim, made
+    by the reservation's first statement (see idempotency.Claim); KeyTaken
+    when its request_id was used before. `respond`: the RPC's response to a
+    result, as bytes, stored as the claim's answer by the reservation's write
+    (Claim.answers) when the order is created.
     """
     validate_intent(intent, channel.currency)
     _check_one_reservation_source(reserve_inventory, reservation_id)
+    if claim is not None and not reserve_inventory:
+        raise ValueError(
+            "the idempotency claim is made by the reservation's statement: reserve_inventory only"
+        )
     content = canonical_content(intent, channel.slug)
     digest = content_hash(content)
     head = entries.OrderHead(uuid.uuid4(), channel.slug)
+    specs = _submitted_entries(intent, channel, actor, adopted_reservation=reservation_id)
+    reserved_id = reservation_id
+    at_risk = bool(reservation_id) and reservation_backordered
+    pending = None
+    if reserve_inventory:
+        # Planned first (its levels locked, the claim made), written after the order:
+        # the order is inserted with its reservation and that entry, no update after.
+        demand = sum_by_sku([(li.sku, li.quantity) for li in intent.lines])
+        pending = await inventory.reserve_pending(
+            session, demand, reference=f"order:{head.id}", actor=actor, channel=head.channel, claim=claim
+        )
+        if pending.reserved is not None:
+            specs.append(reservation_entry(demand, pending.reserved, actor))
+            reserved_id = pending.reserved.reservation_id
+            at_risk = bool(pending.reserved.backordered)
     # The order, its lines, payments, entries and events in one statement (checkout
     # holds locks meanwhile). A clash on the intent key or on the external id
     # both end here; the loser waits for the winner's commit, then sees its row.
@@ -59,19 +88,15 @@ async def submit_intent(
         channel=channel,
         content=content,
         digest=digest,
-        reservation_id=reservation_id,
-        inventory_risk=bool(reservation_id) and reservation_backordered,
-        specs=_submitted_entries(intent, channel, actor, adopted_reservation=reservation_id),
+        reservation_id=reserved_id,
+        inventory_risk=at_risk,
+        specs=specs,
         before=[created_event(head)],
     )
     if inserted is None:
+        # An equal intent's order, even when the stock it would reserve now is gone.
         return await _existing_intent(session, intent, channel, content, digest)
-    reserved_id = reservation_id
-    at_risk = bool(reservation_id) and reservation_backordered
-    if not reservation_id and reserve_inventory:
-        wanted = [(li.sku, li.quantity) for li in intent.lines]
-        reserved_id, at_risk = await reserve_new(session, head, wanted, actor=actor, inventory=inventory)
-    # Every write of this transaction stamps now(): the reservation's update too.
+    # Every write of this transaction stamps now(): the reservation's too.
     order = new_order(
         head,
         intent,
@@ -82,7 +107,17 @@ async def submit_intent(
         reservation_id=reserved_id,
         inventory_risk=at_risk,
     )
-    return SubmitResult(order, created=True)
+    result = SubmitResult(order, created=True)
+    if pending is not None:
+        if pending.refusal is not None:
+            raise pending.refusal
+        # The last statement: it stores the RPC's answer too.
+        await pending.write(
+            claim.answers(respond(result))
+            if claim is not None and respond is not None
+            else idempotency.Answers()
+        )
+    return result
 
 
 def _check_one_reservation_source(reserve_inventory: bool, reservation_id: str | None) -> None:

@@ -8,11 +8,17 @@ pure order behaviour may pass another implementation.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from sqlalchemy.ext.asyncio import AsyncSession
+
+from domain.platform.idempotency import Answers, Claim
+from domain.shared.errors import DomainError
+
+if TYPE_CHECKING:
+    import domain.inventory as inventory
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,35 @@ class Reserved:
     backordered: dict[str, int]
 
 
+@dataclass(frozen=True)
+class PendingReservation:
+    """A reservation planned (its stock levels locked), written by
+    `write(answers)` with the RPC's idempotency answers (idempotency.Claim.answers;
+    Answers() for none): what it will hold (`reserved`), or the refusal that
+    stops it (`refusal`)."""
+
+    reserved: Reserved | None
+    refusal: DomainError | None
+    write: Callable[[Answers], Awaitable[None]]
+
+
 class InventoryPort(Protocol):
+    async def reserve_pending(
+        self,
+        session: AsyncSession,
+        lines: Sequence[StockLine],
+        *,
+        reference: str,
+        actor: str,
+        channel: str = "",
+        claim: Claim | None = None,
+    ) -> PendingReservation:
+        """`reserve` in two steps, so the caller writes its own rows between the
+        plan and the write (SubmitOrderIntent: the order carries its reservation
+        from its first row). `claim`: the RPC's idempotency claim, made by the
+        plan's statement before it locks anything (KeyTaken when its key was used before)."""
+        ...
+
     async def reserve(
         self,
         session: AsyncSession,
@@ -59,6 +93,34 @@ class InventoryPort(Protocol):
 class DomainInventory:
     """InventoryPort over domain.inventory's public interface."""
 
+    async def reserve_pending(
+        self,
+        session: AsyncSession,
+        lines: Sequence[StockLine],
+        *,
+        reference: str,
+        actor: str,
+        channel: str = "",
+        claim: Claim | None = None,
+    ) -> PendingReservation:
+        import domain.inventory as inventory
+
+        request = inventory.reserve_request(
+            [inventory.LineRequest(sku=li.sku, quantity=li.quantity) for li in lines],
+            reference=reference,
+            ttl=None,
+            actor=actor,
+            source="order",
+            channel=channel,
+        )
+        prepared = await inventory.prepare_reserve(session, request, claim)
+
+        (outcome,) = prepared.results
+        if isinstance(outcome, DomainError):
+            return PendingReservation(None, outcome, prepared.write)
+        assert outcome is not None  # a claimed key (prepare_reserve raised KeyTaken otherwise)
+        return PendingReservation(_reserved(outcome), None, prepared.write)
+
     async def reserve(
         self,
         session: AsyncSession,
@@ -79,11 +141,7 @@ class DomainInventory:
             source="order",
             channel=channel,
         )
-        backordered: dict[str, int] = {}
-        for line in res.lines:
-            if line.backordered:
-                backordered[line.sku] = backordered.get(line.sku, 0) + line.backordered
-        return Reserved(reservation_id=str(res.id), backordered=backordered)
+        return _reserved(res)
 
     async def fulfil(
         self,
@@ -109,6 +167,15 @@ class DomainInventory:
         import domain.inventory as inventory
 
         await inventory.release(session, reservation_id, None, reason=reason, actor=actor, source="order")
+
+
+def _reserved(res: inventory.Reservation) -> Reserved:
+    """What an inventory.Reservation means to an order."""
+    backordered: dict[str, int] = {}
+    for line in res.lines:
+        if line.backordered:
+            backordered[line.sku] = backordered.get(line.sku, 0) + line.backordered
+    return Reserved(reservation_id=str(res.id), backordered=backordered)
 
 
 DEFAULT_INVENTORY: InventoryPort = DomainInventory()

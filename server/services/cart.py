@@ -344,8 +344,20 @@ class CartServicer(cart_pb2_grpc.CartServiceServicer):
 
         decided = metrics.IntentOutcome(carts.SOURCE_SYSTEM)
 
+        def encode(r: carts.CheckoutResult) -> pb.CheckoutCartResponse:
+            return pb.CheckoutCartResponse(
+                cart=cart_to_proto(r.cart), order_id=r.order_id, reservation_id=r.reservation_id
+            )
+
         async def run(uow: UnitOfWork, claim: Claim | None) -> pb.CheckoutCartResponse:
             decided.outcome = ""
+            # The response the conversion stored as the claim's answer, returned as it is.
+            answered: list[pb.CheckoutCartResponse] = []
+
+            def respond(r: carts.CheckoutResult) -> bytes:
+                answered.append(encode(r))
+                return answered[-1].SerializeToString()
+
             r = await carts.checkout(
                 uow.session,
                 request.cart_id,
@@ -359,13 +371,13 @@ class CartServicer(cart_pb2_grpc.CartServiceServicer):
                 actor=caller.subject,
                 refunds=self.refunds,
                 claim=claim,
+                respond=respond,
             )
             decided.outcome = "created"
-            return pb.CheckoutCartResponse(
-                cart=cart_to_proto(r.cart), order_id=r.order_id, reservation_id=r.reservation_id
-            )
+            return answered[-1] if answered else encode(r)
 
-        # The checkout's first statement makes the idempotency claim (one round trip less).
+        # The checkout's first statement makes the idempotency claim, its last one
+        # stores the answer (two round trips less).
         response = await self.rt.mutate_claiming(request, run)
         decided.count()
         return response

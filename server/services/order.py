@@ -8,6 +8,7 @@ import grpc
 
 import domain.order as orders
 from domain.order import watch
+from domain.platform.idempotency import Claim
 from domain.shared.errors import AlreadyExists, FieldViolation, InvalidArgument
 from domain.shared.uow import UnitOfWork
 from entrepot.order.v1 import order_pb2 as pb
@@ -43,8 +44,18 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
 
         decided = metrics.IntentOutcome(intent.source_system)
 
-        async def run(uow: UnitOfWork) -> pb.SubmitOrderIntentResponse:
+        def encode(r: orders.SubmitResult) -> pb.SubmitOrderIntentResponse:
+            return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
+
+        async def run(uow: UnitOfWork, claim: Claim | None) -> pb.SubmitOrderIntentResponse:
             decided.outcome = ""
+            # The response the reservation's write stored as the claim's answer, returned as it is.
+            answered: list[pb.SubmitOrderIntentResponse] = []
+
+            def respond(r: orders.SubmitResult) -> bytes:
+                answered.append(encode(r))
+                return answered[-1].SerializeToString()
+
             try:
                 r = await orders.submit_intent(
                     uow.session,
@@ -52,16 +63,23 @@ class OrderServicer(order_pb2_grpc.OrderServiceServicer):
                     channel=channel,
                     actor=caller.subject,
                     reserve_inventory=request.reserve_inventory,
+                    claim=claim,
+                    respond=respond,
                 )
             except AlreadyExists as err:
                 if err.reason == "INTENT_CONFLICT":
                     decided.outcome = "conflict"
                 raise
             decided.outcome = "created" if r.created else "duplicate"
-            return pb.SubmitOrderIntentResponse(order=order_pb(r.order), created=r.created)
+            return answered[-1] if answered else encode(r)
 
         try:
-            response = await self.rt.mutate(request, run)
+            if request.reserve_inventory:
+                # The reservation's first statement makes the idempotency claim, its write
+                # stores the answer (two round trips less).
+                response = await self.rt.mutate_claiming(request, run)
+            else:
+                response = await self.rt.mutate(request, lambda uow: run(uow, None))
         except AlreadyExists:
             decided.count()  # a conflict is the stored answer of a committed call
             raise

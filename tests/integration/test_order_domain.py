@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import domain.order as orders
 from domain.order import Intent, LineIn, PaymentIn, Severity, State, StatusIn, StockLine, TotalsIn
+from domain.platform.idempotency import Answers, Claim
 from domain.shared.caller import Caller, ChannelRef
 from domain.shared.errors import (
     AlreadyExists,
@@ -39,6 +40,7 @@ OTHER = ChannelRef(slug="other", currency="EUR", timezone="UTC")
 class RecordingInventory:
     def __init__(self, backorder: dict[str, int] | None = None) -> None:
         self.calls: list[tuple[str, Any]] = []
+        self.written: list[str] = []  # reservations whose pending write ran
         self.backorder = backorder or {}
 
     async def reserve(
@@ -53,6 +55,23 @@ class RecordingInventory:
         rid = f"res-{uuid.uuid4().hex[:8]}"
         self.calls.append(("reserve", (rid, list(lines), reference)))
         return orders.Reserved(rid, dict(self.backorder))
+
+    async def reserve_pending(
+        self,
+        session: AsyncSession,
+        lines: Sequence[StockLine],
+        *,
+        reference: str,
+        actor: str,
+        channel: str = "",
+        claim: Claim | None = None,
+    ) -> orders.PendingReservation:
+        reserved = await self.reserve(session, lines, reference=reference, actor=actor, channel=channel)
+
+        async def write(answers: Answers) -> None:
+            self.written.append(reserved.reservation_id)
+
+        return orders.PendingReservation(reserved, None, write)
 
     async def fulfil(
         self,
