@@ -68,6 +68,8 @@ ORDER_BUFFER_EVENTS = 10_000
 
 # Follow-up read while an observation of the final id waits for transactions to end.
 PENDING_SECONDS = 0.02
+# How long a watcher "from now on" waits for the transactions running when it opens.
+START_WAIT_SECONDS = 0.5
 
 
 @dataclass(slots=True)
@@ -236,8 +238,15 @@ class Hub:
 
     async def start(self) -> tuple[int, int]:
         """Where a watcher "from now on" starts: the final id and the newest event up to
-        it (the first heartbeat's cursor)."""
+        it (the first heartbeat's cursor). The final id of an observation made now, once
+        the transactions running now have ended (at most START_WAIT_SECONDS: a long
+        transaction makes the start a little earlier, never later)."""
+        loop = asyncio.get_running_loop()
         final = await self.final()
+        now, give_up = self.horizon.known(), loop.time() + START_WAIT_SECONDS
+        while final.last_id < now and loop.time() < give_up:
+            await asyncio.sleep(PENDING_SECONDS)
+            final = await self._observe() or final
         return final.last_id, await self._newest.get(final.last_id) or 0
 
     async def resume(self, after_event_id: int, check: Callable[[AsyncSession, int], Awaitable[int]]) -> int:

@@ -224,11 +224,15 @@ _NEWEST = text("SELECT coalesce(max(id), 0) FROM platform.outbox WHERE id <= :la
 # The highest id ever drawn (its transaction running, committed or rolled back; purged or not).
 _DRAWN = text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM platform.outbox_id_seq")
 
-# A snapshot with its bounds: transactions below xmin have ended, xmax is the first not
-# yet assigned.
-_BOUNDS = text(
+# A snapshot and its xmin: every transaction below xmin has ended.
+_SNAPSHOT_XMIN = text(
+    "SELECT CAST(s AS text), pg_snapshot_xmin(s)::text::bigint FROM pg_current_snapshot() AS s"
+)
+
+# The same, and a transaction id of the observer's own: above every one assigned before.
+_SNAPSHOT_XMIN_XID = text(
     """
-    SELECT CAST(s AS text), pg_snapshot_xmin(s)::text::bigint, pg_snapshot_xmax(s)::text::bigint
+    SELECT CAST(s AS text), pg_snapshot_xmin(s)::text::bigint, pg_current_xact_id()::text::bigint
     FROM pg_current_snapshot() AS s
     """
 )
@@ -251,16 +255,19 @@ class Final:
 class Horizon:
     """The final id of the outbox (`Final`), from observations (`observe_horizon`).
 
-    An observation reads the highest id drawn so far, then takes a snapshot. An
-    id's transaction had its transaction id before it drew the id (the outbox's id
-    default assigns it first, migrations platform_0003), so every id up to the one
-    read belongs to a transaction below that snapshot's xmax. Once a later
-    snapshot's xmin reaches that xmax, all of them have ended: the observation is
-    final. Until then it waits here (`pending`)."""
+    An observation reads the highest id drawn so far, then takes a transaction id of
+    its own. An event's transaction had its transaction id before it drew the event's
+    id (the outbox's id default assigns it first, migration platform_0003), and ids
+    are assigned in order, so every id up to the one read belongs to a transaction
+    below the observer's. (A snapshot's xmax would not do: it is one past the newest
+    transaction that ended, and a running one above it is in no snapshot's list.)
+    Once a later snapshot's xmin is above the observer's transaction id, all of them
+    have ended: the observation is final. Until then it waits here (`pending`); an
+    observation that finds no new id takes no transaction id."""
 
     def __init__(self) -> None:
         self.final: Final | None = None
-        # (highest id drawn, xmax of the snapshot taken after reading it), oldest first.
+        # (highest id drawn, the observer's transaction id), oldest first.
         self._pending: list[tuple[int, int]] = []
 
     @property
@@ -268,16 +275,22 @@ class Horizon:
         """Whether an observation waits for running transactions to end."""
         return bool(self._pending)
 
-    def observe(self, drawn: int, snapshot: str, xmin: int, xmax: int) -> Final | None:
-        """Take one observation (`drawn`, then a snapshot with its text and bounds)."""
-        known = self._pending[-1][0] if self._pending else (self.final.last_id if self.final else -1)
-        if drawn > known:
-            self._pending.append((drawn, xmax))
-        if len(self._pending) > _PENDING_MAX:
-            del self._pending[-2]
-        ended = [d for d, x in self._pending if x <= xmin]
+    def known(self) -> int:
+        """The highest id observed so far (-1: none)."""
+        if self._pending:
+            return self._pending[-1][0]
+        return self.final.last_id if self.final else -1
+
+    def observe(self, drawn: int, xid: int | None, snapshot: str, xmin: int) -> Final | None:
+        """Take one observation: `drawn`, then (when it is above `known()`) the observer's
+        transaction id `xid`, and a snapshot taken after `drawn` was read, with its xmin."""
+        if xid is not None and drawn > self.known():
+            self._pending.append((drawn, xid))
+            if len(self._pending) > _PENDING_MAX:
+                del self._pending[-2]
+        ended = [d for d, x in self._pending if x < xmin]
         if ended:
-            self._pending = [(d, x) for d, x in self._pending if x > xmin]
+            self._pending = [(d, x) for d, x in self._pending if x >= xmin]
             last = max(ended)
             if self.final is None or last >= self.final.last_id:
                 self.final = Final(last, snapshot)
@@ -285,11 +298,14 @@ class Horizon:
 
 
 async def observe_horizon(session: AsyncSession, horizon: Horizon) -> Final | None:
-    """One observation into `horizon` (two statements: the id, then the snapshot); its
-    final id, None while no observation has become final."""
+    """One observation into `horizon` (the id, then the snapshot and, when new ids were
+    drawn, a transaction id); its final id, None while no observation has become final."""
     drawn = int((await session.execute(_DRAWN)).scalar_one())
-    snapshot, xmin, xmax = (await session.execute(_BOUNDS)).one()
-    return horizon.observe(drawn, str(snapshot), int(xmin), int(xmax))
+    if drawn > horizon.known():
+        snapshot, xmin, xid = (await session.execute(_SNAPSHOT_XMIN_XID)).one()
+        return horizon.observe(drawn, int(xid), str(snapshot), int(xmin))
+    snapshot, xmin = (await session.execute(_SNAPSHOT_XMIN)).one()
+    return horizon.observe(drawn, None, str(snapshot), int(xmin))
 
 
 async def last_drawn_id(session: AsyncSession) -> int:
