@@ -29,6 +29,10 @@ a client knows the stream is live without waiting for an event.
 A message's cursor is the last event of the watcher's topics it covers,
 matching its filter or not: resuming after it loses and repeats nothing.
 "From now on" (cursor 0) starts at the final id when the watch starts.
+Watchers opening together (a fleet reconnecting after a restart) share their
+reads (which cursors exist, the final id) and join without a read of their own
+when they start at the hub's position; a read visits only the watchers its
+events match (a joined watcher's position is the hub's).
 
 A NOTIFY can be missed (the LISTEN connection dropped, a database restart):
 the loop also polls every `poll_seconds`, so a missed wake-up only delays.
