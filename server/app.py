@@ -46,6 +46,13 @@ def server_options(s: Settings) -> list[tuple[str, int]]:
         ("grpc.max_metadata_size", s.max_metadata_bytes + 1),
         ("grpc.absolute_max_metadata_size", s.max_metadata_bytes + 1),
         ("grpc.max_concurrent_streams", s.max_concurrent_streams),
+        # Calls that arrived and that the server has not taken yet: gRPC cancels them past
+        # 1,000 at random and past 3,000 always (CANCELLED before any message), and the
+        # server takes one call per turn of its event loop. A burst of calls the
+        # concurrency limit admits (a fleet of watchers opening or reconnecting at once)
+        # must wait its turn instead (tests/reliability/test_watch_fleet.py).
+        ("grpc.server.max_pending_requests", s.max_concurrent_rpcs),
+        ("grpc.server.max_pending_requests_hard_limit", s.max_concurrent_rpcs),
         ("grpc.keepalive_time_ms", s.keepalive_time_ms),
         ("grpc.keepalive_timeout_ms", s.keepalive_timeout_ms),
         ("grpc.keepalive_permit_without_calls", 1),

@@ -2,10 +2,13 @@
 and WatchOrderEvents call.
 
 One dedicated asyncpg connection LISTENs on `entrepot_outbox`; one reader loop
-reads the outbox once per wake-up (commit order, domain/shared/outbox.py), for
-the topics its watchers want, and dispatches to the watchers' bounded buffers.
-A watcher that resumes from an older cursor first catches up with its own
-reads, then joins the live feed once it has reached the hub's position, so
+reads the outbox once per wake-up, for the topics its watchers want, and
+dispatches to the watchers' bounded buffers. It reads in id order up to the
+outbox's final id (domain/shared/outbox.py `Horizon`, the epoch read the event
+relay uses): ids of one aggregate follow its commit order, and nothing can
+appear below the final id later, so a position is an id, the same on every
+replica. A watcher that resumes from an older cursor first catches up with its
+own reads, then joins the live feed once it has reached the hub's position, so
 nothing is lost or repeated.
 
 The two streams differ only in what their watchers are given here:
@@ -25,6 +28,11 @@ heartbeat with its cursor when nothing else came (an empty outbox included):
 a client knows the stream is live without waiting for an event.
 A message's cursor is the last event of the watcher's topics it covers,
 matching its filter or not: resuming after it loses and repeats nothing.
+"From now on" (cursor 0) starts at the final id when the watch starts.
+Watchers opening together (a fleet reconnecting after a restart) share their
+reads (which cursors exist, the final id) and join without a read of their own
+when they start at the hub's position; a read visits only the watchers its
+events match (a joined watcher's position is the hub's).
 
 A NOTIFY can be missed (the LISTEN connection dropped, a database restart):
 the loop also polls every `poll_seconds`, so a missed wake-up only delays.
@@ -37,17 +45,19 @@ import contextlib
 import logging
 import weakref
 from collections import Counter
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import asyncpg
+from sqlalchemy.ext.asyncio import AsyncSession
 
 import domain.order as orders
 from domain.inventory import watch as stock_watch
 from domain.order import watch as order_watch
 from domain.shared import outbox
+from domain.shared.coalesce import Coalescer
 from domain.shared.db import driver_url
 from domain.shared.errors import ResourceExhausted
 from server.runtime import Runtime
@@ -60,15 +70,18 @@ MESSAGE_EVENTS = 500
 # Order watchers: events buffered before a watcher falls back to its own reads.
 ORDER_BUFFER_EVENTS = 10_000
 
-Position = tuple[int, int]
+# Follow-up read while an observation of the final id waits for transactions to end.
+PENDING_SECONDS = 0.02
+# How long a watcher "from now on" waits for the transactions running when it opens.
+START_WAIT_SECONDS = 0.5
 
 
 @dataclass(slots=True)
 class Message:
     events: list[Any]
+    # The last event of the watcher's topics the message covers: resuming after it
+    # loses and repeats nothing.
     cursor: int
-    # The position of the event `cursor` names (where resuming after it starts).
-    position: Position
 
 
 @dataclass(frozen=True)
@@ -94,13 +107,13 @@ class Watcher:
     # Index keys (SKUs, or the channel); empty: every event of its topics.
     keys: frozenset[str]
     matches: Callable[[Any], bool]
-    position: Position
+    # Every event with an id up to it was read for the watcher.
+    position: int
     max_events: int
     queue: asyncio.Queue[Message | None] = field(default_factory=asyncio.Queue)
     queued_events: int = 0
     # Newest event of its topics the watcher has passed, matching or not (heartbeats carry it).
     latest_cursor: int = 0
-    latest_position: Position = (0, 0)
     overflowed: bool = False
 
     def offer(self, msg: Message) -> None:
@@ -113,36 +126,42 @@ class Watcher:
         self.queued_events += len(msg.events)
         self.queue.put_nowait(msg)
 
-    def restart_from(self, position: Position, cursor: int) -> None:
+    def restart_from(self, cursor: int) -> None:
         """Back to catching up from what was sent (after leaving the hub)."""
-        self.position = self.latest_position = position
-        self.latest_cursor = cursor
+        self.position = self.latest_cursor = cursor
         self.queue = asyncio.Queue()
         self.queued_events = 0
         self.overflowed = False
 
 
-def _messages(events: list[Any], last: Position) -> Iterable[Message]:
-    """`events` in messages of at most MESSAGE_EVENTS; the last one's cursor is the event at `last`."""
+def _messages(events: list[Any], last: int) -> Iterable[Message]:
+    """`events` in messages of at most MESSAGE_EVENTS; the last one's cursor is `last`."""
     for i in range(0, len(events), MESSAGE_EVENTS):
         chunk = events[i : i + MESSAGE_EVENTS]
-        end = last if i + MESSAGE_EVENTS >= len(events) else chunk[-1].position
-        yield Message(chunk, end[1], end)
+        yield Message(chunk, last if i + MESSAGE_EVENTS >= len(events) else chunk[-1].event_id)
 
 
 class Hub:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.watchers: set[Watcher] = set()
-        # Watchers by the topics they read (one group per stream and topic choice).
-        self.by_topics: dict[frozenset[str], set[Watcher]] = {}
         # Watchers by (topic, key), and those that take every event of a topic.
         self.by_key: dict[str, dict[str, set[Watcher]]] = {}
         self.every: dict[str, set[Watcher]] = {}
         self.topics: Counter[str] = Counter()
         # Bumped when the topics read change: a read begun before is read again.
         self.generation = 0
-        self.position: Position | None = None
+        # Every event up to this id was read and dispatched (None: no watcher).
+        self.position: int | None = None
+        # The newest event of each topic dispatched since the position was set.
+        self.latest: dict[str, int] = {}
+        self.horizon = outbox.Horizon()
+        # The observation of the final id in flight (watchers starting share it).
+        self._observing: asyncio.Future[outbox.Final | None] | None = None
+        # Watchers opening at once (a reconnecting fleet) share their reads: which cursors
+        # exist, and the newest event up to a final id.
+        self._cursors: Coalescer[int, bool] = Coalescer(self._existing)
+        self._newest: Coalescer[int, int] = Coalescer(self._newest_ids)
         self.wake = asyncio.Event()
         # Other outbox readers of this process (the event relay) woken with the hub.
         self.also_wake: list[asyncio.Event] = []
@@ -160,9 +179,11 @@ class Hub:
         if self.position is not None and w.position < self.position:
             return False
         if self.position is None:
-            self.position = w.position
+            # Never past the final id: a watcher behind it must be able to read up to here.
+            final = self.horizon.final
+            self.position = w.position if final is None else min(w.position, final.last_id)
+            self.latest.clear()
         self.watchers.add(w)
-        self.by_topics.setdefault(w.topics, set()).add(w)
         for topic in w.topics:
             if w.keys:
                 keyed = self.by_key.setdefault(topic, {})
@@ -180,11 +201,6 @@ class Hub:
         if w not in self.watchers:
             return
         self.watchers.discard(w)
-        group = self.by_topics.get(w.topics)
-        if group is not None:
-            group.discard(w)
-            if not group:
-                del self.by_topics[w.topics]
         for topic in w.topics:
             self.every.get(topic, set()).discard(w)
             keyed = self.by_key.get(topic, {})
@@ -203,59 +219,127 @@ class Hub:
             self.position = None
 
     # ------------------------------------------------------------ reading
+    async def _observe(self) -> outbox.Final | None:
+        """One observation of the final id (concurrent callers share one)."""
+        if self._observing is None:
+            self._observing = asyncio.ensure_future(
+                self.rt.read(partial(outbox.observe_horizon, horizon=self.horizon))
+            )
+        observing = self._observing
+        try:
+            return await asyncio.shield(observing)
+        finally:
+            if self._observing is observing and observing.done():
+                self._observing = None
+
+    async def final(self) -> outbox.Final:
+        """The final id, after at least one observation made now."""
+        final = await self._observe()
+        while final is None:  # the first observations wait for running transactions
+            await asyncio.sleep(PENDING_SECONDS)
+            final = await self._observe()
+        return final
+
+    async def start(self) -> tuple[int, int]:
+        """Where a watcher "from now on" starts: the final id and the newest event up to
+        it (the first heartbeat's cursor). The final id of an observation made now, once
+        the transactions running now have ended (at most START_WAIT_SECONDS: a long
+        transaction makes the start a little earlier, never later)."""
+        loop = asyncio.get_running_loop()
+        final = await self.final()
+        now, give_up = self.horizon.known(), loop.time() + START_WAIT_SECONDS
+        while final.last_id < now and loop.time() < give_up:
+            await asyncio.sleep(PENDING_SECONDS)
+            final = await self._observe() or final
+        return final.last_id, await self._newest.get(final.last_id) or 0
+
+    async def resume(self, after_event_id: int, check: Callable[[AsyncSession, int], Awaitable[int]]) -> int:
+        """Where a watcher resuming after `after_event_id` starts: that event, when it
+        exists; otherwise `check` (the stream's rules) says why not."""
+        if after_event_id > 0 and await self._cursors.get(after_event_id):
+            return after_event_id
+        return await self.rt.read(lambda s: check(s, after_event_id))
+
+    async def _existing(self, ids: list[int]) -> dict[int, bool]:
+        found = await self.rt.read(partial(outbox.existing, event_ids=ids))
+        return {i: True for i in found}
+
+    async def _newest_ids(self, lasts: list[int]) -> dict[int, int]:
+        async def read(session: AsyncSession) -> dict[int, int]:
+            return {last: await outbox.newest_id(session, last) for last in lasts}
+
+        return await self.rt.read(read)
+
     async def _read_once(self) -> bool:
-        """Read and dispatch one chunk; True when there may be more."""
+        """Observe the final id and read and dispatch one chunk up to it (one transaction);
+        True when there may be more. The hub observes on its own, after its wake-up (a
+        shared observation may have begun before the commit that woke it)."""
         pos, generation, topics = self.position, self.generation, self.read_topics()
         if pos is None or not self.watchers:
             return False
-        rows = await self.rt.read(lambda s: outbox.read_after(s, pos, topics, READ_LIMIT))
+
+        async def observe_and_read(
+            session: AsyncSession,
+        ) -> tuple[outbox.Final | None, list[outbox.StoredEvent]]:
+            final = await outbox.observe_horizon(session, self.horizon)
+            if final is None or final.last_id <= pos:
+                return final, []
+            return final, await outbox.read_final(session, final, pos, READ_LIMIT, topics)
+
+        final, rows = await self.rt.read(observe_and_read)
+        if final is None or final.last_id <= pos:
+            return False
         self.reads += 1
         if self.position != pos:
             return False
         if self.generation != generation:
             return True  # a watcher wants topics this read did not ask for: read again
-        if not rows:
-            return False
         self._dispatch(rows)
-        self.position = rows[-1].position
+        self.position = rows[-1].id if len(rows) == READ_LIMIT else final.last_id
         return len(rows) == READ_LIMIT
 
     def _dispatch(self, rows: list[outbox.StoredEvent]) -> None:
+        """Hand `rows` (the events of the hub's topics after its position) to the watchers
+        they match; only those are visited. A joined watcher's own position stays where it
+        joined (at or after the hub's position then): the hub's position stands for it, and
+        `cursor_of` gives it the newest event of its topics dispatched since."""
         matched: dict[Watcher, list[Any]] = {}
-        last_of: dict[str, outbox.StoredEvent] = {}
+        latest = self.latest
         for e in rows:
-            last_of[e.topic] = e
+            latest[e.topic] = e.id
             stream = _STREAMS.get(e.topic)
             every = self.every.get(e.topic)
             keyed = self.by_key.get(e.topic)
             if stream is None or not (every or keyed):
                 continue
             item = stream.convert(e)
-            pos = e.position
+            eid = e.id
             group = keyed.get(stream.key(item)) if keyed else None
             for members in (every, group):
                 if members:
                     for x in members:
-                        if pos > x.position and x.matches(item):
+                        if eid > x.position and x.matches(item):
                             matched.setdefault(x, []).append(item)
-        end = rows[-1].position
-        for topics, group in self.by_topics.items():
-            # The newest event of these topics: each message's and heartbeat's cursor.
-            found = _last_of(last_of, topics)
-            last = None if found is None else found.position
-            for w in list(group):
-                if end <= w.position:
-                    continue
-                if last is not None and last > w.position:
-                    events = matched.get(w)
-                    if events:
-                        if len(events) <= MESSAGE_EVENTS:
-                            w.offer(Message(events, last[1], last))
-                        else:
-                            for msg in _messages(events, last):
-                                w.offer(msg)
-                    w.latest_cursor, w.latest_position = last[1], last
-                w.position = end
+        for w, events in matched.items():
+            # The newest event of its topics: the message's cursor.
+            last = self._latest_of(w.topics)
+            if len(events) <= MESSAGE_EVENTS:
+                w.offer(Message(events, last))
+            else:
+                for msg in _messages(events, last):
+                    w.offer(msg)
+            w.latest_cursor = last
+
+    def _latest_of(self, topics: frozenset[str]) -> int:
+        return max((self.latest.get(t, 0) for t in topics), default=0)
+
+    def cursor_of(self, w: Watcher) -> int:
+        """The newest event of `w`'s topics it has passed, matching or not (a heartbeat's
+        cursor). For a joined watcher that includes every event of its topics the hub
+        dispatched: those up to where it joined came before its own start or reads."""
+        if w not in self.watchers:
+            return w.latest_cursor
+        return max(w.latest_cursor, self._latest_of(w.topics))
 
     async def serve(self) -> None:
         """The reader loop with its LISTEN connection; runs until cancelled."""
@@ -271,8 +355,11 @@ class Hub:
                     else:
                         backoff = 0.5
                         self._woken()  # catch up on anything missed while disconnected
+                # An observation waiting for transactions to end is looked at again soon:
+                # they end without a NOTIFY of their own when they wrote no event.
+                wait = PENDING_SECONDS if self.watchers and self.horizon.pending else self.poll_seconds
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.poll_seconds):
+                    async with asyncio.timeout(wait):
                         await self.wake.wait()
                 self.wake.clear()
                 try:
@@ -314,29 +401,34 @@ class Hub:
 
     # ------------------------------------------------------------ one watcher
     async def _catch_up(self, w: Watcher, stream: _Stream) -> AsyncGenerator[Message, None]:
-        """Own reads from `w.position` until the watcher joins the live feed: when
-        a read comes back short (at the head) and the hub is not ahead of it. The
-        reads also cover the hub's topics, so the watcher's position keeps up
-        with the hub's even when its own topics are quiet."""
+        """Own reads from `w.position` until the watcher joins the live feed (it has
+        reached the hub's position, or the final id when the hub has none). Each read goes
+        up to the final id, which is at or after the hub's position, so every round gets
+        there unless the hub moved on meanwhile; a watcher already there joins without a
+        read (a fleet opening at once costs the database nothing per watcher). The reads also cover the hub's topics, so the watcher's position
+        keeps up with the hub's even when its own topics are quiet."""
         while True:
+            final = self.horizon.final
+            # Join when at the hub's position; with no hub position (no other watcher), when
+            # at the final id: the watcher reads what lies before on its own.
+            reached = self.position if self.position is not None else final.last_id if final else 0
+            if w.position >= reached and self.try_join(w):
+                return
+            if final is None or final.last_id <= w.position:
+                final = await self.final()  # a fresh observation (the hub may be ahead of it)
             topics = sorted(w.topics.union(self.topics))
             rows = await self.rt.read(
-                partial(outbox.read_after, position=w.position, topics=topics, limit=READ_LIMIT)
+                partial(outbox.read_final, final=final, after=w.position, limit=READ_LIMIT, topics=topics)
             )
-            if rows:
-                w.position = rows[-1].position
-                last = _last_of({e.topic: e for e in rows}, w.topics)
-                if last is not None:
-                    events = [
-                        x for x in (stream.convert(e) for e in rows if e.topic in w.topics) if w.matches(x)
-                    ]
-                    for msg in _messages(events, last.position):
-                        yield msg
-                    w.latest_cursor, w.latest_position = last.id, last.position
-            if len(rows) < READ_LIMIT and self.try_join(w):
-                return
-            if not rows:
-                await asyncio.sleep(0.05)  # the hub is ahead but its rows are not visible yet
+            last = _last_of({e.topic: e for e in rows}, w.topics)
+            if last is not None:
+                events = [x for x in (stream.convert(e) for e in rows if e.topic in w.topics) if w.matches(x)]
+                for msg in _messages(events, last.id):
+                    yield msg
+                if not events:
+                    yield Message([], last.id)  # a heartbeat, sent when one is due
+                w.latest_cursor = last.id
+            w.position = max(w.position, rows[-1].id if len(rows) == READ_LIMIT else final.last_id)
 
     async def subscribe(
         self,
@@ -349,15 +441,17 @@ class Hub:
     ) -> AsyncGenerator[Message, None]:
         """Messages for one watcher: catch-up reads, then the live feed."""
         loop = asyncio.get_running_loop()
-        sent, sent_position = w.latest_cursor, w.latest_position
+        sent = w.latest_cursor
         last_sent = loop.time()
         greeted = False  # a first message went out
         try:
             while True:
                 async with contextlib.aclosing(self._catch_up(w, stream)) as catching_up:
                     async for msg in catching_up:
+                        if not msg.events and loop.time() - last_sent < heartbeat_seconds:
+                            continue
                         yield msg
-                        sent, sent_position, last_sent = msg.cursor, msg.position, loop.time()
+                        sent, last_sent = msg.cursor, loop.time()
                         greeted = True
                 while True:
                     try:
@@ -365,9 +459,10 @@ class Hub:
                             queued = await w.queue.get()
                     except TimeoutError:
                         # Queue empty: everything dispatched was sent; tell the cursor.
-                        if idle_heartbeat or not greeted or w.latest_cursor > sent:
-                            sent, sent_position = w.latest_cursor, w.latest_position
-                            yield Message([], sent, sent_position)
+                        cursor = self.cursor_of(w)
+                        if idle_heartbeat or not greeted or cursor > sent:
+                            sent = cursor
+                            yield Message([], sent)
                             greeted = True
                         last_sent = loop.time()
                         continue
@@ -375,7 +470,7 @@ class Hub:
                         break
                     w.queued_events -= len(queued.events)
                     yield queued
-                    sent, sent_position, last_sent = queued.cursor, queued.position, loop.time()
+                    sent, last_sent = queued.cursor, loop.time()
                     greeted = True
                 # The buffer overflowed.
                 if cut_off:
@@ -386,7 +481,7 @@ class Hub:
                     )
                 self.leave(w)
                 self.fallbacks += 1
-                w.restart_from(sent_position, sent)
+                w.restart_from(sent)
         finally:
             self.leave(w)
 
@@ -394,7 +489,7 @@ class Hub:
 def _last_of(last_of: dict[str, outbox.StoredEvent], topics: frozenset[str]) -> outbox.StoredEvent | None:
     """The newest of the events `last_of` holds for `topics`."""
     found = [last_of[t] for t in topics if t in last_of]
-    return max(found, key=lambda e: e.position) if found else None
+    return max(found, key=lambda e: e.id) if found else None
 
 
 _HUBS: weakref.WeakKeyDictionary[Runtime, Hub] = weakref.WeakKeyDictionary()
@@ -425,11 +520,15 @@ async def watch_stock(
     Raises ResourceExhausted WATCHER_TOO_SLOW (metadata `cursor`) when the
     watcher's buffer overflows; it may resume from that cursor.
     """
-    start = await rt.read(lambda s: stock_watch.start_position(s, after_event_id))
+    hub = hub_for(rt)
+    if after_event_id == 0:
+        # The first heartbeat names the newest event before the start: a cursor to resume after.
+        start, cursor = await hub.start()
+    else:
+        start = cursor = await hub.resume(after_event_id, stock_watch.resume_after)
     w = Watcher(_STOCK_TOPICS, flt.skus, flt.matches, start, max_events)
-    # From now (0): the head's event, so the first heartbeat names a cursor to resume after.
-    w.latest_cursor, w.latest_position = start[1], start
-    messages = hub_for(rt).subscribe(
+    w.latest_cursor = cursor
+    messages = hub.subscribe(
         w, _STOCK, heartbeat_seconds=heartbeat_seconds, cut_off=True, idle_heartbeat=False
     )
     async with contextlib.aclosing(messages):
@@ -448,10 +547,14 @@ async def watch_orders(
     watcher gets a heartbeat every `heartbeat_seconds` (default: the setting)."""
     if heartbeat_seconds is None:
         heartbeat_seconds = rt.settings.watch_heartbeat_seconds
-    start = await rt.read(lambda s: order_watch.start_position(s, after_event_id))
+    hub = hub_for(rt)
+    if after_event_id <= 0:
+        start, cursor = await hub.start()
+    else:
+        start = cursor = await hub.resume(after_event_id, order_watch.resume_after)
     w = Watcher(flt.topics, frozenset({flt.channel}), flt.matches, start, ORDER_BUFFER_EVENTS)
-    w.latest_cursor, w.latest_position = start[1], start
-    messages = hub_for(rt).subscribe(
+    w.latest_cursor = cursor
+    messages = hub.subscribe(
         w, _ORDERS, heartbeat_seconds=heartbeat_seconds, cut_off=False, idle_heartbeat=True
     )
     async with contextlib.aclosing(messages):

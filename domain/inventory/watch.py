@@ -12,7 +12,6 @@ from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory.ledger import TOPIC
@@ -23,13 +22,10 @@ from domain.shared.errors import InvalidArgument, OutOfRange
 TOPICS = (TOPIC,)
 MAX_FILTER = 1000
 
-Position = tuple[int, int]
-
 
 @dataclass(frozen=True, slots=True)
 class StockEvent:
     event_id: int
-    position: Position
     sku: str
     warehouse_code: str
     type: str
@@ -49,7 +45,6 @@ def to_stock_event(e: outbox.StoredEvent) -> StockEvent:
     p = e.payload
     return StockEvent(
         event_id=e.id,
-        position=(e.txid, e.id),
         sku=str(p.get("sku", e.aggregate_id)),
         warehouse_code=str(p.get("warehouse_code", "")),
         type=str(p.get("type", "")),
@@ -104,25 +99,17 @@ def make_filter(
     )
 
 
-# The highest id ever handed out (purged or not): above it, a cursor was never issued.
-_MAX_ID = text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM platform.outbox_id_seq")
-
-
-async def start_position(session: AsyncSession, after_event_id: int) -> Position:
-    """Where a watcher starts: after `after_event_id`, or "from now on" for 0.
+async def resume_after(session: AsyncSession, after_event_id: int) -> int:
+    """Where a watcher resuming after `after_event_id` (> 0) starts: that id.
 
     A cursor whose event was purged by retention is OUT_OF_RANGE /
     CURSOR_EXPIRED: the watcher must resync (read levels) and watch from now.
     """
     if after_event_id < 0:
         raise InvalidArgument("INVALID_CURSOR", "after_event_id must not be negative")
-    if after_event_id == 0:
-        return await outbox.head_position(session)
-    pos = await outbox.position_of(session, after_event_id)
-    if pos is not None:
-        return pos
-    max_id = int((await session.execute(_MAX_ID)).scalar_one())
-    if after_event_id > max_id:
+    if await outbox.exists(session, after_event_id):
+        return after_event_id
+    if after_event_id > await outbox.last_drawn_id(session):
         raise InvalidArgument(
             "UNKNOWN_CURSOR",
             f"event {after_event_id} does not exist",
@@ -133,7 +120,3 @@ async def start_position(session: AsyncSession, after_event_id: int) -> Position
         f"event {after_event_id} is no longer retained; read current levels and watch from now",
         metadata={"after_event_id": str(after_event_id)},
     )
-
-
-async def read_after(session: AsyncSession, position: Position, limit: int) -> list[StockEvent]:
-    return [to_stock_event(e) for e in await outbox.read_after(session, position, TOPICS, limit)]

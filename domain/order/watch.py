@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.order.types import TOPICS
 from domain.shared.errors import OutOfRange
-from domain.shared.outbox import StoredEvent, head_position, position_of
+from domain.shared.outbox import StoredEvent, exists
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,12 @@ def make_filter(channel: str, topics: Sequence[str] = TOPICS, order_id: str = ""
     return Filter(channel, frozenset([t for t in topics if t in TOPICS] or TOPICS), order_id)
 
 
-async def start_position(session: AsyncSession, after_event_id: int) -> tuple[int, int]:
-    if after_event_id <= 0:
-        return await head_position(session)
-    pos = await position_of(session, after_event_id)
-    if pos is None:
+async def resume_after(session: AsyncSession, after_event_id: int) -> int:
+    """Where a watcher resuming after `after_event_id` (> 0) starts: that id."""
+    if not await exists(session, after_event_id):
         raise OutOfRange(
             "UNKNOWN_EVENT_ID",
             f"event {after_event_id} is unknown or no longer retained; resume from 0 (now) instead",
             metadata={"after_event_id": str(after_event_id)},
         )
-    return pos
+    return after_event_id

@@ -2,15 +2,20 @@
 
 Ordering. `id` comes from a sequence, so ids are not commit-ordered: a
 transaction can take id 10, and commit after another took and committed 11.
-Each row therefore records its transaction id (`txid`, xid8). A reader only
-delivers rows whose transaction is older than the oldest transaction still
-running (`pg_snapshot_xmin(pg_current_snapshot())`), in (txid, id) order. No
-transaction that can still commit has a txid below that horizon, so the
-delivered sequence is a stable prefix: resuming after (txid, id) loses
-nothing and repeats nothing, on any replica. That order is not commit order
-per aggregate (a transaction can take its txid before it waits for the
-aggregate's lock); the event relay, which must keep that order, reads in epochs
-instead (`read_epoch` below, docs/events.md "Order").
+Each row therefore records its transaction id (`txid`, xid8), and every reader
+goes through one read, `read_epoch`: the events whose transactions are visible
+in one observed snapshot (`end`) and not in an earlier one (`start`), with ids
+in a range, in id order. Within what it returns, the id order of one
+aggregate's events is their commit order: writers draw an aggregate's id while
+holding its row lock (docs/events.md "Order"). What differs between readers is
+how they bound what they read:
+- the event relay (server/relay.py, domain/platform/relay.py) reads epochs:
+  between two snapshots it observed, each epoch whole before the next;
+- the watch hub (server/watch_hub.py) reads in plain id order up to a final id
+  (`Horizon`): an id up to which every transaction that drew an id has ended,
+  so no smaller id can still appear. Resuming after an id is then a question
+  of ids alone, the same on every replica: WatchStockChanges' and
+  WatchOrderEvents' cursors are event ids.
 
 Writing. Every row is written by the one INSERT of `cte`: `emit` / `emit_many`
 run it on their own (one event, or many in order); hot paths fold it into
@@ -154,23 +159,6 @@ class StoredEvent:
     payload: dict[str, Any]
     created_at: datetime
 
-    @property
-    def position(self) -> tuple[int, int]:
-        """Where it stands in delivery order: (txid, id)."""
-        return (self.txid, self.id)
-
-
-_READ = text(
-    """
-    SELECT id, txid::text::bigint AS txid, topic, aggregate_type, aggregate_id, channel, payload, created_at
-    FROM platform.outbox
-    WHERE (txid, id) > (CAST(CAST(:txid AS text) AS xid8), :id)
-      AND txid < pg_snapshot_xmin(pg_current_snapshot())
-      AND topic = ANY(:topics)
-    ORDER BY txid, id
-    LIMIT :limit
-    """
-)
 
 # The event relay's reads (server/relay.py, domain/platform/relay.py): epochs. An epoch
 # is the set of events whose transactions are visible in snapshot :end but not in
@@ -197,15 +185,15 @@ _EPOCH_IDS = text(
 )
 
 # A page: the primary key walked in id order between the page's start and the epoch's last
-# id (no sort of the epoch, whatever its size).
-_READ_EPOCH = text(
-    f"""
+# id (no sort of the epoch, whatever its size); the watch hub's form reads only its topics.
+_PAGE = """
     SELECT id, txid::text::bigint AS txid, topic, aggregate_type, aggregate_id, channel, payload, created_at
-    {_EPOCH} AND id > :after AND id <= :last
+    {epoch} AND id > :after AND id <= :last {topics}
     ORDER BY id
     LIMIT :limit
     """
-)
+_READ_EPOCH = text(_PAGE.format(epoch=_EPOCH, topics=""))
+_READ_EPOCH_TOPICS = text(_PAGE.format(epoch=_EPOCH, topics="AND topic = ANY(:topics)"))
 
 _IN_EPOCH = text(f"SELECT 1 {_EPOCH} AND id = :id")
 
@@ -228,27 +216,106 @@ _BACKLOG_EPOCH = text(
 # A snapshot in which no transaction is visible: the start of the first epoch.
 EMPTY_SNAPSHOT = "1:1:"
 
-_POSITION = text("SELECT txid::text::bigint FROM platform.outbox WHERE id = :id")
+_EXISTING = text("SELECT id FROM platform.outbox WHERE id = ANY(:ids)")
 
-# The last committed event in delivery order: one backward step on ix_outbox_txid_id
-# (max() over a cast read the whole table).
-_HEAD = text(
+# The newest event up to an id: one backward step on the primary key.
+_NEWEST = text("SELECT coalesce(max(id), 0) FROM platform.outbox WHERE id <= :last")
+
+# The highest id ever drawn (its transaction running, committed or rolled back; purged or not).
+_DRAWN = text("SELECT CASE WHEN is_called THEN last_value ELSE 0 END FROM platform.outbox_id_seq")
+
+# A snapshot and its xmin: every transaction below xmin has ended.
+_SNAPSHOT_XMIN = text(
+    "SELECT CAST(s AS text), pg_snapshot_xmin(s)::text::bigint FROM pg_current_snapshot() AS s"
+)
+
+# The same, and a transaction id of the observer's own: above every one assigned before.
+_SNAPSHOT_XMIN_XID = text(
     """
-    SELECT o.txid::text::bigint AS last_txid, o.id FROM platform.outbox o
-    WHERE o.txid < pg_snapshot_xmin(pg_current_snapshot())
-    ORDER BY o.txid DESC, o.id DESC LIMIT 1
+    SELECT CAST(s AS text), pg_snapshot_xmin(s)::text::bigint, pg_current_xact_id()::text::bigint
+    FROM pg_current_snapshot() AS s
     """
 )
 
+# Observations kept while waiting for their transactions to end (more are merged: a
+# merged observation becomes final later, never wrongly).
+_PENDING_MAX = 64
 
-async def read_after(
-    session: AsyncSession, position: tuple[int, int], topics: Sequence[str], limit: int
-) -> list[StoredEvent]:
-    """Committed events after `position` = (txid, id), in delivery order."""
-    result = await session.execute(
-        _READ, {"txid": str(position[0]), "id": position[1], "topics": list(topics), "limit": limit}
-    )
-    return [StoredEvent(*row) for row in result.all()]
+
+@dataclass(frozen=True)
+class Final:
+    """Every event with an id up to `last_id` has committed or never will, and snapshot
+    `snapshot` (pg_snapshot text) sees every one that committed: the epoch
+    (EMPTY_SNAPSHOT, snapshot] holds them all."""
+
+    last_id: int
+    snapshot: str
+
+
+class Horizon:
+    """The final id of the outbox (`Final`), from observations (`observe_horizon`).
+
+    An observation reads the highest id drawn so far, then takes a transaction id of
+    its own. An event's transaction had its transaction id before it drew the event's
+    id (the outbox's id default assigns it first, migration platform_0003), and ids
+    are assigned in order, so every id up to the one read belongs to a transaction
+    below the observer's. (A snapshot's xmax would not do: it is one past the newest
+    transaction that ended, and a running one above it is in no snapshot's list.)
+    Once a later snapshot's xmin is above the observer's transaction id, all of them
+    have ended: the observation is final. Until then it waits here (`pending`); an
+    observation that finds no new id takes no transaction id."""
+
+    def __init__(self) -> None:
+        self.final: Final | None = None
+        # (highest id drawn, the observer's transaction id), oldest first.
+        self._pending: list[tuple[int, int]] = []
+
+    @property
+    def pending(self) -> bool:
+        """Whether an observation waits for running transactions to end."""
+        return bool(self._pending)
+
+    def known(self) -> int:
+        """The highest id observed so far (-1: none)."""
+        if self._pending:
+            return self._pending[-1][0]
+        return self.final.last_id if self.final else -1
+
+    def observe(self, drawn: int, xid: int | None, snapshot: str, xmin: int) -> Final | None:
+        """Take one observation: `drawn`, then (when it is above `known()`) the observer's
+        transaction id `xid`, and a snapshot taken after `drawn` was read, with its xmin."""
+        if xid is not None and drawn > self.known():
+            self._pending.append((drawn, xid))
+            if len(self._pending) > _PENDING_MAX:
+                del self._pending[-2]
+        ended = [d for d, x in self._pending if x < xmin]
+        if ended:
+            self._pending = [(d, x) for d, x in self._pending if x >= xmin]
+            last = max(ended)
+            if self.final is None or last >= self.final.last_id:
+                self.final = Final(last, snapshot)
+        return self.final
+
+
+async def observe_horizon(session: AsyncSession, horizon: Horizon) -> Final | None:
+    """One observation into `horizon` (the id, then the snapshot and, when new ids were
+    drawn, a transaction id); its final id, None while no observation has become final."""
+    drawn = int((await session.execute(_DRAWN)).scalar_one())
+    if drawn > horizon.known():
+        snapshot, xmin, xid = (await session.execute(_SNAPSHOT_XMIN_XID)).one()
+        return horizon.observe(drawn, int(xid), str(snapshot), int(xmin))
+    snapshot, xmin = (await session.execute(_SNAPSHOT_XMIN)).one()
+    return horizon.observe(drawn, None, str(snapshot), int(xmin))
+
+
+async def last_drawn_id(session: AsyncSession) -> int:
+    """The highest id ever drawn: above it, no event was ever written."""
+    return int((await session.execute(_DRAWN)).scalar_one())
+
+
+async def newest_id(session: AsyncSession, last: int) -> int:
+    """The newest event id up to `last` (0: none)."""
+    return int((await session.execute(_NEWEST, {"last": last})).scalar_one())
 
 
 async def current_snapshot(session: AsyncSession) -> str:
@@ -265,14 +332,30 @@ async def epoch_ids(session: AsyncSession, start: str, end: str) -> tuple[int, i
 
 
 async def read_epoch(
-    session: AsyncSession, start: str, end: str, after: int, last: int, limit: int
+    session: AsyncSession,
+    start: str,
+    end: str,
+    after: int,
+    last: int,
+    limit: int,
+    topics: Sequence[str] | None = None,
 ) -> list[StoredEvent]:
-    """Events of every topic committed in the epoch (start, end] of snapshots, with an id
-    above `after` and at most `last`, in id order."""
-    result = await session.execute(
-        _READ_EPOCH, {"start": start, "end": end, "after": after, "last": last, "limit": limit}
-    )
+    """Events committed in the epoch (start, end] of snapshots, with an id above `after`
+    and at most `last`, in id order; of `topics` only, when given."""
+    args: dict[str, object] = {"start": start, "end": end, "after": after, "last": last, "limit": limit}
+    if topics is None:
+        result = await session.execute(_READ_EPOCH, args)
+    else:
+        result = await session.execute(_READ_EPOCH_TOPICS, {**args, "topics": list(topics)})
     return [StoredEvent(*row) for row in result.all()]
+
+
+async def read_final(
+    session: AsyncSession, final: Final, after: int, limit: int, topics: Sequence[str]
+) -> list[StoredEvent]:
+    """Events of `topics` with an id above `after` and at most `final.last_id`, in id
+    order: the epoch (EMPTY_SNAPSHOT, final.snapshot] holds every one of them."""
+    return await read_epoch(session, EMPTY_SNAPSHOT, final.snapshot, after, final.last_id, limit, topics)
 
 
 async def in_epoch(session: AsyncSession, start: str, end: str, event_id: int) -> bool:
@@ -292,16 +375,14 @@ async def backlog_of_epoch(
     return int(count), float(age or 0.0)
 
 
-async def position_of(session: AsyncSession, event_id: int) -> tuple[int, int] | None:
-    """The (txid, id) position of an event id, or None when it is unknown or purged."""
-    txid = (await session.execute(_POSITION, {"id": event_id})).scalar_one_or_none()
-    return None if txid is None else (int(txid), event_id)
+async def existing(session: AsyncSession, event_ids: Sequence[int]) -> set[int]:
+    """Those of `event_ids` that are in the outbox (not unknown, not purged)."""
+    return {int(i) for i in (await session.execute(_EXISTING, {"ids": list(event_ids)})).scalars()}
 
 
-async def head_position(session: AsyncSession) -> tuple[int, int]:
-    """A position at or after every event committed so far ("from now on")."""
-    last = (await session.execute(_HEAD)).one_or_none()
-    return (int(last[0]), int(last[1])) if last else (0, 0)
+async def exists(session: AsyncSession, event_id: int) -> bool:
+    """Whether event `event_id` is in the outbox (not unknown, not purged)."""
+    return event_id in await existing(session, [event_id])
 
 
 async def purge_older_than(session: AsyncSession, age: timedelta, limit: int = 10_000) -> int:

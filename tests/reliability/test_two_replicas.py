@@ -110,12 +110,14 @@ async def test_two_replicas_never_oversell_and_watchers_see_each_other(
         # the SetStock through A, then 10 reservations spread over A and B.
         assert [e.event_id for e in seen_a] == [e.event_id for e in seen_b]
         assert [e.type for e in seen_b] == [pb.MOVEMENT_TYPE_SET] + [pb.MOVEMENT_TYPE_RESERVE] * 10
-        # Every reservation is visible once, with counters that never oversell. Delivery is in
-        # (txid, id) order, which is not always the order the row lock was granted (observed:
-        # reserved 0, 1, 3, 2, ...); movement_id is: ordered by it, the counters step by one and
-        # the highest movement_id carries the level's final counters.
+        # Every reservation is visible once, with counters that never oversell, in the order
+        # the level's row lock was granted (commit order per level; (txid, id) order, the
+        # watch's order before, gave reserved 0, 1, 3, 2, ...): the counters step by one as
+        # delivered, and so do movement ids.
         assert sum(e.reserved_delta for e in seen_b) == 10
         assert all(e.available >= 0 and e.on_hand == 10 for e in seen_b)
+        assert [e.reserved for e in seen_b] == list(range(0, 11))
+        assert [e.movement_id for e in seen_b] == sorted(e.movement_id for e in seen_b)
         applied = sorted(seen_b, key=lambda e: e.movement_id)
         assert len({e.movement_id for e in seen_b}) == 11 and applied[0].movement_id > 0
         assert [e.reserved for e in applied] == list(range(0, 11))

@@ -86,7 +86,7 @@ async def test_watcher_sees_every_change_once_in_order_across_restarts_and_repli
                     await s.execute(
                         text(
                             """SELECT id FROM platform.outbox
-                               WHERE aggregate_id = ANY(:s) AND id > :start ORDER BY txid, id"""
+                               WHERE aggregate_id = ANY(:s) AND id > :start ORDER BY id"""
                         ),
                         {"s": skus, "start": start},
                     )

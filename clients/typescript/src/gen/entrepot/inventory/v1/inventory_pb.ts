@@ -3596,11 +3596,11 @@ export const StockChangeEventSchema: GenMessage<StockChangeEvent, {jsonType: Sto
  */
 export type WatchStockChangesResponse = Message<"entrepot.inventory.v1.WatchStockChangesResponse"> & {
   /**
-   * Matching events in delivery order: by transaction, committed events only,
-   * a stable prefix that a cursor resumes exactly. Two changes of one stock
-   * level committed close together can arrive in the opposite order of their
-   * application (the transaction that started first may have waited for the
-   * other's row lock); order them by movement_id. May be empty for a heartbeat.
+   * Matching events in delivery order: event id order over events no earlier
+   * id can still join, a stable prefix that a cursor resumes exactly on any
+   * replica. The changes of one stock level arrive in the order they were
+   * applied (commit order; movement_id increases along them). May be empty
+   * for a heartbeat.
    *
    * @generated from field: repeated entrepot.inventory.v1.StockChangeEvent events = 1;
    */
@@ -3620,11 +3620,11 @@ export type WatchStockChangesResponse = Message<"entrepot.inventory.v1.WatchStoc
  */
 export type WatchStockChangesResponseJson = {
   /**
-   * Matching events in delivery order: by transaction, committed events only,
-   * a stable prefix that a cursor resumes exactly. Two changes of one stock
-   * level committed close together can arrive in the opposite order of their
-   * application (the transaction that started first may have waited for the
-   * other's row lock); order them by movement_id. May be empty for a heartbeat.
+   * Matching events in delivery order: event id order over events no earlier
+   * id can still join, a stable prefix that a cursor resumes exactly on any
+   * replica. The changes of one stock level arrive in the order they were
+   * applied (commit order; movement_id increases along them). May be empty
+   * for a heartbeat.
    *
    * @generated from field: repeated entrepot.inventory.v1.StockChangeEvent events = 1;
    */
