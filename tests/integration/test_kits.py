@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from entrepot.cart.v1 import cart_pb2
 from entrepot.inventory.v1 import inventory_pb2 as pb
+from entrepot.order.v1 import order_pb2
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import (
     Entrepot,
@@ -24,6 +25,7 @@ from entrepot_client import (
     InvalidArgumentError,
     NotFoundError,
 )
+from entrepot_client.order import build_intent
 from entrepot_client.streams import StockEvent, sync_stock
 from tests.conftest import unique
 from tests.integration.test_allocation_channels import allocate, make_channel
@@ -527,3 +529,70 @@ async def test_a_cart_holds_and_checks_out_a_kit(admin: Entrepot, client_factory
     assert done.reservation_id == cart.hold.reservation_id
     order_res = await admin.inventory.get_reservation(pb.GetReservationRequest(id=done.reservation_id))
     assert held(order_res) == held(hold) and [(k.sku, k.open_quantity) for k in order_res.kits] == [(bike, 1)]
+
+
+async def test_an_order_reserves_ships_and_cancels_a_kit(admin: Entrepot) -> None:
+    wh = await make_warehouse(admin)
+    frame, wheel = await make_item(admin, {wh: 5}), await make_item(admin, {wh: 10})
+    bike = await make_kit(admin, {frame: 1, wheel: 2})
+    intent = build_intent(
+        unique("intent"), "webshop", "EUR", lines=[("1", bike, 3, 50_000)], payments=[("t1", "card", 150_000)]
+    )
+    o = (
+        await admin.order.submit_order_intent(
+            order_pb2.SubmitOrderIntentRequest(
+                intent=intent, reserve_inventory=True, request_id=uuid.uuid4().hex
+            )
+        )
+    ).order
+    res = await admin.inventory.get_reservation(pb.GetReservationRequest(id=o.reservation_id))
+    assert held(res) == sorted([(frame, bike, 1, 3), (wheel, bike, 2, 6)])
+    await admin.order.transition_order(
+        order_pb2.TransitionOrderRequest(
+            order_id=o.id, target_state=order_pb2.Order.STATE_PROCESSING, request_id=uuid.uuid4().hex
+        )
+    )
+    # Shipping 1 of the order's 3 bicycles fulfils 1 frame and 2 wheels.
+    await admin.order.ship_order_items(
+        order_pb2.ShipOrderItemsRequest(
+            order_id=o.id,
+            lines=[order_pb2.LineQuantity(line_id="1", quantity=1)],
+            request_id=uuid.uuid4().hex,
+        )
+    )
+    st = await admin.inventory.batch_get_stock_levels(pb.BatchGetStockLevelsRequest(skus=[frame, wheel]))
+    assert [(s.on_hand, s.reserved) for s in st.stocks] == [(4, 2), (8, 4)]
+    await admin.order.ship_order_items(
+        order_pb2.ShipOrderItemsRequest(
+            order_id=o.id,
+            lines=[order_pb2.LineQuantity(line_id="1", quantity=2)],
+            request_id=uuid.uuid4().hex,
+        )
+    )
+    done = await admin.inventory.get_reservation(pb.GetReservationRequest(id=o.reservation_id))
+    assert [(k.quantity, k.fulfilled_quantity, k.open_quantity) for k in done.kits] == [(3, 3, 0)]
+    # Another order's bicycles go back whole when it is cancelled.
+    other = (
+        await admin.order.submit_order_intent(
+            order_pb2.SubmitOrderIntentRequest(
+                intent=build_intent(
+                    unique("intent"),
+                    "webshop",
+                    "EUR",
+                    lines=[("1", bike, 1, 50_000)],
+                    payments=[("t1", "card", 50_000)],
+                ),
+                reserve_inventory=True,
+                request_id=uuid.uuid4().hex,
+            )
+        )
+    ).order
+    st = await admin.inventory.batch_get_stock_levels(pb.BatchGetStockLevelsRequest(skus=[frame, wheel]))
+    assert [(s.on_hand, s.reserved) for s in st.stocks] == [(2, 1), (4, 2)]
+    await admin.order.transition_order(
+        order_pb2.TransitionOrderRequest(
+            order_id=other.id, target_state=order_pb2.Order.STATE_CANCELLED, request_id=uuid.uuid4().hex
+        )
+    )
+    st = await admin.inventory.batch_get_stock_levels(pb.BatchGetStockLevelsRequest(skus=[frame, wheel]))
+    assert [(s.on_hand, s.reserved) for s in st.stocks] == [(2, 0), (4, 0)]
