@@ -139,7 +139,11 @@ async def _prepare(sessions: async_sessionmaker[AsyncSession], *, spread: bool) 
     return skus
 
 
-async def check_no_oversell(sessions: async_sessionmaker[AsyncSession], granted: int) -> dict[str, Any]:
+async def check_no_oversell(
+    sessions: async_sessionmaker[AsyncSession], granted: int, ledger_rows: int | None = None
+) -> dict[str, Any]:
+    """`granted` units reserved in the bench's warehouse, with one ledger row each
+    (or `ledger_rows`), and no level oversold."""
     # The bench's own warehouse only: an aged database (bench/aged.py) holds other levels.
     async with sessions() as s:
         row = (
@@ -153,7 +157,8 @@ async def check_no_oversell(sessions: async_sessionmaker[AsyncSession], granted:
                 )
             )
         ).one()
-    ok = int(row.oversold) == 0 and int(row.reserved) == granted == int(row.ledger)
+    rows = granted if ledger_rows is None else ledger_rows
+    ok = int(row.oversold) == 0 and int(row.reserved) == granted and int(row.ledger) == rows
     return {
         "reserved": int(row.reserved),
         "ledger_rows": int(row.ledger),

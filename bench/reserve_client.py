@@ -26,11 +26,12 @@ async def main() -> None:
     ap.add_argument("--target", required=True, help="host:port, or several separated by commas")
     ap.add_argument("--token", required=True)
     ap.add_argument("--skus", type=int, default=1)
+    ap.add_argument("--sku-prefix", default="B", help="SKUs are <prefix>00000 ... (K: bench/kits.py's kits)")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=4)
     ap.add_argument("--op", choices=["reserve", "get"], default="reserve")
     args = ap.parse_args()
-    skus = [f"B{i:05d}" for i in range(args.skus)]
+    skus = [f"{args.sku_prefix}{i:05d}" for i in range(args.skus)]
     md = (("authorization", f"Bearer {args.token}"),)
     # At least two connections (own subchannel pools), so 64 callers stay far below
     # the server's max_concurrent_streams per connection; one or more per target.

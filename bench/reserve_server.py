@@ -51,7 +51,15 @@ def _batch_sizes(metrics_port: int) -> tuple[int, int] | None:
 
 
 def _drive(
-    target: str, server_pid: int | list[int], token: str, *, skus: int, clients: int, seconds: int, op: str
+    target: str,
+    server_pid: int | list[int],
+    token: str,
+    *,
+    skus: int,
+    clients: int,
+    seconds: int,
+    op: str,
+    sku_prefix: str = "B",
 ) -> dict[str, Any]:
     """Run bench.reserve_client against `target` (one or several, comma-separated):
     its summary plus the CPU per call of the server processes, client and database
@@ -76,6 +84,8 @@ def _drive(
             str(seconds),
             "--op",
             op,
+            "--sku-prefix",
+            sku_prefix,
         ],
         capture_output=True,
         text=True,
@@ -112,9 +122,12 @@ def run_server_case(
     seconds: int,
     op: str = "reserve",
     servers: int = 1,
+    kits: bool = False,
 ) -> dict[str, Any]:
     """`servers` processes on one database, each on its own port (replicas, as behind a
-    load balancer); the client spreads its connections over them."""
+    load balancer); the client spreads its connections over them. With `kits`, the
+    callers reserve bench/kits.py's kits (each 1 + 2 units of two of the SKUs)."""
+    from bench.kits import KIT_LEDGER_ROWS, KIT_UNITS, define_kits
     from bench.reserve import SPREAD, _prepare, check_no_oversell
     from domain.shared.db import make_engine, make_session_factory
     from server.auth import mint_token
@@ -124,6 +137,8 @@ def run_server_case(
         engine = make_engine(url, pool_size=2, max_overflow=0)
         try:
             await _prepare(make_session_factory(engine), spread=spread)
+            if kits:
+                await define_kits(make_session_factory(engine))
         finally:
             await engine.dispose()
 
@@ -162,10 +177,11 @@ def run_server_case(
             ",".join(targets),
             [p.pid for p in procs],
             token,
-            skus=SPREAD if spread else 1,
+            skus=SPREAD // 2 if kits else SPREAD if spread else 1,
             clients=clients,
             seconds=seconds,
             op=op,
+            sku_prefix="K" if kits else "B",
         )
         counted = [b for b in (_batch_sizes(m) for m in metrics_ports) if b]
     finally:
@@ -180,6 +196,10 @@ def run_server_case(
     async def verify() -> dict[str, Any]:
         engine = make_engine(url, pool_size=1, max_overflow=0)
         try:
+            if kits:
+                return await check_no_oversell(
+                    make_session_factory(engine), result["ok"] * KIT_UNITS, result["ok"] * KIT_LEDGER_ROWS
+                )
             return await check_no_oversell(make_session_factory(engine), result["ok"])
         finally:
             await engine.dispose()

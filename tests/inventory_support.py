@@ -44,10 +44,32 @@ INVARIANTS = text(
 )
 
 
+# Kits move whole: per reservation and kit line, every component's quantity,
+# fulfilled and released units are the same number of kits (x its units per kit).
+KITS_WHOLE = text(
+    """
+    WITH per_component AS (
+        SELECT reservation_id, kit_sku, sku, sum(quantity) AS q, sum(fulfilled) AS f, sum(released) AS r,
+               min(quantity_per_kit) AS per, max(quantity_per_kit) AS per_max
+        FROM inventory.reservation_lines WHERE kit_sku IS NOT NULL
+        GROUP BY reservation_id, kit_sku, sku
+    )
+    SELECT reservation_id, kit_sku FROM per_component
+    GROUP BY reservation_id, kit_sku
+    HAVING bool_or(per <> per_max OR q % per <> 0 OR f % per <> 0 OR r % per <> 0)
+        OR min(q / per) <> max(q / per) OR min(f / per) <> max(f / per) OR min(r / per) <> max(r / per)
+    """
+)
+
+
 async def check_invariants(session: AsyncSession) -> int:
-    """Asserts R1's invariants on every level; returns how many levels were checked."""
+    """Asserts R1's invariants on every level (and that kits moved whole); returns
+    how many levels were checked."""
     rows = (await session.execute(INVARIANTS)).all()
-    problems = []
+    problems = [
+        f"reservation {r.reservation_id}: kit {r.kit_sku}'s components did not move together"
+        for r in (await session.execute(KITS_WHOLE)).all()
+    ]
     for r in rows:
         if r.reserved < 0 or r.on_hand < 0:
             problems.append(f"{r.sku}/{r.warehouse_code}: negative counters {r.on_hand}/{r.reserved}")

@@ -517,12 +517,8 @@ def _line_not_found(cart_id: str, line_id: str) -> NotFound:
 
 
 def held_quantities(res: inventory.Reservation) -> dict[str, int]:
-    """Units per SKU the reservation still holds."""
-    out: dict[str, int] = {}
-    for line in res.lines:
-        if line.open_quantity:
-            out[line.sku] = out.get(line.sku, 0) + line.open_quantity
-    return out
+    """Units per SKU the reservation still holds (a kit counted in kits, as the cart's lines ask)."""
+    return res.open_quantities()
 
 
 def wanted_quantities(lines: Sequence[CartLine]) -> dict[str, int]:

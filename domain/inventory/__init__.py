@@ -44,6 +44,13 @@ Reservations (OrderService, CartService):
       (orders keep their inventory_risk flag true with it).
   list_reservations(session, *, reference="", state="", size=0, token="") -> (list, next_token)
 
+Kits (docs/kits.md): set_kit_components(session, sku=, components=[KitComponent(sku, quantity)])
+  -> Item makes an item a kit of other items (empty: a simple item again). reserve,
+  release and fulfil take a kit's SKU like any other: its lines become its
+  components' lines (Reservation.kits, ReservationLine.kit_sku), kept as reserved;
+  Fulfilment.kit_costs sums the components' FIFO costs per kit. A kit has no stock
+  of its own; the stock reads derive it (KitStock). kit_components_of(session, skus).
+
 Stock reads: get_stock_level(session, sku, warehouse_code="", *, channel="") -> SkuStock,
   batch_get_stock_levels(session, skus, *, channel="") -> (stocks, missing), list_stock_levels(...);
   with a channel: over the warehouses it sells from (sellable_warehouses).
@@ -76,7 +83,9 @@ from domain.inventory.catalog import (
     deactivate_warehouse,
     get_item,
     get_warehouse,
+    kit_components_of,
     list_warehouses,
+    set_kit_components,
     update_warehouse,
     upsert_item,
 )
@@ -130,11 +139,15 @@ from domain.inventory.types import (
     Fulfilment,
     GeoPoint,
     Item,
+    KitComponent,
+    KitCost,
+    KitStock,
     LineQuantity,
     LineRequest,
     Movement,
     Reservation,
     ReservationChange,
+    ReservationKit,
     ReservationLine,
     SkuStock,
     StockChange,
@@ -208,5 +221,13 @@ __all__ = [
     "sweep_expired",
     "update_warehouse",
     "upsert_item",
+]
+__all__ += [
+    "KitComponent",
+    "KitCost",
+    "KitStock",
+    "ReservationKit",
+    "kit_components_of",
+    "set_kit_components",
 ]
 __all__ += ["DRIFT_KINDS", "AuditPage", "Drift", "Repair", "audit_all", "audit_stock", "repair_stock"]

@@ -41,6 +41,8 @@ class Alloc:
     quantity: int
     backordered: int
     tracked: bool
+    kit_sku: str = ""  # a component of this kit line (kits.attribute)
+    quantity_per_kit: int = 0
 
 
 def sum_lines(lines: Sequence[LineRequest]) -> list[LineRequest]:

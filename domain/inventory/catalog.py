@@ -1,25 +1,33 @@
-"""Warehouses and inventory items (ordinary CRUD, through the ORM)."""
+"""Warehouses, inventory items (ordinary CRUD, through the ORM) and kit
+definitions (an item made of other items, docs/kits.md; SQL text)."""
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 
-from sqlalchemy import select, tuple_
+from sqlalchemy import select, text, tuple_
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory.models import ItemRow, WarehouseRow
-from domain.inventory.types import ADDRESS_FIELDS, CONTACT_FIELDS, GeoPoint, Item, Warehouse
+from domain.inventory.types import ADDRESS_FIELDS, CONTACT_FIELDS, GeoPoint, Item, KitComponent, Warehouse
 from domain.inventory.validation import (
     MAX_QUANTITY,
     check_geo_point,
+    check_quantity,
     check_sku,
     check_text,
     check_warehouse_code,
     filters_or_raise,
     sku_or_raise,
 )
-from domain.shared.errors import AlreadyExists, NotFound, Violations
+from domain.shared.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    PreconditionViolation,
+    Violations,
+)
 from domain.shared.outbox import Event, emit
 from domain.shared.pagination import decode_token, encode_token, page_size
 
@@ -42,7 +50,7 @@ def _warehouse(row: WarehouseRow) -> Warehouse:
     )
 
 
-def _item(row: ItemRow) -> Item:
+def _item(row: ItemRow, components: tuple[KitComponent, ...] = ()) -> Item:
     return Item(
         sku=row.sku,
         track_inventory=row.track_inventory,
@@ -51,6 +59,7 @@ def _item(row: ItemRow) -> Item:
         low_stock_threshold=row.low_stock_threshold,
         created_at=row.created_at,
         updated_at=row.updated_at,
+        components=components,
     )
 
 
@@ -250,7 +259,7 @@ async def upsert_item(
     ).returning(ItemRow)
     row = (await session.execute(stmt, execution_options={"populate_existing": True})).scalar_one()
     await emit(session, Event("inventory.item_upserted", "sku", sku, {"sku": sku, **values}))
-    return _item(row)
+    return _item(row, await _components(session, sku) if row.is_kit else ())
 
 
 async def get_item(session: AsyncSession, sku: str) -> Item:
@@ -258,4 +267,139 @@ async def get_item(session: AsyncSession, sku: str) -> Item:
     row = await session.get(ItemRow, sku)
     if row is None:
         raise NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
-    return _item(row)
+    return _item(row, await _components(session, sku) if row.is_kit else ())
+
+
+# ---------------------------------------------------------------- kits (docs/kits.md)
+
+MAX_KIT_COMPONENTS = 50
+MAX_UNITS_PER_KIT = 1_000_000
+
+_COMPONENTS = text(
+    "SELECT component_sku, quantity FROM inventory.kit_components WHERE kit_sku = :sku ORDER BY component_sku"
+)
+# The kit's and the components' item rows, locked in one global order: two
+# definitions touching the same items run one after the other, so the nesting
+# checks below see each other's result.
+_LOCK_ITEMS = text(
+    "SELECT sku, is_kit FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku FOR UPDATE"
+)
+_KIT_FACTS = text(
+    """SELECT EXISTS (SELECT 1 FROM inventory.stock_levels WHERE sku = :sku) AS has_levels,
+              ARRAY(SELECT kit_sku FROM inventory.kit_components WHERE component_sku = :sku ORDER BY kit_sku)
+                  AS part_of"""
+)
+_CLEAR_COMPONENTS = text("DELETE FROM inventory.kit_components WHERE kit_sku = :sku")
+_ADD_COMPONENTS = text(
+    """INSERT INTO inventory.kit_components (kit_sku, component_sku, quantity)
+       SELECT :sku, c, q FROM unnest(CAST(:components AS text[]), CAST(:quantities AS bigint[])) AS t(c, q)"""
+)
+_SET_KIT = text("UPDATE inventory.items SET is_kit = :is_kit, updated_at = now() WHERE sku = :sku")
+
+
+async def _components(session: AsyncSession, sku: str) -> tuple[KitComponent, ...]:
+    rows = (await session.execute(_COMPONENTS, {"sku": sku})).all()
+    return tuple(KitComponent(r.component_sku, int(r.quantity)) for r in rows)
+
+
+async def set_kit_components(session: AsyncSession, *, sku: str, components: Sequence[KitComponent]) -> Item:
+    """Make `sku` a kit of `components` (replacing its definition), or, with no
+    components, a simple item again. Reservations already made keep the
+    expansion they were made with. Components must be existing simple items
+    (no kit inside a kit); the kit must not be a component of another kit, and
+    an item that has stock levels cannot become a kit (a kit has no stock of its own)."""
+    v = Violations()
+    sku = check_sku(v, "sku", sku)
+    if len(components) > MAX_KIT_COMPONENTS:
+        v.add("components", f"at most {MAX_KIT_COMPONENTS} components")
+    norm: list[KitComponent] = []
+    seen: set[str] = set()
+    for i, c in enumerate(components):
+        c_sku = check_sku(v, f"components[{i}].sku", c.sku)
+        check_quantity(v, f"components[{i}].quantity", c.quantity)
+        if c.quantity > MAX_UNITS_PER_KIT:
+            v.add(f"components[{i}].quantity", f"must be at most {MAX_UNITS_PER_KIT}")
+        if c_sku == sku:
+            v.add(f"components[{i}].sku", "a kit cannot contain itself")
+        elif c_sku in seen:
+            v.add(f"components[{i}].sku", f"{c_sku!r} is listed twice")
+        seen.add(c_sku)
+        norm.append(KitComponent(c_sku, c.quantity))
+    v.raise_if_any("the kit definition is invalid")
+    rows = (await session.execute(_LOCK_ITEMS, {"skus": sorted({sku, *seen})})).all()
+    is_kit = {r.sku: bool(r.is_kit) for r in rows}
+    if sku not in is_kit:
+        raise NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
+    refused: list[PreconditionViolation] = []
+    for i, c in enumerate(norm):
+        if c.sku not in is_kit:
+            refused.append(
+                PreconditionViolation(
+                    "COMPONENT_NOT_FOUND", f"components[{i}]", f"no inventory item {c.sku!r}"
+                )
+            )
+        elif is_kit[c.sku]:
+            refused.append(
+                PreconditionViolation(
+                    "KIT_NESTING", f"components[{i}]", f"{c.sku!r} is a kit; a kit cannot contain a kit"
+                )
+            )
+    facts = (await session.execute(_KIT_FACTS, {"sku": sku})).one()
+    if norm and facts.part_of:
+        refused.append(
+            PreconditionViolation(
+                "KIT_NESTING",
+                sku,
+                f"{sku!r} is a component of {', '.join(map(repr, facts.part_of))}; a kit cannot be a component",
+            )
+        )
+    if norm and not is_kit[sku] and facts.has_levels:
+        refused.append(
+            PreconditionViolation(
+                "ITEM_HAS_STOCK", sku, f"{sku!r} has stock levels; a kit has no stock of its own"
+            )
+        )
+    if refused:
+        reasons = {p.type for p in refused}
+        raise FailedPrecondition(
+            reasons.pop() if len(reasons) == 1 else "KIT_DEFINITION_REFUSED",
+            f"{sku!r} cannot be a kit of these components",
+            metadata={"sku": sku},
+            precondition_violations=refused,
+        )
+    await session.execute(_CLEAR_COMPONENTS, {"sku": sku})
+    if norm:
+        await session.execute(
+            _ADD_COMPONENTS,
+            {"sku": sku, "components": [c.sku for c in norm], "quantities": [c.quantity for c in norm]},
+        )
+    await session.execute(_SET_KIT, {"sku": sku, "is_kit": bool(norm)})
+    await emit(
+        session,
+        Event(
+            "inventory.kit_defined",
+            "sku",
+            sku,
+            {"sku": sku, "components": [{"sku": c.sku, "quantity": c.quantity} for c in norm]},
+        ),
+    )
+    return await get_item(session, sku)
+
+
+async def kit_components_of(
+    session: AsyncSession, skus: Collection[str]
+) -> dict[str, tuple[KitComponent, ...]]:
+    """The definitions of the kits among `skus` (simple items are absent)."""
+    rows = (
+        await session.execute(
+            text(
+                """SELECT kit_sku, component_sku, quantity FROM inventory.kit_components
+                   WHERE kit_sku = ANY(CAST(:skus AS text[])) ORDER BY kit_sku, component_sku"""
+            ),
+            {"skus": list(skus)},
+        )
+    ).all()
+    out: dict[str, list[KitComponent]] = {}
+    for r in rows:
+        out.setdefault(r.kit_sku, []).append(KitComponent(r.component_sku, int(r.quantity)))
+    return {k: tuple(v) for k, v in out.items()}

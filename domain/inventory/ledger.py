@@ -40,6 +40,7 @@ class Draft:
     reference: str = ""
     reservation_id: uuid.UUID | None = None
     cost: Cost | None = None
+    kit_sku: str = ""  # a component movement of this kit line of the reservation
 
 
 # The inventory.stock_changed payload of a movement (a row of `src`): its one builder.
@@ -50,6 +51,7 @@ _EVENTS = f"""
             'on_hand', on_hand_after, 'reserved', reserved_after, 'available', on_hand_after - reserved_after,
             'reason', reason, 'source', source, 'reference', reference,
             'reservation_id', reservation_id, 'below_threshold', below_threshold)
+            || CASE WHEN kit_sku IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('kit_sku', kit_sku) END
         FROM src"""
 
 # The movements of `params`, one row per draft in input order.
@@ -61,10 +63,10 @@ _DRAFTS = """
             CAST(:ledger_reason AS text[]), CAST(:ledger_source AS text[]), CAST(:ledger_actor AS text[]),
             CAST(:ledger_reference AS text[]), CAST(:ledger_reservation_id AS uuid[]),
             CAST(:ledger_cost_minor AS bigint[]), CAST(:ledger_cost_currency AS text[]),
-            CAST(:ledger_below_threshold AS boolean[])
+            CAST(:ledger_below_threshold AS boolean[]), CAST(:ledger_kit_sku AS text[])
         ) WITH ORDINALITY AS t(sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before,
                               reserved_after, reason, source, actor, reference, reservation_id, cost_minor,
-                              cost_currency, below_threshold, input_order)"""
+                              cost_currency, below_threshold, kit_sku, input_order)"""
 
 
 def ctes(movements: str = _DRAFTS) -> str:
@@ -74,7 +76,7 @@ def ctes(movements: str = _DRAFTS) -> str:
     `movements`: a SELECT of (sku, warehouse_code, type, on_hand_before,
     on_hand_after, reserved_before, reserved_after, reason, source, actor,
     reference, reservation_id, cost_minor, cost_currency, below_threshold,
-    input_order), input_order giving the order; by default
+    kit_sku, input_order), input_order giving the order; by default
     the drafts of `params`. The statement's outbox parameters come from
     `params` (or outbox.params(name="o") when `movements` is the caller's)."""
     return f"""
@@ -83,9 +85,9 @@ def ctes(movements: str = _DRAFTS) -> str:
     ), l AS (
         INSERT INTO inventory.ledger (id, sku, warehouse_code, type, on_hand_before, on_hand_after,
             reserved_before, reserved_after, reason, source, actor, reference, reservation_id,
-            cost_minor, cost_currency)
+            cost_minor, cost_currency, kit_sku)
         SELECT id, sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before, reserved_after,
-               reason, source, actor, reference, reservation_id, cost_minor, cost_currency
+               reason, source, actor, reference, reservation_id, cost_minor, cost_currency, kit_sku
         FROM src ORDER BY input_order
     ), {outbox.cte("o", derived=_EVENTS, events=False)}
 """
@@ -116,6 +118,7 @@ def params(session: AsyncSession, drafts: Sequence[Draft]) -> dict[str, object]:
         "ledger_cost_minor": [d.cost.amount_minor if d.cost else None for d in drafts],
         "ledger_cost_currency": [d.cost.currency if d.cost else None for d in drafts],
         "ledger_below_threshold": [d.below_threshold for d in drafts],
+        "ledger_kit_sku": [d.kit_sku or None for d in drafts],
     }
 
 
@@ -144,4 +147,5 @@ def _movement(d: Draft, ledger_id: int, created_at: datetime) -> Movement:
         reservation_id=d.reservation_id,
         cost=d.cost,
         created_at=created_at,
+        kit_sku=d.kit_sku,
     )

@@ -40,6 +40,9 @@ class ItemRow(Base):
     allow_backorder: Mapped[bool] = mapped_column(Boolean, default=False)
     max_backorder: Mapped[int] = mapped_column(BigInteger, default=0)
     low_stock_threshold: Mapped[int] = mapped_column(BigInteger, default=0)
+    is_kit: Mapped[bool] = mapped_column(
+        Boolean, default=False
+    )  # set with its components (catalog.set_kit_components)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), server_default=func.now(), onupdate=func.now()

@@ -26,6 +26,7 @@ from domain.inventory.types import (
     ChannelAllocation,
     Cost,
     GeoPoint,
+    KitComponent,
     Reservation,
     ReservationChange,
     ReservationLine,
@@ -51,6 +52,10 @@ def ttl_us(ttl: timedelta | None) -> int | None:
 # does not use are NULL, and every row carries the transaction's now().
 # 'channel' rows: the allocation settings of the batch's channels (sku = the
 # slug, principal = the strategy); a batch without channels reads none.
+# 'kit' rows: the definitions of the kits among the SKUs (sku = the kit,
+# principal = the component, on_hand = its units per kit); the levels and items
+# read are those of the SKUs and of these components (`wanted`), so a kit's
+# components are locked in the same statement, in the same global order.
 _PLAN_ROWS = """
     SELECT 'level' AS kind, sku, warehouse_code, on_hand, reserved,
            NULL::boolean AS track_inventory, NULL::boolean AS allow_backorder, NULL::bigint AS max_backorder,
@@ -61,7 +66,11 @@ _PLAN_ROWS = """
     UNION ALL
     SELECT 'item', sku, NULL, NULL, NULL, track_inventory, allow_backorder, max_backorder, low_stock_threshold,
            NULL, NULL, NULL, NULL, now(), NULL, NULL, NULL
-    FROM inventory.items WHERE sku = ANY(CAST(:skus AS text[]))
+    FROM inventory.items WHERE sku = ANY(CAST((SELECT skus FROM wanted) AS text[]))
+    UNION ALL
+    SELECT 'kit', kit_sku, NULL, quantity, NULL, NULL, NULL, NULL, NULL, NULL, NULL, component_sku, NULL, now(),
+           NULL, NULL, NULL
+    FROM inventory.kit_components WHERE kit_sku = ANY(CAST(:skus AS text[]))
     UNION ALL
     SELECT 'warehouse', NULL, code, NULL, NULL, NULL, NULL, NULL, NULL, priority::bigint, active, NULL, NULL, now(),
            latitude, longitude, NULL
@@ -73,9 +82,13 @@ _PLAN_ROWS = """
     UNION ALL
     SELECT 'now', NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, now(), NULL, NULL, NULL
 """
-_LOCKED_LEVELS = """levels AS (
+_LOCKED_LEVELS = """wanted AS (
+        SELECT CAST(:skus AS text[]) || ARRAY(
+            SELECT component_sku FROM inventory.kit_components WHERE kit_sku = ANY(CAST(:skus AS text[]))
+        ) AS skus
+    ), levels AS (
         SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
-        WHERE sku = ANY(CAST(:skus AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE
+        WHERE sku = ANY(CAST((SELECT skus FROM wanted) AS text[])) ORDER BY sku, warehouse_code FOR NO KEY UPDATE
     )"""
 _LOAD_FOR_PLAN = DriverStatement("WITH " + _LOCKED_LEVELS + _PLAN_ROWS)
 # The batcher's variant: the idempotency claims (keys sorted) in the same
@@ -107,13 +120,16 @@ class PlanInputs:
     now: datetime
     claimed: set[idempotency.Key]  # keys this statement claimed
     channels: dict[str, ChannelAllocation] = field(default_factory=dict)  # channels with a setting
+    kits: dict[str, list[KitComponent]] = field(
+        default_factory=dict
+    )  # definitions of the kits among the SKUs
 
 
 async def load_for_plan(
     conn: asyncpg.Connection[Any], skus: list[str], claims: Sequence[Claim] = (), channels: Sequence[str] = ()
 ) -> PlanInputs:
-    """Lock the SKUs' levels and read what allocation needs (with the allocation
-    settings of `channels`); with `claims` (sorted by key), claim those
+    """Lock the levels of the SKUs and of their kits' components and read what
+    allocation needs (with the allocation settings of `channels`); with `claims` (sorted by key), claim those
     idempotency keys first."""
     params: dict[str, object] = {"skus": skus, "channels": list(channels)}
     if claims:
@@ -135,8 +151,12 @@ async def load_for_plan(
             out.warehouses.append(WarehouseInfo(r[_WAREHOUSE], r[_PRIORITY], r[_ACTIVE], location))
         elif kind == "channel":
             out.channels[r[_SKU]] = ChannelAllocation(r[_SKU], tuple(r[_CODES]), r[_PRINCIPAL])
+        elif kind == "kit":
+            out.kits.setdefault(r[_SKU], []).append(KitComponent(r[_PRINCIPAL], r[_ON_HAND]))
         elif kind == "claimed":
             out.claimed.add((r[_PRINCIPAL], r[_REQUEST_ID]))
+    for components in out.kits.values():
+        components.sort(key=lambda c: c.sku)
     out.warehouses.sort(key=lambda w: (w.priority, w.code))
     return out
 
@@ -177,11 +197,12 @@ _WRITE_GRANTED = DriverStatement(
         RETURNING id
     ), lines AS (
         INSERT INTO inventory.reservation_lines (reservation_id, line_no, sku, warehouse_code, tracked, quantity,
-                                                 backordered)
+                                                 backordered, kit_sku, quantity_per_kit)
         SELECT * FROM unnest(CAST(:line_reservation_ids AS uuid[]), CAST(:line_numbers AS int[]),
                              CAST(:line_skus AS text[]), CAST(:line_warehouses AS text[]),
                              CAST(:line_tracked AS boolean[]), CAST(:line_quantities AS bigint[]),
-                             CAST(:line_backordered AS bigint[]))
+                             CAST(:line_backordered AS bigint[]), CAST(:line_kit_skus AS text[]),
+                             CAST(:line_quantities_per_kit AS bigint[]))
         RETURNING reservation_id
     ), """
     + ledger.CTES
@@ -228,6 +249,8 @@ async def write_granted(
         "line_tracked": [x.tracked for _, x in lines],
         "line_quantities": [x.quantity for _, x in lines],
         "line_backordered": [x.backordered for _, x in lines],
+        "line_kit_skus": [x.kit_sku or None for _, x in lines],
+        "line_quantities_per_kit": [x.quantity_per_kit or None for _, x in lines],
         **ledger.params(session, drafts),
         **answers.params(),
     }
@@ -324,7 +347,8 @@ async def apply_deltas(
 
 COLUMNS = "id, reference, state, expires_at, actor, created_at, updated_at"
 _LINES = text(
-    """SELECT reservation_id, line_no, sku, warehouse_code, tracked, quantity, backordered, fulfilled, released
+    """SELECT reservation_id, line_no, sku, warehouse_code, tracked, quantity, backordered, fulfilled, released,
+              kit_sku, quantity_per_kit
        FROM inventory.reservation_lines WHERE reservation_id = ANY(CAST(:ids AS uuid[]))
        ORDER BY reservation_id, line_no"""
 )
@@ -347,6 +371,8 @@ async def with_lines(session: AsyncSession, rows: Sequence[Any]) -> list[Reserva
                 int(x.backordered),
                 int(x.fulfilled),
                 int(x.released),
+                x.kit_sku or "",
+                int(x.quantity_per_kit or 0),
             )
         )
     return [_from_row(r, lines.get(r.id, [])) for r in rows]
@@ -552,14 +578,17 @@ _RETARGET = f"""
         RETURNING {", ".join("r." + c for c in COLUMNS.split(", "))}
     )
     SELECT u.*, ARRAY(
-        SELECT row(line_no, sku, warehouse_code, tracked, quantity, backordered, fulfilled, released)
+        SELECT row(line_no, sku, warehouse_code, tracked, quantity, backordered, fulfilled, released, kit_sku,
+                   quantity_per_kit)
         FROM inventory.reservation_lines WHERE reservation_id = $1 ORDER BY line_no) AS lines
     FROM u
 """
 
 
 def _line(r: Any) -> ReservationLine:
-    return ReservationLine(int(r[0]), r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), int(r[7]))
+    return ReservationLine(
+        int(r[0]), r[1], r[2], r[3], int(r[4]), int(r[5]), int(r[6]), int(r[7]), r[8] or "", int(r[9] or 0)
+    )
 
 
 async def retarget_active(

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.inventory import ledger
+from domain.inventory import kits, ledger
 from domain.inventory import reservation_store as store
 from domain.inventory.allocation import Alloc, Key, allocate
 from domain.inventory.reservation_store import PlanInputs
@@ -34,6 +34,7 @@ from domain.inventory.types import (
     Cost,
     Fulfilment,
     GeoPoint,
+    KitCost,
     LineQuantity,
     LineRequest,
     Movement,
@@ -43,6 +44,7 @@ from domain.inventory.types import (
     is_below_threshold,
 )
 from domain.inventory.validation import (
+    MAX_MINOR,
     check_geo_point,
     check_quantity,
     check_sku,
@@ -226,16 +228,7 @@ async def _plan(
                 plans.append(None)  # key already present: not executed, replayed by the caller
                 continue
             try:
-                plans.append(
-                    allocate(
-                        req.lines,
-                        inputs.policies,
-                        inputs.warehouses,
-                        state,
-                        channel=inputs.channels.get(req.channel),
-                        destination=req.destination,
-                    )
-                )
+                plans.append(_allocate(req, inputs, state))
             except DomainError as err:  # this request is refused; the others go on
                 plans.append(err)
         missing = sorted(
@@ -252,6 +245,23 @@ async def _plan(
             return inputs, plans
         await store.ensure_levels(conn, missing)
     raise RuntimeError("stock levels kept appearing while reserving")
+
+
+def _allocate(req: ReserveRequest, inputs: PlanInputs, state: dict[Key, Level]) -> list[Alloc]:
+    """One request's plan. Kit lines become their components' demand first
+    (kits.expand: summed with the request's other demand for those SKUs), and
+    the allocations are told back to the kit lines they serve (kits.attribute)."""
+    kit_lines = bool(inputs.kits) and any(line.sku in inputs.kits for line in req.lines)
+    lines, demands = kits.expand(req.lines, inputs.kits) if kit_lines else (req.lines, [])
+    allocs = allocate(
+        lines,
+        inputs.policies,
+        inputs.warehouses,
+        state,
+        channel=inputs.channels.get(req.channel),
+        destination=req.destination,
+    )
+    return kits.attribute(demands, allocs) if kit_lines else allocs
 
 
 def _grant(
@@ -296,6 +306,7 @@ def _grant(
                     actor=req.actor,
                     reference=req.reference,
                     reservation_id=rid,
+                    kit_sku=a.kit_sku,
                 )
             )
         res = Reservation(
@@ -303,7 +314,18 @@ def _grant(
             reference=req.reference,
             state="active",
             lines=[
-                ReservationLine(n, a.sku, a.warehouse_code, a.tracked, a.quantity, a.backordered, 0, 0)
+                ReservationLine(
+                    n,
+                    a.sku,
+                    a.warehouse_code,
+                    a.tracked,
+                    a.quantity,
+                    a.backordered,
+                    0,
+                    0,
+                    a.kit_sku,
+                    a.quantity_per_kit,
+                )
                 for n, a in enumerate(plan, start=1)
             ],
             expires_at=None if req.ttl is None else inputs.now + req.ttl,
@@ -405,7 +427,12 @@ class _Take:
 
 
 def _pick(res: Reservation, wanted: Sequence[LineQuantity] | None, *, reverse: bool) -> list[_Take]:
-    """Which lines give the requested quantities (None = everything open)."""
+    """Which lines give the requested quantities (None = everything open).
+
+    A requested SKU that is a kit line of the reservation takes quantity x the
+    units per kit it was reserved with from each of that kit's component lines
+    (all or nothing); any other SKU takes from the plain lines of that SKU only
+    (units held for a kit move with their kit)."""
     if wanted is None:
         return [_Take(res, line, line.open_quantity) for line in res.lines if line.open_quantity > 0]
     v = Violations()
@@ -413,29 +440,63 @@ def _pick(res: Reservation, wanted: Sequence[LineQuantity] | None, *, reverse: b
     taken: dict[int, int] = {}
     out: list[_Take] = []
     order = sorted(res.lines, key=lambda x: x.line_no, reverse=reverse)
-    for i, w in enumerate(wanted):
-        sku = check_sku(v, f"lines[{i}].sku", w.sku)
-        check_quantity(v, f"lines[{i}].quantity", w.quantity)
-        check_warehouse_code(v, f"lines[{i}].warehouse_code", w.warehouse_code, required=False)
-        remaining = w.quantity
+    kit_parts: dict[str, dict[str, int]] = {}
+    for x in res.lines:
+        if x.kit_sku:
+            kit_parts.setdefault(x.kit_sku, {})[x.sku] = x.quantity_per_kit
+
+    def held(sku: str, kit_sku: str, warehouse_code: str, *, before_this_call: bool = False) -> int:
+        return sum(
+            x.open_quantity - (0 if before_this_call else taken.get(x.line_no, 0))
+            for x in res.lines
+            if x.sku == sku
+            and x.kit_sku == kit_sku
+            and (not warehouse_code or x.warehouse_code == warehouse_code)
+        )
+
+    def take(sku: str, kit_sku: str, quantity: int, warehouse_code: str) -> None:
+        remaining = quantity
         for line in order:
-            if line.sku != sku or (w.warehouse_code and line.warehouse_code != w.warehouse_code):
+            if line.sku != sku or line.kit_sku != kit_sku:
                 continue
-            free = line.open_quantity - taken.get(line.line_no, 0)
-            q = min(free, remaining)
+            if warehouse_code and line.warehouse_code != warehouse_code:
+                continue
+            q = min(line.open_quantity - taken.get(line.line_no, 0), remaining)
             if q > 0:
                 taken[line.line_no] = taken.get(line.line_no, 0) + q
                 out.append(_Take(res, line, q))
                 remaining -= q
-        if remaining > 0 and w.quantity > 0:
-            held = sum(
-                x.open_quantity
-                for x in res.lines
-                if x.sku == sku and (not w.warehouse_code or x.warehouse_code == w.warehouse_code)
-            )
+
+    for i, w in enumerate(wanted):
+        sku = check_sku(v, f"lines[{i}].sku", w.sku)
+        check_quantity(v, f"lines[{i}].quantity", w.quantity)
+        check_warehouse_code(v, f"lines[{i}].warehouse_code", w.warehouse_code, required=False)
+        if w.quantity <= 0:
+            continue
+        parts = kit_parts.get(sku)
+        if parts is not None:
+            kits_held = min(held(c, sku, w.warehouse_code) // per for c, per in parts.items())
+            if kits_held < w.quantity:
+                short.append(
+                    PreconditionViolation(
+                        "QUANTITY_NOT_HELD", sku, f"requested {w.quantity} kits, held {kits_held}"
+                    )
+                )
+                continue
+            for c, per in sorted(parts.items()):
+                take(c, sku, w.quantity * per, w.warehouse_code)
+            continue
+        have = held(sku, "", w.warehouse_code)
+        if have < w.quantity:
             short.append(
-                PreconditionViolation("QUANTITY_NOT_HELD", sku, f"requested {w.quantity}, held {held}")
+                PreconditionViolation(
+                    "QUANTITY_NOT_HELD",
+                    sku,
+                    f"requested {w.quantity}, held {held(sku, '', w.warehouse_code, before_this_call=True)}",
+                )
             )
+            continue
+        take(sku, "", w.quantity, w.warehouse_code)
     v.raise_if_any("the lines are invalid")
     if short:
         raise FailedPrecondition(
@@ -500,6 +561,7 @@ async def _close(
                 reference=reference or t.reservation.reference,
                 reservation_id=t.reservation.id,
                 cost=cost,
+                kit_sku=t.line.kit_sku,
             )
         )
     await store.apply_deltas(session, deltas, final)
@@ -655,7 +717,34 @@ async def fulfil(
         session, takes, mode="fulfil", reason="fulfilled", reference=reference, actor=actor, source=source
     )
     await _finish(session, [rid], expired=False)
-    return Fulfilment(await store.load(session, rid, lock=False), movements)
+    return Fulfilment(await store.load(session, rid, lock=False), movements, _kit_costs(takes, movements))
+
+
+def _kit_costs(takes: Sequence[_Take], movements: Sequence[Movement]) -> list[KitCost]:
+    """Per kit line fulfilled: the kits shipped and the sum of its component
+    movements' FIFO costs (None when a tracked component's units carried no cost,
+    or the costs are in more than one currency)."""
+    shipped: dict[str, dict[str, list[int]]] = {}  # kit -> component -> [units, per kit]
+    for t in takes:
+        if t.line.kit_sku:
+            units = shipped.setdefault(t.line.kit_sku, {}).setdefault(
+                t.line.sku, [0, t.line.quantity_per_kit]
+            )
+            units[0] += t.quantity
+    out: list[KitCost] = []
+    for kit, components in shipped.items():
+        mine = [m for m in movements if m.kit_sku == kit]
+        currencies = {m.cost.currency for m in mine if m.cost is not None}
+        costed = bool(mine) and all(m.cost is not None for m in mine) and len(currencies) == 1
+        total = sum(m.cost.amount_minor for m in mine if m.cost is not None)
+        out.append(
+            KitCost(
+                kit,
+                min(units // per for units, per in components.values()),
+                Cost(total, currencies.pop()) if costed and total <= MAX_MINOR else None,
+            )
+        )
+    return out
 
 
 async def extend(

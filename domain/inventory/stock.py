@@ -19,11 +19,14 @@ from domain.inventory.types import (
     MOVEMENT_TYPES,
     Adjustment,
     Cost,
+    KitPart,
+    KitStock,
     Movement,
     SkuStock,
     StockChange,
     StockLevel,
     is_below_threshold,
+    kit_stock,
 )
 from domain.inventory.validation import (
     MAX_LEVEL,
@@ -61,6 +64,15 @@ async def _diagnose(
     row = await store.level_facts(session, sku, wh)
     if row.item is None:
         return NotFound("ITEM_NOT_FOUND", f"inventory item {sku!r} does not exist", metadata={"sku": sku})
+    if row.kit:
+        return FailedPrecondition(
+            "KIT_HAS_NO_STOCK",
+            f"{sku!r} is a kit: its stock is its components' (change theirs)",
+            metadata={"sku": sku},
+            precondition_violations=[
+                PreconditionViolation("KIT_HAS_NO_STOCK", sku, "a kit has no stock levels of its own")
+            ],
+        )
     if not row.warehouse:
         return NotFound("WAREHOUSE_NOT_FOUND", f"warehouse {wh!r} does not exist", metadata={"code": wh})
     if row.on_hand is None:
@@ -444,9 +456,16 @@ async def stock_of(load_one: Callable[[str], Awaitable[SkuStock | None]], sku: s
 
 
 def _within(st: SkuStock, warehouses: Collection[str] | None) -> SkuStock:
-    """The SKU's stock over these warehouses only (None: all of them)."""
+    """The SKU's stock over these warehouses only (None: all of them); a kit's
+    is derived again from its components' stock over those warehouses."""
     if warehouses is None:
         return st
+    if isinstance(st, KitStock):
+        return kit_stock(
+            st.sku,
+            st.low_stock_threshold,
+            [KitPart(p.component, p.tracked, _within(p.stock, warehouses)) for p in st.parts],
+        )
     return SkuStock(
         st.sku, [lv for lv in st.levels if lv.warehouse_code in warehouses], st.low_stock_threshold
     )
@@ -468,6 +487,8 @@ async def get_stock_level(
     if sku not in stocks:
         raise _item_not_found(sku)
     st = _within(stocks[sku], allowed)
+    if warehouse_code and isinstance(st, KitStock):
+        st = _within(st, frozenset({warehouse_code}))
     if warehouse_code:
         levels = [lv for lv in st.levels if lv.warehouse_code == warehouse_code]
         if not levels:
@@ -481,6 +502,8 @@ async def get_stock_level(
                 )
             else:
                 levels = [StockLevel(sku, warehouse_code, 0, 0, None)]
+        if isinstance(st, KitStock):
+            return KitStock(sku, levels, st.low_stock_threshold, st.parts)
         st = SkuStock(sku, levels, st.low_stock_threshold)
     return st
 
@@ -538,10 +561,56 @@ async def list_stock_levels(
         after=None if after is None else (str(after[0]), str(after[1])),
         limit=n + 1,
     )
+    if not backordered_only:  # a kit is never backordered
+        upper = (levels[-1].sku, levels[-1].warehouse_code) if len(levels) > n else None
+        kit_levels = await _kit_levels_between(
+            session,
+            after=None if after is None else (str(after[0]), str(after[1])),
+            upper=upper,
+            sku_prefix=sku_prefix,
+            warehouse_code=warehouse_code,
+            allowed=allowed,
+            below_threshold_only=below_threshold_only,
+        )
+        if kit_levels:
+            levels = sorted([*levels, *kit_levels], key=lambda lv: (lv.sku, lv.warehouse_code))[: n + 1]
     more = len(levels) > n
     levels = levels[:n]
     nxt = encode_token([levels[-1].sku, levels[-1].warehouse_code], filters) if more else ""
     return levels, nxt
+
+
+async def _kit_levels_between(
+    session: AsyncSession,
+    *,
+    after: tuple[str, str] | None,
+    upper: tuple[str, str] | None,
+    sku_prefix: str,
+    warehouse_code: str,
+    allowed: frozenset[str] | None,
+    below_threshold_only: bool,
+) -> list[StockLevel]:
+    """The derived levels of the kits whose keys fall after `after` and up to `upper`
+    (a page of level rows covers that range; None: to the end), with the page's filters.
+    One probe of the kits index when there are none."""
+    kits = await store.kits_in_range(
+        session, low=after[0] if after else "", high=upper[0] if upper else None, prefix=sku_prefix
+    )
+    if not kits:
+        return []
+    stocks = await load_sku_stocks(session, kits)
+    out: list[StockLevel] = []
+    for sku in kits:
+        st = stocks.get(sku)
+        if st is None or (below_threshold_only and not st.below_threshold):
+            continue
+        for lv in _within(st, allowed).levels:
+            key = (lv.sku, lv.warehouse_code)
+            if warehouse_code and lv.warehouse_code != warehouse_code:
+                continue
+            if (after is None or key > after) and (upper is None or key <= upper):
+                out.append(lv)
+    return out
 
 
 async def list_movements(

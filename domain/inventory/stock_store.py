@@ -15,7 +15,15 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from domain.inventory.stock_rules import may_set_on_hand_sql
-from domain.inventory.types import Cost, Movement, SkuStock, StockLevel
+from domain.inventory.types import (
+    Cost,
+    KitComponent,
+    KitPart,
+    Movement,
+    SkuStock,
+    StockLevel,
+    kit_stock,
+)
 from domain.inventory.validation import MAX_LEVEL
 from domain.shared.db import DriverStatement
 
@@ -37,7 +45,7 @@ _CHANGE = text(
     + _NEW_ON_HAND
     + """, updated_at = now()
         FROM old, inventory.items i
-        WHERE s.sku = :sku AND s.warehouse_code = :wh AND i.sku = s.sku
+        WHERE s.sku = :sku AND s.warehouse_code = :wh AND i.sku = s.sku AND NOT i.is_kit
           AND (CAST(:expected AS bigint) IS NULL OR s.on_hand = CAST(:expected AS bigint))
           AND """
     + _NEW_ON_HAND
@@ -59,7 +67,8 @@ _CHANGE = text(
 _ENSURE_LEVEL = text(
     """
     INSERT INTO inventory.stock_levels (sku, warehouse_code)
-    SELECT i.sku, w.code FROM inventory.items i, inventory.warehouses w WHERE i.sku = :sku AND w.code = :wh
+    SELECT i.sku, w.code FROM inventory.items i, inventory.warehouses w
+    WHERE i.sku = :sku AND w.code = :wh AND NOT i.is_kit
     ON CONFLICT DO NOTHING
     """
 )
@@ -68,6 +77,7 @@ _DIAGNOSE = text(
     """
     SELECT (SELECT row(track_inventory, allow_backorder, max_backorder)::text FROM inventory.items
             WHERE sku = :sku) AS item,
+           EXISTS (SELECT 1 FROM inventory.items WHERE sku = :sku AND is_kit) AS kit,
            EXISTS (SELECT 1 FROM inventory.warehouses WHERE code = :wh) AS warehouse,
            (SELECT on_hand FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh) AS on_hand,
            (SELECT reserved FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh) AS reserved
@@ -130,7 +140,8 @@ async def ensure_level(session: AsyncSession, sku: str, warehouse_code: str) -> 
 
 async def level_facts(session: AsyncSession, sku: str, warehouse_code: str) -> Any:
     """What decides why a change was refused: the item's policy (text, NULL when no
-    such item), whether the warehouse exists, and the level's counters (NULL when none)."""
+    such item), whether it is a kit, whether the warehouse exists, and the level's
+    counters (NULL when none)."""
     return (await session.execute(_DIAGNOSE, {"sku": sku, "wh": warehouse_code})).one()
 
 
@@ -162,26 +173,88 @@ async def insert_lot(
 # Run on the driver connection (fetch_sku_stocks): the GetStockLevel hot path.
 _SKU_LEVELS = DriverStatement(
     """
-    SELECT i.sku, i.low_stock_threshold, l.warehouse_code, l.on_hand, l.reserved, l.updated_at
+    SELECT i.sku, i.low_stock_threshold, l.warehouse_code, l.on_hand, l.reserved, l.updated_at, i.is_kit
     FROM inventory.items i
     LEFT JOIN inventory.stock_levels l ON l.sku = i.sku
     WHERE i.sku = ANY(CAST(:skus AS text[]))
     ORDER BY i.sku, l.warehouse_code
     """
 )
+# The components of kits with their policies and levels (a kit's stock is derived from them).
+_KIT_PART_LEVELS = DriverStatement(
+    """
+    SELECT k.kit_sku, k.component_sku, k.quantity, i.track_inventory, i.low_stock_threshold,
+           l.warehouse_code, l.on_hand, l.reserved, l.updated_at
+    FROM inventory.kit_components k
+    JOIN inventory.items i ON i.sku = k.component_sku
+    LEFT JOIN inventory.stock_levels l ON l.sku = k.component_sku
+    WHERE k.kit_sku = ANY(CAST(:kits AS text[]))
+    ORDER BY k.kit_sku, k.component_sku, l.warehouse_code
+    """
+)
 
 
 async def fetch_sku_stocks(conn: asyncpg.Connection[Any], skus: list[str]) -> dict[str, SkuStock]:
     """load_sku_stocks on an asyncpg connection: the GetStockLevel hot path (one
-    prepared statement, no ORM result objects)."""
+    prepared statement, no ORM result objects; a second one only when kits are
+    among the SKUs, for their components)."""
     out: dict[str, SkuStock] = {}
-    for sku, threshold, wh, on_hand, reserved, updated_at in await _SKU_LEVELS.fetch(conn, {"skus": skus}):
+    kits: dict[str, int] = {}  # kit -> its threshold
+    for sku, threshold, wh, on_hand, reserved, updated_at, is_kit in await _SKU_LEVELS.fetch(
+        conn, {"skus": skus}
+    ):
+        if is_kit:
+            kits[sku] = threshold
+            continue
         st = out.get(sku)
         if st is None:
             st = out[sku] = SkuStock(sku, [], threshold)
         if wh is not None:
             st.levels.append(StockLevel(sku, wh, on_hand, reserved, updated_at))
+    if kits:
+        out.update(await _kit_stocks(conn, kits))
     return out
+
+
+async def _kit_stocks(conn: asyncpg.Connection[Any], kits: dict[str, int]) -> dict[str, SkuStock]:
+    parts: dict[str, dict[str, KitPart]] = {}
+    for (
+        kit,
+        component,
+        quantity,
+        tracked,
+        threshold,
+        wh,
+        on_hand,
+        reserved,
+        updated_at,
+    ) in await _KIT_PART_LEVELS.fetch(conn, {"kits": list(kits)}):
+        mine = parts.setdefault(kit, {})
+        part = mine.get(component)
+        if part is None:
+            part = mine[component] = KitPart(
+                KitComponent(component, quantity), tracked, SkuStock(component, [], threshold)
+            )
+        if wh is not None:
+            part.stock.levels.append(StockLevel(component, wh, on_hand, reserved, updated_at))
+    return {
+        kit: kit_stock(kit, threshold, list(parts.get(kit, {}).values())) for kit, threshold in kits.items()
+    }
+
+
+_KITS_IN_RANGE = text(
+    """SELECT sku FROM inventory.items
+       WHERE is_kit AND sku >= :low AND (CAST(:high AS text) IS NULL OR sku <= :high)
+         AND (:prefix = '' OR starts_with(sku, :prefix))
+       ORDER BY sku"""
+)
+
+
+async def kits_in_range(session: AsyncSession, *, low: str, high: str | None, prefix: str) -> list[str]:
+    """The kits with low <= sku <= high (None: no upper bound) starting with `prefix`."""
+    low = max(low, prefix)
+    rows = await session.execute(_KITS_IN_RANGE, {"low": low, "high": high, "prefix": prefix})
+    return [r.sku for r in rows]
 
 
 async def warehouse_exists(session: AsyncSession, code: str) -> bool:
@@ -251,6 +324,7 @@ def _movement_row(r: Any) -> Movement:
         reservation_id=r.reservation_id,
         cost=Cost(int(r.cost_minor), r.cost_currency) if r.cost_minor is not None else None,
         created_at=r.created_at,
+        kit_sku=r.kit_sku or "",
     )
 
 
@@ -297,7 +371,7 @@ async def movements_page(
     sql = text(
         f"""SELECT id, sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before,
                    reserved_after, reason, source, actor, reference, reservation_id, cost_minor,
-                   cost_currency, created_at
+                   cost_currency, created_at, kit_sku
             FROM inventory.ledger WHERE {" AND ".join(where)} ORDER BY id DESC LIMIT :n"""
     )
     return [_movement_row(r) for r in (await session.execute(sql, params)).all()]

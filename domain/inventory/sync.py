@@ -314,7 +314,8 @@ def _refuse_unknown_references(
     batch: PreparedBatch, refs: sync_store.References, unknown_sku: str
 ) -> dict[str, EventError]:
     """The batch's rejections: validation's, plus the valid events naming a warehouse
-    that does not exist, or (policy "reject") an item that does not exist."""
+    that does not exist, a kit (no stock of its own), or (policy "reject") an item
+    that does not exist."""
     rejected = dict(batch.rejected)
     for e in batch.valid:
         if e.warehouse_code not in refs.warehouses:
@@ -324,6 +325,10 @@ def _refuse_unknown_references(
         elif e.sku not in refs.items and unknown_sku == "reject":
             rejected[e.event_id] = EventError(
                 e.event_id, "UNKNOWN_SKU", f"inventory item {e.sku!r} does not exist"
+            )
+        elif e.sku in refs.items and refs.items[e.sku][sync_store.KIT]:
+            rejected[e.event_id] = EventError(
+                e.event_id, "KIT_HAS_NO_STOCK", f"{e.sku!r} is a kit: its stock is its components'"
             )
     return rejected
 

@@ -41,8 +41,9 @@ async def lock_source(conn: asyncpg.Connection[Any], source: str) -> None:
 # ---------------------------------------------------------------- what a batch refers to
 
 # An item as the lookups return it (asyncpg records, used as they come):
-# (kind, sku, track_inventory, allow_backorder, max_backorder, low_stock_threshold).
-TRACK, BACKORDER, MAX_BACKORDER, THRESHOLD = 2, 3, 4, 5
+# (kind, sku, track_inventory, allow_backorder, max_backorder, low_stock_threshold,
+# and in _LOOKUP's rows 'KIT' for a kit, which has no stock to sync).
+TRACK, BACKORDER, MAX_BACKORDER, THRESHOLD, KIT = 2, 3, 4, 5, 6
 
 # Warehouses, items and the ids of this batch already claimed by the source
 # (kind = their outcome 'a' / 's' / 'r'), in one round trip. Claims read here are
@@ -53,7 +54,8 @@ _LOOKUP = """
            NULL::text AS reason, NULL::text AS message
       FROM inventory.warehouses w WHERE w.code = ANY($1::text[])
     UNION ALL
-    SELECT 'item', i.sku, i.track_inventory, i.allow_backorder, i.max_backorder, i.low_stock_threshold, NULL, NULL
+    SELECT 'item', i.sku, i.track_inventory, i.allow_backorder, i.max_backorder, i.low_stock_threshold,
+           CASE WHEN i.is_kit THEN 'KIT' END, NULL
       FROM unnest($2::text[]) AS x(sku) JOIN inventory.items i ON i.sku = x.sku
     UNION ALL
     SELECT CAST(e.outcome AS text), e.event_id, false, false, 0, 0, e.reason, e.message
@@ -199,7 +201,7 @@ _MOVEMENTS = """
                t.reserved AS reserved_before, t.reserved AS reserved_after, t.reason,
                CAST(:source AS text) AS source, CAST(:actor AS text) AS actor, t.reference,
                CAST(NULL AS uuid) AS reservation_id, t.cost_minor, t.cost_currency, t.below_threshold,
-               t.input_order
+               CAST(NULL AS text) AS kit_sku, t.input_order
         FROM unnest(CAST(:ledger_sku AS text[]), CAST(:ledger_warehouse_code AS text[]),
                     CAST(:ledger_on_hand_before AS bigint[]), CAST(:ledger_on_hand_after AS bigint[]),
                     CAST(:ledger_reserved AS bigint[]), CAST(:ledger_reason AS text[]),

@@ -14,6 +14,7 @@ from datetime import datetime
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from domain.inventory.catalog import kit_components_of
 from domain.inventory.ledger import TOPIC
 from domain.inventory.validation import normalize_sku
 from domain.shared import outbox
@@ -39,6 +40,8 @@ class StockEvent:
     below_threshold: bool
     # The ledger id: increases with every change of one level, in application order.
     movement_id: int
+    # A component movement of a reserved kit: the kit ("" otherwise).
+    kit_sku: str = ""
 
 
 def to_stock_event(e: outbox.StoredEvent) -> StockEvent:
@@ -57,6 +60,7 @@ def to_stock_event(e: outbox.StoredEvent) -> StockEvent:
         time=e.created_at,
         below_threshold=bool(p.get("below_threshold", False)),
         movement_id=int(p.get("ledger_id", 0)),
+        kit_sku=str(p.get("kit_sku") or ""),
     )
 
 
@@ -97,6 +101,16 @@ def make_filter(
         below_threshold_only,
         None if channel_warehouses is None else frozenset(channel_warehouses),
     )
+
+
+async def with_kit_components(session: AsyncSession, skus: Sequence[str]) -> list[str]:
+    """The SKUs of a watch filter, with the components of the kits among them (as
+    defined now): a kit has no stock of its own, its availability changes when a
+    component's stock does, so a watcher of a kit receives its components' changes."""
+    norm = [sku for sku in map(normalize_sku, skus) if sku is not None]  # make_filter refuses the others
+    found = await kit_components_of(session, norm) if norm else {}
+    extra = sorted({c.sku for components in found.values() for c in components} - set(norm))
+    return [*skus, *extra]
 
 
 async def resume_after(session: AsyncSession, after_event_id: int) -> int:

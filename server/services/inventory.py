@@ -36,7 +36,9 @@ from server.services.inventory_convert import (
     drift_to_proto,
     geo_point_from_proto,
     item_to_proto,
+    kit_components,
     level_to_proto,
+    money,
     movement_to_proto,
     movement_types,
     quantities,
@@ -156,6 +158,15 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 max_backorder=i.max_backorder_quantity,
                 low_stock_threshold=i.low_stock_threshold,
             )
+            return item_to_proto(item)
+
+        return await self.rt.mutate(request, run)
+
+    async def SetKitComponents(self, request: pb.SetKitComponentsRequest, context: Ctx) -> pb.InventoryItem:
+        components = kit_components(list(request.components))
+
+        async def run(uow: UnitOfWork) -> pb.InventoryItem:
+            item = await inv.set_kit_components(uow.session, sku=request.sku, components=components)
             return item_to_proto(item)
 
         return await self.rt.mutate(request, run)
@@ -434,6 +445,10 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
             return pb.FulfillReservationResponse(
                 reservation=reservation_to_proto(done.reservation),
                 movements=[movement_to_proto(m) for m in done.movements],
+                kit_costs=[
+                    pb.KitCost(kit_sku=k.kit_sku, quantity=k.quantity, cost=money(k.cost))
+                    for k in done.kit_costs
+                ],
             )
 
         return await self.rt.mutate(request, run)

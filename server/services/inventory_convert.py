@@ -75,6 +75,17 @@ def item_to_proto(i: inv.Item) -> pb.InventoryItem:
         low_stock_threshold=i.low_stock_threshold,
         create_time=ts(i.created_at),
         update_time=ts(i.updated_at),
+        components=[pb.KitComponent(sku=c.sku, quantity=c.quantity) for c in i.components],
+    )
+
+
+def kit_components(values: list[pb.KitComponent]) -> list[inv.KitComponent]:
+    return [inv.KitComponent(c.sku, c.quantity) for c in values]
+
+
+def money(cost: inv.Cost | None) -> types_pb2.Money | None:
+    return (
+        None if cost is None else types_pb2.Money(currency_code=cost.currency, amount_minor=cost.amount_minor)
     )
 
 
@@ -99,6 +110,7 @@ def sku_stock_to_proto(st: inv.SkuStock) -> pb.SkuStock:
         available=st.available,
         backordered=st.backordered,
         below_threshold=st.below_threshold,
+        components=[pb.KitComponent(sku=c.sku, quantity=c.quantity) for c in st.components],
     )
 
 
@@ -118,10 +130,9 @@ def movement_to_proto(m: inv.Movement) -> pb.StockMovement:
         source=m.source,
         actor=m.actor,
         reference=m.reference,
-        cost=types_pb2.Money(currency_code=m.cost.currency, amount_minor=m.cost.amount_minor)
-        if m.cost
-        else None,
+        cost=money(m.cost),
         create_time=ts(m.created_at),
+        kit_sku=m.kit_sku,
     )
 
 
@@ -143,8 +154,20 @@ def reservation_to_proto(r: inv.Reservation) -> pb.Reservation:
                 fulfilled_quantity=x.fulfilled,
                 released_quantity=x.released,
                 open_quantity=x.open_quantity,
+                kit_sku=x.kit_sku,
+                quantity_per_kit=x.quantity_per_kit,
             )
             for x in r.lines
+        ],
+        kits=[
+            pb.ReservationKit(
+                sku=k.sku,
+                quantity=k.quantity,
+                fulfilled_quantity=k.fulfilled,
+                released_quantity=k.released,
+                open_quantity=k.open_quantity,
+            )
+            for k in r.kits
         ],
         expire_time=ts(r.expires_at),
         create_time=ts(r.created_at),

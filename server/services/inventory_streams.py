@@ -106,6 +106,7 @@ def event_to_proto(e: watch.StockEvent) -> pb.StockChangeEvent:
         time=ts(e.time),
         below_threshold=e.below_threshold,
         movement_id=e.movement_id,
+        kit_sku=e.kit_sku,
     )
 
 
@@ -207,9 +208,10 @@ class InventoryStreamsMixin:
         sellable = None
         if request.channel:
             sellable = await self.rt.read(lambda s: sellable_warehouses(s, request.channel))
-        flt = watch.make_filter(
-            list(request.skus), list(request.warehouse_codes), request.below_threshold_only, sellable
-        )
+        skus = list(request.skus)
+        if skus and len(skus) <= watch.MAX_FILTER:
+            skus = await self.rt.read(lambda s: watch.with_kit_components(s, skus))
+        flt = watch.make_filter(skus, list(request.warehouse_codes), request.below_threshold_only, sellable)
         async for msg in watch_stock(
             self.rt,
             flt,

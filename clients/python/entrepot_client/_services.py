@@ -137,6 +137,9 @@ class InventoryClient(AsyncServiceClient):
     async def get_inventory_item(self, request: inventory_v1_inventory_pb2.GetInventoryItemRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.InventoryItem:
         return await self._unary("GetInventoryItem", request, timeout, metadata)  # type: ignore[no-any-return]
 
+    async def set_kit_components(self, request: inventory_v1_inventory_pb2.SetKitComponentsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.InventoryItem:
+        return await self._unary("SetKitComponents", request, timeout, metadata)  # type: ignore[no-any-return]
+
     async def get_stock_level(self, request: inventory_v1_inventory_pb2.GetStockLevelRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.SkuStock:
         return await self._unary("GetStockLevel", request, timeout, metadata)  # type: ignore[no-any-return]
 
@@ -229,6 +232,9 @@ class InventorySyncClient(SyncServiceClient):
 
     def get_inventory_item(self, request: inventory_v1_inventory_pb2.GetInventoryItemRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.InventoryItem:
         return self._unary("GetInventoryItem", request, timeout, metadata)  # type: ignore[no-any-return]
+
+    def set_kit_components(self, request: inventory_v1_inventory_pb2.SetKitComponentsRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.InventoryItem:
+        return self._unary("SetKitComponents", request, timeout, metadata)  # type: ignore[no-any-return]
 
     def get_stock_level(self, request: inventory_v1_inventory_pb2.GetStockLevelRequest, *, timeout: float | None = None, metadata: Metadata | None = None) -> inventory_v1_inventory_pb2.SkuStock:
         return self._unary("GetStockLevel", request, timeout, metadata)  # type: ignore[no-any-return]

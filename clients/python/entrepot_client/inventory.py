@@ -17,7 +17,7 @@ async with Entrepot(target, token) as ep:
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 from google.protobuf import duration_pb2
@@ -142,3 +142,16 @@ async def set_channel_allocation(
         request_id=request_id or uuid.uuid4().hex,
     )
     return await ep.inventory.set_channel_allocation(req)  # type: ignore[no-any-return]
+
+
+async def set_kit_components(
+    ep: Any, sku: str, components: Mapping[str, int], *, request_id: str | None = None
+) -> pb.InventoryItem:
+    """Make `sku` a kit of `components` (component SKU -> units per kit), replacing its
+    definition; an empty mapping makes it a simple item again (docs/kits.md)."""
+    req = pb.SetKitComponentsRequest(
+        sku=sku,
+        components=[pb.KitComponent(sku=c, quantity=q) for c, q in components.items()],
+        request_id=request_id or uuid.uuid4().hex,
+    )
+    return await ep.inventory.set_kit_components(req)  # type: ignore[no-any-return]

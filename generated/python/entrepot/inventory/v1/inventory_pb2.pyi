@@ -147,7 +147,7 @@ class ListWarehousesResponse(_message.Message):
     def __init__(self, warehouses: _Optional[_Iterable[_Union[Warehouse, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class InventoryItem(_message.Message):
-    __slots__ = ("sku", "track_inventory", "allow_backorder", "max_backorder_quantity", "low_stock_threshold", "create_time", "update_time")
+    __slots__ = ("sku", "track_inventory", "allow_backorder", "max_backorder_quantity", "low_stock_threshold", "create_time", "update_time", "components")
     SKU_FIELD_NUMBER: _ClassVar[int]
     TRACK_INVENTORY_FIELD_NUMBER: _ClassVar[int]
     ALLOW_BACKORDER_FIELD_NUMBER: _ClassVar[int]
@@ -155,6 +155,7 @@ class InventoryItem(_message.Message):
     LOW_STOCK_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     sku: str
     track_inventory: bool
     allow_backorder: bool
@@ -162,7 +163,26 @@ class InventoryItem(_message.Message):
     low_stock_threshold: int
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, sku: _Optional[str] = ..., track_inventory: _Optional[bool] = ..., allow_backorder: _Optional[bool] = ..., max_backorder_quantity: _Optional[int] = ..., low_stock_threshold: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    components: _containers.RepeatedCompositeFieldContainer[KitComponent]
+    def __init__(self, sku: _Optional[str] = ..., track_inventory: _Optional[bool] = ..., allow_backorder: _Optional[bool] = ..., max_backorder_quantity: _Optional[int] = ..., low_stock_threshold: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., components: _Optional[_Iterable[_Union[KitComponent, _Mapping]]] = ...) -> None: ...
+
+class KitComponent(_message.Message):
+    __slots__ = ("sku", "quantity")
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    sku: str
+    quantity: int
+    def __init__(self, sku: _Optional[str] = ..., quantity: _Optional[int] = ...) -> None: ...
+
+class SetKitComponentsRequest(_message.Message):
+    __slots__ = ("sku", "components", "request_id")
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    sku: str
+    components: _containers.RepeatedCompositeFieldContainer[KitComponent]
+    request_id: str
+    def __init__(self, sku: _Optional[str] = ..., components: _Optional[_Iterable[_Union[KitComponent, _Mapping]]] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class UpsertInventoryItemRequest(_message.Message):
     __slots__ = ("item", "request_id")
@@ -197,7 +217,7 @@ class StockLevel(_message.Message):
     def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., backordered: _Optional[int] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class SkuStock(_message.Message):
-    __slots__ = ("sku", "warehouses", "on_hand", "reserved", "available", "backordered", "below_threshold")
+    __slots__ = ("sku", "warehouses", "on_hand", "reserved", "available", "backordered", "below_threshold", "components")
     SKU_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSES_FIELD_NUMBER: _ClassVar[int]
     ON_HAND_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +225,7 @@ class SkuStock(_message.Message):
     AVAILABLE_FIELD_NUMBER: _ClassVar[int]
     BACKORDERED_FIELD_NUMBER: _ClassVar[int]
     BELOW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    COMPONENTS_FIELD_NUMBER: _ClassVar[int]
     sku: str
     warehouses: _containers.RepeatedCompositeFieldContainer[StockLevel]
     on_hand: int
@@ -212,7 +233,8 @@ class SkuStock(_message.Message):
     available: int
     backordered: int
     below_threshold: bool
-    def __init__(self, sku: _Optional[str] = ..., warehouses: _Optional[_Iterable[_Union[StockLevel, _Mapping]]] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., backordered: _Optional[int] = ..., below_threshold: _Optional[bool] = ...) -> None: ...
+    components: _containers.RepeatedCompositeFieldContainer[KitComponent]
+    def __init__(self, sku: _Optional[str] = ..., warehouses: _Optional[_Iterable[_Union[StockLevel, _Mapping]]] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., backordered: _Optional[int] = ..., below_threshold: _Optional[bool] = ..., components: _Optional[_Iterable[_Union[KitComponent, _Mapping]]] = ...) -> None: ...
 
 class GetStockLevelRequest(_message.Message):
     __slots__ = ("sku", "warehouse_code", "channel")
@@ -267,7 +289,7 @@ class ListStockLevelsResponse(_message.Message):
     def __init__(self, levels: _Optional[_Iterable[_Union[StockLevel, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class StockMovement(_message.Message):
-    __slots__ = ("id", "sku", "warehouse_code", "type", "on_hand_before", "on_hand_after", "reserved_before", "reserved_after", "on_hand_delta", "reserved_delta", "reason", "source", "actor", "reference", "cost", "create_time")
+    __slots__ = ("id", "sku", "warehouse_code", "type", "on_hand_before", "on_hand_after", "reserved_before", "reserved_after", "on_hand_delta", "reserved_delta", "reason", "source", "actor", "reference", "cost", "create_time", "kit_sku")
     ID_FIELD_NUMBER: _ClassVar[int]
     SKU_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +306,7 @@ class StockMovement(_message.Message):
     REFERENCE_FIELD_NUMBER: _ClassVar[int]
     COST_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    KIT_SKU_FIELD_NUMBER: _ClassVar[int]
     id: int
     sku: str
     warehouse_code: str
@@ -300,7 +323,8 @@ class StockMovement(_message.Message):
     reference: str
     cost: _types_pb2.Money
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[int] = ..., sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., type: _Optional[_Union[MovementType, str]] = ..., on_hand_before: _Optional[int] = ..., on_hand_after: _Optional[int] = ..., reserved_before: _Optional[int] = ..., reserved_after: _Optional[int] = ..., on_hand_delta: _Optional[int] = ..., reserved_delta: _Optional[int] = ..., reason: _Optional[str] = ..., source: _Optional[str] = ..., actor: _Optional[str] = ..., reference: _Optional[str] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    kit_sku: str
+    def __init__(self, id: _Optional[int] = ..., sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., type: _Optional[_Union[MovementType, str]] = ..., on_hand_before: _Optional[int] = ..., on_hand_after: _Optional[int] = ..., reserved_before: _Optional[int] = ..., reserved_after: _Optional[int] = ..., on_hand_delta: _Optional[int] = ..., reserved_delta: _Optional[int] = ..., reason: _Optional[str] = ..., source: _Optional[str] = ..., actor: _Optional[str] = ..., reference: _Optional[str] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kit_sku: _Optional[str] = ...) -> None: ...
 
 class StockChange(_message.Message):
     __slots__ = ("level", "movement")
@@ -461,7 +485,7 @@ class ReserveStockRequest(_message.Message):
     def __init__(self, lines: _Optional[_Iterable[_Union[ReservationLineRequest, _Mapping]]] = ..., reference: _Optional[str] = ..., ttl: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., request_id: _Optional[str] = ..., destination: _Optional[_Union[GeoPoint, _Mapping]] = ...) -> None: ...
 
 class ReservationLine(_message.Message):
-    __slots__ = ("sku", "warehouse_code", "quantity", "backordered_quantity", "fulfilled_quantity", "released_quantity", "open_quantity")
+    __slots__ = ("sku", "warehouse_code", "quantity", "backordered_quantity", "fulfilled_quantity", "released_quantity", "open_quantity", "kit_sku", "quantity_per_kit")
     SKU_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
     QUANTITY_FIELD_NUMBER: _ClassVar[int]
@@ -469,6 +493,8 @@ class ReservationLine(_message.Message):
     FULFILLED_QUANTITY_FIELD_NUMBER: _ClassVar[int]
     RELEASED_QUANTITY_FIELD_NUMBER: _ClassVar[int]
     OPEN_QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    KIT_SKU_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_PER_KIT_FIELD_NUMBER: _ClassVar[int]
     sku: str
     warehouse_code: str
     quantity: int
@@ -476,10 +502,26 @@ class ReservationLine(_message.Message):
     fulfilled_quantity: int
     released_quantity: int
     open_quantity: int
-    def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., quantity: _Optional[int] = ..., backordered_quantity: _Optional[int] = ..., fulfilled_quantity: _Optional[int] = ..., released_quantity: _Optional[int] = ..., open_quantity: _Optional[int] = ...) -> None: ...
+    kit_sku: str
+    quantity_per_kit: int
+    def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., quantity: _Optional[int] = ..., backordered_quantity: _Optional[int] = ..., fulfilled_quantity: _Optional[int] = ..., released_quantity: _Optional[int] = ..., open_quantity: _Optional[int] = ..., kit_sku: _Optional[str] = ..., quantity_per_kit: _Optional[int] = ...) -> None: ...
+
+class ReservationKit(_message.Message):
+    __slots__ = ("sku", "quantity", "fulfilled_quantity", "released_quantity", "open_quantity")
+    SKU_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    FULFILLED_QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    OPEN_QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    sku: str
+    quantity: int
+    fulfilled_quantity: int
+    released_quantity: int
+    open_quantity: int
+    def __init__(self, sku: _Optional[str] = ..., quantity: _Optional[int] = ..., fulfilled_quantity: _Optional[int] = ..., released_quantity: _Optional[int] = ..., open_quantity: _Optional[int] = ...) -> None: ...
 
 class Reservation(_message.Message):
-    __slots__ = ("id", "reference", "state", "lines", "expire_time", "create_time", "update_time", "backordered_quantity")
+    __slots__ = ("id", "reference", "state", "lines", "expire_time", "create_time", "update_time", "backordered_quantity", "kits")
     class State(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATE_UNSPECIFIED: _ClassVar[Reservation.State]
@@ -500,6 +542,7 @@ class Reservation(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
     BACKORDERED_QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    KITS_FIELD_NUMBER: _ClassVar[int]
     id: str
     reference: str
     state: Reservation.State
@@ -508,7 +551,8 @@ class Reservation(_message.Message):
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
     backordered_quantity: int
-    def __init__(self, id: _Optional[str] = ..., reference: _Optional[str] = ..., state: _Optional[_Union[Reservation.State, str]] = ..., lines: _Optional[_Iterable[_Union[ReservationLine, _Mapping]]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backordered_quantity: _Optional[int] = ...) -> None: ...
+    kits: _containers.RepeatedCompositeFieldContainer[ReservationKit]
+    def __init__(self, id: _Optional[str] = ..., reference: _Optional[str] = ..., state: _Optional[_Union[Reservation.State, str]] = ..., lines: _Optional[_Iterable[_Union[ReservationLine, _Mapping]]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., backordered_quantity: _Optional[int] = ..., kits: _Optional[_Iterable[_Union[ReservationKit, _Mapping]]] = ...) -> None: ...
 
 class GetReservationRequest(_message.Message):
     __slots__ = ("id",)
@@ -581,12 +625,24 @@ class FulfillReservationRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ..., lines: _Optional[_Iterable[_Union[ReservationQuantity, _Mapping]]] = ..., reference: _Optional[str] = ..., request_id: _Optional[str] = ...) -> None: ...
 
 class FulfillReservationResponse(_message.Message):
-    __slots__ = ("reservation", "movements")
+    __slots__ = ("reservation", "movements", "kit_costs")
     RESERVATION_FIELD_NUMBER: _ClassVar[int]
     MOVEMENTS_FIELD_NUMBER: _ClassVar[int]
+    KIT_COSTS_FIELD_NUMBER: _ClassVar[int]
     reservation: Reservation
     movements: _containers.RepeatedCompositeFieldContainer[StockMovement]
-    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., movements: _Optional[_Iterable[_Union[StockMovement, _Mapping]]] = ...) -> None: ...
+    kit_costs: _containers.RepeatedCompositeFieldContainer[KitCost]
+    def __init__(self, reservation: _Optional[_Union[Reservation, _Mapping]] = ..., movements: _Optional[_Iterable[_Union[StockMovement, _Mapping]]] = ..., kit_costs: _Optional[_Iterable[_Union[KitCost, _Mapping]]] = ...) -> None: ...
+
+class KitCost(_message.Message):
+    __slots__ = ("kit_sku", "quantity", "cost")
+    KIT_SKU_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    kit_sku: str
+    quantity: int
+    cost: _types_pb2.Money
+    def __init__(self, kit_sku: _Optional[str] = ..., quantity: _Optional[int] = ..., cost: _Optional[_Union[_types_pb2.Money, _Mapping]] = ...) -> None: ...
 
 class SyncEvent(_message.Message):
     __slots__ = ("event_id", "sku", "warehouse_code", "kind", "quantity", "reason", "occurred_at", "unit_cost")
@@ -701,7 +757,7 @@ class WatchStockChangesRequest(_message.Message):
     def __init__(self, skus: _Optional[_Iterable[str]] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., below_threshold_only: _Optional[bool] = ..., after_event_id: _Optional[int] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class StockChangeEvent(_message.Message):
-    __slots__ = ("event_id", "sku", "warehouse_code", "type", "on_hand_delta", "reserved_delta", "on_hand", "reserved", "available", "reason", "time", "below_threshold", "movement_id")
+    __slots__ = ("event_id", "sku", "warehouse_code", "type", "on_hand_delta", "reserved_delta", "on_hand", "reserved", "available", "reason", "time", "below_threshold", "movement_id", "kit_sku")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     SKU_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -715,6 +771,7 @@ class StockChangeEvent(_message.Message):
     TIME_FIELD_NUMBER: _ClassVar[int]
     BELOW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MOVEMENT_ID_FIELD_NUMBER: _ClassVar[int]
+    KIT_SKU_FIELD_NUMBER: _ClassVar[int]
     event_id: int
     sku: str
     warehouse_code: str
@@ -728,7 +785,8 @@ class StockChangeEvent(_message.Message):
     time: _timestamp_pb2.Timestamp
     below_threshold: bool
     movement_id: int
-    def __init__(self, event_id: _Optional[int] = ..., sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., type: _Optional[_Union[MovementType, str]] = ..., on_hand_delta: _Optional[int] = ..., reserved_delta: _Optional[int] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., reason: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., below_threshold: _Optional[bool] = ..., movement_id: _Optional[int] = ...) -> None: ...
+    kit_sku: str
+    def __init__(self, event_id: _Optional[int] = ..., sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., type: _Optional[_Union[MovementType, str]] = ..., on_hand_delta: _Optional[int] = ..., reserved_delta: _Optional[int] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., reason: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., below_threshold: _Optional[bool] = ..., movement_id: _Optional[int] = ..., kit_sku: _Optional[str] = ...) -> None: ...
 
 class WatchStockChangesResponse(_message.Message):
     __slots__ = ("events", "cursor")

@@ -34,6 +34,17 @@ class InventoryServiceStub:
     allocates only from that channel's warehouses, and the stock reads take a
     `channel` to answer what that channel can sell.
 
+    Kits and bundles: an item may be a kit of other items (SetKitComponents),
+    e.g. a bicycle = 1 frame + 2 wheels. A kit has no stock of its own. Reserving
+    n kits reserves n x each component's units, all or nothing, summed with the
+    request's other demand for those components; the reservation keeps that
+    expansion (ReservationLine.kit_sku, quantity_per_kit), so releasing and
+    fulfilling the kit move the same units whatever the kit's definition becomes
+    later. Every component movement is its own ledger row naming the kit
+    (StockMovement.kit_sku). The stock reads report a kit's availability: per
+    warehouse and in total, the minimum over its tracked components of
+    floor(available / units per kit). docs/kits.md has the rules.
+
     One formula everywhere: available = on_hand - reserved.
     """
 
@@ -76,6 +87,11 @@ class InventoryServiceStub:
         self.GetInventoryItem = channel.unary_unary(
                 '/entrepot.inventory.v1.InventoryService/GetInventoryItem',
                 request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.GetInventoryItemRequest.SerializeToString,
+                response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.InventoryItem.FromString,
+                _registered_method=True)
+        self.SetKitComponents = channel.unary_unary(
+                '/entrepot.inventory.v1.InventoryService/SetKitComponents',
+                request_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.SetKitComponentsRequest.SerializeToString,
                 response_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.InventoryItem.FromString,
                 _registered_method=True)
         self.GetStockLevel = channel.unary_unary(
@@ -199,6 +215,17 @@ class InventoryServiceServicer:
     allocates only from that channel's warehouses, and the stock reads take a
     `channel` to answer what that channel can sell.
 
+    Kits and bundles: an item may be a kit of other items (SetKitComponents),
+    e.g. a bicycle = 1 frame + 2 wheels. A kit has no stock of its own. Reserving
+    n kits reserves n x each component's units, all or nothing, summed with the
+    request's other demand for those components; the reservation keeps that
+    expansion (ReservationLine.kit_sku, quantity_per_kit), so releasing and
+    fulfilling the kit move the same units whatever the kit's definition becomes
+    later. Every component movement is its own ledger row naming the kit
+    (StockMovement.kit_sku). The stock reads report a kit's availability: per
+    warehouse and in total, the minimum over its tracked components of
+    floor(available / units per kit). docs/kits.md has the rules.
+
     One formula everywhere: available = on_hand - reserved.
     """
 
@@ -248,6 +275,21 @@ class InventoryServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetKitComponents(self, request, context):
+        """Makes an item a kit of other items, replacing its definition, or (no
+        components) a simple item again. Reservations already made keep the
+        expansion they were made with. Refused with INVALID_ARGUMENT (a component
+        listed twice, the kit itself, quantity < 1 or > 1,000,000, more than 50
+        components), NOT_FOUND ITEM_NOT_FOUND (the kit), FAILED_PRECONDITION
+        COMPONENT_NOT_FOUND (a component is no item), KIT_NESTING (a component is a
+        kit, or the item is a component of a kit: kits inside kits are not
+        supported), ITEM_HAS_STOCK (the item has stock levels), one violation each.
+        Writes an inventory.kit_defined event.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStockLevel(self, request, context):
         """Levels.
         """
@@ -263,14 +305,18 @@ class InventoryServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListStockLevels(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Levels in (sku, warehouse_code) order. A kit appears with its derived
+        levels (SkuStock's rules, per warehouse), never as backordered.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def AdjustStock(self, request, context):
         """Changes. Each writes one immutable ledger entry and one outbox event in
-        the same transaction as the counter change.
+        the same transaction as the counter change. A kit has no stock of its own:
+        a change of a kit's SKU is FAILED_PRECONDITION, reason KIT_HAS_NO_STOCK
+        (change its components').
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -347,7 +393,8 @@ class InventoryServiceServicer:
     def SyncStock(self, request_iterator, context):
         """Streams.
         WMS/ERP ingestion: the first message names the source, then batches of
-        events; every batch is answered with an ack once it is committed.
+        events; every batch is answered with an ack once it is committed. An
+        event on a kit's SKU is rejected, reason KIT_HAS_NO_STOCK.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -439,6 +486,11 @@ def add_InventoryServiceServicer_to_server(servicer, server):
             'GetInventoryItem': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInventoryItem,
                     request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.GetInventoryItemRequest.FromString,
+                    response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.InventoryItem.SerializeToString,
+            ),
+            'SetKitComponents': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetKitComponents,
+                    request_deserializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.SetKitComponentsRequest.FromString,
                     response_serializer=entrepot_dot_inventory_dot_v1_dot_inventory__pb2.InventoryItem.SerializeToString,
             ),
             'GetStockLevel': grpc.unary_unary_rpc_method_handler(
@@ -567,6 +619,17 @@ class InventoryService:
     allocates (SetChannelAllocation): ReserveStock called with x-channel-slug
     allocates only from that channel's warehouses, and the stock reads take a
     `channel` to answer what that channel can sell.
+
+    Kits and bundles: an item may be a kit of other items (SetKitComponents),
+    e.g. a bicycle = 1 frame + 2 wheels. A kit has no stock of its own. Reserving
+    n kits reserves n x each component's units, all or nothing, summed with the
+    request's other demand for those components; the reservation keeps that
+    expansion (ReservationLine.kit_sku, quantity_per_kit), so releasing and
+    fulfilling the kit move the same units whatever the kit's definition becomes
+    later. Every component movement is its own ledger row naming the kit
+    (StockMovement.kit_sku). The stock reads report a kit's availability: per
+    warehouse and in total, the minimum over its tracked components of
+    floor(available / units per kit). docs/kits.md has the rules.
 
     One formula everywhere: available = on_hand - reserved.
     """
@@ -749,6 +812,33 @@ class InventoryService:
             target,
             '/entrepot.inventory.v1.InventoryService/GetInventoryItem',
             entrepot_dot_inventory_dot_v1_dot_inventory__pb2.GetInventoryItemRequest.SerializeToString,
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.InventoryItem.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetKitComponents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/entrepot.inventory.v1.InventoryService/SetKitComponents',
+            entrepot_dot_inventory_dot_v1_dot_inventory__pb2.SetKitComponentsRequest.SerializeToString,
             entrepot_dot_inventory_dot_v1_dot_inventory__pb2.InventoryItem.FromString,
             options,
             channel_credentials,
