@@ -27,7 +27,7 @@ BENCHES = [
     ("bench.p1", "P1 read path"),
     ("bench.p2p3", "P2/P3 reservations vs pgbench and the bare ceiling"),
     ("bench.kits", "K1 kit reservations vs simple, statements per reservation"),
-    ("bench.sync", "P4 SyncStock vs psql \\copy"),
+    ("bench.sync", "P4 SyncStock vs P4f (its floor) and psql \\copy"),
     ("bench.checkout", "P5 cart checkout"),
     ("bench.orders", "P5o SubmitOrderIntent 5 lines + reserve"),
     ("bench.watch", "P6 watch fan-out"),

@@ -46,8 +46,14 @@ async def lock_source(conn: asyncpg.Connection[Any], source: str) -> None:
 TRACK, BACKORDER, MAX_BACKORDER, THRESHOLD, KIT = 2, 3, 4, 5, 6
 
 # Warehouses, items and the ids of this batch already claimed by the source
-# (kind = their outcome 'a' / 's' / 'r'), in one round trip. Claims read here are
-# stable: every writer of a source's claims holds its cursor lock.
+# (kind = their outcome: 'a' applied, claimed by its ledger row, unique per
+# (source, reference) among sync rows; 's' stale / 'r' rejected, claimed in
+# sync_events), in one round trip. Claims read here are stable: every writer of
+# a source's claims holds its cursor lock. Each id is looked up on its own
+# (LATERAL ... LIMIT 1: one probe of each unique index per id): a join would be
+# planned once for the prepared statement's generic plan, which expects a few
+# ids and scans every claim of the source instead (measured: 1,500 events/s
+# at 200,000 claims).
 _LOOKUP = """
     SELECT 'warehouse' AS kind, w.code AS key, false AS track_inventory, false AS allow_backorder,
            0::bigint AS max_backorder, 0::bigint AS low_stock_threshold,
@@ -58,8 +64,15 @@ _LOOKUP = """
            CASE WHEN i.is_kit THEN 'KIT' END, NULL
       FROM unnest($2::text[]) AS x(sku) JOIN inventory.items i ON i.sku = x.sku
     UNION ALL
-    SELECT CAST(e.outcome AS text), e.event_id, false, false, 0, 0, e.reason, e.message
-      FROM unnest($4::text[]) AS x(id) JOIN inventory.sync_events e ON e.source = $3 AND e.event_id = x.id
+    SELECT c.outcome, x.id, false, false, 0, 0, c.reason, c.message
+      FROM unnest($4::text[]) AS x(id)
+      CROSS JOIN LATERAL (
+          SELECT 'a' AS outcome, NULL::text AS reason, NULL::text AS message FROM inventory.ledger l
+           WHERE l.source = $3 AND l.type = 'sync' AND l.reference = x.id
+          UNION ALL
+          SELECT CAST(e.outcome AS text), e.reason, e.message FROM inventory.sync_events e
+           WHERE e.source = $3 AND e.event_id = x.id
+          LIMIT 1) c
 """
 
 
@@ -170,7 +183,7 @@ class Writes:
     cost: list[int | None] = field(default_factory=list)
     currency: list[str | None] = field(default_factory=list)
     below_threshold: list[bool] = field(default_factory=list)
-    # Claims of the events not applied (stale or rejected).
+    # Claims of the events not applied (stale or rejected; an applied one's is its ledger row).
     claim_id: list[str] = field(default_factory=list)
     claim_outcome: list[str] = field(default_factory=list)
     claim_reason: list[str | None] = field(default_factory=list)
@@ -215,10 +228,11 @@ _MOVEMENTS = """
 #   changes only if it still holds exactly what the computation started from);
 # - src/l/o: ledger rows and their outbox events (ledger.ctes of _MOVEMENTS),
 #   ids drawn in input order;
-# - claims: every new keyed event id with its final outcome: the applied ones
-#   are the ledger rows' references, the others come with their outcome (plain
-#   INSERT: the lookup under the cursor lock found none of them; a claim that
-#   exists anyway fails the batch rather than apply an event twice);
+# - claims: an applied event is claimed by its ledger row (unique per (source,
+#   reference) among sync rows); the events not applied are claimed here with
+#   their outcome. Plain INSERTs: the lookup under the cursor lock found none of
+#   them; a claim that exists anyway fails the batch rather than apply an event
+#   twice;
 # - watermarks, updated or inserted (the lock query saw which exist; only
 #   holders of the cursor lock write them); source_cursor: the source's cursor.
 _WRITE = DriverStatement(
@@ -237,8 +251,6 @@ _WRITE = DriverStatement(
     + ledger.ctes(_MOVEMENTS)
     + """, claims AS (
         INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
-        SELECT :source, reference, 'a', NULL, NULL FROM src
-        UNION ALL
         SELECT :source, t.event_id, CAST(t.outcome AS "char"), t.reason, t.message
         FROM unnest(CAST(:claim_event_id AS text[]), CAST(:claim_outcome AS text[]),
                     CAST(:claim_reason AS text[]), CAST(:claim_message AS text[]))

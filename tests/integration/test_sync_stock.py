@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.inventory import sync
@@ -345,3 +346,39 @@ async def test_the_example_csv_adapter_pushes_an_export_once(admin: Entrepot, tm
     assert list(adapter.read_events(path, cursor.last_event_id)) == []
     again = await sync_stock(admin, source, adapter.read_events(path), batch_size=700)
     assert (again.applied, again.duplicate) == (0, 3000 - first.rejected)
+
+
+async def test_an_applied_event_is_claimed_by_its_one_ledger_row(
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """The ledger row of an applied event is its claim: no second row for it in
+    sync_events, and the database refuses a second sync row for the same source
+    and event id (what keeps an event from applying twice)."""
+    wh = await make_warehouse(admin)
+    source = unique("wms")
+    sku = unique("SKU")
+    p = await sync_stock(
+        admin, source, [ev("a1", sku, wh, "adjust", 4), ev("a2", sku, wh, "adjust", -9)], batch_size=10
+    )
+    assert (p.applied, p.rejected) == (1, 1)
+    async with sessions() as s:
+        claims = (
+            await s.execute(
+                text("SELECT event_id, outcome::text FROM inventory.sync_events WHERE source = :s"),
+                {"s": source},
+            )
+        ).all()
+        assert [tuple(r) for r in claims] == [("a2", "r")]
+    with pytest.raises(IntegrityError, match="ux_ledger_sync_event"):
+        async with sessions() as s, s.begin():
+            await s.execute(
+                text(
+                    "INSERT INTO inventory.ledger (sku, warehouse_code, type, on_hand_before, on_hand_after,"
+                    " reserved_before, reserved_after, source, reference)"
+                    " VALUES (:sku, :wh, 'sync', 4, 5, 0, 0, :s, 'a1')"
+                ),
+                {"sku": sku, "wh": wh, "s": source},
+            )
+    again = await sync_stock(admin, source, [ev("a1", sku, wh, "adjust", 4)])
+    assert (again.applied, again.duplicate) == (0, 1)
+    assert await on_hand(admin, sku, wh) == 4
