@@ -153,6 +153,7 @@ async def test_bff_routes_share_one_json_style_cors_and_idempotency_keys(
             "available": "7",
             "backordered": "0",
             "belowThreshold": False,
+            "components": [],  # a simple item: not a kit
         }
         assert (level["warehouseCode"], level["onHand"], level["reserved"], level["backordered"]) == (
             wh,

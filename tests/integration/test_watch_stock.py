@@ -226,48 +226,59 @@ async def test_changes_of_a_level_arrive_in_commit_order_when_txids_say_otherwis
         payload = {"sku": sku, "warehouse_code": wh, "type": "adjust", "reason": who}
         return outbox.Event(TOPIC, "stock_level", sku, payload)
 
-    async with sessions() as a, sessions() as b:
-        txid_a = int((await a.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
-        pid_a = int((await a.execute(text("SELECT pg_backend_pid()"))).scalar_one())
-        await b.execute(level, {"sku": sku, "wh": wh})
-        txid_b = int((await b.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
-        assert txid_a < txid_b
+    try:
+        async with sessions() as a, sessions() as b:
+            txid_a = int((await a.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
+            pid_a = int((await a.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+            await b.execute(level, {"sku": sku, "wh": wh})
+            txid_b = int((await b.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
+            assert txid_a < txid_b
 
-        async def transaction_a() -> None:
-            await a.execute(level, {"sku": sku, "wh": wh})  # waits for B
-            await outbox.emit(a, change("A"))
-            await a.commit()
+            async def transaction_a() -> None:
+                await a.execute(level, {"sku": sku, "wh": wh})  # waits for B
+                await outbox.emit(a, change("A"))
+                await a.commit()
 
-        waiting = asyncio.create_task(transaction_a())
-        for _ in range(100):
-            if await waits_for_a_lock(sessions, pid_a):
-                break
-            await asyncio.sleep(0.05)
-        assert await waits_for_a_lock(sessions, pid_a), "A never waited for B's lock"
-        await outbox.emit(b, change("B"))
-        await b.commit()
-        await asyncio.wait_for(waiting, 10)
+            waiting = asyncio.create_task(transaction_a())
+            for _ in range(100):
+                if await waits_for_a_lock(sessions, pid_a):
+                    break
+                await asyncio.sleep(0.05)
+            assert await waits_for_a_lock(sessions, pid_a), "A never waited for B's lock"
+            await outbox.emit(b, change("B"))
+            await b.commit()
+            await asyncio.wait_for(waiting, 10)
 
-    got = await collect(watcher, 2)
-    assert [e.reason for e in got] == ["B", "A"]
-    async with sessions() as s:
-        by_txid = (
-            (
-                await s.execute(
-                    text(
-                        "SELECT payload->>'reason' FROM platform.outbox WHERE aggregate_id = :s AND id > :i ORDER BY txid, id"
-                    ),
-                    {"s": sku, "i": start},
+        got = await collect(watcher, 2)
+        assert [e.reason for e in got] == ["B", "A"]
+        async with sessions() as s:
+            by_txid = (
+                (
+                    await s.execute(
+                        text(
+                            "SELECT payload->>'reason' FROM platform.outbox WHERE aggregate_id = :s AND id > :i ORDER BY txid, id"
+                        ),
+                        {"s": sku, "i": start},
+                    )
                 )
+                .scalars()
+                .all()
             )
-            .scalars()
-            .all()
-        )
-    assert by_txid == ["A", "B"], "the (txid, id) order this test means to contradict"
-    # Resuming after B's event gives A's.
-    assert [
-        e.reason for e in await collect(watch_stock(admin, skus=[sku], after_event_id=got[0].event_id), 1)
-    ] == ["A"]
+        assert by_txid == ["A", "B"], "the (txid, id) order this test means to contradict"
+        # Resuming after B's event gives A's.
+        assert [
+            e.reason for e in await collect(watch_stock(admin, skus=[sku], after_event_id=got[0].event_id), 1)
+        ] == ["A"]
+    finally:
+        # Events without ledger rows would break the session's ledger/outbox invariant.
+        async with sessions() as s, s.begin():
+            await s.execute(
+                text(
+                    "DELETE FROM platform.outbox WHERE topic = :t AND aggregate_id = :s "
+                    "AND payload->>'reason' IN ('A', 'B')"
+                ),
+                {"t": TOPIC, "s": sku},
+            )
 
 
 async def test_every_change_of_concurrent_writers_arrives_once_in_id_order(

@@ -74,7 +74,21 @@ def test_source_names() -> None:
 
 
 def _event(sku: str, wh: str, below: bool) -> StockEvent:
-    return StockEvent(1, (1, 1), sku, wh, "sync", 1, 0, 1, 0, 1, "", datetime.now(UTC), below, 1)
+    return StockEvent(
+        event_id=1,
+        sku=sku,
+        warehouse_code=wh,
+        type="sync",
+        on_hand_delta=1,
+        reserved_delta=0,
+        on_hand=1,
+        reserved=0,
+        available=1,
+        reason="",
+        time=datetime.now(UTC),
+        below_threshold=below,
+        movement_id=1,
+    )
 
 
 def test_watch_filters() -> None:
