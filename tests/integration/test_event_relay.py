@@ -28,7 +28,14 @@ from server.app import RELAY_HEALTH, App
 from server.auth import mint_token
 from server.nats_sink import NatsSink, subject_token
 from tests.conftest import make_settings, unique
-from tests.events_support import EmbeddedNats, Names, Received, existing_nats_url, read_stream
+from tests.events_support import (
+    EmbeddedNats,
+    Names,
+    Received,
+    commit_out_of_txid_order,
+    existing_nats_url,
+    read_stream,
+)
 from tests.integration.test_sync_stock import make_warehouse
 
 
@@ -270,55 +277,22 @@ async def test_a_relay_that_died_after_the_ack_publishes_nothing_twice_after_the
         check_exactly_once(await read_stream(nats_url, names, len(rows)), rows, names.prefix)
 
 
-async def pid_waits_for_a_lock(app: App, pid: int) -> bool:
-    async with app.rt.uow() as uow:
-        row = await uow.session.execute(
-            text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-        )
-        return row.scalar_one_or_none() == "Lock"
-
-
 async def test_events_of_an_aggregate_arrive_in_commit_order_when_txids_say_otherwise(
     database_url: str, nats_url: str
 ) -> None:
-    """Transaction A takes its txid first (as AdjustStock with a request_id does with its
-    idempotency claim), then waits for the stock level's lock held by B (a higher txid);
-    B writes its event and commits, then A writes its own and commits. B committed first:
-    the broker gets B's event before A's, though A's txid is lower."""
+    """B commits before A though A's txid is lower (commit_out_of_txid_order): the broker
+    gets B's event before A's."""
     names = Names.new()
     async with replica(relay_settings(database_url, nats_url, names)) as app, client(app) as ep:
         wh = await make_warehouse(ep)
         sku = unique("I")
         await stock_changes(ep, wh, [sku], 1)
-        level = text(
-            "SELECT 1 FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh FOR UPDATE"
-        )
         aggregate = unique("commit-order")
 
         def event(who: str) -> outbox.Event:
             return outbox.Event("test.commit_order", "test", aggregate, {"who": who})
 
-        async with app.rt.sessions() as a, app.rt.sessions() as b:
-            txid_a = int((await a.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
-            pid_a = int((await a.execute(text("SELECT pg_backend_pid()"))).scalar_one())
-            await b.execute(level, {"sku": sku, "wh": wh})
-            txid_b = int((await b.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
-            assert txid_a < txid_b
-
-            async def transaction_a() -> None:
-                await a.execute(level, {"sku": sku, "wh": wh})  # waits for B
-                await outbox.emit(a, event("A"))
-                await a.commit()
-
-            waiting = asyncio.create_task(transaction_a())
-            for _ in range(100):
-                if await pid_waits_for_a_lock(app, pid_a):
-                    break
-                await asyncio.sleep(0.05)
-            assert await pid_waits_for_a_lock(app, pid_a), "A never waited for B's lock"
-            await outbox.emit(b, event("B"))
-            await b.commit()
-            await asyncio.wait_for(waiting, 10)
+        await commit_out_of_txid_order(app.rt.sessions, sku, wh, event("A"), event("B"))
 
         await caught_up(app)
         rows = await outbox_rows(app)

@@ -18,6 +18,7 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot, EntrepotError, ResourceExhaustedError
 from entrepot_client.streams import StockEvent, StockWatch, sync_stock, watch_stock
 from tests.conftest import unique
+from tests.events_support import commit_out_of_txid_order
 from tests.integration.test_sync_stock import make_warehouse
 
 T0 = datetime(2026, 11, 1, tzinfo=UTC)
@@ -199,27 +200,16 @@ async def test_a_slow_watcher_is_cut_off_and_resumes_from_its_cursor(
     await slow.close()
 
 
-async def waits_for_a_lock(sessions: async_sessionmaker[AsyncSession], pid: int) -> bool:
-    async with sessions() as s:
-        row = await s.execute(
-            text("SELECT wait_event_type FROM pg_stat_activity WHERE pid = :pid"), {"pid": pid}
-        )
-        return row.scalar_one_or_none() == "Lock"
-
-
 async def test_changes_of_a_level_arrive_in_commit_order_when_txids_say_otherwise(
     admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    """Transaction A takes its txid first (as AdjustStock with a request_id does with its
-    idempotency claim), then waits for the stock level's lock held by B (a higher txid);
-    B writes its change and commits, then A. B committed first, so the watcher gets B's
-    change first, though A's txid is lower (the (txid, id) order would give A, B)."""
+    """B commits before A though A's txid is lower (commit_out_of_txid_order): the watcher
+    gets B's change first (the (txid, id) order would give A, B)."""
     wh = await make_warehouse(admin)
     sku = unique("SKU")
     await sync_stock(admin, unique("wms"), [ev("0", sku, wh, "set", 1)])
     start = await last_event_id(sessions, sku)
     watcher = watch_stock(admin, skus=[sku], after_event_id=start)
-    level = text("SELECT 1 FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh FOR UPDATE")
 
     def change(who: str) -> outbox.Event:
         # The change's event alone (the counters are not what this test is about).
@@ -227,28 +217,7 @@ async def test_changes_of_a_level_arrive_in_commit_order_when_txids_say_otherwis
         return outbox.Event(TOPIC, "stock_level", sku, payload)
 
     try:
-        async with sessions() as a, sessions() as b:
-            txid_a = int((await a.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
-            pid_a = int((await a.execute(text("SELECT pg_backend_pid()"))).scalar_one())
-            await b.execute(level, {"sku": sku, "wh": wh})
-            txid_b = int((await b.execute(text("SELECT pg_current_xact_id()::text"))).scalar_one())
-            assert txid_a < txid_b
-
-            async def transaction_a() -> None:
-                await a.execute(level, {"sku": sku, "wh": wh})  # waits for B
-                await outbox.emit(a, change("A"))
-                await a.commit()
-
-            waiting = asyncio.create_task(transaction_a())
-            for _ in range(100):
-                if await waits_for_a_lock(sessions, pid_a):
-                    break
-                await asyncio.sleep(0.05)
-            assert await waits_for_a_lock(sessions, pid_a), "A never waited for B's lock"
-            await outbox.emit(b, change("B"))
-            await b.commit()
-            await asyncio.wait_for(waiting, 10)
-
+        await commit_out_of_txid_order(sessions, sku, wh, change("A"), change("B"))
         got = await collect(watcher, 2)
         assert [e.reason for e in got] == ["B", "A"]
         async with sessions() as s:
