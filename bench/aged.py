@@ -93,13 +93,15 @@ def statements(scale: float) -> list[tuple[str, str]]:
             # i outer, levels inner: ids follow time, as in a live ledger.
             f"""
             INSERT INTO inventory.ledger (sku, warehouse_code, type, on_hand_before, on_hand_after,
-                reserved_before, reserved_after, reason, source, actor, reservation_id, created_at)
+                reserved_before, reserved_after, reason, source, reference, actor, reservation_id, created_at)
             SELECT sku, warehouse_code, ({types})[p + 1],
                    18 * c + ({_arr(ON_HAND_AFTER)})[p + 1] - ({_arr([d for _, d, _ in CYCLE])})[p + 1],
                    18 * c + ({_arr(ON_HAND_AFTER)})[p + 1],
                    ({_arr(RESERVED_AFTER)})[p + 1] - ({_arr([d for _, _, d in CYCLE])})[p + 1],
                    ({_arr(RESERVED_AFTER)})[p + 1],
-                   'aged', CASE WHEN p = 4 THEN 'aged-wms' ELSE '' END, 'aged',
+                   'aged', CASE WHEN p = 4 THEN 'aged-wms' ELSE '' END,
+                   -- a sync row's reference is its event id, unique per source (the claim)
+                   CASE WHEN p = 4 THEN 'aged-' || l || '-' || c ELSE '' END, 'aged',
                    CASE WHEN p IN (1, 2) AND c % 2 = 0 THEN {res_id} END,
                    now() - interval '365 days' + (i * interval '360 days') / {rows}
                      + (l % 1000) * interval '1 second'
