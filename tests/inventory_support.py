@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 from sqlalchemy import text
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 import migrations
 from tests.pg import create_database
@@ -96,3 +97,20 @@ async def check_invariants(session: AsyncSession) -> int:
         problems.append(f"ledger rows {outbox_vs_ledger[0]} != stock events {outbox_vs_ledger[1]}")
     assert not problems, "\n".join(problems)
     return len(rows)
+
+
+async def settle_and_check(sessions: async_sessionmaker[AsyncSession]) -> int:
+    """After a soak: lets short holds expire and the sweeper release them, asserts none is
+    left behind, then check_invariants; returns how many levels were checked."""
+    await asyncio.sleep(2.5)
+    async with sessions() as s:
+        left = (
+            await s.execute(
+                text(
+                    "SELECT count(*) FROM inventory.reservations "
+                    "WHERE state = 'active' AND expires_at < now() - interval '1 second'"
+                )
+            )
+        ).scalar_one()
+        assert left == 0, f"{left} expired reservations the sweeper did not release"
+        return await check_invariants(s)

@@ -13,7 +13,6 @@ from collections.abc import Callable
 
 import pytest
 from google.protobuf import duration_pb2, field_mask_pb2
-from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from entrepot.inventory.v1 import inventory_pb2 as pb
@@ -27,7 +26,7 @@ from entrepot_client import (
 )
 from entrepot_client.inventory import shortages
 from tests.conftest import unique
-from tests.inventory_support import check_invariants
+from tests.inventory_support import check_invariants, settle_and_check
 
 
 async def make_warehouse(ep: Entrepot, priority: int = 0) -> str:
@@ -486,18 +485,7 @@ async def test_random_soak_keeps_the_invariants(
                 counts["refused"] += 1
 
     await asyncio.gather(*(worker(i) for i in range(16)))
-    # Let short holds expire and the sweeper catch up, then check every level.
-    await asyncio.sleep(2.5)
-    async with sessions() as s:
-        left = (
-            await s.execute(
-                text(
-                    "SELECT count(*) FROM inventory.reservations WHERE state = 'active' AND expires_at < now() - interval '1 second'"
-                )
-            )
-        ).scalar_one()
-        assert left == 0
-        assert await check_invariants(s) >= 40
+    assert await settle_and_check(sessions) >= 40
     assert counts["ok"] > 50
 
 
