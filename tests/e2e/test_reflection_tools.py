@@ -23,10 +23,9 @@ from typing import Any
 import pytest
 from google.rpc import error_details_pb2
 
-from server.auth import mint_token
 from server.services import SERVICES as SERVED
-from tests.conftest import make_settings, unique
-from tests.procs import ServerProcess
+from tests.conftest import unique
+from tests.procs import ServerProcess, server_token
 
 BIN = Path(sys.executable).parent
 SERVICES = {spec.descriptor.full_name for spec in SERVED} | {
@@ -47,10 +46,8 @@ def server(database_url: str) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture(scope="module")
-def token(database_url: str) -> str:
-    return mint_token(
-        make_settings(database_url, None), sub=unique("tools"), permissions=["*"], channels=["*"]
-    )
+def token() -> str:
+    return server_token(unique("tools"))
 
 
 def tool(name: str, *args: str) -> subprocess.CompletedProcess[str]:

@@ -26,7 +26,8 @@ from server.services import SERVICES
 from tests.conftest import TEST_CHANNEL, unique
 from tests.integration.test_order_api import intent, submit
 from tests.integration.test_registration_grpc import make_form, rid
-from tests.reliability.support import full_name, method_kwargs, token
+from tests.procs import server_token
+from tests.reliability.support import full_name, method_kwargs
 
 FIRST = (-62_135_596_800, 0)  # 0001-01-01T00:00:00Z
 LAST = (253_402_300_799, 999_999_999)  # 9999-12-31T23:59:59.999999999Z
@@ -69,7 +70,7 @@ def with_timestamp(method: MethodDescriptor, path: tuple[str, ...], value: tuple
 
 
 async def send(target: str, method: MethodDescriptor, request: Message) -> grpc.aio.AioRpcError | None:
-    md = [("authorization", f"Bearer {token('timestamps')}"), ("x-channel-slug", TEST_CHANNEL)]
+    md = [("authorization", f"Bearer {server_token('timestamps')}"), ("x-channel-slug", TEST_CHANNEL)]
     name, kw = full_name(method), method_kwargs(method)
     async with grpc.aio.insecure_channel(target) as ch:
         try:

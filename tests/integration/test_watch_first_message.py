@@ -22,7 +22,7 @@ from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from server.app import App
 from tests import pg
 from tests.conftest import TEST_CHANNEL, make_settings
-from tests.reliability.support import token
+from tests.procs import server_token
 
 HEARTBEAT = 1.0
 SLACK = 0.5  # scheduling on a busy machine
@@ -63,7 +63,7 @@ async def outbox_head(url: str) -> int:
 
 
 async def watch_both(app: App) -> list[tuple[str, float, Any]]:
-    md = [("authorization", f"Bearer {token('watch')}"), ("x-channel-slug", TEST_CHANNEL)]
+    md = [("authorization", f"Bearer {server_token('watch')}"), ("x-channel-slug", TEST_CHANNEL)]
     out = []
     async with grpc.aio.insecure_channel(f"127.0.0.1:{app.port}") as ch:
         stock = inventory_pb2_grpc.InventoryServiceStub(ch).WatchStockChanges(
@@ -103,7 +103,7 @@ async def test_the_first_heartbeat_names_the_head_of_the_outbox(empty_database: 
                 channel_pb2.CreateChannelRequest(
                     channel=channel_pb2.Channel(slug=TEST_CHANNEL, name="Test", currency="EUR")
                 ),
-                metadata=[("authorization", f"Bearer {token('watch')}")],
+                metadata=[("authorization", f"Bearer {server_token('watch')}")],
             )
         head = await outbox_head(url)
         assert head > 0

@@ -18,10 +18,7 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 
-from server.auth import mint_token
-from server.settings import Settings
-from tests.conftest import TEST_SECRET
-from tests.procs import ROOT, ServerProcess
+from tests.procs import ROOT
 
 LONG = os.environ.get("ENTREPOT_SOAK", "").lower() == "long"
 
@@ -29,41 +26,6 @@ LONG = os.environ.get("ENTREPOT_SOAK", "").lower() == "long"
 def soak(short: int, long: int) -> int:
     """An example count / duration: the short form in CI, the long one under `make soak`."""
     return long if LONG else short
-
-
-def token(sub: str = "reliability", permissions: Sequence[str] = ("*",), ttl: int = 3600) -> str:
-    settings = Settings(jwt_hs256_secret=TEST_SECRET)
-    return mint_token(settings, sub=sub, permissions=list(permissions), channels=["*"], ttl_seconds=ttl)
-
-
-class LoggedServerProcess(ServerProcess):
-    """A ServerProcess whose stderr goes to a file: a pipe nobody reads would fill up under a
-    flood of warnings (database down) and block the server, which is not what we test."""
-
-    def __init__(self, database_url: str, log_path: Path, temporal_address: str | None = None, **env: str):
-        super().__init__(database_url, temporal_address, **env)
-        self.log_path = log_path
-
-    def start(self, timeout: float = 30.0) -> LoggedServerProcess:
-        self._log = self.log_path.open("wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "server.cli", "serve"], env=self.env, cwd=ROOT, stderr=self._log
-        )
-        try:
-            self.wait_serving(timeout)
-        except RuntimeError as exc:
-            raise RuntimeError(f"{exc}\n{self.log_tail()}") from None
-        return self
-
-    def log_tail(self, n: int = 4000) -> str:
-        return self.log_path.read_text(errors="replace")[-n:]
-
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def __exit__(self, *exc: object) -> None:
-        super().__exit__(*exc)
-        self._log.close()
 
 
 class PrivatePostgres:

@@ -28,7 +28,8 @@ from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from server.app import App
 from tests import pg
 from tests.conftest import make_settings
-from tests.reliability.support import soak, token
+from tests.procs import server_token
+from tests.reliability.support import soak
 
 SUB = "r9"
 
@@ -73,7 +74,7 @@ async def test_cancel_and_deadline_commit_whole_or_nothing(r9_database: str) -> 
     app = App(make_settings(r9_database, None, db_pool_size=4, db_max_overflow=4))
     await app.start()
     rng = random.Random(int(time.time()))
-    md = [("authorization", f"Bearer {token(SUB)}")]
+    md = [("authorization", f"Bearer {server_token(SUB)}")]
     prefix = "r9-" + uuid.uuid4().hex[:6]
     n = soak(60, 600)
     try:

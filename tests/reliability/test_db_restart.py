@@ -36,7 +36,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from entrepot.inventory.v1 import inventory_pb2, inventory_pb2_grpc
 from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
-from tests.reliability.support import LoggedServerProcess, PrivatePostgres, soak, token, wait_until
+from tests.procs import ServerProcess, server_token
+from tests.reliability.support import PrivatePostgres, soak, wait_until
 
 DEADLINE = 3.0  # per call
 FAST = 2.0  # an outage must be reported well within the deadline (2/3 of it: the machine is noisy)
@@ -224,8 +225,8 @@ async def test_postgres_restart_under_load(
     url = r6_database
     restarts = soak(1, 5)
     outage = soak(4, 10)  # longer than FAST + 0.5 s, so some calls start well inside it
-    with LoggedServerProcess(url, tmp_path / "server.log") as server:
-        metadata = [("authorization", f"Bearer {token()}")]
+    with ServerProcess(url, tmp_path) as server:
+        metadata = [("authorization", f"Bearer {server_token()}")]
         async with grpc.aio.insecure_channel(server.target) as ch:
             inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
             load, workers = await start_load(ch, metadata, "r6-")
@@ -354,8 +355,8 @@ async def test_mass_connection_kill_fails_no_later_call(
     succeeds, on a fresh connection."""
     url = r6_database
     kills = soak(3, 20)
-    with LoggedServerProcess(url, tmp_path / "server.log") as server:
-        metadata = [("authorization", f"Bearer {token()}")]
+    with ServerProcess(url, tmp_path) as server:
+        metadata = [("authorization", f"Bearer {server_token()}")]
         async with grpc.aio.insecure_channel(server.target) as ch:
             load, workers = await start_load(ch, metadata, "kill-")
             # (when the kill began, when every terminated backend was gone)
@@ -439,9 +440,9 @@ async def test_connections_that_died_unnoticed_are_replaced(
     dead before sending anything, and must run on a fresh one instead of failing."""
     url = r6_database
     rounds = soak(3, 10)
-    with LoggedServerProcess(url, tmp_path / "server.log") as server:
+    with ServerProcess(url, tmp_path) as server:
         assert server.proc is not None
-        metadata = [("authorization", f"Bearer {token()}")]
+        metadata = [("authorization", f"Bearer {server_token()}")]
         async with grpc.aio.insecure_channel(server.target) as ch:
             inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
             channels = channel_pb2_grpc.ChannelServiceStub(ch)
@@ -548,8 +549,8 @@ async def test_connections_cut_silently_are_replaced_on_first_use(
     it did anything; it is run again on a fresh connection and succeeds."""
     rounds = soak(3, 10)
     async with SeveringProxy(r6_database) as proxy:
-        with LoggedServerProcess(proxy.url, tmp_path / "server.log") as server:
-            metadata = [("authorization", f"Bearer {token()}")]
+        with ServerProcess(proxy.url, tmp_path) as server:
+            metadata = [("authorization", f"Bearer {server_token()}")]
             async with grpc.aio.insecure_channel(server.target) as ch:
                 inventory = inventory_pb2_grpc.InventoryServiceStub(ch)
                 channels = channel_pb2_grpc.ChannelServiceStub(ch)

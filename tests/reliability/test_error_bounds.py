@@ -31,7 +31,8 @@ from server.app import App
 from server.services import SERVICES
 from tests import pg
 from tests.conftest import TEST_CHANNEL, make_settings
-from tests.reliability.support import full_name, method_kwargs, token
+from tests.procs import server_token
+from tests.reliability.support import full_name, method_kwargs
 from tests.reliability.test_fuzz import RESTORE_TEST_CHANNEL, _sql
 
 METHODS: list[MethodDescriptor] = [m for spec in SERVICES for m in spec.descriptor.methods]
@@ -129,7 +130,7 @@ async def call(
     channel: grpc.aio.Channel, method: MethodDescriptor, request: Message
 ) -> grpc.aio.AioRpcError | None:
     """One call of any shape; a stream is read for one message at most. None: no error."""
-    md = [("authorization", f"Bearer {token('bounds')}"), ("x-channel-slug", TEST_CHANNEL)]
+    md = [("authorization", f"Bearer {server_token('bounds')}"), ("x-channel-slug", TEST_CHANNEL)]
     name, kw = full_name(method), method_kwargs(method)
     try:
         if method.client_streaming and method.server_streaming:
@@ -181,7 +182,7 @@ async def test_an_echoed_value_is_cut_to_a_prefix_with_its_length(bounds_target:
         with pytest.raises(grpc.aio.AioRpcError) as caught:
             await stub.GetChannel(
                 channel_pb2.GetChannelRequest(slug=LONG),
-                metadata=[("authorization", f"Bearer {token('bounds')}")],
+                metadata=[("authorization", f"Bearer {server_token('bounds')}")],
                 timeout=10,
             )
     err = caught.value

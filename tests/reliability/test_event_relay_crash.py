@@ -32,7 +32,7 @@ from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot, EntrepotError
 from server.nats_sink import subject_token
 from tests.events_support import EmbeddedNats, Names, existing_nats_url, read_stream
-from tests.reliability.servers import ServerProcess, admin_token
+from tests.procs import ServerProcess, server_token
 from tests.reliability.support import soak
 
 SECONDS = soak(8, 60)
@@ -120,15 +120,16 @@ async def test_sigkilled_relay_delivers_every_event_once_in_order(
         "ENTREPOT_EVENTS_SUBJECT_PREFIX": names.prefix,
         "ENTREPOT_RELAY_LEASE_SECONDS": "1.5",
         "ENTREPOT_RELAY_POLL_SECONDS": "0.2",
+        "ENTREPOT_LOG_LEVEL": "INFO",  # the relays' takeover lines are read below
     }
     replicas = [ServerProcess(database_url, tmp_path, **env) for _ in range(2)]
     engine = create_async_engine(database_url.replace("postgresql://", "postgresql+asyncpg://", 1))
-    token = admin_token(database_url)
+    token = server_token()
     stop = asyncio.Event()
     clients: list[Entrepot] = []
     try:
         for r in replicas:
-            r.start()
+            r.launch()
         await asyncio.gather(*(r.ready() for r in replicas))
         clients = [Entrepot(r.target, token) for r in replicas for _ in range(WRITERS_PER_REPLICA)]
         wh = "R13-" + uuid.uuid4().hex[:6]
@@ -159,7 +160,7 @@ async def test_sigkilled_relay_delivers_every_event_once_in_order(
                 continue  # between holders (the lease of a killed one has not expired yet)
             victim.kill()
             kills += 1
-            victim.start()
+            victim.launch()
             await victim.ready()
         stop.set()
         writes = sum(await asyncio.gather(*writers))

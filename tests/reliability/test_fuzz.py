@@ -27,13 +27,12 @@ from hypothesis import strategies as st
 from temporalio.testing import WorkflowEnvironment
 
 import migrations
-from server.auth import mint_token
 from server.services import SERVICES
-from server.settings import Settings
 from tests import pg
-from tests.conftest import TEST_CHANNEL, TEST_SECRET
+from tests.conftest import TEST_CHANNEL
+from tests.procs import ServerProcess, server_token
 from tests.reliability.strategies import messages
-from tests.reliability.support import LONG, LoggedServerProcess, call_sync, full_name, method_kwargs, soak
+from tests.reliability.support import LONG, call_sync, full_name, method_kwargs, soak
 
 METHODS: list[MethodDescriptor] = [m for spec in SERVICES for m in spec.descriptor.methods]
 IDS = [f"{m.containing_service.name}.{m.name}" for m in METHODS]
@@ -70,12 +69,11 @@ async def _sql(url: str, sql: str) -> None:
 @pytest.fixture(scope="module")
 def fuzz_server(
     fuzz_database: str, temporal_env: WorkflowEnvironment, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[LoggedServerProcess]:
-    log = tmp_path_factory.mktemp("fuzz") / "server.log"
+) -> Iterator[ServerProcess]:
     target_host = temporal_env.client.service_client.config.target_host
-    server = LoggedServerProcess(
+    server = ServerProcess(
         fuzz_database,
-        log,
+        tmp_path_factory.mktemp("fuzz"),
         temporal_address=target_host,
         ENTREPOT_LOG_LEVEL="ERROR",
         # The test channel is restored between methods; the server must see that at once.
@@ -99,8 +97,7 @@ def _seed(target: str) -> None:
     from entrepot.inventory.v1 import inventory_pb2 as inv
     from entrepot_client import EntrepotSync
 
-    tok = mint_token(Settings(jwt_hs256_secret=TEST_SECRET), sub="seeder", permissions=["*"], channels=["*"])
-    with EntrepotSync(target, tok, TEST_CHANNEL) as ep:
+    with EntrepotSync(target, server_token("seeder"), TEST_CHANNEL) as ep:
         ep.inventory.create_warehouse(
             inv.CreateWarehouseRequest(warehouse=inv.Warehouse(code=SEED_WAREHOUSE, name="Paris", priority=1))
         )
@@ -114,7 +111,7 @@ def _seed(target: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def fuzz_channel(fuzz_server: LoggedServerProcess) -> Iterator[grpc.Channel]:
+def fuzz_channel(fuzz_server: ServerProcess) -> Iterator[grpc.Channel]:
     # The client may send anything the server should then refuse itself.
     with grpc.insecure_channel(fuzz_server.target, options=[("grpc.max_send_message_length", -1)]) as ch:
         yield ch
@@ -122,13 +119,7 @@ def fuzz_channel(fuzz_server: LoggedServerProcess) -> Iterator[grpc.Channel]:
 
 @pytest.fixture(scope="module")
 def metadata() -> list[tuple[str, str]]:
-    tok = mint_token(
-        Settings(jwt_hs256_secret=TEST_SECRET),
-        sub="fuzzer",
-        permissions=["*"],
-        channels=["*"],
-        status_namespaces=["*", "fuzz"],
-    )
+    tok = server_token("fuzzer", status_namespaces=["*", "fuzz"])
     return [("authorization", f"Bearer {tok}"), ("x-channel-slug", TEST_CHANNEL)]
 
 
@@ -145,7 +136,7 @@ def show(request: Message | list[Message]) -> str:
     return "{" + text_format.MessageToString(request, as_one_line=True, print_unknown_fields=True) + "}"
 
 
-def assert_healthy(server: LoggedServerProcess, channel: grpc.Channel) -> None:
+def assert_healthy(server: ServerProcess, channel: grpc.Channel) -> None:
     assert server.alive(), f"the server died:\n{server.log_tail()}"
     status = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5).status
     assert status == health_pb2.HealthCheckResponse.SERVING
@@ -153,7 +144,7 @@ def assert_healthy(server: LoggedServerProcess, channel: grpc.Channel) -> None:
 
 @pytest.mark.parametrize("method", METHODS, ids=IDS)
 def test_generated_requests_never_fail_internally(
-    fuzz_server: LoggedServerProcess,
+    fuzz_server: ServerProcess,
     fuzz_channel: grpc.Channel,
     metadata: list[tuple[str, str]],
     method: MethodDescriptor,
@@ -203,7 +194,7 @@ def _oversized(size: int) -> bytes:
 
 
 def test_oversized_messages_and_metadata_are_resource_exhausted(
-    fuzz_server: LoggedServerProcess, fuzz_channel: grpc.Channel, metadata: list[tuple[str, str]]
+    fuzz_server: ServerProcess, fuzz_channel: grpc.Channel, metadata: list[tuple[str, str]]
 ) -> None:
     """A message over the limit and metadata over the default 16 KiB are refused before any
     handler runs. The transport checks them before dispatch, so CI sends them to one method of
@@ -275,7 +266,7 @@ def _code(fn: Any) -> grpc.StatusCode:
     return grpc.StatusCode.OK
 
 
-def test_r1_invariants_hold_after_the_fuzz_run(fuzz_server: LoggedServerProcess, fuzz_database: str) -> None:
+def test_r1_invariants_hold_after_the_fuzz_run(fuzz_server: ServerProcess, fuzz_database: str) -> None:
     """Runs after the fuzz tests above (file order): whatever they did to stock, every level
     still satisfies R1 (no negative or oversold counters, counters = ledger = open holds)."""
     from sqlalchemy.ext.asyncio import AsyncSession

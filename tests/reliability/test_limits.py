@@ -18,7 +18,7 @@ from entrepot.platform.v1 import channel_pb2, channel_pb2_grpc
 from server.app import App
 from server.ratelimit import TokenBuckets, parse_rate_limits
 from tests.conftest import make_settings, unique
-from tests.reliability.support import token
+from tests.procs import server_token
 
 
 @contextlib.asynccontextmanager
@@ -32,7 +32,7 @@ async def serving(database_url: str, **overrides: Any) -> AsyncIterator[App]:
 
 
 def md(sub: str = "limits") -> list[tuple[str, str]]:
-    return [("authorization", f"Bearer {token(sub)}")]
+    return [("authorization", f"Bearer {server_token(sub)}")]
 
 
 def details(err: grpc.aio.AioRpcError) -> list[Any]:

@@ -31,8 +31,8 @@ import pytest
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot, EntrepotError, UnavailableError
 from tests.conftest import unique
+from tests.procs import ServerProcess, server_token
 from tests.reliability.haproxy import DETECTION_SECONDS, HAProxy
-from tests.reliability.servers import ServerProcess, admin_token
 
 SHUTDOWN_DELAY = DETECTION_SECONDS + 0.5  # NOT_SERVING long enough for HAProxy to act on it
 GRACE = 5.0
@@ -123,13 +123,12 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[list[S
     env = {
         "ENTREPOT_SHUTDOWN_DELAY_SECONDS": str(SHUTDOWN_DELAY),
         "ENTREPOT_GRACE_SECONDS": str(GRACE),
-        "ENTREPOT_LOG_LEVEL": "WARNING",
     }
     replicas = [ServerProcess(database_url, tmp_path, **env) for _ in range(2)]
     proxy = HAProxy(tmp_path, {"a": replicas[0].port, "b": replicas[1].port})
     try:
         for r in replicas:
-            r.start()
+            r.launch()
         await asyncio.gather(*(r.ready() for r in replicas))
         proxy.start()
         for name in ("a", "b"):
@@ -145,7 +144,7 @@ async def test_rolling_restart_behind_haproxy_loses_nothing(
     stack: tuple[list[ServerProcess], HAProxy], database_url: str
 ) -> None:
     replicas, proxy = stack
-    async with Entrepot(proxy.target, admin_token(database_url)) as ep:
+    async with Entrepot(proxy.target, server_token()) as ep:
         warehouse, adjust_sku, reserve_sku = unique("R10WH"), unique("R10-ADJ"), unique("R10-RES")
         await ep.inventory.create_warehouse(
             pb.CreateWarehouseRequest(warehouse=pb.Warehouse(code=warehouse, name="R10"))
@@ -167,9 +166,9 @@ async def test_rolling_restart_behind_haproxy_loses_nothing(
                 before = int(proxy.stats()[name]["stot"])
                 gone = time.monotonic()
                 await asyncio.to_thread(replica.stop)  # SIGTERM, then waits for the exit
-                assert replica.proc is not None and replica.proc.returncode == 0, replica.log_path.read_text()
+                assert replica.proc is not None and replica.proc.returncode == 0, replica.log_tail()
                 assert proxy.stats()[name]["status"] == "DOWN"
-                replica.start()
+                replica.launch()
                 await replica.ready()
                 await asyncio.to_thread(proxy.wait_status, name, "UP", 10)
                 away[name] = (gone, time.monotonic())

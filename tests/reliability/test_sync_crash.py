@@ -24,9 +24,9 @@ from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
 from entrepot_client.streams import StockEvent, reconnect_options, sync_stock
 from tests.inventory_support import check_invariants
-from tests.reliability.servers import ServerProcess, admin_token
+from tests.procs import ServerProcess, server_token
+from tests.reliability.support import LONG
 
-LONG = os.environ.get("ENTREPOT_SOAK") == "long"
 KILLS = 20 if LONG else 3
 # Long enough that the stream outlives the kills (SyncStock applies ~15,000+ events/s here).
 EVENTS = 200_000 if LONG else 40_000
@@ -86,9 +86,9 @@ async def test_sigkill_during_sync_then_resume_applies_every_event_once(
 ) -> None:
     rng = random.Random(int(os.environ.get("ENTREPOT_SEED", "4242")))
     server = ServerProcess(database_url, tmp_path)
-    server.start()
+    server.launch()
     await server.ready()
-    token = admin_token(database_url)
+    token = server_token()
     engine = make_engine(database_url, pool_size=2, max_overflow=0)
     sessions = make_session_factory(engine)
     try:

@@ -37,8 +37,9 @@ from server.devservices import free_port, start_temporal_dev_server, stop_proces
 from tests import pg
 from tests.conftest import TEST_CHANNEL, unique
 from tests.integration.test_registration_grpc import make_form, submit
+from tests.procs import ServerProcess, server_token
 from tests.refund_support import R, make_order, wait_state
-from tests.reliability.support import LoggedServerProcess, soak, token
+from tests.reliability.support import soak
 from tests.reliability.test_refund_exactly_once import eur, psp, worker_process
 
 OUTAGE_SECONDS = soak(8, 30)
@@ -139,10 +140,10 @@ async def test_a_temporal_outage_loses_nothing_and_runs_nothing_twice(
     db_file, temporal_log = tmp_path / "temporal.db", tmp_path / "temporal.log"
     temporal = start_temporal_dev_server(db_file, port=port, log_file=temporal_log)
     queue = f"r11-{uuid.uuid4().hex[:8]}"
-    server = LoggedServerProcess(
+    server = ServerProcess(
         database_url,
-        tmp_path / "server.log",
-        address,
+        tmp_path,
+        temporal_address=address,
         TEMPORAL_TASK_QUEUE=queue,
         ENTREPOT_LOG_LEVEL="WARNING",
     )
@@ -152,7 +153,7 @@ async def test_a_temporal_outage_loses_nothing_and_runs_nothing_twice(
     clients: list[Entrepot] = []
 
     def client(sub: str, *perms: str) -> Entrepot:
-        c = Entrepot(server.target, token(sub, list(perms) or ["*"]), TEST_CHANNEL)
+        c = Entrepot(server.target, server_token(sub, list(perms) or ["*"]), TEST_CHANNEL)
         clients.append(c)
         return c
 

@@ -32,7 +32,7 @@ from entrepot_client import (
 )
 from server.app import App
 from tests.conftest import make_settings
-from tests.reliability.support import token
+from tests.procs import server_token
 
 NOW = dt.datetime.now(dt.UTC)
 
@@ -181,7 +181,7 @@ def creds(root: Pair, client: Pair | None = None) -> grpc.ChannelCredentials:
 async def list_channels(
     target: str, credentials: grpc.ChannelCredentials | None, sub: str = "svc-orders"
 ) -> Any:
-    async with Entrepot(target, token(sub), credentials=credentials, timeout=3) as ep:
+    async with Entrepot(target, server_token(sub), credentials=credentials, timeout=3) as ep:
         return await ep.channel.list_channels(channel_pb2.ListChannelsRequest())
 
 
@@ -245,7 +245,7 @@ async def test_mtls_and_rate_limits_are_stages_of_the_one_pipeline(database_url:
         ]
         target = f"localhost:{app.port}"
         async with Entrepot(
-            target, token("svc-orders"), credentials=creds(pki.ca, pki.client), timeout=3
+            target, server_token("svc-orders"), credentials=creds(pki.ca, pki.client), timeout=3
         ) as ep:
             # text stage
             with pytest.raises(InvalidArgumentError) as bad:
@@ -268,7 +268,11 @@ async def test_mtls_and_rate_limits_are_stages_of_the_one_pipeline(database_url:
             assert limited.value.reason == "RATE_LIMITED"
         # channel stage, after the guards
         async with Entrepot(
-            target, token("svc-orders"), "no-such-channel", credentials=creds(pki.ca, pki.client), timeout=3
+            target,
+            server_token("svc-orders"),
+            "no-such-channel",
+            credentials=creds(pki.ca, pki.client),
+            timeout=3,
         ) as ep:
             with pytest.raises(NotFoundError):
                 await ep.channel.list_channels(channel_pb2.ListChannelsRequest())

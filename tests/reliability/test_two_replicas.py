@@ -17,10 +17,9 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot, FailedPreconditionError
 from entrepot_client.inventory import reserve
-from server.auth import mint_token
-from tests.conftest import make_settings, unique
+from tests.conftest import unique
 from tests.inventory_support import check_invariants
-from tests.procs import ServerProcess
+from tests.procs import ServerProcess, server_token
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +40,6 @@ async def engine(database_url: str) -> AsyncIterator[AsyncEngine]:
     eng = create_async_engine(database_url.replace("postgresql://", "postgresql+asyncpg://", 1))
     yield eng
     await eng.dispose()
-
-
-def token(database_url: str, sub: str) -> str:
-    return mint_token(make_settings(database_url, None), sub=sub, permissions=["*"], channels=["*"])
 
 
 async def outbox_head(engine: AsyncEngine) -> int:
@@ -70,7 +65,7 @@ async def test_two_replicas_never_oversell_and_watchers_see_each_other(
     replicas: tuple[ServerProcess, ServerProcess], database_url: str, engine: AsyncEngine
 ) -> None:
     a_proc, b_proc = replicas
-    tok = token(database_url, "replica-test")
+    tok = server_token("replica-test")
     async with Entrepot(a_proc.target, tok) as a, Entrepot(b_proc.target, tok) as b:
         wh, sku = unique("WH"), unique("HOT")
         await a.inventory.create_warehouse(
@@ -150,7 +145,7 @@ async def test_a_replica_going_away_leaves_the_other_serving(
 ) -> None:
     """What Envoy relies on: one replica stops (SIGTERM drain), the other keeps answering."""
     a_proc, b_proc = replicas
-    async with Entrepot(b_proc.target, token(database_url, "replica-test")) as b:
+    async with Entrepot(b_proc.target, server_token("replica-test")) as b:
         assert await asyncio.to_thread(a_proc.terminate) == 0
         page = await b.inventory.list_warehouses(pb.ListWarehousesRequest(page_size=1))
         assert len(page.warehouses) == 1

@@ -12,7 +12,6 @@ starts from now; before, 45-52 of 1,500 were cancelled."""
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from pathlib import Path
@@ -24,9 +23,9 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
 from entrepot_client.streams import StockEvent, sync_stock
-from tests.reliability.servers import ServerProcess, admin_token
+from tests.procs import ServerProcess, server_token
+from tests.reliability.support import LONG
 
-LONG = os.environ.get("ENTREPOT_SOAK") == "long"
 WATCHERS = 5000 if LONG else 1500
 STREAMS_PER_CONNECTION = 50
 HEARTBEAT = 1.0
@@ -46,9 +45,9 @@ async def test_every_watcher_of_a_fleet_opening_at_once_gets_its_first_message_i
         ENTREPOT_WATCH_HEARTBEAT_SECONDS=str(HEARTBEAT),
         ENTREPOT_MAX_CONCURRENT_RPCS=str(WATCHERS + 100),
     )
-    server.start()
+    server.launch()
     await server.ready()
-    token = admin_token(database_url)
+    token = server_token()
     engine = make_engine(database_url, pool_size=1, max_overflow=0)
     channels = [
         Entrepot(server.target, token, options=[("grpc.use_local_subchannel_pool", 1)])

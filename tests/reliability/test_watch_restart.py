@@ -6,7 +6,6 @@ receives every committed change exactly once, in commit order."""
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import uuid
 from pathlib import Path
@@ -18,9 +17,9 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
 from entrepot_client.streams import StockEvent, reconnect_options, sync_stock, watch_stock
-from tests.reliability.servers import ServerProcess, admin_token
+from tests.procs import ServerProcess, server_token
+from tests.reliability.support import LONG
 
-LONG = os.environ.get("ENTREPOT_SOAK") == "long"
 ROUNDS = 40 if LONG else 12
 
 
@@ -30,10 +29,10 @@ async def test_watcher_sees_every_change_once_in_order_across_restarts_and_repli
     rng = random.Random(99)
     a = ServerProcess(database_url, tmp_path, ENTREPOT_WATCH_HEARTBEAT_SECONDS="0.5")
     b = ServerProcess(database_url, tmp_path, ENTREPOT_WATCH_HEARTBEAT_SECONDS="0.5")
-    a.start()
-    b.start()
+    a.launch()
+    b.launch()
     await asyncio.gather(a.ready(), b.ready())
-    token = admin_token(database_url)
+    token = server_token()
     engine = make_engine(database_url, pool_size=2, max_overflow=0)
     sessions = make_session_factory(engine)
     # The watcher's channel knows both replicas: when one dies it lands on the other.
