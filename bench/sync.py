@@ -57,7 +57,7 @@ from entrepot_client import Entrepot  # noqa: E402
 from entrepot_client.streams import sync_stock  # noqa: E402
 from tests.inventory_support import migrated_database  # noqa: E402
 from tests.pg import drop_database, server_url  # noqa: E402
-from tests.reliability.servers import ServerProcess, admin_token  # noqa: E402
+from tests.procs import ServerProcess, server_token  # noqa: E402
 
 SOURCE = "bench-p4"
 WAREHOUSE = "P4WH"
@@ -333,11 +333,13 @@ async def amain(args: argparse.Namespace, url: str, floor_url: str) -> dict[str,
     rows = make_rows(args.events, SKUS, WAREHOUSE)
     results: dict[str, Any] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="bench-sync-"))
-    server = ServerProcess(url, log_dir, ENTREPOT_ACCESS_LOG="false", ENTREPOT_DB_POOL_SIZE="10")
-    server.start()
+    server = ServerProcess(
+        url, log_dir, ENTREPOT_ACCESS_LOG="false", ENTREPOT_DB_POOL_SIZE="10", ENTREPOT_DB_MAX_OVERFLOW="5"
+    )
+    server.launch()
     try:
         await server.ready()
-        token = admin_token(url)
+        token = server_token()
         results["P4"] = await run_p4(url, server, token, rows)
     finally:
         server.stop()

@@ -42,7 +42,7 @@ from entrepot_client.errors import EntrepotError
 from entrepot_client.streams import sync_stock
 from tests.inventory_support import migrated_database
 from tests.pg import drop_database
-from tests.reliability.servers import ServerProcess, admin_token
+from tests.procs import ServerProcess, server_token
 
 WAREHOUSE = "P6WH"
 PER_WATCHER = 10  # SKUs in each filtered watcher
@@ -339,12 +339,13 @@ async def amain(url: str, seconds: float, watchers: int, clients: int) -> dict[s
         log_dir,
         ENTREPOT_ACCESS_LOG="false",
         ENTREPOT_DB_POOL_SIZE="10",
+        ENTREPOT_DB_MAX_OVERFLOW="5",
         ENTREPOT_MAX_CONCURRENT_RPCS=str(watchers + UNFILTERED + 1000),
     )
-    server.start()
+    server.launch()
     try:
         await server.ready()
-        result = await run_p6(url, server, admin_token(url), seconds, watchers, clients)
+        result = await run_p6(url, server, server_token(), seconds, watchers, clients)
     finally:
         server.stop()
     result["server_log"] = str(server.log_path)

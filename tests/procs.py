@@ -23,6 +23,11 @@ from tests.conftest import TEST_SECRET
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# For tests that run replicas beside many connections of their own: all of them stay well
+# under the database's max_connections.
+SMALL_POOL = {"ENTREPOT_DB_POOL_SIZE": "5", "ENTREPOT_DB_MAX_OVERFLOW": "5"}
+
+
 def server_token(
     sub: str = "reliability",
     permissions: Sequence[str] = ("*",),
@@ -69,9 +74,6 @@ class ServerProcess:
             "ENTREPOT_LOG_LEVEL": "WARNING",
             "ENTREPOT_GRACE_SECONDS": "2",
             "ENTREPOT_SHUTDOWN_DELAY_SECONDS": "0",
-            # several replicas and the test's own connections stay well under max_connections
-            "ENTREPOT_DB_POOL_SIZE": "5",
-            "ENTREPOT_DB_MAX_OVERFLOW": "5",
             **env,
         }
         if temporal_address:

@@ -32,7 +32,7 @@ from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot, EntrepotError
 from server.nats_sink import subject_token
 from tests.events_support import EmbeddedNats, Names, existing_nats_url, read_stream
-from tests.procs import ServerProcess, server_token
+from tests.procs import SMALL_POOL, ServerProcess, server_token
 from tests.reliability.support import soak
 
 SECONDS = soak(8, 60)
@@ -122,7 +122,7 @@ async def test_sigkilled_relay_delivers_every_event_once_in_order(
         "ENTREPOT_RELAY_POLL_SECONDS": "0.2",
         "ENTREPOT_LOG_LEVEL": "INFO",  # the relays' takeover lines are read below
     }
-    replicas = [ServerProcess(database_url, tmp_path, **env) for _ in range(2)]
+    replicas = [ServerProcess(database_url, tmp_path, **SMALL_POOL, **env) for _ in range(2)]
     engine = create_async_engine(database_url.replace("postgresql://", "postgresql+asyncpg://", 1))
     token = server_token()
     stop = asyncio.Event()

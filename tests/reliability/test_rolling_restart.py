@@ -31,7 +31,7 @@ import pytest
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot_client import Entrepot, EntrepotError, UnavailableError
 from tests.conftest import unique
-from tests.procs import ServerProcess, server_token
+from tests.procs import SMALL_POOL, ServerProcess, server_token
 from tests.reliability.haproxy import DETECTION_SECONDS, HAProxy
 
 SHUTDOWN_DELAY = DETECTION_SECONDS + 0.5  # NOT_SERVING long enough for HAProxy to act on it
@@ -124,7 +124,7 @@ async def stack(database_url: str, tmp_path: Path) -> AsyncIterator[tuple[list[S
         "ENTREPOT_SHUTDOWN_DELAY_SECONDS": str(SHUTDOWN_DELAY),
         "ENTREPOT_GRACE_SECONDS": str(GRACE),
     }
-    replicas = [ServerProcess(database_url, tmp_path, **env) for _ in range(2)]
+    replicas = [ServerProcess(database_url, tmp_path, **SMALL_POOL, **env) for _ in range(2)]
     proxy = HAProxy(tmp_path, {"a": replicas[0].port, "b": replicas[1].port})
     try:
         for r in replicas:

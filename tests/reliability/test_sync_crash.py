@@ -24,7 +24,7 @@ from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
 from entrepot_client.streams import StockEvent, reconnect_options, sync_stock
 from tests.inventory_support import check_invariants
-from tests.procs import ServerProcess, server_token
+from tests.procs import SMALL_POOL, ServerProcess, server_token
 from tests.reliability.support import LONG
 
 KILLS = 20 if LONG else 3
@@ -85,7 +85,7 @@ async def test_sigkill_during_sync_then_resume_applies_every_event_once(
     database_url: str, tmp_path: Path
 ) -> None:
     rng = random.Random(int(os.environ.get("ENTREPOT_SEED", "4242")))
-    server = ServerProcess(database_url, tmp_path)
+    server = ServerProcess(database_url, tmp_path, **SMALL_POOL)
     server.launch()
     await server.ready()
     token = server_token()

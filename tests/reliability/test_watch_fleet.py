@@ -23,7 +23,7 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
 from entrepot_client.streams import StockEvent, sync_stock
-from tests.procs import ServerProcess, server_token
+from tests.procs import SMALL_POOL, ServerProcess, server_token
 from tests.reliability.support import LONG
 
 WATCHERS = 5000 if LONG else 1500
@@ -42,6 +42,7 @@ async def test_every_watcher_of_a_fleet_opening_at_once_gets_its_first_message_i
     server = ServerProcess(
         database_url,
         tmp_path,
+        **SMALL_POOL,
         ENTREPOT_WATCH_HEARTBEAT_SECONDS=str(HEARTBEAT),
         ENTREPOT_MAX_CONCURRENT_RPCS=str(WATCHERS + 100),
     )

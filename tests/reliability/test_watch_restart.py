@@ -17,7 +17,7 @@ from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot
 from entrepot_client.streams import StockEvent, reconnect_options, sync_stock, watch_stock
-from tests.procs import ServerProcess, server_token
+from tests.procs import SMALL_POOL, ServerProcess, server_token
 from tests.reliability.support import LONG
 
 ROUNDS = 40 if LONG else 12
@@ -27,8 +27,8 @@ async def test_watcher_sees_every_change_once_in_order_across_restarts_and_repli
     database_url: str, tmp_path: Path
 ) -> None:
     rng = random.Random(99)
-    a = ServerProcess(database_url, tmp_path, ENTREPOT_WATCH_HEARTBEAT_SECONDS="0.5")
-    b = ServerProcess(database_url, tmp_path, ENTREPOT_WATCH_HEARTBEAT_SECONDS="0.5")
+    a = ServerProcess(database_url, tmp_path, **SMALL_POOL, ENTREPOT_WATCH_HEARTBEAT_SECONDS="0.5")
+    b = ServerProcess(database_url, tmp_path, **SMALL_POOL, ENTREPOT_WATCH_HEARTBEAT_SECONDS="0.5")
     a.launch()
     b.launch()
     await asyncio.gather(a.ready(), b.ready())
