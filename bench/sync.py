@@ -333,9 +333,7 @@ async def amain(args: argparse.Namespace, url: str, floor_url: str) -> dict[str,
     rows = make_rows(args.events, SKUS, WAREHOUSE)
     results: dict[str, Any] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="bench-sync-"))
-    server = ServerProcess(
-        url, log_dir, ENTREPOT_ACCESS_LOG="false", ENTREPOT_DB_POOL_SIZE="10", ENTREPOT_DB_MAX_OVERFLOW="5"
-    )
+    server = ServerProcess(url, log_dir, ENTREPOT_DB_POOL_SIZE="10", ENTREPOT_DB_MAX_OVERFLOW="5")
     server.launch()
     try:
         await server.ready()

@@ -337,7 +337,6 @@ async def amain(url: str, seconds: float, watchers: int, clients: int) -> dict[s
     server = ServerProcess(
         url,
         log_dir,
-        ENTREPOT_ACCESS_LOG="false",
         ENTREPOT_DB_POOL_SIZE="10",
         ENTREPOT_DB_MAX_OVERFLOW="5",
         ENTREPOT_MAX_CONCURRENT_RPCS=str(watchers + UNFILTERED + 1000),
