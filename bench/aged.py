@@ -324,10 +324,9 @@ CASES: list[tuple[str, str, Callable[[Database, float], dict[str, Any]], str]] =
 ]
 
 
-def run(db: object, duration: float) -> list[Row]:
+def run(db: object, duration: float, *, smoke: bool = False) -> list[Row]:
     """Entry point for bench/run.py: scale 1 (the TARGETS.md sizes), or 1% with only
-    P1 and P2 when `duration` is the smoke's (<= 5 s)."""
-    smoke = duration <= 5  # the smoke runs 3 s cases
+    P1 and P2 when `smoke` (bench.run --smoke)."""
     tpl = template(0.01 if smoke else 1.0)
     rows = []
     for pid, what, case, key in CASES[:2] if smoke else CASES:

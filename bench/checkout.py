@@ -223,7 +223,7 @@ def measure(db: Database, duration: float, concurrency: int = CONCURRENCY) -> di
         server.terminate()
 
 
-def run(db: Database, duration: float, concurrency: int = CONCURRENCY) -> list[Row]:
+def run(db: Database, duration: float, concurrency: int = CONCURRENCY, *, smoke: bool = False) -> list[Row]:
     tok = token(("*",))
     ours = measure(db, duration, concurrency)
     bare, target = start_bare_server()

@@ -101,7 +101,7 @@ def _case(fn: Any) -> Any:
         drop_database(name)
 
 
-def run(db: Database, duration: float) -> list[Row]:
+def run(db: Database, duration: float, *, smoke: bool = False) -> list[Row]:
     from bench.reserve_server import run_server_case
 
     secs = max(1, int(duration))

@@ -128,7 +128,7 @@ async def _load(target: str, tok: str, concurrency: int, duration: float) -> dic
     }
 
 
-def run(db: Database, duration: float, concurrency: int = 16) -> list[Row]:
+def run(db: Database, duration: float, concurrency: int = 16, *, smoke: bool = False) -> list[Row]:
     tok = make_token(("*",))
     server = start_server(db)
     try:

@@ -55,7 +55,7 @@ def measure(db: Database, duration: float, concurrency: int = 32) -> dict[str, A
         server.terminate()
 
 
-def run(db: Database, duration: float, concurrency: int = 32) -> list[Row]:
+def run(db: Database, duration: float, concurrency: int = 32, *, smoke: bool = False) -> list[Row]:
     tok = token(("inventory.read", "inventory.admin", "inventory.write"))
     ours = measure(db, duration, concurrency)
     bare, target = start_bare_server()

@@ -28,7 +28,7 @@ def _case(fn: Any) -> dict[str, Any]:
         drop_database(name)
 
 
-def run(db: Database, duration: float) -> list[Row]:
+def run(db: Database, duration: float, *, smoke: bool = False) -> list[Row]:
     secs = max(1, int(duration))
     rows: list[Row] = []
     # What any ReserveStock server can reach here with this client: a bare grpc.aio

@@ -22,7 +22,8 @@ import traceback
 
 from bench.common import Database, Row, machine, print_table, summarize, write_json
 
-# (module, what it measures); each module has run(db, duration) -> list[Row].
+# (module, what it measures); each module has run(db, duration, *, smoke) -> list[Row]:
+# `smoke` (--smoke) asks for its short form, whatever the duration.
 BENCHES = [
     ("bench.p1", "P1 read path"),
     ("bench.p2p3", "P2/P3 reservations vs pgbench and the bare ceiling"),
@@ -58,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             # A fresh database per run: each seeds its own warehouses, items and channels.
             db = Database()
             try:
-                runs[k] += importlib.import_module(module).run(db, duration)
+                runs[k] += importlib.import_module(module).run(db, duration, smoke=args.smoke)
             except Exception:
                 traceback.print_exc()
                 failed.append(f"{module} (repeat {k + 1})")

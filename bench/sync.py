@@ -394,10 +394,9 @@ if __name__ == "__main__":
     main()
 
 
-def run(db: object, duration: float) -> list[Row]:
-    """Entry point for bench/run.py: full sizes unless `duration` is the smoke's. One
+def run(db: object, duration: float, *, smoke: bool = False) -> list[Row]:
+    """Entry point for bench/run.py: full sizes unless `smoke` (bench.run --smoke). One
     repeat runs P4, then P4f, then P4c (bench.run interleaves the repeats)."""
-    smoke = duration < 10
     results = measure(20_000 if smoke else 200_000)
     p4, floor, copy = results["P4"], results["P4f"], results["P4c"]
     return [

@@ -373,10 +373,9 @@ def row(r: dict[str, Any]) -> Row:
     )
 
 
-def run(db: object, duration: float) -> list[Row]:
+def run(db: object, duration: float, *, smoke: bool = False) -> list[Row]:
     """Entry point for bench/run.py: the TARGETS.md form (5,000 + 10 watchers, 60 s)
-    unless `duration` is the smoke's (<= 5 s: 200 watchers for `duration` seconds)."""
-    smoke = duration <= 5  # the smoke runs 3 s cases
+    unless `smoke` (bench.run --smoke: 200 watchers for `duration` seconds)."""
     r = measure(duration if smoke else 60.0, 200 if smoke else 5000, 1 if smoke else 2)
     return [row(r)]
 

@@ -60,7 +60,11 @@ Stock changes (each: one conditional UPDATE, one ledger row, one outbox event
 receive_stock, return_stock, bulk_adjust_stock, and the primitive they share,
 apply_stock_change(session, sku=, warehouse_code=, kind="set"|"adjust"|"receive"|"return",
   quantity=, expected_on_hand=None, reason=, source=, actor=, reference=, unit_cost=None,
-  lot_code="", ledger_type=None)  -- for SyncStock: pass ledger_type="sync", source=<adapter>.
+  lot_code="", ledger_type=None).
+SyncStock does not go through apply_stock_change: sync.apply_batch (sync.py, its
+statements in sync_store.py; the servicer calls it directly) applies a source's batch
+set-based under the same stock rules (stock_rules.py), one ledger row of type `sync`
+(source = the sync source, reference = the event id) and one outbox event per applied event.
 
 Expiry: sweep_expired(session, limit) releases expired holds in the caller's
 transaction; run_sweeper(sessions, stop) is the server's background loop
@@ -94,22 +98,24 @@ from domain.inventory.channel_allocation import (
     sellable_warehouses,
     set_channel_allocation,
 )
+from domain.inventory.reservation_closing import (
+    fulfil,
+    observe_reservations,
+    release,
+    run_sweeper,
+    sweep_expired,
+)
 from domain.inventory.reservations import (
     Prepared,
     ReserveRequest,
     extend,
-    fulfil,
     get_reservation,
     list_reservations,
-    observe_reservations,
     prepare_reserve,
-    release,
     reserve,
     reserve_many,
     reserve_request,
     retarget,
-    run_sweeper,
-    sweep_expired,
 )
 from domain.inventory.stock import (
     MAX_BATCH_GET,

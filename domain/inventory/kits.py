@@ -2,7 +2,7 @@
 for their components, and the allocation of that demand is told back to the
 lines it came from (docs/kits.md).
 
-`expand` runs where a request's lines become per-SKU demand (reservations._plan,
+`expand` runs where a request's lines become per-SKU demand (reservations._allocate,
 before allocation.allocate sums the lines of one SKU): a kit line of n kits
 becomes one line of n * required units per component, in the kit line's
 warehouse when it names one, so a kit's demand is added to every other demand

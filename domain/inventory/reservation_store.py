@@ -1,5 +1,5 @@
-"""Reservations' statements: everything domain/inventory/reservations.py reads and
-writes, as functions named for what they do.
+"""Reservations' statements: everything domain/inventory/reservations.py and
+reservation_closing.py read and write, as functions named for what they do.
 
 The reserve path (load_for_plan, ensure_levels, write_granted, store_answers)
 runs on the session's asyncpg connection (DriverStatement): its statements

@@ -133,7 +133,7 @@ async def apply_stock_change(
     lot_code: str = "",
     ledger_type: str | None = None,
 ) -> StockChange:
-    """Apply one counter change (the reusable primitive; SyncStock uses it too).
+    """Apply one counter change (adjust_stock, set_stock, receive_stock and return_stock call it).
 
     kind: "set" (on_hand := quantity, optional expected_on_hand), "adjust"
     (on_hand += quantity, non-zero), "receive" (+quantity and a lot when
