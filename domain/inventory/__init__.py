@@ -60,7 +60,7 @@ Stock changes (each: one conditional UPDATE, one ledger row, one outbox event
 receive_stock, return_stock, bulk_adjust_stock, and the primitive they share,
 apply_stock_change(session, sku=, warehouse_code=, kind="set"|"adjust"|"receive"|"return",
   quantity=, expected_on_hand=None, reason=, source=, actor=, reference=, unit_cost=None,
-  lot_code="", ledger_type=None).
+  lot_code="").
 SyncStock does not go through apply_stock_change: sync.apply_batch (sync.py, its
 statements in sync_store.py; the servicer calls it directly) applies a source's batch
 set-based under the same stock rules (stock_rules.py), one ledger row of type `sync`

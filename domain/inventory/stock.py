@@ -131,14 +131,12 @@ async def apply_stock_change(
     reference: str = "",
     unit_cost: Cost | None = None,
     lot_code: str = "",
-    ledger_type: str | None = None,
 ) -> StockChange:
     """Apply one counter change (adjust_stock, set_stock, receive_stock and return_stock call it).
 
     kind: "set" (on_hand := quantity, optional expected_on_hand), "adjust"
     (on_hand += quantity, non-zero), "receive" (+quantity and a lot when
-    unit_cost is given), "return" (+quantity). `ledger_type` overrides the
-    ledger type (e.g. "sync", "import"). Inputs must be validated and the SKU
+    unit_cost is given), "return" (+quantity); the ledger row's type is the kind. Inputs must be validated and the SKU
     normalised by the caller (see validation.py). Raises NotFound for an
     unknown item/warehouse and FailedPrecondition (STOCK_CHANGED,
     INSUFFICIENT_STOCK, STOCK_RESERVED) when a rule refuses the change.
@@ -155,7 +153,7 @@ async def apply_stock_change(
         is_set=kind == "set",
         quantity=quantity,
         expected_on_hand=expected_on_hand,
-        type=ledger_type or kind,
+        type=kind,
         reason=reason,
         source=source,
         actor=actor,
