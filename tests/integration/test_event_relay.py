@@ -37,6 +37,18 @@ from tests.events_support import (
     read_stream,
 )
 from tests.integration.test_sync_stock import make_warehouse
+from tests.inventory_support import migrated_database
+from tests.pg import drop_database
+
+
+@pytest.fixture(scope="module")
+def database_url() -> Iterator[str]:
+    """A database of this module's own: a relay on a new stream publishes the whole outbox,
+    which must hold these tests' events only (the shared one holds every earlier test's, some
+    hundred thousand after `make soak`'s long runs)."""
+    url, name = migrated_database("entrepot_relay")
+    yield url
+    drop_database(name)
 
 
 @pytest.fixture(scope="module")
