@@ -14,7 +14,8 @@ holds R1's invariants: on_hand = the sum of the level's ledger deltas, reserved
 default retention (168 h, 72 h) plus one hour, as in a database whose retention
 job keeps up: the server's job finds an hour of backlog (~12,000 events and
 ~14,000 keys at scale 1) to delete while the cases run. Then VACUUM ANALYZE:
-the statistics autovacuum would have.
+the statistics and visibility map autovacuum would have (this machine's
+PostgreSQL runs with autovacuum off; a production one does not).
 
 The generated database is a template; every case runs on its own copy
 (`CREATE DATABASE ... TEMPLATE ... STRATEGY FILE_COPY`), next to the same case
