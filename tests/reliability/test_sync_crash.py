@@ -143,7 +143,7 @@ async def test_sigkill_during_sync_then_resume_applies_every_event_once(
                 assert applied == model_applied
                 # One stock event per level and batch (check_invariants: they cover every
                 # ledger row once); batches of 500 over 300 SKUs move levels several times.
-                events = (
+                stock_events = (
                     await s.execute(
                         text(
                             "SELECT count(*) FROM platform.outbox "
@@ -152,7 +152,7 @@ async def test_sigkill_during_sync_then_resume_applies_every_event_once(
                         {"s": source},
                     )
                 ).scalar_one()
-                assert 0 < events < applied
+                assert 0 < stock_events < applied
                 cursor = await ep.inventory.get_sync_cursor(pb.GetSyncCursorRequest(source=source))
                 assert cursor.events_applied == model_applied
                 assert cursor.last_event_id == events[-1].event_id
