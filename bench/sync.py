@@ -1,19 +1,25 @@
 """P4: SyncStock ingestion vs P4f, its floor (P6, the watch fan-out, is bench/watch.py).
 
-    .venv/bin/python -m bench.sync                 # 200,000 events
+    .venv/bin/python -m bench.sync                 # 200,000 events over 10,000 SKUs
     .venv/bin/python -m bench.sync --events 50000
+    .venv/bin/python -m bench.sync --skus 1000     # each batch moves each level 5 times
 
 P4: one adapter streams N events (10,000 SKUs) through a real server process
 (`python -m server.cli serve`, exactly-once, ledger and outbox rows, batches of
-5,000, 4 in flight). Exactly-once is checked afterwards.
+5,000, 4 in flight). Exactly-once is checked afterwards: a ledger row per event, and
+the stock events (one per level and batch) cover each of them once. Event i names
+SKU (i * 7919) mod SKUs: with 10,000 SKUs no level repeats within a batch of 5,000,
+so every batch writes 5,000 stock events; with `--skus 1000` each batch moves each
+of its 1,000 levels 5 times and writes 1,000.
 
 P4f, the floor, in the same run on a fresh database of its own: the same N events
 COPYed (asyncpg copy_records_to_table) into a staging table and applied by ONE
 set-based statement against the real schema: a ledger row per event (unique per
 source and event id: the row is the event's claim), each level's counters moved
-by a guarded compare-and-set, one `inventory.stock_changed` event per level with
-its final counters and the ledger range it covers, the SET watermarks and the
-source's cursor. Items and levels the events name are created first (two more
+by a guarded compare-and-set, one `inventory.stock_changed` event per level and
+P4 batch (5,000 events) with the level's counters after the batch and the ledger
+range it covers (the events SyncStock writes: checked, `same_events`), the SET
+watermarks and the source's cursor. Items and levels the events name are created first (two more
 statements), all timed from the COPY to the commit. What the floor leaves out,
 because no event of this stream needs it: stale SETs (occurred_at increases) and
 refusals (no event takes a level below 0). Both runs must end with the same
@@ -62,6 +68,9 @@ from tests.procs import ServerProcess, server_token  # noqa: E402
 SOURCE = "bench-p4"
 WAREHOUSE = "P4WH"
 SKUS = 10_000
+# P4's events per SyncStock batch; the floor writes one stock event per level and batch
+# of this size, as SyncStock does.
+BATCH = 5000
 KINDS = {
     "SET": pb.SYNC_EVENT_KIND_SET,
     "ADJUST": pb.SYNC_EVENT_KIND_ADJUST,
@@ -136,7 +145,7 @@ async def run_p4(url: str, server: ServerProcess, token: str, rows: list[tuple[A
     meter = CpuMeter(server.proc.pid)  # this process is the adapter
     async with Entrepot(server.target, token) as ep:
         start = time.perf_counter()
-        progress = await sync_stock(ep, SOURCE, events, batch_size=5000, window=4)
+        progress = await sync_stock(ep, SOURCE, events, batch_size=BATCH, window=4)
         elapsed = time.perf_counter() - start
     cpu_us = meter.per_call(n, unit="us_per_event", scale=1e6)
     async with sessions() as s:
@@ -209,7 +218,9 @@ _FLOOR_LEVELS = """
 # on_hand after an event = the group's start (the level's on_hand before the first
 # SET, else 0) + the running sum of the group's quantities (a SET's is its value).
 # Ledger ids are drawn in event order; the per-event ledger rows are the claims
-# (unique index on (source, reference) for sync rows, created by `run_p4f`).
+# (unique index on (source, reference) for sync rows, created by `run_p4f`). The
+# events: one per level and P4 batch ($2 events, seq / $2 its number), as SyncStock
+# writes them; each level's counters move once, to their final value.
 _FLOOR = (
     """
     WITH levels AS MATERIALIZED (
@@ -239,28 +250,33 @@ _FLOOR = (
                $1, 'bench', event_id
         FROM src ORDER BY id
     ), final AS MATERIALIZED (
-        SELECT s.sku, s.warehouse_code, s.level_on_hand, s.on_hand_after, s.reserved, g.first_id, s.id AS last_id,
-               i.low_stock_threshold
-        FROM (SELECT min(id) AS first_id, max(id) AS last_id FROM src GROUP BY sku, warehouse_code) g
+        SELECT s.sku, s.warehouse_code, s.level_on_hand, s.on_hand_after, s.reserved
+        FROM (SELECT max(id) AS last_id FROM src GROUP BY sku, warehouse_code) g
         JOIN src s ON s.id = g.last_id
-        JOIN inventory.items i ON i.sku = s.sku
     ), changed_levels AS (
         UPDATE inventory.stock_levels s SET on_hand = f.on_hand_after, updated_at = now()
         FROM final f
         WHERE s.sku = f.sku AND s.warehouse_code = f.warehouse_code
           AND s.on_hand = f.level_on_hand AND s.reserved = f.reserved
         RETURNING 1
+    ), batch_levels AS (
+        SELECT s.sku, s.warehouse_code, s.on_hand_after, s.reserved, g.first_id, s.id AS last_id, g.on_hand_delta,
+               i.low_stock_threshold
+        FROM (SELECT min(id) AS first_id, max(id) AS last_id, sum(on_hand_after - on_hand_before) AS on_hand_delta
+              FROM src GROUP BY seq / $2, sku, warehouse_code) g
+        JOIN src s ON s.id = g.last_id
+        JOIN inventory.items i ON i.sku = s.sku
     ), """
     + outbox.cte(
         "o",
         derived=f"""
         SELECT last_id, '{TOPIC}', 'sku', sku, NULL, jsonb_build_object(
             'ledger_id', last_id, 'first_ledger_id', first_id, 'sku', sku, 'warehouse_code', warehouse_code,
-            'type', 'sync', 'on_hand_delta', on_hand_after - level_on_hand, 'reserved_delta', 0,
+            'type', 'sync', 'on_hand_delta', on_hand_delta, 'reserved_delta', 0,
             'on_hand', on_hand_after, 'reserved', reserved, 'available', on_hand_after - reserved,
             'source', $1::text,
             'below_threshold', low_stock_threshold > 0 AND on_hand_after - reserved <= low_stock_threshold)
-        FROM final""",
+        FROM batch_levels""",
         events=False,
     )
     + """, watermarks AS (
@@ -304,7 +320,7 @@ async def run_p4f(url: str, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
             await conn.copy_records_to_table("sync_floor_events", records=records)
             await conn.execute(_FLOOR_ITEMS)
             await conn.execute(_FLOOR_LEVELS)
-            done = await conn.fetchrow(_FLOOR, SOURCE)
+            done = await conn.fetchrow(_FLOOR, SOURCE, BATCH)
         elapsed = time.perf_counter() - start
         db_cpu = database_cpu_seconds() - db_cpu
         assert done is not None
@@ -330,7 +346,7 @@ async def run_p4f(url: str, rows: list[tuple[Any, ...]]) -> dict[str, Any]:
 
 
 async def amain(args: argparse.Namespace, url: str, floor_url: str) -> dict[str, Any]:
-    rows = make_rows(args.events, SKUS, WAREHOUSE)
+    rows = make_rows(args.events, args.skus, WAREHOUSE)
     results: dict[str, Any] = {}
     log_dir = Path(tempfile.mkdtemp(prefix="bench-sync-"))
     server = ServerProcess(url, log_dir, ENTREPOT_DB_POOL_SIZE="10", ENTREPOT_DB_MAX_OVERFLOW="5")
@@ -347,6 +363,8 @@ async def amain(args: argparse.Namespace, url: str, floor_url: str) -> dict[str,
     # Same events, same rules: the floor must end where SyncStock ended.
     same = p4.pop("levels") == floor.pop("levels")
     p4["same_levels"] = floor["same_levels"] = same
+    # Same work: the floor writes the stock events SyncStock writes.
+    p4["same_events"] = floor["same_events"] = p4["stock_events"] == floor["stock_events"]
     p4["ratio_vs_floor"] = round(p4["events_per_s"] / floor["events_per_s"], 3)
     p4["ratio_vs_copy"] = round(p4["events_per_s"] / copy["rows_per_s"], 3)
     floor["ratio_vs_copy"] = round(floor["events_per_s"] / copy["rows_per_s"], 3)
@@ -354,12 +372,12 @@ async def amain(args: argparse.Namespace, url: str, floor_url: str) -> dict[str,
     return results
 
 
-def measure(events: int) -> dict[str, Any]:
+def measure(events: int, skus: int = SKUS) -> dict[str, Any]:
     """P4, P4f and P4c on fresh databases (P4 and P4c share one, P4f has its own)."""
     url, name = migrated_database("bench_sync")
     floor_url, floor_name = migrated_database("bench_sync_floor")
     try:
-        return asyncio.run(amain(argparse.Namespace(events=events), url, floor_url))
+        return asyncio.run(amain(argparse.Namespace(events=events, skus=skus), url, floor_url))
     finally:
         drop_database(name)
         drop_database(floor_name)
@@ -368,8 +386,9 @@ def measure(events: int) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description="P4: SyncStock vs P4f (its floor) and psql \\copy")
     parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--skus", type=int, default=SKUS, help="SKUs the events name (one warehouse)")
     args = parser.parse_args()
-    results = measure(args.events)
+    results = measure(args.events, args.skus)
     p4, floor, copy = results["P4"], results["P4f"], results["P4c"]
     lines = [
         ("P4  SyncStock (exactly-once + ledger)", p4["events"], p4["seconds"], p4["events_per_s"]),
@@ -382,7 +401,8 @@ def main() -> None:
     print(
         f"P4 {p4['ratio_vs_floor']}x of P4f (target >= 0.5x and >= 50,000/s): "
         f"{'met' if p4['target_met'] else 'NOT met'}; exactly-once: {p4['exactly_once']}, "
-        f"floor exactly-once: {floor['exactly_once']}, same levels: {p4['same_levels']}"
+        f"floor exactly-once: {floor['exactly_once']}, same levels: {p4['same_levels']}, "
+        f"stock events: {p4['stock_events']} (floor {floor['stock_events']})"
     )
     out = ROOT / "bench" / "results" / f"sync-{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -409,7 +429,7 @@ def run(db: object, duration: float, *, smoke: bool = False) -> list[Row]:
             ">= 0.5x P4f, >= 50k/s",
             bool(p4["target_met"]),
             p4,
-            sound=bool(p4["exactly_once"] and p4["same_levels"]),
+            sound=bool(p4["exactly_once"] and p4["same_levels"] and p4["same_events"]),
         ),
         Row(
             "P4f",
@@ -420,7 +440,7 @@ def run(db: object, duration: float, *, smoke: bool = False) -> list[Row]:
             "- (P4's baseline; vs psql \\copy)",
             None,
             floor,
-            sound=bool(floor["exactly_once"] and floor["same_levels"]),
+            sound=bool(floor["exactly_once"] and floor["same_levels"] and floor["same_events"]),
         ),
         Row(
             "P4c",

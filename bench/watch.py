@@ -6,8 +6,12 @@
 
 N watchers each filtered to 10 SKUs plus 10 unfiltered watchers on one server
 process; a producer (its own process) commits 1,000 changes/s (4 SyncStock
-sources, batches of 50 every 200 ms). Every committed change must reach every
-matching watcher; delivery latency runs from the event's commit-side time to
+sources, batches of 50 every 200 ms). A SyncStock batch is one stock event per
+level it moves; the producer's batches name 50 different SKUs each (SKU
+(n * 7919) mod SKUs for 50 consecutive n), so each change is one event. The
+expected deliveries are counted from the stock events committed (what
+WatchStockChanges promises: each to every matching watcher), not from the
+changes sent. Every committed event must reach every matching watcher; delivery latency runs from the event's commit-side time to
 its arrival in the watcher; the server's RSS growth over the producing period
 is reported. Targets (TARGETS.md): nothing missing, p99 <= 250 ms, RSS growth
 <= 500 MB.
@@ -303,7 +307,8 @@ async def run_p6(
 
 async def produce(target: str, wh: str, seconds: float, n_skus: int) -> int:
     """P6's producer: 4 adapters (sources), each a SyncStock batch of 50 every 200 ms (1,000/s in all):
-    batches of one source apply one after another, so one source alone is bound by commit latency."""
+    batches of one source apply one after another, so one source alone is bound by commit latency.
+    A batch's 50 events name 50 different SKUs: 50 stock events."""
     skus = [sku_name(i) for i in range(n_skus)]
     t_end = time.perf_counter() + seconds
     counts = [0, 0, 0, 0]

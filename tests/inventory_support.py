@@ -63,9 +63,42 @@ KITS_WHOLE = text(
 )
 
 
+# Every ledger row is covered by exactly one inventory.stock_changed event of its level:
+# an event covers the level's rows first_ledger_id..ledger_id (one movement, or a SyncStock
+# batch's movements of the level), both ends rows of that level, and the ranges of one
+# level do not overlap; so the rows they cover add up to the ledger's only when none is
+# missing. `bad`: events breaking a rule (at most 10 shown).
+STOCK_EVENTS_COVER_LEDGER = text(
+    """
+    WITH ev AS (
+        SELECT id, aggregate_id AS sku, payload->>'warehouse_code' AS warehouse_code,
+               coalesce((payload->>'first_ledger_id')::bigint, (payload->>'ledger_id')::bigint) AS first_id,
+               (payload->>'ledger_id')::bigint AS last_id
+        FROM platform.outbox WHERE topic = 'inventory.stock_changed'
+    ), checked AS (
+        SELECT ev.id, ev.first_id, ev.last_id,
+               lag(ev.last_id) OVER (PARTITION BY ev.sku, ev.warehouse_code ORDER BY ev.first_id) AS previous_last,
+               (SELECT count(*) FROM inventory.ledger l
+                WHERE l.sku = ev.sku AND l.warehouse_code = ev.warehouse_code
+                  AND l.id BETWEEN ev.first_id AND ev.last_id) AS covered,
+               (SELECT count(*) FROM inventory.ledger l
+                WHERE l.id IN (ev.first_id, ev.last_id) AND l.sku = ev.sku
+                  AND l.warehouse_code = ev.warehouse_code) AS ends
+        FROM ev
+    )
+    SELECT (SELECT count(*) FROM inventory.ledger) AS ledger_rows,
+           coalesce(sum(covered), 0) AS covered,
+           (array_agg(id ORDER BY id) FILTER (
+                WHERE last_id IS NULL OR first_id > last_id OR first_id <= previous_last
+                   OR ends < CASE WHEN first_id = last_id THEN 1 ELSE 2 END))[1:10] AS bad
+    FROM checked
+    """
+)
+
+
 async def check_invariants(session: AsyncSession) -> int:
-    """Asserts R1's invariants on every level (and that kits moved whole); returns
-    how many levels were checked."""
+    """Asserts R1's invariants on every level (and that kits moved whole, and that the
+    stock events cover every ledger row once); returns how many levels were checked."""
     rows = (await session.execute(INVARIANTS)).all()
     problems = [
         f"reservation {r.reservation_id}: kit {r.kit_sku}'s components did not move together"
@@ -85,16 +118,11 @@ async def check_invariants(session: AsyncSession) -> int:
                 f"{r.sku}/{r.warehouse_code}: counters {r.on_hand}/{r.reserved} != ledger "
                 f"{r.ledger_on_hand}/{r.ledger_reserved}"
             )
-    outbox_vs_ledger = (
-        await session.execute(
-            text(
-                """SELECT (SELECT count(*) FROM inventory.ledger),
-                          (SELECT count(*) FROM platform.outbox WHERE topic = 'inventory.stock_changed')"""
-            )
-        )
-    ).one()
-    if outbox_vs_ledger[0] != outbox_vs_ledger[1]:
-        problems.append(f"ledger rows {outbox_vs_ledger[0]} != stock events {outbox_vs_ledger[1]}")
+    cover = (await session.execute(STOCK_EVENTS_COVER_LEDGER)).one()
+    if cover.bad:
+        problems.append(f"stock events {cover.bad} do not cover ledger rows of their level once each")
+    if cover.covered != cover.ledger_rows:
+        problems.append(f"stock events cover {cover.covered} of {cover.ledger_rows} ledger rows")
     assert not problems, "\n".join(problems)
     return len(rows)
 

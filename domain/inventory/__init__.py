@@ -56,7 +56,8 @@ Stock reads: get_stock_level(session, sku, warehouse_code="", *, channel="") -> 
   with a channel: over the warehouses it sells from (sellable_warehouses).
 
 Stock changes (each: one conditional UPDATE, one ledger row, one outbox event
-`inventory.stock_changed` with aggregate_id = sku): adjust_stock, set_stock,
+`inventory.stock_changed` with aggregate_id = sku; a SyncStock batch writes one
+event per level, covering its ledger rows, domain/inventory/ledger.py): adjust_stock, set_stock,
 receive_stock, return_stock, bulk_adjust_stock, and the primitive they share,
 apply_stock_change(session, sku=, warehouse_code=, kind="set"|"adjust"|"receive"|"return",
   quantity=, expected_on_hand=None, reason=, source=, actor=, reference=, unit_cost=None,

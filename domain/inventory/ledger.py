@@ -1,9 +1,15 @@
 """The ledger and its outbox events, written together in ONE statement.
 
-Every counter change appends a ledger row and a `inventory.stock_changed`
+Every counter change appends a ledger row and an `inventory.stock_changed`
 outbox event in the same transaction. Ledger ids are drawn in the statement
 (nextval in a materialised CTE) so a multi-row write returns ids in input order
 without relying on RETURNING order.
+
+An event covers the ledger movements `first_ledger_id`..`ledger_id` of its
+level: one movement (`ctes(per_level=False)`, every writer but SyncStock, the
+two ids equal) or all of a statement's movements of the level (`per_level=True`,
+a SyncStock batch: one event per level, the level's counters after its last
+movement, the deltas summed over them).
 """
 
 from __future__ import annotations
@@ -43,16 +49,37 @@ class Draft:
     kit_sku: str = ""  # a component movement of this kit line of the reservation
 
 
-# The inventory.stock_changed payload of a movement (a row of `src`): its one builder.
-_EVENTS = f"""
-        SELECT input_order, '{TOPIC}', 'sku', sku, NULL, jsonb_build_object(
-            'ledger_id', id, 'sku', sku, 'warehouse_code', warehouse_code, 'type', type,
-            'on_hand_delta', on_hand_after - on_hand_before, 'reserved_delta', reserved_after - reserved_before,
-            'on_hand', on_hand_after, 'reserved', reserved_after, 'available', on_hand_after - reserved_after,
-            'reason', reason, 'source', source, 'reference', reference,
-            'reservation_id', reservation_id, 'below_threshold', below_threshold)
-            || CASE WHEN kit_sku IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('kit_sku', kit_sku) END
-        FROM src"""
+# The inventory.stock_changed payload of `e`, its one builder: the movement (a row of
+# `src`) behind the event's counters, with the first ledger id the event covers
+# (first_id) and its deltas.
+def _events(rows: str) -> str:
+    return f"""
+        SELECT e.input_order, '{TOPIC}', 'sku', e.sku, NULL, jsonb_build_object(
+            'ledger_id', e.id, 'first_ledger_id', e.first_id, 'sku', e.sku, 'warehouse_code', e.warehouse_code,
+            'type', e.type, 'on_hand_delta', e.on_hand_delta, 'reserved_delta', e.reserved_delta,
+            'on_hand', e.on_hand_after, 'reserved', e.reserved_after, 'available', e.on_hand_after - e.reserved_after,
+            'reason', e.reason, 'source', e.source, 'reference', e.reference,
+            'reservation_id', e.reservation_id, 'below_threshold', e.below_threshold)
+            || CASE WHEN e.kit_sku IS NULL THEN '{{}}'::jsonb ELSE jsonb_build_object('kit_sku', e.kit_sku) END
+        FROM {rows} AS e"""
+
+
+# One event per movement.
+_EVENT_PER_MOVEMENT = _events(
+    """(SELECT src.*, id AS first_id, on_hand_after - on_hand_before AS on_hand_delta,
+                          reserved_after - reserved_before AS reserved_delta FROM src)"""
+)
+
+# One event per level: its last movement (highest id: ids follow input order, and a
+# level's movements are applied in that order), the first id, the deltas summed.
+_EVENT_PER_LEVEL = _events(
+    """(SELECT s.*, g.first_id, g.on_hand_delta, g.reserved_delta
+               FROM (SELECT max(id) AS last_id, min(id) AS first_id,
+                            CAST(sum(on_hand_after - on_hand_before) AS bigint) AS on_hand_delta,
+                            CAST(sum(reserved_after - reserved_before) AS bigint) AS reserved_delta
+                     FROM src GROUP BY sku, warehouse_code) g
+               JOIN src s ON s.id = g.last_id)"""
+)
 
 # The movements of `params`, one row per draft in input order.
 _DRAFTS = """
@@ -69,10 +96,11 @@ _DRAFTS = """
                               cost_currency, below_threshold, kit_sku, input_order)"""
 
 
-def ctes(movements: str = _DRAFTS) -> str:
+def ctes(movements: str = _DRAFTS, *, per_level: bool = False) -> str:
     """The ledger + outbox CTEs, reusable inside a larger statement (reservations
     and sync batches write everything in one statement): `src` (the movements
-    with their ledger ids), `l` (the ledger rows) and `o` (their events).
+    with their ledger ids), `l` (the ledger rows) and `o` (their events: one per
+    movement, or with `per_level` one per level covering its movements).
     `movements`: a SELECT of (sku, warehouse_code, type, on_hand_before,
     on_hand_after, reserved_before, reserved_after, reason, source, actor,
     reference, reservation_id, cost_minor, cost_currency, below_threshold,
@@ -89,7 +117,7 @@ def ctes(movements: str = _DRAFTS) -> str:
         SELECT id, sku, warehouse_code, type, on_hand_before, on_hand_after, reserved_before, reserved_after,
                reason, source, actor, reference, reservation_id, cost_minor, cost_currency, kit_sku
         FROM src ORDER BY input_order
-    ), {outbox.cte("o", derived=_EVENTS, events=False)}
+    ), {outbox.cte("o", derived=_EVENT_PER_LEVEL if per_level else _EVENT_PER_MOVEMENT, events=False)}
 """
 
 

@@ -17,10 +17,12 @@ One batch = one transaction, four round trips in the common case:
    the item allows backorders);
 5. write everything in ONE statement whatever the batch size: the
    conditional UPDATE of the levels (compare-and-set on the locked rows'
-   counters), ledger+outbox rows (type `sync`, through ledger.ctes; an
-   applied event's ledger row is its exactly-once claim, unique per source and
-   event id), the claims of the events not applied with their outcome,
-   watermarks and the cursor (lots, for RECEIVEs with a unit cost, follow).
+   counters), a ledger row per applied event (type `sync`; its exactly-once
+   claim, unique per source and event id) and ONE `inventory.stock_changed`
+   event per level the batch moved, covering the level's ledger rows of the
+   batch (through ledger.ctes, per level), the claims of the events not
+   applied with their outcome, watermarks and the cursor (lots, for RECEIVEs
+   with a unit cost, follow).
 
 The caller commits; an ack is sent only after that commit. The statements
 live in domain/inventory/sync_store.py.

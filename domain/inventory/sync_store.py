@@ -172,7 +172,7 @@ async def lock_levels(conn: asyncpg.Connection[Any], source: str, skus: list[str
 class Writes:
     """What a batch writes, as the column arrays of its one statement."""
 
-    # Ledger + outbox rows, in event order.
+    # Ledger rows, in event order (the events, one per level, derive from them).
     sku: list[str] = field(default_factory=list)
     warehouse_code: list[str] = field(default_factory=list)
     on_hand_before: list[int] = field(default_factory=list)
@@ -226,8 +226,9 @@ _MOVEMENTS = """
 # Everything a batch writes, in one statement:
 # - changed_levels: compare-and-set on counters read under the row lock (a row
 #   changes only if it still holds exactly what the computation started from);
-# - src/l/o: ledger rows and their outbox events (ledger.ctes of _MOVEMENTS),
-#   ids drawn in input order;
+# - src/l/o: a ledger row per applied event, ids drawn in input order, and ONE
+#   outbox event per level (ledger.ctes of _MOVEMENTS, per_level): the level's
+#   counters after the batch, covering its ledger rows of the batch;
 # - claims: an applied event is claimed by its ledger row (unique per (source,
 #   reference) among sync rows); the events not applied are claimed here with
 #   their outcome. Plain INSERTs: the lookup under the cursor lock found none of
@@ -248,7 +249,7 @@ _WRITE = DriverStatement(
           AND s.on_hand = v.on_hand_before AND s.reserved = v.reserved
         RETURNING 1
     ), """
-    + ledger.ctes(_MOVEMENTS)
+    + ledger.ctes(_MOVEMENTS, per_level=True)
     + """, claims AS (
         INSERT INTO inventory.sync_events (source, event_id, outcome, reason, message)
         SELECT :source, t.event_id, CAST(t.outcome AS "char"), t.reason, t.message
@@ -327,7 +328,7 @@ async def write_batch(
             "last_event_id": last_event_id,
             "seen": seen,
             "applied": applied,
-            # The ledger rows' events (ledger.ctes): the watchers wake after commit.
+            # The levels' events (ledger.ctes): the watchers wake after commit.
             **outbox.params(session, derived_rows=len(w.sku)),
         },
     )

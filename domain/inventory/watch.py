@@ -38,8 +38,12 @@ class StockEvent:
     reason: str
     time: datetime
     below_threshold: bool
-    # The ledger id: increases with every change of one level, in application order.
+    # The last ledger id the event covers: increases with every change of one
+    # level, in application order.
     movement_id: int
+    # The first ledger id it covers (a SyncStock batch's movements of one level
+    # are one event; movement_id for a single movement).
+    first_movement_id: int
     # A component movement of a reserved kit: the kit ("" otherwise).
     kit_sku: str = ""
 
@@ -60,6 +64,8 @@ def to_stock_event(e: outbox.StoredEvent) -> StockEvent:
         time=e.created_at,
         below_threshold=bool(p.get("below_threshold", False)),
         movement_id=int(p.get("ledger_id", 0)),
+        # Events written before first_ledger_id existed cover their one movement.
+        first_movement_id=int(p.get("first_ledger_id", p.get("ledger_id", 0))),
         kit_sku=str(p.get("kit_sku") or ""),
     )
 

@@ -107,6 +107,7 @@ def event_to_proto(e: watch.StockEvent) -> pb.StockChangeEvent:
         below_threshold=e.below_threshold,
         movement_id=e.movement_id,
         kit_sku=e.kit_sku,
+        first_movement_id=e.first_movement_id,
     )
 
 

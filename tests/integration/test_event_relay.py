@@ -176,6 +176,13 @@ async def test_every_event_arrives_once_on_its_subject_in_delivery_order(
         check_exactly_once(received, rows, names.prefix)
         mine = [r for r in received if r.event["aggregate_id"] == odd]
         assert mine and all(r.subject.endswith(".R%2E" + odd[2:6] + "%20%2A%3E") for r in mine)
+        # The payload as written: an AdjustStock's event covers its one ledger movement.
+        stock = [
+            r.event["payload"]
+            for r in received
+            if r.event["topic"] == "inventory.stock_changed" and r.event["aggregate_id"] in skus
+        ]
+        assert len(stock) == 30 and all(p["first_ledger_id"] == p["ledger_id"] for p in stock)
         assert await health(app, RELAY_HEALTH) == health_pb2.HealthCheckResponse.SERVING
 
 

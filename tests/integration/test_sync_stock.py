@@ -76,7 +76,8 @@ async def test_events_apply_once_and_a_replay_changes_nothing(
     assert await on_hand(admin, a, wh) == 9
     assert await on_hand(admin, b, wh) == 6
 
-    # Ledger (type sync, reference = event id) and outbox rows, one per applied event.
+    # A ledger row (type sync, reference = event id) per applied event; one stock event
+    # per level and batch: batches (e1 e2) (e3 e4) (e2 e5) moved a, then a and b, then b.
     async with sessions() as s:
         refs = (
             await s.execute(
@@ -101,15 +102,17 @@ async def test_events_apply_once_and_a_replay_changes_nothing(
                 {"a": a, "b": b},
             )
         ).scalar_one()
-        assert n_out == 5
+        assert n_out == 4
         await check_invariants(s)
 
 
 async def test_one_batch_over_several_warehouses_flags_the_sku_total(
     admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
-    """Levels of one SKU in two warehouses change in one batch: each ledger row's
-    outbox event carries the below-threshold flag of the SKU's running total."""
+    """Levels of one SKU in two warehouses change in one batch: each level gets one
+    event, with the level's counters after the batch, the deltas of its movements
+    summed, the ledger ids it covers, and the below-threshold flag of the SKU's
+    running total after the level's last movement (w1's alone would be below)."""
     w1, w2 = await make_warehouse(admin), await make_warehouse(admin)
     source = unique("wms")
     sku = unique("SKU")
@@ -121,29 +124,34 @@ async def test_one_batch_over_several_warehouses_flags_the_sku_total(
         ev("m2", sku, w2, "receive", 5, 2),  # total 9: below
         ev("m3", sku, w2, "adjust", 3, 3),  # total 12: not below
         ev("m4", sku, w1, "set", 1, 0),  # older SET in w1: stale
-        ev("m5", sku, w1, "adjust", -3, 4),  # total 9: below
-        ev("m6", sku, w2, "set", 2, 0),  # first SET in w2 (no watermark yet): total 3
+        ev("m5", sku, w1, "adjust", 1, 4),  # total 13: not below (w1's last movement)
+        ev("m6", sku, w2, "set", 2, 0),  # first SET in w2 (no watermark yet): total 7, below
     ]
     p = await sync_stock(admin, source, events, batch_size=100)
     assert (p.applied, p.stale, p.rejected) == (5, 1, 0)
-    assert (await on_hand(admin, sku, w1), await on_hand(admin, sku, w2)) == (1, 2)
+    assert (await on_hand(admin, sku, w1), await on_hand(admin, sku, w2)) == (5, 2)
     async with sessions() as s:
+        ledger = {
+            r.reference: int(r.id)
+            for r in await s.execute(
+                text("SELECT reference, id FROM inventory.ledger WHERE source = :src"), {"src": source}
+            )
+        }
+        assert sorted(ledger) == ["m1", "m2", "m3", "m5", "m6"]
         rows = (
             await s.execute(
                 text(
                     "SELECT payload->>'reference', payload->>'warehouse_code', (payload->>'on_hand')::int,"
-                    " (payload->>'below_threshold')::bool FROM platform.outbox"
-                    " WHERE aggregate_id = :sku AND payload->>'source' = :src ORDER BY id"
+                    " (payload->>'on_hand_delta')::int, (payload->>'below_threshold')::bool,"
+                    " (payload->>'first_ledger_id')::bigint, (payload->>'ledger_id')::bigint"
+                    " FROM platform.outbox WHERE aggregate_id = :sku AND payload->>'source' = :src ORDER BY id"
                 ),
                 {"sku": sku, "src": source},
             )
         ).all()
         assert [tuple(r) for r in rows] == [
-            ("m1", w1, 4, True),
-            ("m2", w2, 5, True),
-            ("m3", w2, 8, False),
-            ("m5", w1, 1, True),
-            ("m6", w2, 2, True),
+            ("m5", w1, 5, 5, False, ledger["m1"], ledger["m5"]),
+            ("m6", w2, 2, 2, True, ledger["m2"], ledger["m6"]),
         ]
         marks = (
             await s.execute(

@@ -99,6 +99,52 @@ async def test_filters_order_and_cursor_advancing_past_filtered_events(
     await raw.aclose()
 
 
+async def test_a_sync_batch_is_one_event_per_level_covering_its_movements(
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
+) -> None:
+    """SyncStock batch with 3 events on level A and 1 on level B: a watcher gets 2 events,
+    A's with its counters after the batch, its deltas summed and the ids of exactly its
+    3 ledger movements (ListStockMovements); replaying the batch emits nothing."""
+    wh = await make_warehouse(admin)
+    a, b, marker = unique("SKU"), unique("SKU"), unique("SKU")
+    source = unique("wms")
+    await admin.inventory.upsert_inventory_item(pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=a)))
+    await admin.inventory.adjust_stock(pb.AdjustStockRequest(sku=a, warehouse_code=wh, delta=4))
+    await sync_stock(admin, source, [ev("0", b, wh, "set", 1)])
+    start = await last_event_id(sessions, b)
+    watcher = watch_stock(admin, skus=[a, b, marker], after_event_id=start)
+    batch = [
+        ev("a1", a, wh, "adjust", 6, 1),
+        ev("b1", b, wh, "receive", 2, 2),
+        ev("a2", a, wh, "set", 20, 3),
+        ev("a3", a, wh, "adjust", -5, 4),
+    ]
+    first = await sync_stock(admin, source, batch)
+    assert first.applied == 4
+    got = await collect(watcher, 2)
+    assert [(e.sku, e.on_hand, e.reserved, e.available, e.on_hand_delta) for e in got] == [
+        (b, 3, 0, 3, 2),
+        (a, 15, 0, 15, 11),
+    ]
+    ea, eb = got[1], got[0]
+    assert ea.type == pb.MOVEMENT_TYPE_SYNC and ea.event_id > eb.event_id
+    a_moves = (await admin.inventory.list_stock_movements(pb.ListStockMovementsRequest(sku=a))).movements
+    synced = sorted(m.id for m in a_moves if m.type == pb.MOVEMENT_TYPE_SYNC)
+    assert len(synced) == 3 and (ea.first_movement_id, ea.movement_id) == (synced[0], synced[-1])
+    assert [m.id for m in a_moves if ea.first_movement_id <= m.id <= ea.movement_id] == synced[::-1]
+    assert sum(m.on_hand_delta for m in a_moves if m.id in synced) == ea.on_hand_delta
+    assert max(a_moves, key=lambda m: m.id).on_hand_after == ea.on_hand
+    b_moves = (await admin.inventory.list_stock_movements(pb.ListStockMovementsRequest(sku=b))).movements
+    assert eb.first_movement_id == eb.movement_id == max(m.id for m in b_moves)
+
+    # The replay applies nothing and emits nothing: the next event is the marker's.
+    again = await sync_stock(admin, source, batch)
+    assert (again.applied, again.duplicate) == (0, 4)
+    await sync_stock(admin, source, [ev("m", marker, wh, "adjust", 1)])
+    after = await collect(watcher, 1)
+    assert [(e.sku, e.first_movement_id == e.movement_id) for e in after] == [(marker, True)]
+
+
 async def test_resume_from_a_cursor_loses_and_repeats_nothing(
     admin: Entrepot, sessions: async_sessionmaker[AsyncSession]
 ) -> None:
@@ -107,7 +153,8 @@ async def test_resume_from_a_cursor_loses_and_repeats_nothing(
     source = unique("wms")
     await sync_stock(admin, source, [ev("0", sku, wh, "set", 0)])
     start = await last_event_id(sessions, sku)
-    await sync_stock(admin, source, [ev(str(i), sku, wh, "adjust", 1) for i in range(1, 21)], batch_size=7)
+    # Batches of one: a batch's changes of a level are one event.
+    await sync_stock(admin, source, [ev(str(i), sku, wh, "adjust", 1) for i in range(1, 21)], batch_size=1)
 
     first = watch_stock(admin, skus=[sku], after_event_id=start)
     part = await collect(first, 8)
@@ -125,8 +172,10 @@ async def test_below_threshold_only(admin: Entrepot, sessions: async_sessionmake
     await sync_stock(admin, source, [ev("0", sku, wh, "set", 20)])
     start = await last_event_id(sessions, sku)
     w = watch_stock(admin, skus=[sku], below_threshold_only=True, after_event_id=start)
-    await sync_stock(admin, source, [ev("1", sku, wh, "set", 3, 1), ev("2", sku, wh, "set", 9, 2)])
-    await sync_stock(admin, source, [ev("3", sku, wh, "adjust", -4, 3)])
+    await sync_stock(admin, source, [ev("1", sku, wh, "set", 3, 1)])
+    # One batch, one event with the level after it: 9, not below (its 3 on the way is not seen).
+    await sync_stock(admin, source, [ev("2", sku, wh, "set", 2, 2), ev("3", sku, wh, "set", 9, 3)])
+    await sync_stock(admin, source, [ev("4", sku, wh, "adjust", -4, 4)])
     got = await collect(w, 2)
     assert [(e.on_hand, e.below_threshold) for e in got] == [(3, True), (5, True)]
 
@@ -164,39 +213,52 @@ async def test_a_slow_watcher_is_cut_off_and_resumes_from_its_cursor(
     admin: Entrepot, target: str, make_token: Callable[..., str], sessions: async_sessionmaker[AsyncSession]
 ) -> None:
     wh = await make_warehouse(admin)
-    sku = unique("SKU")
+    # A batch's changes of one level are one event: 6,000 events are 6,000 levels, one
+    # SKU each in the watched warehouse, numbered in the order they are written.
+    base = unique("SKU")
     source = unique("wms")
-    await sync_stock(admin, source, [ev("0", sku, wh, "set", 0)])
-    start = await last_event_id(sessions, sku)
+    await sync_stock(admin, source, [ev("0", f"{base}-0", wh, "set", 0)])
+    start = await last_event_id(sessions, f"{base}-0")
     # No BDP probing: the client's receive window stays small, so a watcher
     # that stops reading soon makes the server's buffer for it fill up.
     slow = Entrepot(target, make_token(), options=[("grpc.http2.bdp_probe", 0)])
     total = 6000
-    stream = slow.inventory.watch_stock_changes(pb.WatchStockChangesRequest(skus=[sku], after_event_id=start))
+    stream = slow.inventory.watch_stock_changes(
+        pb.WatchStockChangesRequest(warehouse_codes=[wh], after_event_id=start)
+    )
+
+    def number(e: pb.StockChangeEvent) -> int:
+        return int(e.sku.rsplit("-", 1)[1])
+
     # A first change, received: the watcher is now on the live feed.
-    await sync_stock(admin, source, [ev("1", sku, wh, "adjust", 1)])
+    await sync_stock(admin, source, [ev("1", f"{base}-1", wh, "adjust", 1)])
     it = aiter(stream)
     first = await asyncio.wait_for(anext(it), 10)
     while not first.events:  # a heartbeat (0.3 s) came first on a busy machine
         first = await asyncio.wait_for(anext(it), 10)
-    received: list[int] = [e.on_hand for e in first.events]
+    received: list[int] = [number(e) for e in first.events]
     cursor = first.cursor
     assert received == [1]
     await sync_stock(
-        admin, source, [ev(str(i), sku, wh, "adjust", 1) for i in range(2, total + 1)], batch_size=3000
+        admin,
+        source,
+        [ev(str(i), f"{base}-{i}", wh, "adjust", 1) for i in range(2, total + 1)],
+        batch_size=3000,
     )
     await asyncio.sleep(3.0)  # the watcher does not read meanwhile
     with pytest.raises(ResourceExhaustedError) as err:
         async for msg in it:
-            received.extend(e.on_hand for e in msg.events)
+            received.extend(number(e) for e in msg.events)
             cursor = msg.cursor
             if len(received) == total:
                 break
     assert err.value.reason == "WATCHER_TOO_SLOW"
     assert int(err.value.metadata["cursor"]) == cursor
     assert len(received) < total
-    rest = await collect(watch_stock(admin, skus=[sku], after_event_id=cursor), total - len(received))
-    assert received + [e.on_hand for e in rest] == list(range(1, total + 1))
+    rest = await collect(
+        watch_stock(admin, warehouse_codes=[wh], after_event_id=cursor), total - len(received)
+    )
+    assert received + [number(e) for e in rest] == list(range(1, total + 1))
     await slow.close()
 
 

@@ -141,6 +141,18 @@ async def test_sigkill_during_sync_then_resume_applies_every_event_once(
                 # Some applied events do not change on_hand (a SET to the same value) but each
                 # applied event has exactly one ledger row.
                 assert applied == model_applied
+                # One stock event per level and batch (check_invariants: they cover every
+                # ledger row once); batches of 500 over 300 SKUs move levels several times.
+                stock_events = (
+                    await s.execute(
+                        text(
+                            "SELECT count(*) FROM platform.outbox "
+                            "WHERE topic = 'inventory.stock_changed' AND payload->>'source' = :s"
+                        ),
+                        {"s": source},
+                    )
+                ).scalar_one()
+                assert 0 < stock_events < applied
                 cursor = await ep.inventory.get_sync_cursor(pb.GetSyncCursorRequest(source=source))
                 assert cursor.events_applied == model_applied
                 assert cursor.last_event_id == events[-1].event_id

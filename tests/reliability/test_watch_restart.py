@@ -1,7 +1,9 @@
 """R4: no lost events. A watcher follows stock changes written through one
 server process while the process it watches through is SIGKILLed and
 restarted, and while it moves between two processes on one database: it
-receives every committed change exactly once, in commit order."""
+receives every committed change exactly once, in commit order, and the changes
+received cover every ledger movement of the watched levels once (a SyncStock
+batch's movements of one level are one event)."""
 
 from __future__ import annotations
 
@@ -60,10 +62,12 @@ async def test_watcher_sees_every_change_once_in_order_across_restarts_and_repli
 
         watcher = watch_stock(both, skus=skus, after_event_id=start, max_retries=200, max_retry_delay=0.3)
         received: list[int] = []
+        covered: dict[str, list[tuple[int, int]]] = {sku: [] for sku in skus}
 
         async def follow() -> None:
             async for e in watcher:
                 received.append(e.event_id)
+                covered[e.sku].append((e.first_movement_id, e.movement_id))
 
         follower = asyncio.create_task(follow())
         n = 0
@@ -100,6 +104,24 @@ async def test_watcher_sees_every_change_once_in_order_across_restarts_and_repli
         assert received == committed
         assert len(set(received)) == len(received)
         assert watcher.reconnects >= 1
+        async with sessions() as s:
+            moves = (
+                await s.execute(
+                    text(
+                        "SELECT sku, id FROM inventory.ledger WHERE source = :s AND reference <> 'seed' ORDER BY id"
+                    ),
+                    {"s": source},
+                )
+            ).all()
+        assert len(moves) == n and len(received) < n, "batches of one level's events are one event"
+        for sku in skus:
+            ids = [int(m.id) for m in moves if m.sku == sku]
+            spans = [[i for i in ids if first <= i <= last] for first, last in covered[sku]]
+            assert all(
+                span and span[0] == first and span[-1] == last
+                for span, (first, last) in zip(spans, covered[sku], strict=True)
+            ), sku
+            assert [i for span in spans for i in span] == ids, sku
     finally:
         await both.close()
         await writer.close()

@@ -8,8 +8,9 @@ import pytest
 
 from domain.inventory.sync import MAX_BATCH, SyncEvent, check_source, prepare, validate_event
 from domain.inventory.types import Cost
-from domain.inventory.watch import StockEvent, make_filter
+from domain.inventory.watch import StockEvent, make_filter, to_stock_event
 from domain.shared.errors import InvalidArgument
+from domain.shared.outbox import StoredEvent
 
 
 def reason(e: SyncEvent) -> str | None:
@@ -88,6 +89,7 @@ def _event(sku: str, wh: str, below: bool) -> StockEvent:
         time=datetime.now(UTC),
         below_threshold=below,
         movement_id=1,
+        first_movement_id=1,
     )
 
 
@@ -100,3 +102,16 @@ def test_watch_filters() -> None:
     assert make_filter([], [], False).matches(_event("Z", "W9", False))
     with pytest.raises(InvalidArgument):
         make_filter([" bad "], [], False)
+
+
+def test_an_event_names_the_movements_it_covers() -> None:
+    """A level's event covers ledger ids first_ledger_id..ledger_id; an event
+    written before first_ledger_id existed covers its one movement."""
+
+    def stored(payload: dict[str, object]) -> StoredEvent:
+        return StoredEvent(9, 1, "inventory.stock_changed", "sku", "A", None, payload, datetime.now(UTC))
+
+    batch = to_stock_event(stored({"sku": "A", "ledger_id": 17, "first_ledger_id": 12, "on_hand_delta": 5}))
+    assert (batch.first_movement_id, batch.movement_id, batch.on_hand_delta) == (12, 17, 5)
+    old = to_stock_event(stored({"sku": "A", "ledger_id": 17}))
+    assert (old.first_movement_id, old.movement_id) == (17, 17)

@@ -757,7 +757,7 @@ class WatchStockChangesRequest(_message.Message):
     def __init__(self, skus: _Optional[_Iterable[str]] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., below_threshold_only: _Optional[bool] = ..., after_event_id: _Optional[int] = ..., channel: _Optional[str] = ...) -> None: ...
 
 class StockChangeEvent(_message.Message):
-    __slots__ = ("event_id", "sku", "warehouse_code", "type", "on_hand_delta", "reserved_delta", "on_hand", "reserved", "available", "reason", "time", "below_threshold", "movement_id", "kit_sku")
+    __slots__ = ("event_id", "sku", "warehouse_code", "type", "on_hand_delta", "reserved_delta", "on_hand", "reserved", "available", "reason", "time", "below_threshold", "movement_id", "kit_sku", "first_movement_id")
     EVENT_ID_FIELD_NUMBER: _ClassVar[int]
     SKU_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODE_FIELD_NUMBER: _ClassVar[int]
@@ -772,6 +772,7 @@ class StockChangeEvent(_message.Message):
     BELOW_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     MOVEMENT_ID_FIELD_NUMBER: _ClassVar[int]
     KIT_SKU_FIELD_NUMBER: _ClassVar[int]
+    FIRST_MOVEMENT_ID_FIELD_NUMBER: _ClassVar[int]
     event_id: int
     sku: str
     warehouse_code: str
@@ -786,7 +787,8 @@ class StockChangeEvent(_message.Message):
     below_threshold: bool
     movement_id: int
     kit_sku: str
-    def __init__(self, event_id: _Optional[int] = ..., sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., type: _Optional[_Union[MovementType, str]] = ..., on_hand_delta: _Optional[int] = ..., reserved_delta: _Optional[int] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., reason: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., below_threshold: _Optional[bool] = ..., movement_id: _Optional[int] = ..., kit_sku: _Optional[str] = ...) -> None: ...
+    first_movement_id: int
+    def __init__(self, event_id: _Optional[int] = ..., sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., type: _Optional[_Union[MovementType, str]] = ..., on_hand_delta: _Optional[int] = ..., reserved_delta: _Optional[int] = ..., on_hand: _Optional[int] = ..., reserved: _Optional[int] = ..., available: _Optional[int] = ..., reason: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., below_threshold: _Optional[bool] = ..., movement_id: _Optional[int] = ..., kit_sku: _Optional[str] = ..., first_movement_id: _Optional[int] = ...) -> None: ...
 
 class WatchStockChangesResponse(_message.Message):
     __slots__ = ("events", "cursor")

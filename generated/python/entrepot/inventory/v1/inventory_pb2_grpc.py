@@ -394,7 +394,12 @@ class InventoryServiceServicer:
         """Streams.
         WMS/ERP ingestion: the first message names the source, then batches of
         events; every batch is answered with an ack once it is committed. An
-        event on a kit's SKU is rejected, reason KIT_HAS_NO_STOCK.
+        event on a kit's SKU is rejected, reason KIT_HAS_NO_STOCK. Every applied
+        event is one ledger movement (ListStockMovements); WatchStockChanges gets
+        ONE StockChangeEvent per stock level a batch moved, not one per event:
+        the level's counters after the batch, the deltas summed over the batch's
+        applied events on it, and its movements first_movement_id..movement_id.
+        A batch whose events are all duplicates, stale or rejected emits none.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -408,6 +413,9 @@ class InventoryServiceServicer:
 
     def WatchStockChanges(self, request, context):
         """Tails committed stock changes in commit order; resumable by event id.
+        One event per movement, except a SyncStock batch: one per stock level it
+        moved, covering that level's movements of the batch (StockChangeEvent.
+        first_movement_id..movement_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
