@@ -167,7 +167,7 @@ def statements(scale: float) -> list[tuple[str, str]]:
                    jsonb_build_object('sku', 'AGED-' || lpad(((g::bigint * 7919) % {skus})::text, 6, '0'),
                        'warehouse_code', 'AGED-WH-' || (g % 4), 'on_hand', 100 + g % 50, 'reserved', g % 3,
                        'on_hand_delta', 1, 'reserved_delta', 0, 'type', 'sync', 'source', 'aged-wms',
-                       'movement_id', g, 'reason', 'aged'),
+                       'ledger_id', g, 'first_ledger_id', g, 'reason', 'aged'),
                    now() - interval '169 hours' + (g * interval '169 hours') / {outbox}
             FROM generate_series(0, {outbox - 1}) g;
             """,

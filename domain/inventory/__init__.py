@@ -64,8 +64,9 @@ apply_stock_change(session, sku=, warehouse_code=, kind="set"|"adjust"|"receive"
   lot_code="").
 SyncStock does not go through apply_stock_change: sync.apply_batch (sync.py, its
 statements in sync_store.py; the servicer calls it directly) applies a source's batch
-set-based under the same stock rules (stock_rules.py), one ledger row of type `sync`
-(source = the sync source, reference = the event id) and one outbox event per applied event.
+set-based under the same stock rules (stock_rules.py): one ledger row of type `sync` per
+applied event (source = the sync source, reference = the event id) and one outbox event per
+level the batch moved, covering that level's rows.
 
 Expiry: sweep_expired(session, limit) releases expired holds in the caller's
 transaction; run_sweeper(sessions, stop) is the server's background loop
