@@ -22,7 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from domain.inventory import ledger
 from domain.inventory import reservation_store as store
 from domain.inventory.allocation import Key
-from domain.inventory.reservations import available_by_sku, has_expired, parse_reservation_id
+from domain.inventory.reservations import available_by_sku, load_holding, parse_reservation_id
 from domain.inventory.stock_rules import Level
 from domain.inventory.types import (
     Cost,
@@ -329,15 +329,7 @@ async def fulfil(
     reserved both drop; lots are consumed FIFO and the cost is on the ledger."""
     rid = parse_reservation_id(reservation_id)
     filters_or_raise(reference=reference)
-    res = await store.load(session, rid, lock=True)
-    if res.state != "active":
-        raise FailedPrecondition(
-            "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
-        )
-    if has_expired(res, await store.now(session)):
-        raise FailedPrecondition(
-            "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
-        )
+    res = await load_holding(session, rid)
     takes = _pick(res, lines, reverse=False)
     if not takes:
         raise FailedPrecondition("NOTHING_TO_FULFIL", f"reservation {rid} holds nothing")

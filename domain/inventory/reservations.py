@@ -404,8 +404,23 @@ async def list_reservations(
 # ------------------------------------------------------------------ hold time and owner
 
 
-def has_expired(res: Reservation, now: datetime) -> bool:
-    return res.expires_at is not None and res.expires_at <= now
+def refuse_unless_holding(res: Reservation, now: datetime) -> None:
+    """RESERVATION_NOT_ACTIVE or RESERVATION_EXPIRED unless `res` still holds its stock."""
+    if res.state != "active":
+        raise FailedPrecondition(
+            "RESERVATION_NOT_ACTIVE", f"reservation {res.id} is {res.state}", metadata={"state": res.state}
+        )
+    if res.expires_at is not None and res.expires_at <= now:
+        raise FailedPrecondition(
+            "RESERVATION_EXPIRED", f"reservation {res.id} has expired", metadata={"id": str(res.id)}
+        )
+
+
+async def load_holding(session: AsyncSession, rid: uuid.UUID) -> Reservation:
+    """The reservation, locked, when it still holds its stock (refuse_unless_holding)."""
+    res = await store.load(session, rid, lock=True)
+    refuse_unless_holding(res, await store.now(session))
+    return res
 
 
 async def extend(
@@ -417,15 +432,7 @@ async def extend(
         raise InvalidArgument(
             "INVALID_ARGUMENT", "ttl must be positive and at most 30 days", field_violations=[]
         )
-    res = await store.load(session, rid, lock=True)
-    if res.state != "active":
-        raise FailedPrecondition(
-            "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
-        )
-    if has_expired(res, await store.now(session)):
-        raise FailedPrecondition(
-            "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
-        )
+    await load_holding(session, rid)
     await store.set_expiry(session, rid, ttl)
     return await store.load(session, rid, lock=False)
 
@@ -455,12 +462,5 @@ async def retarget(
     # Missing, not active, expired, or changed since the statement's snapshot:
     # lock it, then look (three statements).
     res, now = await store.lock_with_now(session, rid)
-    if res.state != "active":
-        raise FailedPrecondition(
-            "RESERVATION_NOT_ACTIVE", f"reservation {rid} is {res.state}", metadata={"state": res.state}
-        )
-    if has_expired(res, now):
-        raise FailedPrecondition(
-            "RESERVATION_EXPIRED", f"reservation {rid} has expired", metadata={"id": str(rid)}
-        )
+    refuse_unless_holding(res, now)
     return await store.retarget_locked(session, res, reference, actor, ttl)
