@@ -46,8 +46,8 @@ def server_token(
 
 
 class ServerProcess:
-    """`python -m server.cli serve` on a loopback port against `database_url`; `port` keeps the
-    same one across a kill and a restart. With `log_dir` its output goes to
+    """`python -m server.cli serve` on a free loopback port against `database_url`, the same
+    port across a kill and a restart. With `log_dir` its output goes to
     `log_dir/server-<port>.log`: a pipe nobody reads fills up under a flood of warnings (the
     database down) and blocks the server, which is not what those tests test. Without it,
     stderr is a pipe, read when the server exits before it serves."""
@@ -57,11 +57,10 @@ class ServerProcess:
         database_url: str,
         log_dir: Path | None = None,
         *,
-        port: int | None = None,
         temporal_address: str | None = None,
         **env: str,
     ) -> None:
-        self.port = port or free_port()
+        self.port = free_port()
         self.target = f"127.0.0.1:{self.port}"
         self.log_path = log_dir / f"server-{self.port}.log" if log_dir else None
         self.env = {
