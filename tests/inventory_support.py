@@ -75,22 +75,22 @@ STOCK_EVENTS_COVER_LEDGER = text(
                coalesce((payload->>'first_ledger_id')::bigint, (payload->>'ledger_id')::bigint) AS first_id,
                (payload->>'ledger_id')::bigint AS last_id
         FROM platform.outbox WHERE topic = 'inventory.stock_changed'
+    ), level_rows AS (
+        -- each ledger row's position among its level's rows
+        SELECT id, sku, warehouse_code, row_number() OVER (PARTITION BY sku, warehouse_code ORDER BY id) AS n
+        FROM inventory.ledger
     ), checked AS (
-        SELECT ev.id, ev.first_id, ev.last_id,
-               lag(ev.last_id) OVER (PARTITION BY ev.sku, ev.warehouse_code ORDER BY ev.first_id) AS previous_last,
-               (SELECT count(*) FROM inventory.ledger l
-                WHERE l.sku = ev.sku AND l.warehouse_code = ev.warehouse_code
-                  AND l.id BETWEEN ev.first_id AND ev.last_id) AS covered,
-               (SELECT count(*) FROM inventory.ledger l
-                WHERE l.id IN (ev.first_id, ev.last_id) AND l.sku = ev.sku
-                  AND l.warehouse_code = ev.warehouse_code) AS ends
+        SELECT ev.id, ev.first_id, ev.last_id, f.n AS first_n, l.n AS last_n,
+               lag(ev.last_id) OVER (PARTITION BY ev.sku, ev.warehouse_code ORDER BY ev.first_id) AS previous_last
         FROM ev
+        LEFT JOIN level_rows f ON f.id = ev.first_id AND f.sku = ev.sku AND f.warehouse_code = ev.warehouse_code
+        LEFT JOIN level_rows l ON l.id = ev.last_id AND l.sku = ev.sku AND l.warehouse_code = ev.warehouse_code
     )
     SELECT (SELECT count(*) FROM inventory.ledger) AS ledger_rows,
-           coalesce(sum(covered), 0) AS covered,
+           coalesce(sum(last_n - first_n + 1), 0) AS covered,
            (array_agg(id ORDER BY id) FILTER (
-                WHERE last_id IS NULL OR first_id > last_id OR first_id <= previous_last
-                   OR ends < CASE WHEN first_id = last_id THEN 1 ELSE 2 END))[1:10] AS bad
+                WHERE first_n IS NULL OR last_n IS NULL OR first_id > last_id OR first_id <= previous_last
+           ))[1:10] AS bad
     FROM checked
     """
 )
