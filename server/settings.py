@@ -119,10 +119,14 @@ class Settings(BaseSettings):
     # batch is read only when fewer are in flight (HTTP/2 flow control holds the adapter back).
     sync_max_in_flight: int = 4
     # WatchStockChanges: events buffered per watcher before it is cut off
-    # (RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW), and how often an idle watcher is sent
-    # its advanced cursor (seconds).
+    # (RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW); how often an idle watcher is looked at
+    # (seconds; its first message comes within this, and WatchOrderEvents heartbeats at it);
+    # an idle stock watcher is sent its advanced cursor once it is this many event ids
+    # behind, or has not been sent it for this many seconds.
     watch_buffer_events: int = 10_000
     watch_heartbeat_seconds: float = 2.0
+    watch_cursor_gap_events: int = 10_000
+    watch_cursor_seconds: float = 60.0
 
     # Event relay (server/relay.py). The JetStream stream it publishes to (created when
     # missing, with this de-duplication window in seconds) and the subjects' first token:

@@ -16,8 +16,8 @@ The two streams differ only in what their watchers are given here:
   StockEvents, filtered by SKU (indexed), warehouse and threshold; a watcher
   whose buffer overflows is cut off (RESOURCE_EXHAUSTED / WATCHER_TOO_SLOW,
   metadata `cursor`) and resumes from that cursor; an idle watcher gets a
-  heartbeat only when its cursor advanced past filtered-out events (and the
-  first one, below);
+  heartbeat only when its cursor advanced far past filtered-out events
+  (`CursorRule`), and the first one (below);
 - order watchers see the order topics they asked for as outbox.StoredEvents
   of their channel (indexed), optionally of one order; a watcher whose buffer
   overflows falls back to its own reads from what it was sent, then rejoins
@@ -99,6 +99,20 @@ _STREAMS = {
     **{t: _STOCK for t in stock_watch.TOPICS},
     **{t: _ORDERS for t in orders.TOPICS},
 }
+
+
+@dataclass(frozen=True)
+class CursorRule:
+    """When an idle watcher is told its advanced cursor: once it is `gap_events` event ids
+    behind (what resuming from the last cursor it got would re-read at most), or has
+    not been told for `seconds`. Telling every advance costs one message per watcher per
+    heartbeat while events it does not watch flow, most of a large fleet's messages."""
+
+    gap_events: int
+    seconds: float
+
+    def due(self, gap: int, idle_seconds: float) -> bool:
+        return gap > 0 and (gap >= self.gap_events or idle_seconds >= self.seconds)
 
 
 @dataclass(eq=False)
@@ -437,12 +451,14 @@ class Hub:
         *,
         heartbeat_seconds: float,
         cut_off: bool,
-        idle_heartbeat: bool,
+        cursor_rule: CursorRule | None,
     ) -> AsyncGenerator[Message, None]:
-        """Messages for one watcher: catch-up reads, then the live feed."""
+        """Messages for one watcher: catch-up reads, then the live feed. An idle watcher
+        gets a heartbeat every `heartbeat_seconds`, or with `cursor_rule` only when its
+        cursor has moved as far as the rule says (the first message excepted)."""
         loop = asyncio.get_running_loop()
         sent = w.latest_cursor
-        last_sent = loop.time()
+        last_sent = told = loop.time()
         greeted = False  # a first message went out
         try:
             while True:
@@ -452,7 +468,7 @@ class Hub:
                             continue
                         yield msg
                         sent, last_sent = msg.cursor, loop.time()
-                        greeted = True
+                        told, greeted = last_sent, True
                 while True:
                     try:
                         async with asyncio.timeout(max(0.0, last_sent + heartbeat_seconds - loop.time())):
@@ -460,10 +476,10 @@ class Hub:
                     except TimeoutError:
                         # Queue empty: everything dispatched was sent; tell the cursor.
                         cursor = self.cursor_of(w)
-                        if idle_heartbeat or not greeted or cursor > sent:
+                        if not greeted or cursor_rule is None or cursor_rule.due(cursor - sent, loop.time() - told):
                             sent = cursor
                             yield Message([], sent)
-                            greeted = True
+                            told, greeted = loop.time(), True
                         last_sent = loop.time()
                         continue
                     if queued is None:
@@ -471,7 +487,7 @@ class Hub:
                     w.queued_events -= len(queued.events)
                     yield queued
                     sent, last_sent = queued.cursor, loop.time()
-                    greeted = True
+                    told, greeted = last_sent, True
                 # The buffer overflowed.
                 if cut_off:
                     raise ResourceExhausted(
@@ -514,8 +530,10 @@ async def watch_stock(
     *,
     max_events: int,
     heartbeat_seconds: float,
+    cursor_rule: CursorRule,
 ) -> AsyncIterator[Message]:
-    """WatchStockChanges: messages of domain.inventory.watch StockEvents.
+    """WatchStockChanges: messages of domain.inventory.watch StockEvents; an idle watcher is
+    told its advanced cursor as `cursor_rule` says.
 
     Raises ResourceExhausted WATCHER_TOO_SLOW (metadata `cursor`) when the
     watcher's buffer overflows; it may resume from that cursor.
@@ -529,7 +547,7 @@ async def watch_stock(
     w = Watcher(_STOCK_TOPICS, flt.skus, flt.matches, start, max_events)
     w.latest_cursor = cursor
     messages = hub.subscribe(
-        w, _STOCK, heartbeat_seconds=heartbeat_seconds, cut_off=True, idle_heartbeat=False
+        w, _STOCK, heartbeat_seconds=heartbeat_seconds, cut_off=True, cursor_rule=cursor_rule
     )
     async with contextlib.aclosing(messages):
         async for msg in messages:
@@ -555,7 +573,7 @@ async def watch_orders(
     w = Watcher(flt.topics, frozenset({flt.channel}), flt.matches, start, ORDER_BUFFER_EVENTS)
     w.latest_cursor = cursor
     messages = hub.subscribe(
-        w, _ORDERS, heartbeat_seconds=heartbeat_seconds, cut_off=False, idle_heartbeat=True
+        w, _ORDERS, heartbeat_seconds=heartbeat_seconds, cut_off=False, cursor_rule=None
     )
     async with contextlib.aclosing(messages):
         async for msg in messages:

@@ -2,7 +2,7 @@
 
 `InventoryStreamsMixin` is inherited by InventoryServicer (it only needs
 `self.rt`). Their settings (ENTREPOT_SYNC_UNKNOWN_SKU, ENTREPOT_SYNC_MAX_IN_FLIGHT,
-ENTREPOT_WATCH_BUFFER_EVENTS, ENTREPOT_WATCH_HEARTBEAT_SECONDS) are in
+ENTREPOT_WATCH_BUFFER_EVENTS, ENTREPOT_WATCH_HEARTBEAT_SECONDS, ENTREPOT_WATCH_CURSOR_*) are in
 server/settings.py with the others.
 """
 
@@ -26,7 +26,7 @@ from server.context import current_caller
 from server.convert import timestamp_micros, ts
 from server.runtime import Runtime
 from server.services.inventory_convert import MOVEMENT_TO_PROTO
-from server.watch_hub import watch_stock
+from server.watch_hub import CursorRule, watch_stock
 
 log = logging.getLogger("entrepot.sync")
 
@@ -219,6 +219,7 @@ class InventoryStreamsMixin:
             request.after_event_id,
             max_events=cfg.watch_buffer_events,
             heartbeat_seconds=cfg.watch_heartbeat_seconds,
+            cursor_rule=CursorRule(cfg.watch_cursor_gap_events, cfg.watch_cursor_seconds),
         ):
             yield pb.WatchStockChangesResponse(
                 events=[event_to_proto(e) for e in msg.events], cursor=msg.cursor
