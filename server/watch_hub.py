@@ -476,7 +476,11 @@ class Hub:
                     except TimeoutError:
                         # Queue empty: everything dispatched was sent; tell the cursor.
                         cursor = self.cursor_of(w)
-                        if not greeted or cursor_rule is None or cursor_rule.due(cursor - sent, loop.time() - told):
+                        if (
+                            not greeted
+                            or cursor_rule is None
+                            or cursor_rule.due(cursor - sent, loop.time() - told)
+                        ):
                             sent = cursor
                             yield Message([], sent)
                             told, greeted = loop.time(), True
@@ -572,9 +576,7 @@ async def watch_orders(
         start = cursor = await hub.resume(after_event_id, order_watch.resume_after)
     w = Watcher(flt.topics, frozenset({flt.channel}), flt.matches, start, ORDER_BUFFER_EVENTS)
     w.latest_cursor = cursor
-    messages = hub.subscribe(
-        w, _ORDERS, heartbeat_seconds=heartbeat_seconds, cut_off=False, cursor_rule=None
-    )
+    messages = hub.subscribe(w, _ORDERS, heartbeat_seconds=heartbeat_seconds, cut_off=False, cursor_rule=None)
     async with contextlib.aclosing(messages):
         async for msg in messages:
             yield msg
