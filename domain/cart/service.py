@@ -57,6 +57,7 @@ from domain.shared.errors import (
     NotFound,
     Violations,
 )
+from domain.shared.ids import new_id
 from domain.shared.money import Money
 from domain.shared.outbox import Event, emit
 from domain.shared.pagination import decode_token, encode_token, page_size
@@ -318,7 +319,7 @@ async def create_cart(
         refunds=refunds,
         lock=False,
     )
-    cid = uuid.uuid4()
+    cid = new_id()
     await store.insert_cart(
         session,
         cid,

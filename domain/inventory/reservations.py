@@ -50,6 +50,7 @@ from domain.shared.errors import (
     InvalidArgument,
     Violations,
 )
+from domain.shared.ids import new_id
 from domain.shared.pagination import decode_token, encode_token, page_size
 
 if TYPE_CHECKING:
@@ -264,7 +265,7 @@ def _grant(
         if plan is None or isinstance(plan, DomainError):
             results.append(plan)
             continue
-        rid = uuid.uuid4()
+        rid = new_id()
         for a in plan:
             if not a.tracked:
                 continue

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -24,6 +23,7 @@ from domain.order.types import CREATED, Line, Order, SubmitResult, Tender, Total
 from domain.platform import idempotency
 from domain.shared.caller import ChannelRef
 from domain.shared.errors import AlreadyExists, FieldViolation, InvalidArgument
+from domain.shared.ids import new_id
 from domain.shared.money import Money
 from domain.shared.outbox import Event
 
@@ -62,7 +62,7 @@ async def submit_intent(
         )
     content = canonical_content(intent, channel.slug)
     digest = content_hash(content)
-    head = entries.OrderHead(uuid.uuid4(), channel.slug)
+    head = entries.OrderHead(new_id(), channel.slug)
     specs = _submitted_entries(intent, channel, actor, adopted_reservation=reservation_id)
     reserved_id = reservation_id
     at_risk = bool(reservation_id) and reservation_backordered

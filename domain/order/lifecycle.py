@@ -3,7 +3,6 @@ the shipment status."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +21,7 @@ from domain.order.rules import (
 from domain.order.store import entries, orders, shipments
 from domain.order.types import TRANSITIONED, Order, Shipment, ShipmentStatus
 from domain.shared.errors import FailedPrecondition, FieldViolation, InvalidArgument, PreconditionViolation
+from domain.shared.ids import new_id
 from domain.shared.outbox import Event
 
 
@@ -177,7 +177,7 @@ async def _ship(
                 f"line {line_id} would ship more than ordered",
                 metadata={"order_id": order_id},
             )
-    shipment_id = uuid.uuid4()
+    shipment_id = new_id()
     await inventory.fulfil(
         session,
         row.reservation_id,

@@ -17,6 +17,7 @@ from domain.order.store import entries, orders
 from domain.order.types import Order
 from domain.shared.caller import ChannelRef
 from domain.shared.errors import Violations
+from domain.shared.ids import new_id
 from domain.shared.money import Money
 
 # The intent key of a reissue: this source system, intent id "<original id>:<n>".
@@ -46,7 +47,7 @@ async def reissue_order(
     )
     validate_intent(intent, channel.currency)
     content = canonical_content(intent, channel.slug)
-    head = entries.OrderHead(uuid.uuid4(), channel.slug)
+    head = entries.OrderHead(new_id(), channel.slug)
     inserted = await entries.insert_intent(
         session,
         head,

@@ -43,6 +43,7 @@ from domain.refund.rules import (
 from domain.refund.store import get_refund
 from domain.shared.caller import Caller, ChannelRef
 from domain.shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from domain.shared.ids import new_id
 from domain.shared.money import Money
 from domain.shared.pagination import decode_token, encode_token, page_size
 
@@ -139,7 +140,7 @@ async def submit_refund(
     refuse_excess(order.id, [*over, *over_tenders])
     assert split is not None
 
-    rid = uuid.uuid4()
+    rid = new_id()
     await store.insert_refund(
         session,
         rid,

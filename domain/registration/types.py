@@ -4,13 +4,13 @@ store maps rows to. Callers reach them as `catalog.<Record>` and
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
 from domain.registration.forms import Answer, FormDefinition, parse_definition
 from domain.registration.rules import Requirement, Rule
+from domain.shared.ids import new_id
 
 # ------------------------------------------------------------------ catalog
 
@@ -202,4 +202,4 @@ class Registration:
 
 def new_id(prefix: str) -> str:
     """The id of a new record: `<prefix>_<32 hex digits>`."""
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{new_id().hex}"
