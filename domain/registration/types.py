@@ -10,7 +10,7 @@ from typing import Any
 
 from domain.registration.forms import Answer, FormDefinition, parse_definition
 from domain.registration.rules import Requirement, Rule
-from domain.shared.ids import new_id
+from domain.shared import ids
 
 # ------------------------------------------------------------------ catalog
 
@@ -202,4 +202,4 @@ class Registration:
 
 def new_id(prefix: str) -> str:
     """The id of a new record: `<prefix>_<32 hex digits>`."""
-    return f"{prefix}_{new_id().hex}"
+    return f"{prefix}_{ids.new_id().hex}"
