@@ -21,8 +21,12 @@ _SUMS = """
             CAST(coalesce(c.reserved, 0) + coalesce(g.reserved, 0) AS bigint) AS ledger_reserved,
             c.through_id, coalesce(g.last_id, c.through_id) AS last_id, c.resummed_at
         FROM lv
-        LEFT JOIN inventory.ledger_checkpoints c
-               ON c.sku = lv.sku AND c.warehouse_code = lv.warehouse_code AND {trusted}
+        LEFT JOIN LATERAL (
+            -- LIMIT: a primary-key lookup per level; as a plain join the planner
+            -- hashed the whole table for each page.
+            SELECT through_id, on_hand, reserved, resummed_at FROM inventory.ledger_checkpoints c
+            WHERE c.sku = lv.sku AND c.warehouse_code = lv.warehouse_code AND {trusted} LIMIT 1
+        ) c ON true
         LEFT JOIN LATERAL (
             SELECT sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved, max(id) AS last_id
             FROM inventory.ledger m
