@@ -22,8 +22,8 @@ _SUMS = """
             c.through_id, coalesce(g.last_id, c.through_id) AS last_id, c.resummed_at
         FROM lv
         LEFT JOIN LATERAL (
-            -- LIMIT: a primary-key lookup per level; as a plain join the planner
-            -- hashed the whole table for each page.
+            -- LIMIT keeps this a primary-key lookup per level: a plain join lets the
+            -- planner hash the whole table for every page.
             SELECT through_id, on_hand, reserved, resummed_at FROM inventory.ledger_checkpoints c
             WHERE c.sku = lv.sku AND c.warehouse_code = lv.warehouse_code AND {trusted} LIMIT 1
         ) c ON true
