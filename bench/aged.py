@@ -13,7 +13,10 @@ holds R1's invariants: on_hand = the sum of the level's ledger deltas, reserved
 = its open reservation lines (`--check`). The outbox and the keys span their
 default retention (168 h, 72 h) plus one hour, as in a database whose retention
 job keeps up: the server's job finds an hour of backlog (~12,000 events and
-~14,000 keys at scale 1) to delete while the cases run. Then VACUUM ANALYZE:
+~14,000 keys at scale 1) to delete while the cases run. The stock audit job's
+ledger checkpoints are those its last run left (one run of the job's audit,
+domain/inventory/audit.py, at the end): the server's audit at start adds what
+was written since, as on a database whose audit job has been running. Then VACUUM ANALYZE:
 the statistics and visibility map autovacuum would have (this machine's
 PostgreSQL runs with autovacuum off; a production one does not).
 
@@ -34,6 +37,7 @@ import atexit
 import time
 import uuid
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 import asyncpg
@@ -227,6 +231,12 @@ async def _generate(url: str, scale: float, log: Callable[[str], None]) -> dict[
             timings[what] = round(time.perf_counter() - t, 1)
             log(f"P7 aged: {what}: {timings[what]} s")
         t = time.perf_counter()
+        levels = await _checkpoint(url)
+        timings["stock audit (checkpoints)"] = round(time.perf_counter() - t, 1)
+        log(
+            f"P7 aged: stock audit of {levels:,} levels (checkpoints): {timings['stock audit (checkpoints)']} s"
+        )
+        t = time.perf_counter()
         await conn.execute("VACUUM ANALYZE")
         timings["vacuum analyze"] = round(time.perf_counter() - t, 1)
         sizes = await conn.fetch(
@@ -241,6 +251,34 @@ async def _generate(url: str, scale: float, log: Callable[[str], None]) -> dict[
     finally:
         await conn.close()
     return timings
+
+
+async def _checkpoint(url: str) -> int:
+    """One run of the stock audit job's audit (ledger checkpoints moved along, each
+    page committed); returns the levels checked. A drift fails the generation."""
+    from domain import inventory
+    from domain.shared.db import make_engine, make_session_factory
+    from server.settings import Settings
+
+    engine = make_engine(url, pool_size=1, max_overflow=0)
+    sessions = make_session_factory(engine)
+
+    async def committed(fn: Callable[[Any], Any]) -> Any:
+        async with sessions() as s:
+            page = await fn(s)
+            await s.commit()
+        return page
+
+    levels = 0
+    try:
+        full_after = timedelta(seconds=Settings().stock_audit_full_seconds)
+        async for page in inventory.audit_all(committed, advance_checkpoints=full_after):
+            if page.drifts:
+                raise SystemExit(f"the generated database drifts, e.g. {page.drifts[0]}")
+            levels += page.levels_checked
+    finally:
+        await engine.dispose()
+    return levels
 
 
 def generate(url: str, scale: float, log: Callable[[str], None] = print) -> dict[str, float]:

@@ -292,7 +292,11 @@ def cmd_audit(args: argparse.Namespace) -> int:
         drifts = repaired = levels = 0
         try:
             async for page in inventory.audit_all(
-                rt.read, skus=args.sku, warehouse_codes=args.warehouse, kinds=args.kind
+                rt.read,
+                skus=args.sku,
+                warehouse_codes=args.warehouse,
+                kinds=args.kind,
+                whole_ledger=args.whole_ledger,
             ):
                 levels += page.levels_checked
                 for d in page.drifts:
@@ -400,6 +404,12 @@ def parser() -> argparse.ArgumentParser:
     a.add_argument("--warehouse", action="append", default=[], help="only this warehouse (repeatable)")
     a.add_argument(
         "--kind", action="append", default=[], choices=["on_hand", "reserved", "lots"], help="only this kind"
+    )
+    a.add_argument(
+        "--whole-ledger",
+        action="store_true",
+        help="sum each level's whole ledger, not from the audit job's checkpoints "
+        "(also finds edited old ledger rows; reads the whole ledger)",
     )
     a.add_argument("--repair", action="store_true", help="repair each drift found (an audit movement each)")
     a.add_argument("--reason", default="", help="why, kept on the audit movements (with --repair)")

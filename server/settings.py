@@ -108,8 +108,11 @@ class Settings(BaseSettings):
     reserve_batch_inflight: int = 1
     reservation_sweep_seconds: float = 1.0
     # Stock audit (server/background.py): how often the leased job audits every level and
-    # updates the entrepot_stock_drift gauge; 0 turns the job off.
+    # updates the entrepot_stock_drift gauge; 0 turns the job off. It adds a level's ledger
+    # rows since its checkpoint, and re-sums the level's whole ledger once its last full
+    # re-sum is older than stock_audit_full_seconds (0: every run).
     stock_audit_seconds: float = 3600.0
+    stock_audit_full_seconds: float = 86400.0
 
     # Inventory streams (server/services/inventory_streams.py).
     # SyncStock: an unknown SKU becomes a tracked item with default policy (create) or the

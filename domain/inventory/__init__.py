@@ -73,8 +73,10 @@ transaction; run_sweeper(sessions, stop) is the server's background loop
 (advisory lock: one sweeper at a time across replicas).
 
 Audit and repair (audit.py): audit_stock(session, size=, token=, skus=, warehouse_codes=,
-  kinds=) -> AuditPage(drifts, next_token, levels_checked); audit_all(rt.read, ...) pages
-  through everything; repair_stock(session, sku=, warehouse_code=, kind=, expected_counter=,
+  kinds=, whole_ledger=, advance_checkpoints=) -> AuditPage(drifts, next_token, levels_checked), the
+  ledger's sums from per-level checkpoints plus their tail (whole_ledger: the whole ledger;
+  advance_checkpoints: the audit job moves them); audit_all(rt.read, ...) pages through
+  everything; repair_stock(session, sku=, warehouse_code=, kind=, expected_counter=,
   expected_derived=, reason=, actor=) -> Repair: one `audit` ledger movement, or nothing
   when the drift is gone; STOCK_CHANGED when the figures are not the audited ones.
 

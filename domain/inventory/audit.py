@@ -22,12 +22,22 @@ locked; reason, actor and the figures found are on the movement):
   of fulfilment), recorded as lot consumptions of the movement; counters unchanged.
 A repair refuses (STOCK_CHANGED) when the figures are not the ones the caller
 audited, and does nothing when the drift is gone (so repeating one is a no-op).
+
+The ledger's sums come from per-level checkpoints (inventory.ledger_checkpoints:
+the sums through a ledger id) plus the level's later rows, so an audit reads what
+was written since the last one, not the whole history. Only the audit job
+(`advance_checkpoints`) and repairs write checkpoints; the job re-sums a level's
+whole ledger once its last full re-sum is older than the age given, and `whole_ledger`
+ignores checkpoints (an edit of a ledger row below a checkpoint shows only then).
+A repair always compares with the whole ledger, and records the sums its
+movement closes as the level's checkpoint (audit_store says why that is safe).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -109,9 +119,15 @@ async def audit_stock(
     skus: Sequence[str] = (),
     warehouse_codes: Sequence[str] = (),
     kinds: Sequence[str] = (),
+    whole_ledger: bool = False,
+    advance_checkpoints: timedelta | None = None,
 ) -> AuditPage:
     """Drifts of the levels ordered by (sku, warehouse_code), keyset-paginated; a page
-    checks at most SCAN_BUDGET levels, so it may come back short with a token."""
+    checks at most SCAN_BUDGET levels, so it may come back short with a token.
+    `whole_ledger`: the ledger's sums over every level's whole ledger (no checkpoint).
+    `advance_checkpoints` (the audit job): move the levels' checkpoints to the sums
+    taken, re-summing in full those whose last full re-sum is older than this; the
+    caller commits."""
     v = Violations()
     if len(skus) > MAX_AUDIT_SKUS:
         v.add("skus", f"must hold at most {MAX_AUDIT_SKUS} SKUs")
@@ -130,7 +146,13 @@ async def audit_stock(
     checked = 0
     while checked < SCAN_BUDGET:
         rows = await audit_store.figures_page(
-            session, skus=wanted, warehouse_codes=whs, after=after, limit=SCAN_CHUNK
+            session,
+            skus=wanted,
+            warehouse_codes=whs,
+            after=after,
+            limit=SCAN_CHUNK,
+            whole_ledger=whole_ledger,
+            advance=advance_checkpoints,
         )
         for row in rows:
             found = _drifts(row, checked_kinds)
@@ -145,18 +167,28 @@ async def audit_stock(
 
 
 async def audit_all(
-    read: Callable[[Callable[[AsyncSession], Awaitable[AuditPage]]], Awaitable[AuditPage]],
+    transaction: Callable[[Callable[[AsyncSession], Awaitable[AuditPage]]], Awaitable[AuditPage]],
     *,
     skus: Sequence[str] = (),
     warehouse_codes: Sequence[str] = (),
     kinds: Sequence[str] = (),
+    whole_ledger: bool = False,
+    advance_checkpoints: timedelta | None = None,
 ) -> AsyncIterator[AuditPage]:
-    """Every page of an audit, each in its own read transaction (`read`: Runtime.read)."""
+    """Every page of an audit (audit_stock), each in its own `transaction`
+    (Runtime.read; one that commits with `advance_checkpoints`)."""
     token = ""
     while True:
-        page = await read(
+        page = await transaction(
             lambda s, after=token: audit_stock(  # type: ignore[misc]
-                s, size=500, token=after, skus=skus, warehouse_codes=warehouse_codes, kinds=kinds
+                s,
+                size=500,
+                token=after,
+                skus=skus,
+                warehouse_codes=warehouse_codes,
+                kinds=kinds,
+                whole_ledger=whole_ledger,
+                advance_checkpoints=advance_checkpoints,
             )
         )
         yield page
@@ -251,4 +283,12 @@ async def repair_stock(
     )
     (movement,) = await ledger.write(session, [draft])
     await holds.record_consumptions(session, [(movement.id, *c) for c in consumed])
+    await audit_store.checkpoint_level(
+        session,
+        sku,
+        warehouse_code,
+        through_id=movement.id,
+        on_hand=int(row.ledger_on_hand) + on_hand - on_hand_before,
+        reserved=int(row.ledger_reserved) + reserved_after - reserved_before,
+    )
     return Repair(True, found, movement, level)

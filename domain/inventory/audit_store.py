@@ -1,44 +1,129 @@
 """What AuditStock and RepairStock read: each stock level's counters next to the
-figures they derive from (domain/inventory/audit.py decides what a drift is)."""
+figures they derive from (domain/inventory/audit.py decides what a drift is),
+and the per-level ledger checkpoints that spare an audit the whole history."""
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 
-# The figures of the levels in `lv` (sku, warehouse_code, on_hand, reserved):
-# the ledger's sums, the open holds of active reservations, the lots' remaining
-# units, and what the threshold flag of a stock_changed event needs.
+# The ledger's sums of the levels in `lv` (sku, warehouse_code, on_hand, reserved):
+# a level's checkpoint (`trusted`: which ones count; none for a full re-sum) plus
+# its ledger rows after the checkpoint's id (all of them without one), and the
+# last ledger id those sums run through.
+_SUMS = """
+    sums AS MATERIALIZED (
+        SELECT lv.sku, lv.warehouse_code, lv.on_hand, lv.reserved,
+            CAST(coalesce(c.on_hand, 0) + coalesce(g.on_hand, 0) AS bigint) AS ledger_on_hand,
+            CAST(coalesce(c.reserved, 0) + coalesce(g.reserved, 0) AS bigint) AS ledger_reserved,
+            c.through_id, coalesce(g.last_id, c.through_id) AS last_id, c.resummed_at
+        FROM lv
+        LEFT JOIN LATERAL (
+            -- LIMIT keeps this a primary-key lookup per level: a plain join lets the
+            -- planner hash the whole table for every page.
+            SELECT through_id, on_hand, reserved, resummed_at FROM inventory.ledger_checkpoints c
+            WHERE c.sku = lv.sku AND c.warehouse_code = lv.warehouse_code AND {trusted} LIMIT 1
+        ) c ON true
+        LEFT JOIN LATERAL (
+            SELECT sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved, max(id) AS last_id
+            FROM inventory.ledger m
+            WHERE m.sku = lv.sku AND m.warehouse_code = lv.warehouse_code AND m.id > coalesce(c.through_id, 0)
+        ) g ON true
+    )"""
+
+# The audit job moves each level's checkpoint to the sums it just took, through
+# the highest ledger id of the level its snapshot sees. Why no row of the level
+# with a lower id can commit later: every writer of ledger rows (ledger.ctes,
+# through ledger.write, reservation_store.write_granted and sync_store's batch)
+# draws the rows' ids (nextval, in the statement that inserts them) while its
+# transaction holds the level's row lock in inventory.stock_levels, taken by an
+# earlier statement (lock_levels, load_for_plan, the guarded UPDATE of
+# stock.py, locked_figures here) and held until commit. Two transactions that
+# write rows of one level hold its lock one after the other; the later one takes
+# it after the earlier one ended (PostgreSQL shows a transaction as ended to new
+# snapshots before it releases its locks) and only then draws its ids, and the
+# sequence has no cache (ids follow the order they are drawn in). So per level,
+# id order is commit order: a row of the level the snapshot cannot see has an id
+# above every row of the level it sees (docs/events.md "Order" makes the same
+# argument for events; the checkpoint tests show what a writer that drew its id
+# before the lock would cost). A checkpoint replaces another only when its last
+# full re-sum is later, or the same one and its id further on: an audit that
+# started from an older checkpoint never undoes what a full re-sum (or a
+# repair) found. Rows in key order: concurrent audits lock them in one order.
+_ADVANCE = """, advanced AS (
+        INSERT INTO inventory.ledger_checkpoints AS c
+            (sku, warehouse_code, through_id, on_hand, reserved, resummed_at)
+        SELECT sku, warehouse_code, last_id, ledger_on_hand, ledger_reserved, coalesce(resummed_at, now())
+        FROM sums WHERE last_id IS DISTINCT FROM through_id
+        ORDER BY sku, warehouse_code
+        ON CONFLICT (sku, warehouse_code) DO UPDATE
+        SET through_id = excluded.through_id, on_hand = excluded.on_hand, reserved = excluded.reserved,
+            resummed_at = excluded.resummed_at
+        WHERE (excluded.resummed_at, excluded.through_id) > (c.resummed_at, c.through_id)
+    )"""
+
+# The figures of the levels of `sums`: the ledger's sums, the open holds of
+# active reservations, the lots' remaining units.
 _FIGURES = """
-    SELECT lv.sku, lv.warehouse_code, lv.on_hand, lv.reserved,
-        coalesce(g.on_hand, 0) AS ledger_on_hand, coalesce(g.reserved, 0) AS ledger_reserved,
+    SELECT f.sku, f.warehouse_code, f.on_hand, f.reserved, f.ledger_on_hand, f.ledger_reserved,
         coalesce((SELECT sum(rl.quantity - rl.fulfilled - rl.released)
                   FROM inventory.reservation_lines rl
                   JOIN inventory.reservations r ON r.id = rl.reservation_id AND r.state = 'active'
-                  WHERE rl.sku = lv.sku AND rl.warehouse_code = lv.warehouse_code AND rl.tracked
+                  WHERE rl.sku = f.sku AND rl.warehouse_code = f.warehouse_code AND rl.tracked
                     AND rl.fulfilled + rl.released < rl.quantity), 0) AS open_reserved,
         coalesce((SELECT sum(remaining_quantity) FROM inventory.lots x
-                  WHERE x.sku = lv.sku AND x.warehouse_code = lv.warehouse_code
+                  WHERE x.sku = f.sku AND x.warehouse_code = f.warehouse_code
                     AND x.remaining_quantity > 0), 0) AS lots_remaining
-    FROM lv
-    LEFT JOIN LATERAL (
-        SELECT sum(on_hand_delta) AS on_hand, sum(reserved_delta) AS reserved FROM inventory.ledger m
-        WHERE m.sku = lv.sku AND m.warehouse_code = lv.warehouse_code
-    ) g ON true
-    ORDER BY lv.sku, lv.warehouse_code"""
+    FROM sums f
+    ORDER BY f.sku, f.warehouse_code"""
+
+
+def _statement(levels: str, *, whole_ledger: bool, advance: bool) -> str:
+    """The figures of `levels` (a SELECT of sku, warehouse_code, on_hand, reserved):
+    `whole_ledger` re-sums every level's whole ledger; `advance` writes the checkpoints
+    and trusts only those re-summed in full within :full_after (an interval)."""
+    trusted = (
+        "false"
+        if whole_ledger
+        else "c.resummed_at > now() - CAST(:full_after AS interval)"
+        if advance
+        else "true"
+    )
+    return (
+        f"WITH lv AS MATERIALIZED ({levels}),"
+        + _SUMS.format(trusted=trusted)
+        + (_ADVANCE if advance else "")
+        + _FIGURES
+    )
+
 
 _LOCK = text(
     "SELECT 1 FROM inventory.stock_levels WHERE sku = :sku AND warehouse_code = :wh FOR NO KEY UPDATE"
 )
+# A repair compares with the whole ledger: a checkpoint would hide an edit of an old row.
 _ONE = text(
+    _statement(
+        """SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
+           WHERE sku = :sku AND warehouse_code = :wh""",
+        whole_ledger=True,
+        advance=False,
+    )
+)
+
+# A repair's movement closes the level's ledger sums under the level's lock (no
+# row of the level is uncommitted): they are its checkpoint, re-summed in full.
+_CHECKPOINT = text(
     """
-    WITH lv AS MATERIALIZED (
-        SELECT sku, warehouse_code, on_hand, reserved FROM inventory.stock_levels
-        WHERE sku = :sku AND warehouse_code = :wh
-    )"""
-    + _FIGURES
+    INSERT INTO inventory.ledger_checkpoints AS c (sku, warehouse_code, through_id, on_hand, reserved, resummed_at)
+    VALUES (:sku, :wh, :through_id, :on_hand, :reserved, now())
+    ON CONFLICT (sku, warehouse_code) DO UPDATE
+    SET through_id = excluded.through_id, on_hand = excluded.on_hand, reserved = excluded.reserved,
+        resummed_at = excluded.resummed_at
+    WHERE (excluded.resummed_at, excluded.through_id) > (c.resummed_at, c.through_id)
+    """
 )
 
 _THRESHOLD = text(
@@ -58,8 +143,13 @@ async def figures_page(
     warehouse_codes: list[str],
     after: tuple[str, str] | None,
     limit: int,
+    whole_ledger: bool = False,
+    advance: timedelta | None = None,
 ) -> list[Any]:
-    """The figures of up to `limit` levels ordered by (sku, warehouse_code), after a key."""
+    """The figures of up to `limit` levels ordered by (sku, warehouse_code), after a key.
+    The ledger's sums start from the levels' checkpoints, or from nothing with `whole_ledger`.
+    `advance`: also move the checkpoints to the sums taken (the caller commits),
+    re-summing in full the levels whose last full re-sum is older than this."""
     where = ["true"]
     params: dict[str, Any] = {"n": limit}
     if skus:
@@ -71,25 +161,41 @@ async def figures_page(
     if after is not None:
         where.append("(s.sku, s.warehouse_code) > (:after_sku, :after_wh)")
         params["after_sku"], params["after_wh"] = after
-    sql = text(
-        f"""WITH lv AS MATERIALIZED (
-                SELECT s.sku, s.warehouse_code, s.on_hand, s.reserved FROM inventory.stock_levels s
-                WHERE {" AND ".join(where)} ORDER BY s.sku, s.warehouse_code LIMIT :n
-            )"""
-        + _FIGURES
-    )
+    if advance is not None:
+        params["full_after"] = advance
+    levels = f"""SELECT s.sku, s.warehouse_code, s.on_hand, s.reserved FROM inventory.stock_levels s
+                 WHERE {" AND ".join(where)} ORDER BY s.sku, s.warehouse_code LIMIT :n"""
+    sql = text(_statement(levels, whole_ledger=whole_ledger, advance=advance is not None))
     return list((await session.execute(sql, params)).all())
 
 
 async def locked_figures(session: AsyncSession, sku: str, warehouse_code: str) -> Any | None:
-    """One level's figures with the level row locked (no counter moves until commit);
-    None when there is no such level. The figures are read by a second statement: one
-    that waited for the lock would still read the reservations as they were before the
-    wait (READ COMMITTED takes a statement's snapshot when it starts)."""
+    """One level's figures, over its whole ledger, with the level row locked (no
+    counter moves until commit); None when there is no such level. The figures
+    are read by a second statement: one that waited for the lock would still read
+    the reservations as they were before the wait (READ COMMITTED takes a
+    statement's snapshot when it starts)."""
     params = {"sku": sku, "wh": warehouse_code}
     if (await session.execute(_LOCK, params)).first() is None:
         return None
     return (await session.execute(_ONE, params)).one()
+
+
+async def checkpoint_level(
+    session: AsyncSession, sku: str, warehouse_code: str, *, through_id: int, on_hand: int, reserved: int
+) -> None:
+    """Record the whole ledger's sums of a level locked by locked_figures, through
+    `through_id`, its last ledger row."""
+    await session.execute(
+        _CHECKPOINT,
+        {
+            "sku": sku,
+            "wh": warehouse_code,
+            "through_id": through_id,
+            "on_hand": on_hand,
+            "reserved": reserved,
+        },
+    )
 
 
 async def threshold_facts(session: AsyncSession, sku: str) -> Any:

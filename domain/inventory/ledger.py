@@ -10,6 +10,11 @@ level: one movement (`ctes(per_level=False)`, every writer but SyncStock, the
 two ids equal) or all of a statement's movements of the level (`per_level=True`,
 a SyncStock batch: one event per level, the level's counters after its last
 movement, the deltas summed over them).
+
+Every caller runs these statements while its transaction holds the row locks of
+the movements' levels (inventory.stock_levels), taken by an earlier statement:
+per level, ledger ids then follow commit order, which the events' order
+(docs/events.md) and the stock audit's checkpoints (audit_store.py) rely on.
 """
 
 from __future__ import annotations

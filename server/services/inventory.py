@@ -465,6 +465,7 @@ class InventoryServicer(InventoryStreamsMixin, inventory_pb2_grpc.InventoryServi
                 skus=list(request.skus),
                 warehouse_codes=list(request.warehouse_codes),
                 kinds=kinds,
+                whole_ledger=request.whole_ledger,
             )
         )
         return pb.AuditStockResponse(

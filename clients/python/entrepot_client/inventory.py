@@ -90,11 +90,17 @@ async def audit(
     warehouse_codes: Iterable[str] = (),
     kinds: Iterable[pb.StockDriftKind.ValueType] = (),
     page_size: int = 500,
+    whole_ledger: bool = False,
     timeout: float | None = None,
 ) -> AsyncIterator[pb.StockDrift]:
-    """Every drift AuditStock reports, following the pages (empty: no drift)."""
+    """Every drift AuditStock reports, following the pages (empty: no drift);
+    `whole_ledger`: sum every level's whole ledger (AuditStockRequest.whole_ledger)."""
     req = pb.AuditStockRequest(
-        page_size=page_size, skus=list(skus), warehouse_codes=list(warehouse_codes), kinds=list(kinds)
+        page_size=page_size,
+        skus=list(skus),
+        warehouse_codes=list(warehouse_codes),
+        kinds=list(kinds),
+        whole_ledger=whole_ledger,
     )
     while True:
         page = await ep.inventory.audit_stock(req, timeout=timeout)

@@ -815,18 +815,20 @@ class StockDrift(_message.Message):
     def __init__(self, sku: _Optional[str] = ..., warehouse_code: _Optional[str] = ..., kind: _Optional[_Union[StockDriftKind, str]] = ..., counter: _Optional[int] = ..., derived: _Optional[int] = ..., difference: _Optional[int] = ...) -> None: ...
 
 class AuditStockRequest(_message.Message):
-    __slots__ = ("page_size", "page_token", "skus", "warehouse_codes", "kinds")
+    __slots__ = ("page_size", "page_token", "skus", "warehouse_codes", "kinds", "whole_ledger")
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SKUS_FIELD_NUMBER: _ClassVar[int]
     WAREHOUSE_CODES_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
+    WHOLE_LEDGER_FIELD_NUMBER: _ClassVar[int]
     page_size: int
     page_token: str
     skus: _containers.RepeatedScalarFieldContainer[str]
     warehouse_codes: _containers.RepeatedScalarFieldContainer[str]
     kinds: _containers.RepeatedScalarFieldContainer[StockDriftKind]
-    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., skus: _Optional[_Iterable[str]] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[StockDriftKind, str]]] = ...) -> None: ...
+    whole_ledger: bool
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., skus: _Optional[_Iterable[str]] = ..., warehouse_codes: _Optional[_Iterable[str]] = ..., kinds: _Optional[_Iterable[_Union[StockDriftKind, str]]] = ..., whole_ledger: _Optional[bool] = ...) -> None: ...
 
 class AuditStockResponse(_message.Message):
     __slots__ = ("drifts", "next_page_token", "levels_checked")
