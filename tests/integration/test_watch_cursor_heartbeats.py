@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import grpc
+import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -61,7 +62,19 @@ async def watching(
         await app.stop(grace=0.5)
 
 
-async def change(admin: Entrepot, sku: str, wh: str, times: int) -> None:
+Level = tuple[str, str]
+
+
+@pytest.fixture
+async def other(admin: Entrepot) -> Level:
+    """A stock level (SKU, warehouse) nobody in these tests watches."""
+    wh, sku = await make_warehouse(admin), unique("SKU")
+    await admin.inventory.upsert_inventory_item(pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=sku)))
+    return sku, wh
+
+
+async def change(admin: Entrepot, level: Level, times: int) -> None:
+    sku, wh = level
     for _ in range(times):
         await admin.inventory.adjust_stock(pb.AdjustStockRequest(sku=sku, warehouse_code=wh, delta=1))
 
@@ -74,19 +87,15 @@ async def newest_event(sessions: async_sessionmaker[AsyncSession]) -> int:
 
 
 async def test_the_cursor_is_told_once_it_is_the_gap_behind(
-    admin: Entrepot, sessions: async_sessionmaker[AsyncSession], database_url: str
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession], database_url: str, other: Level
 ) -> None:
-    wh = await make_warehouse(admin)
-    watched, other = unique("SKU"), unique("SKU")
-    await admin.inventory.upsert_inventory_item(
-        pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=other))
-    )
+    watched = unique("SKU")
     async with watching(database_url, watched, watch_cursor_gap_events=25, watch_cursor_seconds=3600) as got:
         start = await newest_event(sessions)
-        await change(admin, other, wh, 5)
+        await change(admin, other, 5)
         await asyncio.sleep(HEARTBEAT * 6)
         assert got.empty(), "told a cursor only 5 event ids ahead"
-        await change(admin, other, wh, 25)
+        await change(admin, other, 25)
         _, msg = await asyncio.wait_for(got.get(), 10)
         assert list(msg.events) == []
         assert msg.cursor >= start + 25
@@ -94,18 +103,14 @@ async def test_the_cursor_is_told_once_it_is_the_gap_behind(
 
 
 async def test_the_cursor_is_told_after_the_seconds_however_small_the_gap(
-    admin: Entrepot, sessions: async_sessionmaker[AsyncSession], database_url: str
+    admin: Entrepot, sessions: async_sessionmaker[AsyncSession], database_url: str, other: Level
 ) -> None:
-    wh = await make_warehouse(admin)
-    watched, other = unique("SKU"), unique("SKU")
-    await admin.inventory.upsert_inventory_item(
-        pb.UpsertInventoryItemRequest(item=pb.InventoryItem(sku=other))
-    )
+    watched = unique("SKU")
     async with watching(
         database_url, watched, watch_cursor_gap_events=10**9, watch_cursor_seconds=1.5
     ) as got:
         told_before = time.monotonic()  # the first message came just before
-        await change(admin, other, wh, 1)
+        await change(admin, other, 1)
         last = await newest_event(sessions)
         arrived, msg = await asyncio.wait_for(got.get(), 10)
         assert list(msg.events) == [] and msg.cursor == last
