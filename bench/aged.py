@@ -261,18 +261,10 @@ async def _checkpoint(url: str) -> int:
     from server.settings import Settings
 
     engine = make_engine(url, pool_size=1, max_overflow=0)
-    sessions = make_session_factory(engine)
-
-    async def committed(fn: Callable[[Any], Any]) -> Any:
-        async with sessions() as s:
-            page = await fn(s)
-            await s.commit()
-        return page
-
     levels = 0
     try:
         full_after = timedelta(seconds=Settings().stock_audit_full_seconds)
-        async for page in inventory.audit_all(committed, advance_checkpoints=full_after):
+        async for page in inventory.checkpointing_audit(make_session_factory(engine), full_after=full_after):
             if page.drifts:
                 raise SystemExit(f"the generated database drifts, e.g. {page.drifts[0]}")
             levels += page.levels_checked

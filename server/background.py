@@ -12,8 +12,6 @@ from collections.abc import Awaitable, Callable, Coroutine
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
-
 import domain.refund as refunds
 from domain import inventory
 from domain.platform import idempotency
@@ -183,16 +181,9 @@ JOBS.append(_event_relay)
 
 async def _stock_audit_step(rt: Runtime) -> int:
     """Audit every level, moving the ledger checkpoints along (each page commits)."""
-
-    async def committed(fn: Callable[[AsyncSession], Awaitable[inventory.AuditPage]]) -> inventory.AuditPage:
-        async with rt.uow() as uow:
-            page = await fn(uow.session)
-            await uow.commit()
-        return page
-
     counts = dict.fromkeys(inventory.DRIFT_KINDS, 0)
     full_after = timedelta(seconds=rt.settings.stock_audit_full_seconds)
-    async for page in inventory.audit_all(committed, advance_checkpoints=full_after):
+    async for page in inventory.checkpointing_audit(rt.sessions, full_after=full_after):
         for drift in page.drifts:
             counts[drift.kind] += 1
     for kind, n in counts.items():

@@ -76,14 +76,23 @@ Audit and repair (audit.py): audit_stock(session, size=, token=, skus=, warehous
   kinds=, whole_ledger=, advance_checkpoints=) -> AuditPage(drifts, next_token, levels_checked), the
   ledger's sums from per-level checkpoints plus their tail (whole_ledger: the whole ledger;
   advance_checkpoints: the audit job moves them); audit_all(rt.read, ...) pages through
-  everything; repair_stock(session, sku=, warehouse_code=, kind=, expected_counter=,
+  everything; checkpointing_audit(sessions, full_after=) is the audit job's (each page committed); repair_stock(session, sku=, warehouse_code=, kind=, expected_counter=,
   expected_derived=, reason=, actor=) -> Repair: one `audit` ledger movement, or nothing
   when the drift is gone; STOCK_CHANGED when the figures are not the audited ones.
 
 Group commit: ReserveBatcher (batcher.py) for the ReserveStock RPC hot path.
 """
 
-from domain.inventory.audit import DRIFT_KINDS, AuditPage, Drift, Repair, audit_all, audit_stock, repair_stock
+from domain.inventory.audit import (
+    DRIFT_KINDS,
+    AuditPage,
+    Drift,
+    Repair,
+    audit_all,
+    audit_stock,
+    checkpointing_audit,
+    repair_stock,
+)
 from domain.inventory.batcher import Executed, ReserveBatcher
 from domain.inventory.catalog import (
     WAREHOUSE_UPDATABLE,
@@ -240,4 +249,13 @@ __all__ += [
     "kit_components_of",
     "set_kit_components",
 ]
-__all__ += ["DRIFT_KINDS", "AuditPage", "Drift", "Repair", "audit_all", "audit_stock", "repair_stock"]
+__all__ += [
+    "DRIFT_KINDS",
+    "AuditPage",
+    "Drift",
+    "Repair",
+    "audit_all",
+    "audit_stock",
+    "checkpointing_audit",
+    "repair_stock",
+]

@@ -26,7 +26,7 @@ audited, and does nothing when the drift is gone (so repeating one is a no-op).
 The ledger's sums come from per-level checkpoints (inventory.ledger_checkpoints:
 the sums through a ledger id) plus the level's later rows, so an audit reads what
 was written since the last one, not the whole history. Only the audit job
-(`advance_checkpoints`) and repairs write checkpoints; the job re-sums a level's
+(`checkpointing_audit`) and repairs write checkpoints; the job re-sums a level's
 whole ledger once its last full re-sum is older than the age given, and `whole_ledger`
 ignores checkpoints (an edit of a ledger row below a checkpoint shows only then).
 A repair always compares with the whole ledger, and records the sums its
@@ -40,7 +40,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from domain.inventory import audit_store, ledger
 from domain.inventory import reservation_store as holds
@@ -49,6 +49,7 @@ from domain.inventory.types import Movement, StockLevel, is_below_threshold
 from domain.inventory.validation import check_sku, check_text, check_warehouse_code
 from domain.shared.errors import FailedPrecondition, NotFound, PreconditionViolation, Violations
 from domain.shared.pagination import decode_token, encode_token, page_size
+from domain.shared.uow import UnitOfWork
 
 DRIFT_KINDS = ("on_hand", "reserved", "lots")
 MAX_AUDIT_SKUS = 1000
@@ -195,6 +196,22 @@ async def audit_all(
         token = page.next_token
         if not token:
             return
+
+
+async def checkpointing_audit(
+    sessions: async_sessionmaker[AsyncSession], *, full_after: timedelta, skus: Sequence[str] = ()
+) -> AsyncIterator[AuditPage]:
+    """The audit job's audit: every page in its own committed transaction, moving the
+    levels' checkpoints along and re-summing in full those not re-summed within `full_after`."""
+
+    async def committed(fn: Callable[[AsyncSession], Awaitable[AuditPage]]) -> AuditPage:
+        async with UnitOfWork(sessions) as uow:
+            page = await fn(uow.session)
+            await uow.commit()
+        return page
+
+    async for page in audit_all(committed, skus=skus, advance_checkpoints=full_after):
+        yield page
 
 
 async def repair_stock(

@@ -10,7 +10,6 @@ import asyncio
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from datetime import timedelta
 from typing import Any
 
@@ -46,15 +45,9 @@ async def job_audit(
     """What the audit job runs (server/background.py), on these SKUs only: every page
     in its own committed transaction, moving the checkpoints along."""
 
-    async def committed(fn: Callable[[AsyncSession], Awaitable[inventory.AuditPage]]) -> inventory.AuditPage:
-        async with sessions() as s:
-            page = await fn(s)
-            await s.commit()
-        return page
-
     return [
         d
-        async for page in inventory.audit_all(committed, skus=skus, advance_checkpoints=full_after)
+        async for page in inventory.checkpointing_audit(sessions, full_after=full_after, skus=skus)
         for d in page.drifts
     ]
 
