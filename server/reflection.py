@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import descriptor, descriptor_pb2, descriptor_pool
 from google.rpc import error_details_pb2, status_pb2
 from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
+
+if TYPE_CHECKING:
+    from server.app import GenericRegistration
 
 V1ALPHA_SERVICE_NAME: str = reflection.SERVICE_NAME
 V1_PACKAGE = "grpc.reflection.v1"
@@ -85,7 +88,7 @@ class ReflectionPool:
         return list(self.base.FindAllExtensions(message))
 
 
-def enable(server: grpc.aio.Server, service_names: Iterable[str]) -> None:
+def enable(server: GenericRegistration, service_names: Iterable[str]) -> None:
     """Serve reflection v1alpha and v1 for `service_names` (plus both reflection services)."""
     names = sorted({*service_names, V1ALPHA_SERVICE_NAME, V1_SERVICE_NAME})
     servicer = reflection.aio.ReflectionServicer(names, pool=ReflectionPool())
