@@ -146,23 +146,26 @@ async def audit_stock(
     drifts: list[Drift] = []
     checked = 0
     while checked < SCAN_BUDGET:
+        # The chunk's drifting levels and its last level (audit_store.figures_page).
         rows = await audit_store.figures_page(
             session,
             skus=wanted,
             warehouse_codes=whs,
             after=after,
             limit=SCAN_CHUNK,
+            kinds=checked_kinds,
             whole_ledger=whole_ledger,
             advance=advance_checkpoints,
         )
+        start = checked
         for row in rows:
             found = _drifts(row, checked_kinds)
             if drifts and len(drifts) + len(found) > n:
                 return AuditPage(drifts, encode_token(list(after or ()), filters), checked)
             drifts += found
-            checked += 1
+            checked = start + int(row.n)
             after = (row.sku, row.warehouse_code)
-        if len(rows) < SCAN_CHUNK:
+        if checked - start < SCAN_CHUNK:
             return AuditPage(drifts, "", checked)
     return AuditPage(drifts, encode_token(list(after or ()), filters), checked)
 

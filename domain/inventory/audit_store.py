@@ -4,6 +4,7 @@ and the per-level ledger checkpoints that spare an audit the whole history."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import timedelta
 from typing import Any
 
@@ -66,25 +67,44 @@ _ADVANCE = """, advanced AS (
     )"""
 
 # The figures of the levels of `sums`: the ledger's sums, the open holds of
-# active reservations, the lots' remaining units.
-_FIGURES = """
-    SELECT f.sku, f.warehouse_code, f.on_hand, f.reserved, f.ledger_on_hand, f.ledger_reserved,
-        coalesce((SELECT sum(rl.quantity - rl.fulfilled - rl.released)
-                  FROM inventory.reservation_lines rl
-                  JOIN inventory.reservations r ON r.id = rl.reservation_id AND r.state = 'active'
-                  WHERE rl.sku = f.sku AND rl.warehouse_code = f.warehouse_code AND rl.tracked
-                    AND rl.fulfilled + rl.released < rl.quantity), 0) AS open_reserved,
-        coalesce((SELECT sum(remaining_quantity) FROM inventory.lots x
-                  WHERE x.sku = f.sku AND x.warehouse_code = f.warehouse_code
-                    AND x.remaining_quantity > 0), 0) AS lots_remaining
-    FROM sums f
-    ORDER BY f.sku, f.warehouse_code"""
+# active reservations, the lots' remaining units; `n` is a level's place in the
+# page. Only the levels with a drift of the kinds checked come back, and the
+# page's last level (its key and `n`, the page's size, carry the scan on): a
+# page of 500 agreeing levels is one row for the server, not 500.
+_FIGURES = """, figures AS (
+        SELECT f.sku, f.warehouse_code, f.on_hand, f.reserved, f.ledger_on_hand, f.ledger_reserved,
+            coalesce((SELECT sum(rl.quantity - rl.fulfilled - rl.released)
+                      FROM inventory.reservation_lines rl
+                      JOIN inventory.reservations r ON r.id = rl.reservation_id AND r.state = 'active'
+                      WHERE rl.sku = f.sku AND rl.warehouse_code = f.warehouse_code AND rl.tracked
+                        AND rl.fulfilled + rl.released < rl.quantity), 0) AS open_reserved,
+            coalesce((SELECT sum(remaining_quantity) FROM inventory.lots x
+                      WHERE x.sku = f.sku AND x.warehouse_code = f.warehouse_code
+                        AND x.remaining_quantity > 0), 0) AS lots_remaining,
+            row_number() OVER (ORDER BY f.sku, f.warehouse_code) AS n,
+            count(*) OVER () AS levels
+        FROM sums f
+    )
+    SELECT sku, warehouse_code, on_hand, reserved, ledger_on_hand, ledger_reserved, open_reserved,
+        lots_remaining, n
+    FROM figures WHERE {drifting} OR n = levels
+    ORDER BY n"""
+
+# What a drift of each kind is (domain/inventory/audit.py `_drifts` decides the same in Python).
+_DRIFTING = {
+    "on_hand": "on_hand <> ledger_on_hand",
+    "reserved": "reserved <> open_reserved",
+    "lots": "lots_remaining > on_hand",
+}
 
 
-def _statement(levels: str, *, whole_ledger: bool, advance: bool) -> str:
-    """The figures of `levels` (a SELECT of sku, warehouse_code, on_hand, reserved):
-    `whole_ledger` re-sums every level's whole ledger; `advance` writes the checkpoints
-    and trusts only those re-summed in full within :full_after (an interval)."""
+def _statement(
+    levels: str, *, whole_ledger: bool, advance: bool, kinds: Sequence[str] = tuple(_DRIFTING)
+) -> str:
+    """The figures of `levels` (a SELECT of sku, warehouse_code, on_hand, reserved) that
+    drift in one of `kinds`, and of the last level: `whole_ledger` re-sums every level's
+    whole ledger; `advance` writes the checkpoints and trusts only those re-summed in full
+    within :full_after (an interval)."""
     trusted = (
         "false"
         if whole_ledger
@@ -96,7 +116,7 @@ def _statement(levels: str, *, whole_ledger: bool, advance: bool) -> str:
         f"WITH lv AS MATERIALIZED ({levels}),"
         + _SUMS.format(trusted=trusted)
         + (_ADVANCE if advance else "")
-        + _FIGURES
+        + _FIGURES.format(drifting=" OR ".join(f"({_DRIFTING[k]})" for k in kinds) or "false")
     )
 
 
@@ -143,10 +163,13 @@ async def figures_page(
     warehouse_codes: list[str],
     after: tuple[str, str] | None,
     limit: int,
+    kinds: Sequence[str],
     whole_ledger: bool = False,
     advance: timedelta | None = None,
 ) -> list[Any]:
-    """The figures of up to `limit` levels ordered by (sku, warehouse_code), after a key.
+    """The figures of the levels that drift in one of `kinds` among the next `limit`
+    levels ordered by (sku, warehouse_code) after a key, and of the last of those levels
+    (`n`: a level's place among them; the last one's is how many there were).
     The ledger's sums start from the levels' checkpoints, or from nothing with `whole_ledger`.
     `advance`: also move the checkpoints to the sums taken (the caller commits),
     re-summing in full the levels whose last full re-sum is older than this."""
@@ -165,7 +188,7 @@ async def figures_page(
         params["full_after"] = advance
     levels = f"""SELECT s.sku, s.warehouse_code, s.on_hand, s.reserved FROM inventory.stock_levels s
                  WHERE {" AND ".join(where)} ORDER BY s.sku, s.warehouse_code LIMIT :n"""
-    sql = text(_statement(levels, whole_ledger=whole_ledger, advance=advance is not None))
+    sql = text(_statement(levels, whole_ledger=whole_ledger, advance=advance is not None, kinds=kinds))
     return list((await session.execute(sql, params)).all())
 
 

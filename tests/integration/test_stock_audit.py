@@ -15,12 +15,14 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from domain.inventory.audit import SCAN_CHUNK
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot, FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
 from entrepot_client.inventory import audit, repair
 from server import background
 from server.app import App
+from tests.conftest import unique
 from tests.integration.test_inventory_api import make_item, make_warehouse, reserve
 from tests.procs import ROOT
 
@@ -230,6 +232,60 @@ async def test_audit_pages_through_a_warehouse_and_refuses_bad_input(
     for sku in corrupted:
         (d,) = [x async for x in audit(admin, skus=[sku])]
         assert (await repair(admin, d, reason="page test")).repaired
+
+
+async def test_audit_pages_count_every_level_once_across_scan_chunks(
+    admin: Entrepot, sessions: Sessions
+) -> None:
+    """Levels that agree are not sent back to the server (audit_store.figures_page): the
+    pages' drifts and levels_checked must still be exact where drifts sit at the first and
+    last level of a scan chunk, a page ends inside a chunk, and a call stops at its budget."""
+    wh = await make_warehouse(admin)
+    n = 2 * SCAN_CHUNK + 100
+    prefix = unique("AUD").upper()
+    skus = [f"{prefix}-{i:05d}" for i in range(n)]
+    await sql(
+        sessions,
+        "INSERT INTO inventory.items (sku) SELECT unnest(CAST(:s AS text[]))",
+        s=skus,
+    )
+    # Zero counters and no ledger rows: every level agrees until corrupted below.
+    await sql(
+        sessions,
+        "INSERT INTO inventory.stock_levels (sku, warehouse_code) SELECT unnest(CAST(:s AS text[])), :wh",
+        s=skus,
+        wh=wh,
+    )
+    places = [0, 1, SCAN_CHUNK - 1, SCAN_CHUNK, SCAN_CHUNK + 7, 2 * SCAN_CHUNK - 1, n - 1]
+    corrupted = [skus[i] for i in places]
+    await sql(
+        sessions,
+        "UPDATE inventory.stock_levels SET on_hand = 3 WHERE sku = ANY(CAST(:s AS text[]))",
+        s=corrupted,
+    )
+    try:
+        for size in (2, 500):
+            token, seen, checked = "", [], 0
+            while True:
+                page = await admin.inventory.audit_stock(
+                    pb.AuditStockRequest(warehouse_codes=[wh], page_size=size, page_token=token)
+                )
+                assert len(page.drifts) <= size
+                seen += [d.sku for d in page.drifts]
+                checked += page.levels_checked
+                token = page.next_page_token
+                if not token:
+                    break
+            assert seen == corrupted and checked == n, size
+        # Only the kinds asked for: every level checked, none drifting.
+        none = await admin.inventory.audit_stock(pb.AuditStockRequest(warehouse_codes=[wh], kinds=[RESERVED]))
+        assert list(none.drifts) == [] and none.levels_checked == n and not none.next_page_token
+    finally:
+        await sql(
+            sessions,
+            "UPDATE inventory.stock_levels SET on_hand = 0 WHERE sku = ANY(CAST(:s AS text[]))",
+            s=corrupted,
+        )
 
 
 async def test_audit_and_repair_need_inventory_admin(client_factory: Callable[..., Entrepot]) -> None:
