@@ -76,9 +76,9 @@ class GenericRegistration:
 
     grpc.aio keeps one pending call request per registered method and, for every call it
     accepts, waits on all of them at once (`asyncio.wait` in its main loop): with our ~95
-    methods that was ~70 us of the event loop per call, about a sixth of GetStockLevel's
-    server CPU (docs/performance.md, "Registered methods"). A generic handler is found by
-    a dictionary lookup, and the main loop then waits on one request only."""
+    methods that was a sixth to a quarter of the server's CPU per call (docs/performance.md,
+    "What changed", 2026-12-08). A generic handler is found by a dictionary lookup, and the
+    main loop then waits on one request only."""
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self.server = server
