@@ -194,6 +194,8 @@ def main() -> None:
         db.drop()
     print_table(summarize([rows]))
     for r in rows:
+        if "ours" not in r.details:  # the throughput row carries no details of its own
+            continue
         o, b = r.details["ours"], r.details["baseline"]
         print(
             f"\nours: {o['rps']} calls/s, p50 {o['p50_ms']} ms, p99 {o['p99_ms']} ms, errors {o['errors']}, "
