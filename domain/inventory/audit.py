@@ -51,7 +51,7 @@ from domain.shared.errors import FailedPrecondition, NotFound, PreconditionViola
 from domain.shared.pagination import decode_token, encode_token, page_size
 from domain.shared.uow import UnitOfWork
 
-DRIFT_KINDS = ("on_hand", "reserved", "lots")
+DRIFT_KINDS = audit_store.KINDS
 MAX_AUDIT_SKUS = 1000
 # Levels one AuditStock page may check: bounds the work of a call when drifts are rare.
 SCAN_CHUNK = 500
@@ -98,12 +98,8 @@ def _figure(row: Any, kind: str) -> Drift:
 
 
 def _drifts(row: Any, kinds: Sequence[str]) -> list[Drift]:
-    out = []
-    for kind in kinds:
-        d = _figure(row, kind)
-        if d.counter > d.derived if kind == "lots" else d.counter != d.derived:
-            out.append(d)
-    return out
+    """The drifts of `kinds` in a row of audit_store (which decides what drifts)."""
+    return [_figure(row, kind) for kind in kinds if getattr(row, f"{kind}_drifts")]
 
 
 def _check_kinds(v: Violations, field_path: str, kinds: Sequence[str]) -> None:

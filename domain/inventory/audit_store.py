@@ -67,10 +67,12 @@ _ADVANCE = """, advanced AS (
     )"""
 
 # The figures of the levels of `sums`: the ledger's sums, the open holds of
-# active reservations, the lots' remaining units; `n` is a level's place in the
-# page. Only the levels with a drift of the kinds checked come back, and the
-# page's last level (its key and `n`, the page's size, carry the scan on): a
-# page of 500 agreeing levels is one row for the server, not 500.
+# active reservations, the lots' remaining units, and whether each kind drifts
+# (the one definition of a drift; domain/inventory/audit.py reads the flags);
+# `n` is a level's place in the page. Only the levels with a drift of the kinds
+# checked come back, and the page's last level (its key and `n`, the page's
+# size, carry the scan on): a page of 500 agreeing levels is one row for the
+# server, not 500.
 _FIGURES = """, figures AS (
         SELECT f.sku, f.warehouse_code, f.on_hand, f.reserved, f.ledger_on_hand, f.ledger_reserved,
             coalesce((SELECT sum(rl.quantity - rl.fulfilled - rl.released)
@@ -84,23 +86,20 @@ _FIGURES = """, figures AS (
             row_number() OVER (ORDER BY f.sku, f.warehouse_code) AS n,
             count(*) OVER () AS levels
         FROM sums f
+    ), judged AS (
+        SELECT *, on_hand <> ledger_on_hand AS on_hand_drifts, reserved <> open_reserved AS reserved_drifts,
+            lots_remaining > on_hand AS lots_drifts
+        FROM figures
     )
     SELECT sku, warehouse_code, on_hand, reserved, ledger_on_hand, ledger_reserved, open_reserved,
-        lots_remaining, n
-    FROM figures WHERE {drifting} OR n = levels
+        lots_remaining, on_hand_drifts, reserved_drifts, lots_drifts, n
+    FROM judged WHERE {drifting} OR n = levels
     ORDER BY n"""
 
-# What a drift of each kind is (domain/inventory/audit.py `_drifts` decides the same in Python).
-_DRIFTING = {
-    "on_hand": "on_hand <> ledger_on_hand",
-    "reserved": "reserved <> open_reserved",
-    "lots": "lots_remaining > on_hand",
-}
+KINDS = ("on_hand", "reserved", "lots")
 
 
-def _statement(
-    levels: str, *, whole_ledger: bool, advance: bool, kinds: Sequence[str] = tuple(_DRIFTING)
-) -> str:
+def _statement(levels: str, *, whole_ledger: bool, advance: bool, kinds: Sequence[str] = KINDS) -> str:
     """The figures of `levels` (a SELECT of sku, warehouse_code, on_hand, reserved) that
     drift in one of `kinds`, and of the last level: `whole_ledger` re-sums every level's
     whole ledger; `advance` writes the checkpoints and trusts only those re-summed in full
@@ -116,7 +115,7 @@ def _statement(
         f"WITH lv AS MATERIALIZED ({levels}),"
         + _SUMS.format(trusted=trusted)
         + (_ADVANCE if advance else "")
-        + _FIGURES.format(drifting=" OR ".join(f"({_DRIFTING[k]})" for k in kinds) or "false")
+        + _FIGURES.format(drifting=" OR ".join(f"{k}_drifts" for k in kinds if k in KINDS) or "false")
     )
 
 
