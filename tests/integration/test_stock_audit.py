@@ -15,7 +15,7 @@ from prometheus_client import REGISTRY
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from domain.inventory.audit import SCAN_CHUNK
+from domain.inventory.audit import SCAN_BUDGET, SCAN_CHUNK
 from entrepot.inventory.v1 import inventory_pb2 as pb
 from entrepot.platform.v1 import types_pb2
 from entrepot_client import Entrepot, FailedPreconditionError, InvalidArgumentError, PermissionDeniedError
@@ -241,7 +241,7 @@ async def test_audit_pages_count_every_level_once_across_scan_chunks(
     pages' drifts and levels_checked must still be exact where drifts sit at the first and
     last level of a scan chunk, a page ends inside a chunk, and a call stops at its budget."""
     wh = await make_warehouse(admin)
-    n = 2 * SCAN_CHUNK + 100
+    n = SCAN_BUDGET + 100
     prefix = unique("AUD").upper()
     skus = [f"{prefix}-{i:05d}" for i in range(n)]
     await sql(
@@ -256,7 +256,7 @@ async def test_audit_pages_count_every_level_once_across_scan_chunks(
         s=skus,
         wh=wh,
     )
-    places = [0, 1, SCAN_CHUNK - 1, SCAN_CHUNK, SCAN_CHUNK + 7, 2 * SCAN_CHUNK - 1, n - 1]
+    places = [0, 1, SCAN_CHUNK - 1, SCAN_CHUNK, SCAN_CHUNK + 7, 2 * SCAN_CHUNK - 1, SCAN_BUDGET, n - 1]
     corrupted = [skus[i] for i in places]
     await sql(
         sessions,
@@ -277,9 +277,15 @@ async def test_audit_pages_count_every_level_once_across_scan_chunks(
                 if not token:
                     break
             assert seen == corrupted and checked == n, size
-        # Only the kinds asked for: every level checked, none drifting.
-        none = await admin.inventory.audit_stock(pb.AuditStockRequest(warehouse_codes=[wh], kinds=[RESERVED]))
-        assert list(none.drifts) == [] and none.levels_checked == n and not none.next_page_token
+        # Only the kinds asked for: none drifting; a call checks at most its budget of levels.
+        first = await admin.inventory.audit_stock(
+            pb.AuditStockRequest(warehouse_codes=[wh], kinds=[RESERVED])
+        )
+        assert list(first.drifts) == [] and first.levels_checked == SCAN_BUDGET and first.next_page_token
+        rest = await admin.inventory.audit_stock(
+            pb.AuditStockRequest(warehouse_codes=[wh], kinds=[RESERVED], page_token=first.next_page_token)
+        )
+        assert list(rest.drifts) == [] and rest.levels_checked == n - SCAN_BUDGET and not rest.next_page_token
     finally:
         await sql(
             sessions,
